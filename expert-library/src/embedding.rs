@@ -1,0 +1,160 @@
+//! Sentence encoder: a vanilla pretrained BERT-style model (all-MiniLM-L6-v2 by default) run
+//! with candle, mean-pooled over the attention mask and L2-normalised — the same recipe as
+//! sentence-transformers, so vectors match it for the same model files.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use crate::error::{LibraryError, Result};
+
+/// Anything that turns texts into unit-length vectors of one dimension.
+pub trait Encoder: Send + Sync {
+    /// Stable identifier of the model, recorded in the store.
+    fn id(&self) -> &str;
+    fn dim(&self) -> usize;
+    /// Embeds texts; the result has one L2-normalised row per text, in order.
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>>;
+}
+
+/// Where the default encoder lives inside a models directory.
+pub const DEFAULT_ENCODER_DIR: &str = "all-MiniLM-L6-v2";
+
+pub struct BertEncoder {
+    id: String,
+    model: BertModel,
+    tokenizer: Tokenizer,
+    dim: usize,
+    batch_size: usize,
+    device: Device,
+}
+
+impl BertEncoder {
+    /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a local directory
+    /// (a sentence-transformers or Hugging Face model folder).
+    pub fn load(dir: impl AsRef<Path>, max_tokens: usize) -> Result<Self> {
+        let dir = dir.as_ref();
+        let file = |name: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(LibraryError::Encoder(format!(
+                    "{} is missing (run scripts/fetch-models.sh or pass --models-dir)",
+                    p.display()
+                )))
+            }
+        };
+        let cfg_path = file("config.json")?;
+        let cfg_text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| LibraryError::io(&cfg_path, e))?;
+        let config: Config = serde_json::from_str(&cfg_text)
+            .map_err(|e| LibraryError::Encoder(format!("{}: {e}", cfg_path.display())))?;
+        let dim = serde_json::from_str::<serde_json::Value>(&cfg_text)
+            .ok()
+            .and_then(|v| v.get("hidden_size").and_then(|h| h.as_u64()))
+            .ok_or_else(|| LibraryError::Encoder("config.json lacks hidden_size".into()))?
+            as usize;
+        let device = Device::Cpu;
+        let weights = file("model.safetensors")?;
+        // SAFETY: the file is memory-mapped read-only; roe never writes model files.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &device)? };
+        let model = BertModel::load(vb, &config)?;
+        let mut tokenizer = Tokenizer::from_file(file("tokenizer.json")?)
+            .map_err(|e| LibraryError::Encoder(format!("tokenizer.json: {e}")))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| LibraryError::Encoder(format!("truncation: {e}")))?;
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "encoder".into());
+        Ok(Self {
+            id: format!("{name}/mean/l2/{max_tokens}"),
+            model,
+            tokenizer,
+            dim,
+            batch_size: 32,
+            device,
+        })
+    }
+
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let enc = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| LibraryError::Encoder(format!("tokenize: {e}")))?;
+        let n = enc.len();
+        let len = enc.first().map(|e| e.get_ids().len()).unwrap_or(0);
+        let mut ids = Vec::with_capacity(n * len);
+        let mut types = Vec::with_capacity(n * len);
+        let mut mask = Vec::with_capacity(n * len);
+        for e in &enc {
+            ids.extend(e.get_ids().iter().copied());
+            types.extend(e.get_type_ids().iter().copied());
+            mask.extend(e.get_attention_mask().iter().copied());
+        }
+        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
+        let types = Tensor::from_vec(types, (n, len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let hidden = self.model.forward(&ids, &types, Some(&mask))?; // (n, len, dim)
+        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, len, 1)
+        let summed = hidden.broadcast_mul(&maskf)?.sum(1)?; // (n, dim)
+        let counts = maskf.sum(1)?.clamp(1e-9, f64::MAX)?; // (n, 1)
+        let mean = summed.broadcast_div(&counts)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        Ok(mean.broadcast_div(&norm)?.to_vec2::<f32>()?)
+    }
+}
+
+impl Encoder for BertEncoder {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        // Batch texts of similar length together (as sentence-transformers does) so little
+        // compute goes to padding, then restore the caller's order.
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let mut out = vec![Vec::new(); texts.len()];
+        for chunk in order.chunks(self.batch_size) {
+            let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
+            for (&i, v) in chunk.iter().zip(self.embed_batch(&batch)?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// L2-normalises a vector in place (a zero vector stays zero).
+pub fn normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}

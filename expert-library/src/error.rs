@@ -1,0 +1,62 @@
+//! One error type for the domain core. Each variant maps onto one gRPC status in the service
+//! layer, so the variant says *what kind* of failure it is and the message names the field.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum LibraryError {
+    /// The caller sent something malformed; `field` names the offending field.
+    #[error("invalid {field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("{what} not found: {id}")]
+    NotFound { what: &'static str, id: String },
+    #[error("expert {id} already exists (version {version}); ask for a new version to replace it")]
+    AlreadyExists { id: String, version: u64 },
+    /// The expert's files are well formed but do not fit what they must fit (the backbone).
+    #[error("expert does not fit: {0}")]
+    FailedPrecondition(String),
+    #[error("request too large: {0}")]
+    ResourceExhausted(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("encoder error: {0}")]
+    Encoder(String),
+    #[error("index error: {0}")]
+    Index(String),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LibraryError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+}
+
+impl From<sled::Error> for LibraryError {
+    fn from(e: sled::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+impl From<candle_core::Error> for LibraryError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Encoder(e.to_string())
+    }
+}
+
+pub type Result<T, E = LibraryError> = std::result::Result<T, E>;

@@ -1,0 +1,18 @@
+//! Domain core of roe: experts and their durable library, the sentence encoder, the instance
+//! index and Retrieval-of-Experts routing. Nothing here knows about gRPC; the services are
+//! thin adapters around [`library::ExpertLibrary`].
+
+pub mod embedding;
+pub mod error;
+pub mod expert;
+pub mod index;
+pub mod lexical;
+pub mod library;
+pub mod retrieval;
+pub mod store;
+pub mod tasks;
+
+pub use error::{LibraryError, Result};
+pub use expert::{BackboneSpec, ExpertKind, ExpertMeta, Instance, PeftAdapter, TextFormat};
+pub use library::{ExpertLibrary, LibraryConfig, NewExpert};
+pub use retrieval::{Query, RouteOptions, RouteResult, Strategy};

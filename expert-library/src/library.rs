@@ -1,0 +1,474 @@
+//! The expert library: the facade the services call. It owns the durable store, the encoder
+//! and the routing state, and keeps them consistent: a write is embedded first, committed and
+//! flushed to sled, and only then made visible to routing.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::embedding::Encoder;
+use crate::error::{LibraryError, Result};
+use crate::expert::{
+    validate_expert_id, BackboneSpec, ExpertMeta, Instance, PeftAdapter, TextFormat,
+};
+use crate::index::IndexConfig;
+use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
+use crate::store::{ExpertStore, StoredInstance};
+
+/// Bounds on what one request may carry; past them a client gets RESOURCE_EXHAUSTED.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_instances_per_request: usize,
+    pub max_instances_per_expert: usize,
+    pub max_queries: usize,
+    pub max_text_bytes: usize,
+    pub max_choices: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_instances_per_request: 10_000,
+            max_instances_per_expert: 100_000,
+            max_queries: 1024,
+            max_text_bytes: 64 * 1024,
+            max_choices: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LibraryConfig {
+    pub index: IndexConfig,
+    pub limits: Limits,
+    /// Backbones experts may be registered for; the first is the default.
+    pub backbones: Vec<BackboneSpec>,
+}
+
+impl Default for LibraryConfig {
+    fn default() -> Self {
+        Self {
+            index: IndexConfig::default(),
+            limits: Limits::default(),
+            backbones: vec![BackboneSpec::smollm2_135m()],
+        }
+    }
+}
+
+/// What a client hands in to register an expert.
+#[derive(Debug, Clone)]
+pub struct NewExpert {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    /// Backbone name; `None` means the library's default backbone.
+    pub backbone: Option<String>,
+    pub adapter: PeftAdapter,
+    pub instances: Vec<Instance>,
+}
+
+pub struct ExpertLibrary {
+    store: ExpertStore,
+    encoder: Arc<dyn Encoder>,
+    state: RwLock<RoutingState>,
+    /// Serialises writes so that read-check-write sequences (ALREADY_EXISTS) are atomic.
+    writes: Mutex<()>,
+    config: LibraryConfig,
+}
+
+/// How long opening took and what it loaded, for logs and the start-up benchmark.
+#[derive(Debug, Clone)]
+pub struct OpenReport {
+    pub experts: usize,
+    pub vectors: usize,
+    pub seconds: f64,
+}
+
+impl ExpertLibrary {
+    /// Opens (or creates) the library in `dir` and rebuilds the routing state from it.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        encoder: Arc<dyn Encoder>,
+        config: LibraryConfig,
+    ) -> Result<(Self, OpenReport)> {
+        let started = Instant::now();
+        if config.backbones.is_empty() {
+            return Err(LibraryError::invalid("backbones", "at least one is needed"));
+        }
+        let store = ExpertStore::open(dir)?;
+        store.check_encoder(encoder.id())?;
+        let mut state = RoutingState::new(encoder.dim(), config.index.clone());
+        let mut by_expert: HashMap<String, Vec<StoredInstance>> = HashMap::new();
+        for si in store.all_instances() {
+            let si = si?;
+            by_expert.entry(si.expert_id.clone()).or_default().push(si);
+        }
+        let metas = store.list(None, usize::MAX)?;
+        for meta in &metas {
+            let rows = by_expert.remove(&meta.id).unwrap_or_default();
+            state.add(&meta.id, meta.kind, &vectors_of(&rows))?;
+        }
+        let report = OpenReport {
+            experts: metas.len(),
+            vectors: state.num_vectors(),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            experts = report.experts,
+            vectors = report.vectors,
+            seconds = report.seconds,
+            hnsw = state.uses_hnsw(),
+            "expert library opened"
+        );
+        Ok((
+            Self {
+                store,
+                encoder,
+                state: RwLock::new(state),
+                writes: Mutex::new(()),
+                config,
+            },
+            report,
+        ))
+    }
+
+    pub fn encoder(&self) -> &Arc<dyn Encoder> {
+        &self.encoder
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    pub fn backbone(&self, name: Option<&str>) -> Result<&BackboneSpec> {
+        match name {
+            None | Some("") => Ok(&self.config.backbones[0]),
+            Some(n) => self
+                .config
+                .backbones
+                .iter()
+                .find(|b| b.name == n)
+                .ok_or_else(|| {
+                    LibraryError::invalid(
+                        "backbone",
+                        format!(
+                            "unknown backbone {n:?}; this library serves {:?}",
+                            self.config.backbones.iter().map(|b| &b.name).collect::<Vec<_>>()
+                        ),
+                    )
+                }),
+        }
+    }
+
+    fn check_instances(&self, instances: &[Instance], field: &str) -> Result<()> {
+        let l = &self.config.limits;
+        if instances.len() > l.max_instances_per_request {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "{field}: {} instances, at most {} per request",
+                instances.len(),
+                l.max_instances_per_request
+            )));
+        }
+        for (i, inst) in instances.iter().enumerate() {
+            check_text(&inst.input, &format!("{field}[{i}].input"), l)?;
+            if inst.choices.len() > l.max_choices {
+                return Err(LibraryError::invalid(
+                    format!("{field}[{i}].choices"),
+                    format!("{} choices, at most {}", inst.choices.len(), l.max_choices),
+                ));
+            }
+            if let Some(t) = &inst.target {
+                if t.len() > l.max_text_bytes {
+                    return Err(LibraryError::ResourceExhausted(format!(
+                        "{field}[{i}].target is {} bytes, at most {}",
+                        t.len(),
+                        l.max_text_bytes
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Embeds instances in both text formats; instances without choices share one vector.
+    fn embed_instances(&self, instances: &[Instance]) -> Result<Vec<StoredInstance>> {
+        let plain: Vec<String> = instances.iter().map(|i| i.input.clone()).collect();
+        let with_choices: Vec<(usize, String)> = instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| !i.choices.is_empty())
+            .map(|(n, i)| (n, TextFormat::ChoiceInstance.render(&i.input, &i.choices)))
+            .collect();
+        let mut texts = plain;
+        texts.extend(with_choices.iter().map(|(_, t)| t.clone()));
+        let mut vectors = self.encoder.embed(&texts)?;
+        let choice_vectors = vectors.split_off(instances.len());
+        let mut choice_of: HashMap<usize, Vec<f32>> = with_choices
+            .iter()
+            .map(|(n, _)| *n)
+            .zip(choice_vectors)
+            .collect();
+        instances
+            .iter()
+            .zip(vectors)
+            .enumerate()
+            .map(|(n, (inst, v))| {
+                Ok(StoredInstance {
+                    point_id: self.store.next_point_id()?,
+                    expert_id: String::new(),
+                    instance: inst.clone(),
+                    embedding: v,
+                    choice_embedding: choice_of.remove(&n),
+                })
+            })
+            .collect()
+    }
+
+    /// Registers an expert. With `new_version` an existing id is replaced by the next
+    /// version; without it an existing id is ALREADY_EXISTS. Durable once it returns.
+    pub fn register(&self, new: NewExpert, new_version: bool) -> Result<ExpertMeta> {
+        validate_expert_id(&new.id)?;
+        if new.name.len() > 1024 || new.description.len() > self.config.limits.max_text_bytes {
+            return Err(LibraryError::invalid("name", "name or description too long"));
+        }
+        let spec = self.backbone(new.backbone.as_deref())?.clone();
+        let summary = new.adapter.validate(&spec)?;
+        if new.instances.is_empty() {
+            return Err(LibraryError::invalid(
+                "instances",
+                "an expert needs at least one instance of its task to be routable",
+            ));
+        }
+        self.check_instances(&new.instances, "instances")?;
+        if new.instances.len() > self.config.limits.max_instances_per_expert {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "instances: at most {} per expert",
+                self.config.limits.max_instances_per_expert
+            )));
+        }
+        // Cheap early check; repeated under the write lock below.
+        let existing = self.store.get(&new.id)?;
+        if let (Some(old), false) = (&existing, new_version) {
+            return Err(LibraryError::AlreadyExists {
+                id: new.id,
+                version: old.version,
+            });
+        }
+        let started = Instant::now();
+        let mut rows = self.embed_instances(&new.instances)?;
+        for r in &mut rows {
+            r.expert_id = new.id.clone();
+        }
+        let _w = self.writes.lock();
+        let existing = self.store.get(&new.id)?;
+        let version = match (&existing, new_version) {
+            (Some(old), false) => {
+                return Err(LibraryError::AlreadyExists {
+                    id: new.id,
+                    version: old.version,
+                })
+            }
+            (Some(old), true) => old.version + 1,
+            (None, _) => 1,
+        };
+        let meta = ExpertMeta {
+            id: new.id.clone(),
+            name: if new.name.is_empty() { new.id.clone() } else { new.name },
+            description: new.description,
+            kind: summary.kind(),
+            backbone: spec.name.clone(),
+            version,
+            created_at_unix_ms: now_ms(),
+            num_instances: rows.len(),
+            weights_sha256: new.adapter.sha256_hex(),
+            weights_bytes: new.adapter.safetensors.len(),
+            adapter: summary,
+        };
+        let replaced = self.store.put_expert(&meta, &new.adapter, &rows)?;
+        let mut state = self.state.write();
+        if existing.is_some() {
+            state.remove(&meta.id, &replaced);
+        }
+        state.add(&meta.id, meta.kind, &vectors_of(&rows))?;
+        tracing::info!(
+            id = %meta.id,
+            version = meta.version,
+            kind = meta.kind.as_str(),
+            instances = meta.num_instances,
+            ms = started.elapsed().as_millis() as u64,
+            "expert registered"
+        );
+        Ok(meta)
+    }
+
+    pub fn get(&self, id: &str) -> Result<ExpertMeta> {
+        self.store.get(id)?.ok_or_else(|| not_found(id))
+    }
+
+    pub fn adapter(&self, id: &str) -> Result<PeftAdapter> {
+        self.store.adapter(id)?.ok_or_else(|| not_found(id))
+    }
+
+    pub fn instances(&self, id: &str) -> Result<Vec<Instance>> {
+        self.get(id)?;
+        Ok(self
+            .store
+            .instances_of(id)?
+            .into_iter()
+            .map(|s| s.instance)
+            .collect())
+    }
+
+    /// Experts in id order after `after`, at most `limit` (1..=1000).
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ExpertMeta>> {
+        if limit == 0 || limit > 1000 {
+            return Err(LibraryError::invalid("page_size", "must be between 1 and 1000"));
+        }
+        self.store.list(after, limit)
+    }
+
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    pub fn delete(&self, id: &str) -> Result<ExpertMeta> {
+        let _w = self.writes.lock();
+        let meta = self.get(id)?;
+        let points = self.store.delete(id)?.ok_or_else(|| not_found(id))?;
+        self.state.write().remove(id, &points);
+        tracing::info!(id, "expert deleted");
+        Ok(meta)
+    }
+
+    /// Adds instances to an expert; they are routable on the next request.
+    pub fn add_instances(&self, id: &str, instances: Vec<Instance>) -> Result<ExpertMeta> {
+        if instances.is_empty() {
+            return Err(LibraryError::invalid("instances", "no instances given"));
+        }
+        self.check_instances(&instances, "instances")?;
+        self.get(id)?;
+        let mut rows = self.embed_instances(&instances)?;
+        for r in &mut rows {
+            r.expert_id = id.to_string();
+        }
+        let _w = self.writes.lock();
+        let mut meta = self.get(id)?;
+        if meta.num_instances + rows.len() > self.config.limits.max_instances_per_expert {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "instances: expert {id} would exceed {} instances",
+                self.config.limits.max_instances_per_expert
+            )));
+        }
+        meta.num_instances += rows.len();
+        self.store.append_instances(&meta, &rows)?;
+        self.state.write().add(id, meta.kind, &vectors_of(&rows))?;
+        Ok(meta)
+    }
+
+    pub fn check_queries(&self, queries: &[Query]) -> Result<()> {
+        let l = &self.config.limits;
+        if queries.is_empty() {
+            return Err(LibraryError::invalid("queries", "at least one query is needed"));
+        }
+        if queries.len() > l.max_queries {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "queries: {} given, at most {}",
+                queries.len(),
+                l.max_queries
+            )));
+        }
+        for (i, q) in queries.iter().enumerate() {
+            check_text(&q.input, &format!("queries[{i}].input"), l)?;
+            if q.choices.len() > l.max_choices {
+                return Err(LibraryError::invalid(
+                    format!("queries[{i}].choices"),
+                    format!("at most {} choices", l.max_choices),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn embed_queries(&self, queries: &[Query], format: TextFormat) -> Result<Vec<Vec<f32>>> {
+        let texts: Vec<String> = queries
+            .iter()
+            .map(|q| format.render(&q.input, &q.choices))
+            .collect();
+        self.encoder.embed(&texts)
+    }
+
+    /// Routes a task given by example queries.
+    pub fn route(&self, queries: &[Query], options: &RouteOptions) -> Result<RouteResult> {
+        self.check_queries(queries)?;
+        let vectors = self.embed_queries(queries, options.text_format)?;
+        self.route_embedded(queries, &vectors, options)
+    }
+
+    /// Routes queries whose vectors are already known (benchmarks reuse them across options).
+    pub fn route_embedded(
+        &self,
+        queries: &[Query],
+        vectors: &[Vec<f32>],
+        options: &RouteOptions,
+    ) -> Result<RouteResult> {
+        let state = self.state.read();
+        if state.num_experts() == 0 {
+            return Err(LibraryError::FailedPrecondition(
+                "the library holds no experts yet".into(),
+            ));
+        }
+        state.route(queries, vectors, options)
+    }
+
+    /// Read access to the routing state (benchmarks compare HNSW with exact search).
+    pub fn with_state<T>(&self, f: impl FnOnce(&RoutingState) -> T) -> T {
+        f(&self.state.read())
+    }
+}
+
+fn check_text(text: &str, field: &str, l: &Limits) -> Result<()> {
+    if text.trim().is_empty() {
+        return Err(LibraryError::invalid(field, "is empty"));
+    }
+    if text.len() > l.max_text_bytes {
+        return Err(LibraryError::ResourceExhausted(format!(
+            "{field} is {} bytes, at most {}",
+            text.len(),
+            l.max_text_bytes
+        )));
+    }
+    Ok(())
+}
+
+fn vectors_of(rows: &[StoredInstance]) -> Vec<InstanceVectors<'_>> {
+    rows.iter()
+        .map(|r| InstanceVectors {
+            point_id: r.point_id,
+            input: &r.instance.input,
+            choices: &r.instance.choices,
+            instance: &r.embedding,
+            choice_instance: r.choice_embedding.as_deref().unwrap_or(&r.embedding),
+        })
+        .collect()
+}
+
+fn not_found(id: &str) -> LibraryError {
+    LibraryError::NotFound {
+        what: "expert",
+        id: id.to_string(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,249 @@
+//! Durable expert store on sled. An expert is written in one transaction across three trees
+//! (metadata, adapter bytes, instances with their embeddings) and flushed to disk before the
+//! write is acknowledged, so an acknowledged expert survives a crash and a half-written one
+//! never appears.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::error::{LibraryError, Result};
+use crate::expert::{ExpertMeta, Instance, PeftAdapter};
+
+/// One stored instance: its text, the expert it belongs to and its embeddings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredInstance {
+    pub point_id: u64,
+    pub expert_id: String,
+    pub instance: Instance,
+    /// Embedding of the input alone (`TextFormat::Instance`).
+    pub embedding: Vec<f32>,
+    /// Embedding of the `choice_instance` text; `None` when the instance has no choices, so
+    /// both formats share `embedding`.
+    pub choice_embedding: Option<Vec<f32>>,
+}
+
+pub struct ExpertStore {
+    db: sled::Db,
+    experts: sled::Tree,
+    adapters: sled::Tree,
+    instances: sled::Tree,
+}
+
+const META_ENCODER: &[u8] = b"encoder";
+
+fn instance_key(expert_id: &str, point_id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(expert_id.len() + 9);
+    k.extend_from_slice(expert_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&point_id.to_be_bytes());
+    k
+}
+
+fn instance_prefix(expert_id: &str) -> Vec<u8> {
+    let mut k = expert_id.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    bincode::serialize(v).map_err(|e| LibraryError::Storage(format!("encode: {e}")))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+    bincode::deserialize(b).map_err(|e| LibraryError::Storage(format!("decode: {e}")))
+}
+
+fn tx_err(e: TransactionError<LibraryError>) -> LibraryError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+impl ExpertStore {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| LibraryError::Storage(format!("open {}: {e}", path.display())))?;
+        Ok(Self {
+            experts: db.open_tree("experts")?,
+            adapters: db.open_tree("adapters")?,
+            instances: db.open_tree("instances")?,
+            db,
+        })
+    }
+
+    /// Checks (or, for a new store, records) which encoder embedded the stored instances:
+    /// vectors from another encoder would route nonsense.
+    pub fn check_encoder(&self, encoder_id: &str) -> Result<()> {
+        match self.db.get(META_ENCODER)? {
+            Some(v) if v.as_ref() != encoder_id.as_bytes() => Err(LibraryError::FailedPrecondition(
+                format!(
+                    "the library was embedded with encoder {:?} but roe runs {encoder_id:?}; \
+                     use a fresh data directory",
+                    String::from_utf8_lossy(&v)
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => {
+                self.db.insert(META_ENCODER, encoder_id.as_bytes())?;
+                self.db.flush()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A fresh id for an instance vector, unique for the life of the store.
+    pub fn next_point_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<ExpertMeta>> {
+        self.experts
+            .get(id.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn adapter(&self, id: &str) -> Result<Option<PeftAdapter>> {
+        self.adapters
+            .get(id.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Experts in id order, starting after `after` (exclusive), at most `limit`.
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ExpertMeta>> {
+        let iter = match after {
+            Some(a) => {
+                let mut start = a.as_bytes().to_vec();
+                start.push(0);
+                self.experts.range(start..)
+            }
+            None => self.experts.iter(),
+        };
+        iter.take(limit)
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode(&v)
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.experts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.experts.is_empty()
+    }
+
+    pub fn instances_of(&self, id: &str) -> Result<Vec<StoredInstance>> {
+        self.instances
+            .scan_prefix(instance_prefix(id))
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode(&v)
+            })
+            .collect()
+    }
+
+    /// Every stored instance, for rebuilding the index at start-up.
+    pub fn all_instances(&self) -> impl Iterator<Item = Result<StoredInstance>> + '_ {
+        self.instances.iter().map(|kv| {
+            let (_, v) = kv?;
+            decode(&v)
+        })
+    }
+
+    /// Writes an expert, replacing whatever was stored under its id (old instances included),
+    /// atomically, and flushes before returning. Returns the point ids that were replaced.
+    pub fn put_expert(
+        &self,
+        meta: &ExpertMeta,
+        adapter: &PeftAdapter,
+        instances: &[StoredInstance],
+    ) -> Result<Vec<u64>> {
+        let old_keys: Vec<sled::IVec> = self
+            .instances
+            .scan_prefix(instance_prefix(&meta.id))
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
+        let old_points = old_keys.iter().filter_map(|k| point_of_key(k)).collect();
+        let meta_bytes = encode(meta)?;
+        let adapter_bytes = encode(adapter)?;
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = instances
+            .iter()
+            .map(|si| Ok((instance_key(&meta.id, si.point_id), encode(si)?)))
+            .collect::<Result<_>>()?;
+        (&self.experts, &self.adapters, &self.instances)
+            .transaction(|(experts, adapters, inst)| {
+                for k in &old_keys {
+                    inst.remove(k)?;
+                }
+                for (k, v) in &rows {
+                    inst.insert(k.as_slice(), v.as_slice())?;
+                }
+                adapters.insert(meta.id.as_bytes(), adapter_bytes.as_slice())?;
+                experts.insert(meta.id.as_bytes(), meta_bytes.as_slice())?;
+                Ok::<_, ConflictableTransactionError<LibraryError>>(())
+            })
+            .map_err(tx_err)?;
+        self.db.flush()?;
+        Ok(old_points)
+    }
+
+    /// Adds instances to an existing expert and updates its instance count, atomically.
+    pub fn append_instances(&self, meta: &ExpertMeta, instances: &[StoredInstance]) -> Result<()> {
+        let meta_bytes = encode(meta)?;
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = instances
+            .iter()
+            .map(|si| Ok((instance_key(&meta.id, si.point_id), encode(si)?)))
+            .collect::<Result<_>>()?;
+        (&self.experts, &self.instances)
+            .transaction(|(experts, inst)| {
+                for (k, v) in &rows {
+                    inst.insert(k.as_slice(), v.as_slice())?;
+                }
+                experts.insert(meta.id.as_bytes(), meta_bytes.as_slice())?;
+                Ok::<_, ConflictableTransactionError<LibraryError>>(())
+            })
+            .map_err(tx_err)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes an expert with its adapter and instances; returns the removed point ids, or
+    /// `None` when there was no such expert.
+    pub fn delete(&self, id: &str) -> Result<Option<Vec<u64>>> {
+        if self.experts.get(id.as_bytes())?.is_none() {
+            return Ok(None);
+        }
+        let keys: Vec<sled::IVec> = self
+            .instances
+            .scan_prefix(instance_prefix(id))
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
+        (&self.experts, &self.adapters, &self.instances)
+            .transaction(|(experts, adapters, inst)| {
+                for k in &keys {
+                    inst.remove(k)?;
+                }
+                adapters.remove(id.as_bytes())?;
+                experts.remove(id.as_bytes())?;
+                Ok::<_, ConflictableTransactionError<LibraryError>>(())
+            })
+            .map_err(tx_err)?;
+        self.db.flush()?;
+        Ok(Some(keys.iter().filter_map(|k| point_of_key(k)).collect()))
+    }
+}
+
+fn point_of_key(k: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = k.get(k.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
