@@ -1,1 +1,183 @@
+//! Shared fixtures for the end-to-end tests: the real encoder (loaded once), bundled tasks and
+//! PEFT experts, and a real gRPC server on 127.0.0.1 over a sled library in a temp dir.
 
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use roe_expert_library::embedding::{BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
+use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
+use roe_expert_library::tasks::{sample, Task};
+use roe_services::proto::{
+    self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
+};
+use roe_services::server::{serve, ServeOptions};
+use tonic::transport::Channel;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("ROE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models"))
+}
+
+pub fn encoder() -> Arc<dyn Encoder> {
+    static ENCODER: OnceLock<Arc<dyn Encoder>> = OnceLock::new();
+    ENCODER
+        .get_or_init(|| {
+            Arc::new(
+                BertEncoder::load(models_dir().join(DEFAULT_ENCODER_DIR), 256)
+                    .expect("encoder (run scripts/fetch-models.sh)"),
+            )
+        })
+        .clone()
+}
+
+pub fn task(name: &str) -> Task {
+    let dev = repo().join("assets/tasks").join(name);
+    let dir = if dev.is_dir() {
+        dev
+    } else {
+        repo().join("assets/tasks-routing").join(name)
+    };
+    Task::load(dir).expect("bundled task")
+}
+
+pub fn peft_dir(kind: &str, task: &str) -> PathBuf {
+    repo()
+        .join("assets/experts/smollm2-135m")
+        .join(kind)
+        .join(task)
+}
+
+pub fn peft(kind: &str, task: &str) -> proto::PeftAdapter {
+    let dir = peft_dir(kind, task);
+    proto::PeftAdapter {
+        adapter_config_json: std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        adapter_model_safetensors: std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
+    }
+}
+
+pub fn instances(task: &Task, n: usize, seed: u64) -> Vec<proto::Instance> {
+    sample(&task.train, n, seed)
+        .into_iter()
+        .map(|i| proto::Instance {
+            input: i.input,
+            target: i.target,
+            choices: i.choices,
+        })
+        .collect()
+}
+
+pub fn queries(task: &Task, n: usize, seed: u64) -> Vec<proto::Query> {
+    sample(&task.test, n, seed)
+        .into_iter()
+        .map(|i| proto::Query {
+            input: i.input,
+            choices: i.choices,
+        })
+        .collect()
+}
+
+pub fn register_request(
+    id: &str,
+    kind: &str,
+    task_name: &str,
+    s: usize,
+) -> proto::RegisterExpertRequest {
+    let t = task(task_name);
+    proto::RegisterExpertRequest {
+        id: id.to_string(),
+        name: id.to_string(),
+        description: t.info.description.clone(),
+        backbone: String::new(),
+        adapter: Some(peft(kind, task_name)),
+        instances: instances(&t, s, 0),
+        new_version: false,
+    }
+}
+
+/// A real roe server on an ephemeral loopback port; stops when dropped.
+pub struct TestServer {
+    pub url: String,
+    pub dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("library");
+        let mut s = Self::start_in(dir).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    pub async fn start_in(dir: PathBuf) -> Self {
+        let (library, _) = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                ExpertLibrary::open(&dir, encoder(), LibraryConfig::default())
+            })
+            .await
+            .unwrap()
+            .expect("library opens")
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            serve(
+                listener,
+                Arc::new(library),
+                ServeOptions::default(),
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await
+            .expect("server runs");
+        });
+        Self {
+            url,
+            dir,
+            stop: Some(tx),
+            handle: Some(handle),
+            _tmp: None,
+        }
+    }
+
+    pub async fn library(&self) -> ExpertLibraryClient<Channel> {
+        ExpertLibraryClient::connect(self.url.clone())
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    pub async fn router(&self) -> RouterClient<Channel> {
+        RouterClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    /// Stops the server and waits until the library (and its sled lock) is released.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}

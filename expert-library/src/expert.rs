@@ -303,7 +303,10 @@ fn validate_lora(
         .ok_or_else(|| LibraryError::invalid("adapter_config.r", "missing or zero"))?;
     let alpha = cfg.lora_alpha.unwrap_or(r as f64);
     if !alpha.is_finite() {
-        return Err(LibraryError::invalid("adapter_config.lora_alpha", "not finite"));
+        return Err(LibraryError::invalid(
+            "adapter_config.lora_alpha",
+            "not finite",
+        ));
     }
     let targets: Vec<String> = match &cfg.target_modules {
         Some(serde_json::Value::Array(a)) => a

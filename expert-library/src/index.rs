@@ -121,8 +121,9 @@ impl VectorIndex {
         }
         match &self.hnsw {
             Some(h) => {
-                let batch: Vec<(&[f32], usize)> =
-                    (first_new..self.points.len()).map(|r| (self.row(r), r)).collect();
+                let batch: Vec<(&[f32], usize)> = (first_new..self.points.len())
+                    .map(|r| (self.row(r), r))
+                    .collect();
                 h.parallel_insert_slice(&batch);
             }
             None if self.len() >= self.config.hnsw_threshold => self.build_hnsw(),
@@ -273,7 +274,11 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let vs: Vec<Vec<f32>> = (0..200).map(|_| random_unit(&mut rng, 16)).collect();
         let mut idx = VectorIndex::new(16, IndexConfig::default());
-        let items: Vec<(u64, &[f32])> = vs.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())).collect();
+        let items: Vec<(u64, &[f32])> = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as u64, v.as_slice()))
+            .collect();
         idx.insert(&items).unwrap();
         let hits = idx.search(&vs[42], 3, &|_| true);
         assert_eq!(hits[0].point_id, 42);
@@ -282,7 +287,10 @@ mod tests {
         idx.remove(&[42]);
         assert_eq!(idx.len(), 199);
         assert_ne!(idx.search(&vs[42], 1, &|_| true)[0].point_id, 42);
-        assert!(idx.search(&vs[7], 5, &|p| p % 2 == 1).iter().all(|h| h.point_id % 2 == 1));
+        assert!(idx
+            .search(&vs[7], 5, &|p| p % 2 == 1)
+            .iter()
+            .all(|h| h.point_id % 2 == 1));
     }
 
     #[test]
@@ -295,7 +303,11 @@ mod tests {
             ..Default::default()
         };
         let mut idx = VectorIndex::new(dim, cfg);
-        let items: Vec<(u64, &[f32])> = vs.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())).collect();
+        let items: Vec<(u64, &[f32])> = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as u64, v.as_slice()))
+            .collect();
         idx.insert(&items[..1500]).unwrap();
         assert!(idx.uses_hnsw());
         // Continual insertion into the live graph.
@@ -311,13 +323,19 @@ mod tests {
             agree += (a[0].point_id == b[0].point_id) as usize;
             let _ = q;
         }
-        assert!(agree >= 95, "HNSW top-1 agreed with exact search {agree}/100 times");
+        assert!(
+            agree >= 95,
+            "HNSW top-1 agreed with exact search {agree}/100 times"
+        );
         let gone: Vec<u64> = (0..1000).collect();
         idx.remove(&gone); // a third tombstoned: compaction rebuilds the graph
         assert_eq!(idx.len(), 2000);
         assert!(idx.uses_hnsw());
         for q in [0usize, 500, 999] {
-            assert!(idx.search(&vs[q], 5, &|_| true).iter().all(|h| h.point_id >= 1000));
+            assert!(idx
+                .search(&vs[q], 5, &|_| true)
+                .iter()
+                .all(|h| h.point_id >= 1000));
         }
         assert_eq!(idx.search(&vs[1234], 1, &|_| true)[0].point_id, 1234);
     }

@@ -118,8 +118,11 @@ impl LexicalIndex {
     }
 
     fn norm(&self, p: &TermProfile) -> f32 {
-        p.counts
-            .keys()
+        // Sorted terms: float sums in a fixed order make routing bit-for-bit repeatable.
+        let mut terms: Vec<&String> = p.counts.keys().collect();
+        terms.sort_unstable();
+        terms
+            .into_iter()
             .map(|t| {
                 let w = p.rate(t) * self.idf(t);
                 w * w
@@ -131,18 +134,23 @@ impl LexicalIndex {
     /// IDF-weighted cosine between the query set's profile and each expert's profile.
     pub fn similarities(&self, queries: &TermProfile) -> HashMap<String, f32> {
         let qn = self.norm(queries);
-        let qw: Vec<(&String, f32)> = queries
+        let mut qw: Vec<(&String, f32)> = queries
             .counts
             .keys()
             .map(|t| (t, queries.rate(t) * self.idf(t)))
             .filter(|(_, w)| *w > 0.0)
             .collect();
+        qw.sort_unstable_by(|a, b| a.0.cmp(b.0));
         self.profiles
             .iter()
             .map(|(id, p)| {
                 let en = self.norms.get(id).copied().unwrap_or_else(|| self.norm(p));
                 let dot: f32 = qw.iter().map(|(t, w)| w * p.rate(t) * self.idf(t)).sum();
-                let cos = if qn > 0.0 && en > 0.0 { dot / (qn * en) } else { 0.0 };
+                let cos = if qn > 0.0 && en > 0.0 {
+                    dot / (qn * en)
+                } else {
+                    0.0
+                };
                 (id.clone(), cos)
             })
             .collect()
@@ -165,7 +173,10 @@ mod tests {
 
     #[test]
     fn markers_and_labels_become_terms() {
-        let t = terms("Sentence: a b.\nCategory: Event Duration.", &["Yes.".into()]);
+        let t = terms(
+            "Sentence: a b.\nCategory: Event Duration.",
+            &["Yes.".into()],
+        );
         assert!(t.contains(&"^category:".to_string()));
         assert!(t.contains(&"event duration".to_string()));
         assert!(t.contains(&"@choice:yes.".to_string()));
@@ -179,13 +190,19 @@ mod tests {
         let mut b = TermProfile::default();
         for i in 0..10 {
             a.add(&format!("Sentence: story {i}.\nQuestion: why {i}?"), &[]);
-            b.add(&format!("Sentence: story {i}.\nQuestion: why {i}?\nCategory: Frequency."), &[]);
+            b.add(
+                &format!("Sentence: story {i}.\nQuestion: why {i}?\nCategory: Frequency."),
+                &[],
+            );
         }
         lex.set_profile("a", a);
         lex.set_profile("b", b);
         lex.refresh();
         let mut q = TermProfile::default();
-        q.add("Sentence: another story.\nQuestion: when?\nCategory: Frequency.", &[]);
+        q.add(
+            "Sentence: another story.\nQuestion: when?\nCategory: Frequency.",
+            &[],
+        );
         let s = lex.similarities(&q);
         assert!(s["b"] > s["a"], "{s:?}");
         lex.remove_expert("b");

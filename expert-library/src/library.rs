@@ -156,7 +156,11 @@ impl ExpertLibrary {
                         "backbone",
                         format!(
                             "unknown backbone {n:?}; this library serves {:?}",
-                            self.config.backbones.iter().map(|b| &b.name).collect::<Vec<_>>()
+                            self.config
+                                .backbones
+                                .iter()
+                                .map(|b| &b.name)
+                                .collect::<Vec<_>>()
                         ),
                     )
                 }),
@@ -232,7 +236,10 @@ impl ExpertLibrary {
     pub fn register(&self, new: NewExpert, new_version: bool) -> Result<ExpertMeta> {
         validate_expert_id(&new.id)?;
         if new.name.len() > 1024 || new.description.len() > self.config.limits.max_text_bytes {
-            return Err(LibraryError::invalid("name", "name or description too long"));
+            return Err(LibraryError::invalid(
+                "name",
+                "name or description too long",
+            ));
         }
         let spec = self.backbone(new.backbone.as_deref())?.clone();
         let summary = new.adapter.validate(&spec)?;
@@ -276,7 +283,11 @@ impl ExpertLibrary {
         };
         let meta = ExpertMeta {
             id: new.id.clone(),
-            name: if new.name.is_empty() { new.id.clone() } else { new.name },
+            name: if new.name.is_empty() {
+                new.id.clone()
+            } else {
+                new.name
+            },
             description: new.description,
             kind: summary.kind(),
             backbone: spec.name.clone(),
@@ -325,7 +336,10 @@ impl ExpertLibrary {
     /// Experts in id order after `after`, at most `limit` (1..=1000).
     pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ExpertMeta>> {
         if limit == 0 || limit > 1000 {
-            return Err(LibraryError::invalid("page_size", "must be between 1 and 1000"));
+            return Err(LibraryError::invalid(
+                "page_size",
+                "must be between 1 and 1000",
+            ));
         }
         self.store.list(after, limit)
     }
@@ -375,7 +389,10 @@ impl ExpertLibrary {
     pub fn check_queries(&self, queries: &[Query]) -> Result<()> {
         let l = &self.config.limits;
         if queries.is_empty() {
-            return Err(LibraryError::invalid("queries", "at least one query is needed"));
+            return Err(LibraryError::invalid(
+                "queries",
+                "at least one query is needed",
+            ));
         }
         if queries.len() > l.max_queries {
             return Err(LibraryError::ResourceExhausted(format!(

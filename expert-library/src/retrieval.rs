@@ -242,12 +242,17 @@ impl RoutingState {
         self.indexes[&TextFormat::Instance].uses_hnsw()
     }
 
-    pub fn index(&self, format: TextFormat) -> &VectorIndex {
+    pub fn vector_index(&self, format: TextFormat) -> &VectorIndex {
         &self.indexes[&format]
     }
 
     /// Adds an expert's instances (the expert may already have some).
-    pub fn add(&mut self, expert_id: &str, kind: ExpertKind, items: &[InstanceVectors<'_>]) -> Result<()> {
+    pub fn add(
+        &mut self,
+        expert_id: &str,
+        kind: ExpertKind,
+        items: &[InstanceVectors<'_>],
+    ) -> Result<()> {
         let id: Arc<str> = self
             .expert_kind
             .get_key_value(expert_id)
@@ -314,7 +319,10 @@ impl RoutingState {
         options: &RouteOptions,
     ) -> Result<RouteResult> {
         if query_vectors.is_empty() {
-            return Err(LibraryError::invalid("queries", "at least one query is needed"));
+            return Err(LibraryError::invalid(
+                "queries",
+                "at least one query is needed",
+            ));
         }
         if options.top_k == 0 || options.top_k > 1000 {
             return Err(LibraryError::invalid("top_k", "must be between 1 and 1000"));
@@ -341,7 +349,7 @@ impl RoutingState {
             } else {
                 index.search(qv, k, &allow)
             };
-            let mut per_query: HashMap<Arc<str>, f32> = HashMap::new();
+            let mut per_query: std::collections::BTreeMap<Arc<str>, f32> = Default::default();
             for (rank, h) in hits.iter().enumerate() {
                 let Some(id) = self.point_expert.get(&h.point_id) else {
                     continue;
@@ -440,7 +448,8 @@ impl RoutingState {
         } else {
             HashMap::new()
         };
-        let ids: Vec<&Arc<str>> = self.expert_kind.keys().filter(|id| eligible(id)).collect();
+        let mut ids: Vec<&Arc<str>> = self.expert_kind.keys().filter(|id| eligible(id)).collect();
+        ids.sort_unstable();
         let cen: Vec<f32> = ids
             .iter()
             .map(|id| {
@@ -505,5 +514,7 @@ fn softmax(xs: &[f32], temperature: f32) -> Vec<f32> {
     let m = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let e: Vec<f32> = xs.iter().map(|x| ((x - m) / t).exp()).collect();
     let s: f32 = e.iter().sum();
-    e.into_iter().map(|x| if s > 0.0 { x / s } else { 0.0 }).collect()
+    e.into_iter()
+        .map(|x| if s > 0.0 { x / s } else { 0.0 })
+        .collect()
 }

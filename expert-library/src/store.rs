@@ -47,12 +47,88 @@ fn instance_prefix(expert_id: &str) -> Vec<u8> {
     k
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    bincode::serialize(v).map_err(|e| LibraryError::Storage(format!("encode: {e}")))
+fn encode_meta(m: &ExpertMeta) -> Result<Vec<u8>> {
+    serde_json::to_vec(m).map_err(|e| LibraryError::Storage(format!("encode expert: {e}")))
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
-    bincode::deserialize(b).map_err(|e| LibraryError::Storage(format!("decode: {e}")))
+fn decode_meta(b: &[u8]) -> Result<ExpertMeta> {
+    serde_json::from_slice(b).map_err(|e| LibraryError::Storage(format!("decode expert: {e}")))
+}
+
+/// Adapter record: u32 length of the config JSON, the JSON, then the safetensors bytes as is.
+fn encode_adapter(a: &PeftAdapter) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + a.config_json.len() + a.safetensors.len());
+    out.extend_from_slice(&(a.config_json.len() as u32).to_le_bytes());
+    out.extend_from_slice(a.config_json.as_bytes());
+    out.extend_from_slice(&a.safetensors);
+    out
+}
+
+fn decode_adapter(b: &[u8]) -> Result<PeftAdapter> {
+    let bad = || LibraryError::Storage("corrupt adapter record".into());
+    let n = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let json = b.get(4..4 + n).ok_or_else(bad)?;
+    Ok(PeftAdapter {
+        config_json: String::from_utf8(json.to_vec()).map_err(|_| bad())?,
+        safetensors: b[4 + n..].to_vec(),
+    })
+}
+
+/// Instance record: u64 point id, u32 dim, the instance vector, u8 flag and the
+/// choice_instance vector if present, then the instance as JSON (readable, evolvable).
+fn encode_instance(si: &StoredInstance) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(&(&si.expert_id, &si.instance))
+        .map_err(|e| LibraryError::Storage(format!("encode instance: {e}")))?;
+    let dim = si.embedding.len();
+    let mut out = Vec::with_capacity(13 + dim * 8 + json.len());
+    out.extend_from_slice(&si.point_id.to_le_bytes());
+    out.extend_from_slice(&(dim as u32).to_le_bytes());
+    si.embedding
+        .iter()
+        .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+    match &si.choice_embedding {
+        Some(v) if v.len() == dim => {
+            out.push(1);
+            v.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        }
+        _ => out.push(0),
+    }
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+fn decode_instance(b: &[u8]) -> Result<StoredInstance> {
+    let bad = || LibraryError::Storage("corrupt instance record".into());
+    let take = |from: usize, n: usize| b.get(from..from + n).ok_or_else(bad);
+    let floats = |bytes: &[u8]| -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let point_id = u64::from_le_bytes(take(0, 8)?.try_into().map_err(|_| bad())?);
+    let dim = u32::from_le_bytes(take(8, 4)?.try_into().map_err(|_| bad())?) as usize;
+    let embedding = floats(take(12, dim * 4)?);
+    let mut at = 12 + dim * 4;
+    let choice_embedding = match take(at, 1)?[0] {
+        1 => {
+            let v = floats(take(at + 1, dim * 4)?);
+            at += dim * 4;
+            Some(v)
+        }
+        _ => None,
+    };
+    at += 1;
+    let (expert_id, instance): (String, Instance) = serde_json::from_slice(&b[at..])
+        .map_err(|e| LibraryError::Storage(format!("decode instance: {e}")))?;
+    Ok(StoredInstance {
+        point_id,
+        expert_id,
+        instance,
+        embedding,
+        choice_embedding,
+    })
 }
 
 fn tx_err(e: TransactionError<LibraryError>) -> LibraryError {
@@ -81,13 +157,13 @@ impl ExpertStore {
     /// vectors from another encoder would route nonsense.
     pub fn check_encoder(&self, encoder_id: &str) -> Result<()> {
         match self.db.get(META_ENCODER)? {
-            Some(v) if v.as_ref() != encoder_id.as_bytes() => Err(LibraryError::FailedPrecondition(
-                format!(
+            Some(v) if v.as_ref() != encoder_id.as_bytes() => {
+                Err(LibraryError::FailedPrecondition(format!(
                     "the library was embedded with encoder {:?} but roe runs {encoder_id:?}; \
                      use a fresh data directory",
                     String::from_utf8_lossy(&v)
-                ),
-            )),
+                )))
+            }
             Some(_) => Ok(()),
             None => {
                 self.db.insert(META_ENCODER, encoder_id.as_bytes())?;
@@ -105,14 +181,14 @@ impl ExpertStore {
     pub fn get(&self, id: &str) -> Result<Option<ExpertMeta>> {
         self.experts
             .get(id.as_bytes())?
-            .map(|v| decode(&v))
+            .map(|v| decode_meta(&v))
             .transpose()
     }
 
     pub fn adapter(&self, id: &str) -> Result<Option<PeftAdapter>> {
         self.adapters
             .get(id.as_bytes())?
-            .map(|v| decode(&v))
+            .map(|v| decode_adapter(&v))
             .transpose()
     }
 
@@ -129,7 +205,7 @@ impl ExpertStore {
         iter.take(limit)
             .map(|kv| {
                 let (_, v) = kv?;
-                decode(&v)
+                decode_meta(&v)
             })
             .collect()
     }
@@ -147,7 +223,7 @@ impl ExpertStore {
             .scan_prefix(instance_prefix(id))
             .map(|kv| {
                 let (_, v) = kv?;
-                decode(&v)
+                decode_instance(&v)
             })
             .collect()
     }
@@ -156,7 +232,7 @@ impl ExpertStore {
     pub fn all_instances(&self) -> impl Iterator<Item = Result<StoredInstance>> + '_ {
         self.instances.iter().map(|kv| {
             let (_, v) = kv?;
-            decode(&v)
+            decode_instance(&v)
         })
     }
 
@@ -174,11 +250,11 @@ impl ExpertStore {
             .keys()
             .collect::<std::result::Result<_, _>>()?;
         let old_points = old_keys.iter().filter_map(|k| point_of_key(k)).collect();
-        let meta_bytes = encode(meta)?;
-        let adapter_bytes = encode(adapter)?;
+        let meta_bytes = encode_meta(meta)?;
+        let adapter_bytes = encode_adapter(adapter);
         let rows: Vec<(Vec<u8>, Vec<u8>)> = instances
             .iter()
-            .map(|si| Ok((instance_key(&meta.id, si.point_id), encode(si)?)))
+            .map(|si| Ok((instance_key(&meta.id, si.point_id), encode_instance(si)?)))
             .collect::<Result<_>>()?;
         (&self.experts, &self.adapters, &self.instances)
             .transaction(|(experts, adapters, inst)| {
@@ -199,10 +275,10 @@ impl ExpertStore {
 
     /// Adds instances to an existing expert and updates its instance count, atomically.
     pub fn append_instances(&self, meta: &ExpertMeta, instances: &[StoredInstance]) -> Result<()> {
-        let meta_bytes = encode(meta)?;
+        let meta_bytes = encode_meta(meta)?;
         let rows: Vec<(Vec<u8>, Vec<u8>)> = instances
             .iter()
-            .map(|si| Ok((instance_key(&meta.id, si.point_id), encode(si)?)))
+            .map(|si| Ok((instance_key(&meta.id, si.point_id), encode_instance(si)?)))
             .collect::<Result<_>>()?;
         (&self.experts, &self.instances)
             .transaction(|(experts, inst)| {

@@ -39,8 +39,9 @@ impl Task {
         let info_path = dir.join("task.json");
         let text =
             std::fs::read_to_string(&info_path).map_err(|e| LibraryError::io(&info_path, e))?;
-        let info: TaskInfo = serde_json::from_str(&text)
-            .map_err(|e| LibraryError::invalid("task.json", format!("{}: {e}", info_path.display())))?;
+        let info: TaskInfo = serde_json::from_str(&text).map_err(|e| {
+            LibraryError::invalid("task.json", format!("{}: {e}", info_path.display()))
+        })?;
         let read = |name: &str| -> Result<Vec<Instance>> {
             let p = dir.join(name);
             if !p.exists() {

@@ -1,0 +1,414 @@
+//! `roe bench ...` subcommands.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use roe_expert_library::expert::TextFormat;
+use roe_expert_library::index::IndexConfig;
+use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert};
+use roe_expert_library::retrieval::RouteOptions;
+use roe_expert_library::tasks::{load_suite, sample};
+use roe_expert_library::PeftAdapter;
+
+use super::routing_accuracy::{
+    self, routing_only_adapter, AccuracySetup, SuiteTask, VariantReport,
+};
+use super::{encoder, hnsw, latency, machine, write_results};
+use crate::models;
+use crate::proto;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Routing accuracy (ELM vs default), HNSW/exact agreement and gRPC Route latency on the
+    /// 41-expert library.
+    Routing(RoutingArgs),
+    /// Encoder throughput against sentence-transformers (needs scripts/setup-peers.sh).
+    Encoder(EncoderArgs),
+    /// HNSW at scale on synthetic vectors.
+    Hnsw(HnswArgs),
+}
+
+#[derive(Args)]
+pub struct RoutingArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    dev_suite: PathBuf,
+    #[arg(long, default_value = "assets/tasks-routing")]
+    routing_suite: PathBuf,
+    /// PEFT experts (prompt/<task>); tasks without one get a routing-only zero prompt.
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    s: usize,
+    #[arg(long, default_value_t = 32)]
+    q: usize,
+    #[arg(long, default_value_t = 5)]
+    seeds: u64,
+    /// Where the JSON report goes (a Markdown table is written beside it).
+    #[arg(long, default_value = "bench/results/routing.json")]
+    json: PathBuf,
+    /// Cache of embedded rows (speeds up reruns; never affects results).
+    #[arg(long, default_value = "bench/cache")]
+    cache_dir: PathBuf,
+    #[arg(long)]
+    skip_latency: bool,
+    #[arg(long)]
+    skip_agreement: bool,
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    requests_per_client: usize,
+}
+
+#[derive(Args)]
+pub struct EncoderArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    suite: PathBuf,
+    /// Texts embedded (drawn from the suite's test inputs).
+    #[arg(long, default_value_t = 512)]
+    texts: usize,
+    /// Python with sentence-transformers (default: .venv/bin/python if present).
+    #[arg(long, env = "ROE_PEERS_PYTHON")]
+    python: Option<PathBuf>,
+    #[arg(long, default_value = "bench/peers/st_embed.py")]
+    peer_script: PathBuf,
+    #[arg(long, default_value = "bench/results/encoder.json")]
+    json: PathBuf,
+}
+
+#[derive(Args)]
+pub struct HnswArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    n: usize,
+    #[arg(long, default_value_t = 200)]
+    queries: usize,
+    #[arg(long, default_value_t = 16)]
+    m: usize,
+    #[arg(long, default_value_t = 100)]
+    ef_construction: usize,
+    #[arg(long, default_value_t = 128)]
+    ef_search: usize,
+    #[arg(long, default_value = "bench/results/hnsw.json")]
+    json: PathBuf,
+}
+
+pub fn run(
+    models_dir: &Path,
+    encoder: Option<&Path>,
+    _server: &str,
+    cmd: BenchCommand,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    match cmd {
+        BenchCommand::Routing(a) => routing(models_dir, encoder, a, rt),
+        BenchCommand::Encoder(a) => encoder_bench(models_dir, encoder, a),
+        BenchCommand::Hnsw(a) => hnsw_bench(a),
+    }
+}
+
+fn split(json: &Path) -> (PathBuf, String) {
+    let dir = json
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let name = json
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "result".into());
+    (dir, name)
+}
+
+fn load_tasks(a: &RoutingArgs) -> Result<Vec<SuiteTask>> {
+    let mut tasks = Vec::new();
+    for (suite, root) in [("dev", &a.dev_suite), ("routing", &a.routing_suite)] {
+        for task in load_suite(root).with_context(|| format!("loading {}", root.display()))? {
+            let dir = a.experts.join("prompt").join(task.name());
+            let adapter = dir
+                .is_dir()
+                .then(|| PeftAdapter::from_dir(&dir))
+                .transpose()?;
+            tasks.push(SuiteTask {
+                suite: suite.into(),
+                task,
+                adapter,
+            });
+        }
+    }
+    Ok(tasks)
+}
+
+fn routing(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    a: RoutingArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let cached = models::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
+    let tasks = load_tasks(&a)?;
+    let variants: Vec<(String, RouteOptions)> = vec![
+        (
+            "elm (paper) / instance".into(),
+            RouteOptions::elm(TextFormat::Instance),
+        ),
+        (
+            "elm (paper) / choice_instance".into(),
+            RouteOptions::elm(TextFormat::ChoiceInstance),
+        ),
+        (
+            "hybrid / instance".into(),
+            RouteOptions {
+                text_format: TextFormat::Instance,
+                ..RouteOptions::default()
+            },
+        ),
+        ("hybrid (default)".into(), RouteOptions::default()),
+    ];
+    let seeds: Vec<u64> = (0..a.seeds).collect();
+    let work = tempfile::tempdir()?;
+    eprintln!(
+        "routing accuracy: {} tasks, S={}, Q={}, {} seeds",
+        tasks.len(),
+        a.s,
+        a.q,
+        seeds.len()
+    );
+    let setup = AccuracySetup {
+        s: a.s,
+        q: a.q,
+        seeds: seeds.clone(),
+        force_hnsw: false,
+    };
+    let reports = routing_accuracy::run(&tasks, cached.clone(), &setup, &variants, work.path())?;
+    let agreement: Vec<VariantReport> = if a.skip_agreement {
+        Vec::new()
+    } else {
+        eprintln!("HNSW vs exact agreement (HNSW forced on)");
+        let setup = AccuracySetup {
+            force_hnsw: true,
+            ..setup
+        };
+        let pick = [variants[1].clone(), variants[3].clone()];
+        routing_accuracy::run(&tasks, cached.clone(), &setup, &pick, work.path())?
+    };
+    let latency = if a.skip_latency {
+        None
+    } else {
+        eprintln!("Route latency through gRPC: {} clients", a.clients);
+        // Register with the cached encoder, then serve with the real one: queries are embedded
+        // for real on every request.
+        let dir = work.path().join("latency-library");
+        {
+            let (lib, _) = ExpertLibrary::open(&dir, cached.clone(), LibraryConfig::default())?;
+            for t in &tasks {
+                lib.register(
+                    NewExpert {
+                        id: t.task.name().into(),
+                        name: t.task.name().into(),
+                        description: String::new(),
+                        backbone: None,
+                        adapter: t.adapter.clone().unwrap_or_else(routing_only_adapter),
+                        instances: sample(&t.task.train, a.s, 0),
+                    },
+                    false,
+                )?;
+            }
+        }
+        let real: Arc<dyn roe_expert_library::embedding::Encoder> =
+            Arc::new(models::load_encoder(models_dir, enc)?);
+        let (lib, _) = ExpertLibrary::open(&dir, real, LibraryConfig::default())?;
+        let sets: Vec<Vec<proto::Query>> = tasks
+            .iter()
+            .map(|t| {
+                sample(&t.task.test, a.q, 99)
+                    .iter()
+                    .map(|i| proto::Query {
+                        input: i.input.clone(),
+                        choices: i.choices.clone(),
+                    })
+                    .collect()
+            })
+            .collect();
+        Some(rt.block_on(latency::route_latency(
+            Arc::new(lib),
+            sets,
+            a.clients,
+            a.requests_per_client,
+        ))?)
+    };
+
+    let baseline: serde_json::Value =
+        std::fs::read_to_string("assets/reference/elm_routing_baseline.json")
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null);
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# Routing benchmark\n\n41-expert library (23 dev + 18 routing-suite tasks), S={} instances per expert from train, Q={} queries from test, {} seeds. Accuracy = fraction of (task, seed) routed to the task's own expert.\n\n",
+        a.s, a.q, seeds.len()
+    ));
+    md.push_str("| strategy | dev | routing | overall |\n|---|---|---|---|\n");
+    for fmt in ["instance", "choice_instance"] {
+        if let Some(b) = baseline.get(fmt) {
+            md.push_str(&format!(
+                "| peer: ELM paper code / {fmt} (reference file) | {:.3} | {:.3} | {:.3} |\n",
+                b["dev"].as_f64().unwrap_or(f64::NAN),
+                b["routing"].as_f64().unwrap_or(f64::NAN),
+                b["overall"].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
+    }
+    let mut table = String::new();
+    for r in &reports {
+        let line = format!(
+            "| {} | {:.3} | {:.3} | {:.3} |\n",
+            r.name,
+            r.per_suite.get("dev").copied().unwrap_or(f64::NAN),
+            r.per_suite.get("routing").copied().unwrap_or(f64::NAN),
+            r.overall
+        );
+        table.push_str(&line);
+    }
+    md.push_str(&table);
+    println!(
+        "{:<34} {:>6} {:>8} {:>8}",
+        "strategy", "dev", "routing", "overall"
+    );
+    for r in &reports {
+        println!(
+            "{:<34} {:>6.3} {:>8.3} {:>8.3}",
+            r.name,
+            r.per_suite.get("dev").copied().unwrap_or(f64::NAN),
+            r.per_suite.get("routing").copied().unwrap_or(f64::NAN),
+            r.overall
+        );
+    }
+    md.push_str("\n## Per task\n\n| task |");
+    for r in &reports {
+        md.push_str(&format!(" {} |", r.name));
+    }
+    md.push_str("\n|---|");
+    for _ in &reports {
+        md.push_str("---|");
+    }
+    md.push('\n');
+    if let Some(first) = reports.first() {
+        for task in first.per_task.keys() {
+            md.push_str(&format!("| {task} |"));
+            for r in &reports {
+                md.push_str(&format!(
+                    " {:.2} |",
+                    r.per_task.get(task).copied().unwrap_or(f64::NAN)
+                ));
+            }
+            md.push('\n');
+        }
+    }
+    for r in &reports {
+        md.push_str(&format!("\n### Confusions: {}\n\n", r.name));
+        for c in r.confusions.iter().take(15) {
+            md.push_str(&format!("- {c}\n"));
+        }
+    }
+    if !agreement.is_empty() {
+        md.push_str("\n## HNSW vs exact search (HNSW forced on for the 41-expert library)\n\n| strategy | routed expert agreement | per-query top-1 agreement | accuracy with HNSW |\n|---|---|---|---|\n");
+        for r in &agreement {
+            md.push_str(&format!(
+                "| {} | {:.4} | {:.4} | {:.3} |\n",
+                r.name, r.hnsw_exact_agreement, r.hnsw_exact_top1_agreement, r.overall
+            ));
+            println!(
+                "HNSW/exact agreement {:<28} routed {:.4}  top-1 {:.4}",
+                r.name, r.hnsw_exact_agreement, r.hnsw_exact_top1_agreement
+            );
+        }
+    }
+    if let Some(l) = &latency {
+        md.push_str(&format!("\n## Route latency through gRPC (loopback, real encoder, default strategy)\n\n| clients | Q | requests | p50 ms | p99 ms | mean ms | requests/s |\n|---|---|---|---|---|---|---|\n| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            l.clients, l.queries_per_request, l.requests, l.p50_ms, l.p99_ms, l.mean_ms, l.requests_per_s));
+        println!(
+            "Route latency: {} clients, Q={}: p50 {:.1} ms, p99 {:.1} ms, {:.2} req/s",
+            l.clients, l.queries_per_request, l.p50_ms, l.p99_ms, l.requests_per_s
+        );
+    }
+    let json = serde_json::json!({
+        "setup": {"s": a.s, "q": a.q, "seeds": seeds, "tasks": tasks.len()},
+        "machine": machine(),
+        "peer_baseline": baseline,
+        "variants": reports,
+        "hnsw_agreement": agreement,
+        "latency": latency,
+    });
+    let (dir, name) = split(&a.json);
+    write_results(&dir, &name, &json, &md)?;
+    println!("wrote {}/{name}.json and .md", dir.display());
+    Ok(())
+}
+
+fn encoder_bench(models_dir: &Path, enc: Option<&Path>, a: EncoderArgs) -> Result<()> {
+    let tasks = load_suite(&a.suite)?;
+    let mut texts: Vec<String> = Vec::new();
+    let per = a.texts.div_ceil(tasks.len().max(1));
+    for t in &tasks {
+        texts.extend(sample(&t.test, per, 5).into_iter().map(|i| i.input));
+    }
+    texts.truncate(a.texts);
+    let python = a.python.clone().or_else(|| {
+        let p = PathBuf::from(".venv/bin/python");
+        p.exists().then_some(p)
+    });
+    let dir = models::encoder_dir(models_dir, enc);
+    let r = encoder::run(&dir, texts, python.as_deref(), &a.peer_script)?;
+    println!(
+        "| engine | sentences/s (batch {}) |\n|---|---|\n| roe (candle) | {:.1} |",
+        r.batch_size, r.roe_sentences_per_s
+    );
+    if let Some(p) = r.peer_sentences_per_s {
+        println!(
+            "| sentence-transformers | {p:.1} |\nratio roe/peer: {:.2}, min cosine vs peer: {:.6}",
+            r.ratio.unwrap_or(f64::NAN),
+            r.min_cosine_vs_peer.unwrap_or(f64::NAN)
+        );
+    }
+    let md = format!(
+        "# Encoder benchmark\n\n{} texts (test inputs of the dev suite), batch {}, same machine, same run.\n\n| engine | sentences/s |\n|---|---|\n| roe (candle, all-MiniLM-L6-v2) | {:.1} |\n| sentence-transformers | {} |\n\nratio roe / sentence-transformers: {}\n\nmin cosine between the two engines' vectors: {}\n",
+        r.texts, r.batch_size, r.roe_sentences_per_s,
+        r.peer_sentences_per_s.map(|p| format!("{p:.1}")).unwrap_or_else(|| "not run".into()),
+        r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "n/a".into()),
+        r.min_cosine_vs_peer.map(|x| format!("{x:.6}")).unwrap_or_else(|| "n/a".into()),
+    );
+    let (dir, name) = split(&a.json);
+    write_results(
+        &dir,
+        &name,
+        &serde_json::json!({"machine": machine(), "report": r}),
+        &md,
+    )?;
+    Ok(())
+}
+
+fn hnsw_bench(a: HnswArgs) -> Result<()> {
+    let config = IndexConfig {
+        max_connections: a.m,
+        ef_construction: a.ef_construction,
+        ef_search: a.ef_search,
+        ..IndexConfig::default()
+    };
+    eprintln!("building HNSW over {} synthetic 384-d vectors ...", a.n);
+    let r = hnsw::run(a.n, a.queries, config);
+    let md = format!(
+        "# HNSW at scale\n\n{} synthetic normalised 384-d vectors (2000 clusters), M={}, ef_construction={}, ef_search={}, {} queries.\nThe start-up rebuild of the index is this build (roe rebuilds the graph from the stored vectors when it opens).\n\n| build s | vectors/s | RSS growth MiB | index estimate MiB | search p50 ms | search p99 ms | exact scan p50 ms | recall@10 |\n|---|---|---|---|---|---|---|---|\n| {:.1} | {:.0} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.4} |\n",
+        r.vectors, r.max_connections, r.ef_construction, r.ef_search, r.queries, r.build_s, r.build_vectors_per_s,
+        r.rss_growth_bytes.map(|b| format!("{:.0}", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into()),
+        r.index_estimate_bytes as f64 / 1048576.0, r.search_p50_ms, r.search_p99_ms, r.exact_scan_p50_ms, r.recall_at_10
+    );
+    println!("{md}");
+    let (dir, name) = split(&a.json);
+    write_results(
+        &dir,
+        &name,
+        &serde_json::json!({"machine": machine(), "report": r}),
+        &md,
+    )?;
+    Ok(())
+}

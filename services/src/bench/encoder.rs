@@ -1,0 +1,97 @@
+//! Encoder throughput (sentences/s at batch 32) against sentence-transformers on the same
+//! machine in the same run, and agreement of the vectors on the same inputs.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use roe_expert_library::embedding::{dot, BertEncoder, Encoder};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EncoderReport {
+    pub texts: usize,
+    pub batch_size: usize,
+    pub roe_sentences_per_s: f64,
+    pub peer_sentences_per_s: Option<f64>,
+    /// roe / sentence-transformers (goal >= 1.0).
+    pub ratio: Option<f64>,
+    pub min_cosine_vs_peer: Option<f64>,
+    pub peer: Option<serde_json::Value>,
+}
+
+fn run_peer(python: &Path, script: &Path, input: &serde_json::Value) -> Result<serde_json::Value> {
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {} {}", python.display(), script.display()))?;
+    child
+        .stdin
+        .take()
+        .context("peer stdin")?
+        .write_all(serde_json::to_string(input)?.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{} failed with {}", script.display(), out.status);
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+pub fn run(
+    encoder_dir: &Path,
+    texts: Vec<String>,
+    python: Option<&Path>,
+    peer_script: &Path,
+) -> Result<EncoderReport> {
+    let batch_size = 32;
+    let encoder = BertEncoder::load(encoder_dir, crate::models::ENCODER_MAX_TOKENS)?
+        .with_batch_size(batch_size);
+    encoder.embed(&texts[..batch_size.min(texts.len())])?; // warm-up
+    let t = Instant::now();
+    let ours = encoder.embed(&texts)?;
+    let roe_rate = texts.len() as f64 / t.elapsed().as_secs_f64();
+    let mut report = EncoderReport {
+        texts: texts.len(),
+        batch_size,
+        roe_sentences_per_s: roe_rate,
+        peer_sentences_per_s: None,
+        ratio: None,
+        min_cosine_vs_peer: None,
+        peer: None,
+    };
+    let Some(python) = python else {
+        tracing::warn!(
+            "no peer Python (run scripts/setup-peers.sh): sentence-transformers not measured"
+        );
+        return Ok(report);
+    };
+    let model_dir = encoder_dir.canonicalize()?;
+    let peer = run_peer(
+        python,
+        peer_script,
+        &serde_json::json!({"model_dir": model_dir, "texts": texts, "batch_size": batch_size, "mode": "throughput",
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)}),
+    )?;
+    let rate = peer["sentences_per_s"].as_f64();
+    let embedded = run_peer(
+        python,
+        peer_script,
+        &serde_json::json!({"model_dir": model_dir, "texts": texts, "batch_size": batch_size, "mode": "embed"}),
+    )?;
+    let theirs: Vec<Vec<f32>> = serde_json::from_value(embedded["embeddings"].clone())?;
+    let min_cos = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| dot(a, b) as f64 / (dot(b, b) as f64).sqrt())
+        .fold(f64::INFINITY, f64::min);
+    report.peer_sentences_per_s = rate;
+    report.ratio = rate.map(|r| roe_rate / r);
+    report.min_cosine_vs_peer = Some(min_cos);
+    report.peer = Some(peer);
+    Ok(report)
+}

@@ -1,0 +1,625 @@
+//! The `roe` command line: a thin client of the gRPC API (plus `serve` and `bench`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
+use roe_expert_library::tasks::{load_suite, read_instances, sample, Task};
+use roe_expert_library::PeftAdapter;
+use roe_services::proto::{
+    self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
+};
+use roe_services::server::{serve, ServeOptions, MAX_MESSAGE_BYTES};
+use roe_services::{bench, models};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    name = "roe",
+    version,
+    about = "Retrieval-of-Experts: route a task to the expert that fits it"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Folder holding the models (filled by scripts/fetch-models.sh); any local folder works.
+    #[arg(long, env = "ROE_MODELS_DIR", default_value = "models", global = true)]
+    pub models_dir: PathBuf,
+    /// Encoder model folder (default: <models-dir>/all-MiniLM-L6-v2).
+    #[arg(long, env = "ROE_ENCODER", global = true)]
+    pub encoder: Option<PathBuf>,
+    /// Server address for client commands.
+    #[arg(
+        long,
+        env = "ROE_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub server: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC service (library + router, health, reflection).
+    Serve(ServeArgs),
+    /// Manage experts in the library.
+    #[command(subcommand)]
+    Expert(ExpertCommand),
+    /// Rank the experts for a task given by example queries.
+    Route(RouteArgs),
+    /// Benchmarks; results go to bench/results/.
+    #[command(subcommand)]
+    Bench(bench::cli::BenchCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, env = "ROE_ADDR", default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// Where the sled library lives.
+    #[arg(long, env = "ROE_DATA_DIR", default_value = "data/library")]
+    data_dir: PathBuf,
+    /// Abstain when the winner's share of the evidence is below this (0: never).
+    #[arg(long, env = "ROE_ABSTAIN_THRESHOLD", default_value_t = 0.0)]
+    abstain_threshold: f32,
+    /// Live vectors from which on HNSW replaces the exact scan.
+    #[arg(long, default_value_t = 20_000)]
+    hnsw_threshold: usize,
+}
+
+#[derive(Subcommand)]
+enum ExpertCommand {
+    /// Register an expert from a PEFT directory and a file (or task folder) of instances.
+    Add(AddArgs),
+    /// Register one expert per task of a suite, from a folder of PEFT experts.
+    AddSuite(AddSuiteArgs),
+    /// List experts.
+    Ls {
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// Show one expert.
+    Show {
+        id: String,
+        /// Also print its instances.
+        #[arg(long)]
+        instances: bool,
+    },
+    /// Delete an expert.
+    Rm { id: String },
+}
+
+#[derive(Args)]
+struct AddArgs {
+    /// PEFT directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    peft: PathBuf,
+    /// JSON lines of {"input", "target"?, "choices"?}, or a task folder (task.json + train.jsonl).
+    #[arg(long)]
+    instances: PathBuf,
+    /// Instances sampled into the library (S).
+    #[arg(long, default_value_t = 100)]
+    sample: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Expert id (default: the task's name or the PEFT folder's name).
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Replace an existing expert with a new version.
+    #[arg(long)]
+    new_version: bool,
+}
+
+#[derive(Args)]
+struct AddSuiteArgs {
+    /// Folder of task folders.
+    #[arg(long, default_value = "assets/tasks")]
+    tasks: PathBuf,
+    /// Folder with prompt/<task> and lora/<task> PEFT experts.
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    /// Which experts: prompt, lora or both.
+    #[arg(long, default_value = "prompt")]
+    kind: String,
+    #[arg(long, default_value_t = 100)]
+    sample: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Skip experts that already exist instead of failing.
+    #[arg(long)]
+    skip_existing: bool,
+}
+
+#[derive(Args)]
+struct RouteArgs {
+    /// Query texts.
+    #[arg(long = "query", short = 'q')]
+    queries: Vec<String>,
+    /// JSON lines of {"input", "choices"?} (or a task folder: queries drawn from test.jsonl).
+    #[arg(long)]
+    from: Option<PathBuf>,
+    /// Route every task of a suite with queries from its test split and print a table.
+    #[arg(long, conflicts_with_all = ["queries", "from"])]
+    suite: Option<PathBuf>,
+    /// Queries drawn per task (Q) with --from DIR or --suite.
+    #[arg(long = "num-queries", default_value_t = 32)]
+    num_queries: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// elm or hybrid (default: the server's).
+    #[arg(long)]
+    strategy: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// instance or choice_instance.
+    #[arg(long)]
+    text_format: Option<String>,
+    /// prompt or lora.
+    #[arg(long)]
+    kind: Option<String>,
+    #[arg(long)]
+    abstain_threshold: Option<f32>,
+    /// Print the whole response as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(a) => rt.block_on(cmd_serve(&cli.global, a)),
+        Command::Expert(c) => rt.block_on(cmd_expert(&cli.global, c)),
+        Command::Route(a) => rt.block_on(cmd_route(&cli.global, a)),
+        Command::Bench(b) => bench::cli::run(
+            &cli.global.models_dir,
+            cli.global.encoder.as_deref(),
+            &cli.global.server,
+            b,
+            &rt,
+        ),
+    }
+}
+
+async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
+    let encoder = Arc::new(models::load_encoder(&g.models_dir, g.encoder.as_deref())?);
+    let config = LibraryConfig {
+        index: roe_expert_library::index::IndexConfig {
+            hnsw_threshold: a.hnsw_threshold,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let (library, report) = ExpertLibrary::open(&a.data_dir, encoder, config)?;
+    tracing::info!(
+        experts = report.experts,
+        vectors = report.vectors,
+        seconds = report.seconds,
+        "library loaded"
+    );
+    let listener = tokio::net::TcpListener::bind(&a.addr)
+        .await
+        .with_context(|| format!("binding {}", a.addr))?;
+    println!("roe listening on {}", listener.local_addr()?);
+    let options = ServeOptions {
+        route_defaults: roe_expert_library::RouteOptions {
+            abstain_threshold: a.abstain_threshold,
+            ..Default::default()
+        },
+    };
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+    };
+    serve(listener, Arc::new(library), options, shutdown).await?;
+    Ok(())
+}
+
+async fn library_client(g: &Global) -> Result<ExpertLibraryClient<Channel>> {
+    let c = ExpertLibraryClient::connect(g.server.clone())
+        .await
+        .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?;
+    Ok(c.max_encoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+fn to_proto_instances(v: Vec<roe_expert_library::Instance>) -> Vec<proto::Instance> {
+    v.into_iter()
+        .map(|i| proto::Instance {
+            input: i.input,
+            target: i.target,
+            choices: i.choices,
+        })
+        .collect()
+}
+
+/// Instances from a JSON-lines file, or the train split of a task folder.
+fn load_instances(path: &Path) -> Result<(Vec<roe_expert_library::Instance>, Option<Task>)> {
+    if path.is_dir() {
+        let task = Task::load(path)?;
+        Ok((task.train.clone(), Some(task)))
+    } else {
+        Ok((read_instances(path, &[])?, None))
+    }
+}
+
+fn kind_name(k: i32) -> &'static str {
+    match proto::ExpertKind::try_from(k) {
+        Ok(proto::ExpertKind::Prompt) => "prompt",
+        Ok(proto::ExpertKind::Lora) => "lora",
+        _ => "?",
+    }
+}
+
+async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
+    let mut client = library_client(g).await?;
+    match c {
+        ExpertCommand::Add(a) => {
+            let adapter = PeftAdapter::from_dir(&a.peft)?;
+            let (all, task) = load_instances(&a.instances)?;
+            let instances = sample(&all, a.sample, a.seed);
+            let id =
+                a.id.clone()
+                    .or_else(|| task.as_ref().map(|t| t.name().to_string()))
+                    .unwrap_or_else(|| {
+                        a.peft
+                            .file_name()
+                            .map(|n| n.to_string_lossy().to_string())
+                            .unwrap_or_default()
+                    });
+            let description = if a.description.is_empty() {
+                task.as_ref()
+                    .map(|t| t.info.description.clone())
+                    .unwrap_or_default()
+            } else {
+                a.description
+            };
+            let resp = client
+                .register_expert(proto::RegisterExpertRequest {
+                    id: id.clone(),
+                    name: id,
+                    description,
+                    backbone: String::new(),
+                    adapter: Some(proto::PeftAdapter {
+                        adapter_config_json: adapter.config_json,
+                        adapter_model_safetensors: adapter.safetensors,
+                    }),
+                    instances: to_proto_instances(instances),
+                    new_version: a.new_version,
+                })
+                .await?
+                .into_inner();
+            if let Some(e) = resp.expert {
+                println!(
+                    "registered {} v{} ({}, {} instances)",
+                    e.id,
+                    e.version,
+                    kind_name(e.kind),
+                    e.num_instances
+                );
+            }
+        }
+        ExpertCommand::AddSuite(a) => {
+            let kinds: Vec<&str> = match a.kind.as_str() {
+                "both" => vec!["prompt", "lora"],
+                "prompt" => vec!["prompt"],
+                "lora" => vec!["lora"],
+                other => bail!("--kind: {other:?} is not prompt, lora or both"),
+            };
+            let tasks = load_suite(&a.tasks)?;
+            let bar = ProgressBar::new((tasks.len() * kinds.len()) as u64).with_style(
+                ProgressStyle::with_template("registering [{bar:40}] {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            for task in &tasks {
+                for kind in &kinds {
+                    let dir = a.experts.join(kind).join(task.name());
+                    if !dir.is_dir() {
+                        bar.println(format!(
+                            "skip {}: no {kind} expert at {}",
+                            task.name(),
+                            dir.display()
+                        ));
+                        bar.inc(1);
+                        continue;
+                    }
+                    bar.set_message(task.name().to_string());
+                    let id = if kinds.len() > 1 {
+                        format!("{}/{kind}", task.name())
+                    } else {
+                        task.name().to_string()
+                    };
+                    let adapter = PeftAdapter::from_dir(&dir)?;
+                    let res = client
+                        .register_expert(proto::RegisterExpertRequest {
+                            id: id.clone(),
+                            name: id.clone(),
+                            description: task.info.description.clone(),
+                            backbone: String::new(),
+                            adapter: Some(proto::PeftAdapter {
+                                adapter_config_json: adapter.config_json,
+                                adapter_model_safetensors: adapter.safetensors,
+                            }),
+                            instances: to_proto_instances(sample(&task.train, a.sample, a.seed)),
+                            new_version: false,
+                        })
+                        .await;
+                    match res {
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::AlreadyExists && a.skip_existing => {
+                            bar.println(format!("exists {id}"));
+                        }
+                        Err(s) => return Err(s).with_context(|| format!("registering {id}")),
+                    }
+                    bar.inc(1);
+                }
+            }
+            bar.finish_and_clear();
+            println!(
+                "{} experts in the library",
+                client
+                    .list_experts(proto::ListExpertsRequest {
+                        page_size: 1,
+                        page_token: String::new()
+                    })
+                    .await?
+                    .into_inner()
+                    .total
+            );
+        }
+        ExpertCommand::Ls { page_size } => {
+            let mut token = String::new();
+            println!(
+                "{:<44} {:<7} {:>3} {:>9} {:<14}",
+                "id", "kind", "ver", "instances", "backbone"
+            );
+            loop {
+                let page = client
+                    .list_experts(proto::ListExpertsRequest {
+                        page_size,
+                        page_token: token.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                for e in &page.experts {
+                    println!(
+                        "{:<44} {:<7} {:>3} {:>9} {:<14}",
+                        e.id,
+                        kind_name(e.kind),
+                        e.version,
+                        e.num_instances,
+                        e.backbone
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        ExpertCommand::Show { id, instances } => {
+            let r = client
+                .get_expert(proto::GetExpertRequest {
+                    id,
+                    include_instances: instances,
+                    include_adapter: false,
+                })
+                .await?
+                .into_inner();
+            let e = r.expert.context("server sent no expert")?;
+            println!("id:          {}\nname:        {}\nkind:        {}\nversion:     {}\nbackbone:    {}\ninstances:   {}\nweights:     {} bytes, sha256 {}\ndescription: {}",
+                e.id, e.name, kind_name(e.kind), e.version, e.backbone, e.num_instances, e.weights_bytes, e.weights_sha256, e.description);
+            if e.lora_r > 0 {
+                println!(
+                    "lora:        r={} alpha={} on {:?}",
+                    e.lora_r, e.lora_alpha, e.target_modules
+                );
+            } else {
+                println!("prompt:      {} virtual tokens", e.num_virtual_tokens);
+            }
+            for i in r.instances {
+                println!(
+                    "- {}",
+                    serde_json::json!({"input": i.input, "target": i.target, "choices": i.choices})
+                );
+            }
+        }
+        ExpertCommand::Rm { id } => {
+            let r = client
+                .delete_expert(proto::DeleteExpertRequest { id })
+                .await?
+                .into_inner();
+            if let Some(e) = r.expert {
+                println!("deleted {} v{}", e.id, e.version);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn route_options(a: &RouteArgs) -> Result<proto::RouteOptions> {
+    Ok(proto::RouteOptions {
+        strategy: match a.strategy.as_deref() {
+            None => proto::Strategy::Unspecified,
+            Some("elm") => proto::Strategy::Elm,
+            Some("hybrid") => proto::Strategy::Hybrid,
+            Some(o) => bail!("--strategy: {o:?} is not elm or hybrid"),
+        } as i32,
+        top_k: a.top_k,
+        text_format: match a.text_format.as_deref() {
+            None => proto::TextFormat::Unspecified,
+            Some("instance") => proto::TextFormat::Instance,
+            Some("choice_instance") => proto::TextFormat::ChoiceInstance,
+            Some(o) => bail!("--text-format: {o:?} is not instance or choice_instance"),
+        } as i32,
+        kind: match a.kind.as_deref() {
+            None => proto::ExpertKind::Unspecified,
+            Some("prompt") => proto::ExpertKind::Prompt,
+            Some("lora") => proto::ExpertKind::Lora,
+            Some(o) => bail!("--kind: {o:?} is not prompt or lora"),
+        } as i32,
+        abstain_threshold: a.abstain_threshold,
+        ..Default::default()
+    })
+}
+
+fn to_queries(v: &[roe_expert_library::Instance]) -> Vec<proto::Query> {
+    v.iter()
+        .map(|i| proto::Query {
+            input: i.input.clone(),
+            choices: i.choices.clone(),
+        })
+        .collect()
+}
+
+async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
+    let mut client = RouterClient::connect(g.server.clone())
+        .await
+        .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let options = route_options(&a)?;
+    if let Some(suite) = &a.suite {
+        let tasks = load_suite(suite)?;
+        println!(
+            "{:<44} {:<44} {:>5} {:>6} {:>6}",
+            "task", "routed expert", "votes", "share", "ok"
+        );
+        let mut right = 0;
+        for t in &tasks {
+            let queries = to_queries(&sample(&t.test, a.num_queries, a.seed));
+            let r = client
+                .route(proto::RouteRequest {
+                    queries,
+                    options: Some(options.clone()),
+                })
+                .await?
+                .into_inner();
+            let top = r.ranked.first();
+            let winner = if r.abstain {
+                "(abstain)".to_string()
+            } else {
+                r.expert_id.clone()
+            };
+            let ok = winner == t.name() || winner.starts_with(&format!("{}/", t.name()));
+            right += ok as usize;
+            println!(
+                "{:<44} {:<44} {:>5} {:>6.2} {:>6}",
+                t.name(),
+                winner,
+                top.map(|w| w.votes).unwrap_or(0),
+                top.map(|w| w.share).unwrap_or(0.0),
+                if ok { "yes" } else { "NO" }
+            );
+        }
+        println!(
+            "routed {right}/{} tasks to their own expert (Q={}, seed {})",
+            tasks.len(),
+            a.num_queries,
+            a.seed
+        );
+        return Ok(());
+    }
+    let mut queries: Vec<proto::Query> = a
+        .queries
+        .iter()
+        .map(|q| proto::Query {
+            input: q.clone(),
+            choices: vec![],
+        })
+        .collect();
+    if let Some(from) = &a.from {
+        let rows = if from.is_dir() {
+            sample(&Task::load(from)?.test, a.num_queries, a.seed)
+        } else {
+            read_instances(from, &[])?
+        };
+        queries.extend(to_queries(&rows));
+    }
+    if queries.is_empty() {
+        bail!("give queries with --query TEXT, --from FILE|TASK_DIR, or --suite DIR");
+    }
+    let r = client
+        .route(proto::RouteRequest {
+            queries,
+            options: Some(options),
+        })
+        .await?
+        .into_inner();
+    if a.json {
+        let ranked: Vec<_> = r
+            .ranked
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+            "expert_id": s.expert_id, "score": s.score, "votes": s.votes, "share": s.share,
+            "mean_similarity": s.mean_similarity, "centroid_similarity": s.centroid_similarity,
+            "lexical_similarity": s.lexical_similarity})
+            })
+            .collect();
+        let evidence: Vec<_> = r
+            .evidence
+            .iter()
+            .map(|e| {
+                e.hits
+                    .iter()
+                    .map(|h| {
+                        serde_json::json!({
+            "expert_id": h.expert_id, "point_id": h.point_id, "similarity": h.similarity})
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+            "expert_id": r.expert_id, "abstain": r.abstain, "ranked": ranked, "evidence": evidence}))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<44} {:>8} {:>5} {:>6} {:>8}",
+        "expert", "score", "votes", "share", "mean_sim"
+    );
+    for s in r.ranked.iter().take(10) {
+        println!(
+            "{:<44} {:>8.4} {:>5} {:>6.3} {:>8.3}",
+            s.expert_id, s.score, s.votes, s.share, s.mean_similarity
+        );
+    }
+    if r.abstain {
+        println!("abstain: no expert's share reaches the threshold");
+    } else {
+        println!("winner: {}", r.expert_id);
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! `roe.v1.ExpertLibrary`: register, read, list, delete experts and add instances.
+
+use std::sync::Arc;
+
+use roe_expert_library::expert::MAX_ADAPTER_BYTES;
+use roe_expert_library::library::{ExpertLibrary, NewExpert};
+use roe_expert_library::PeftAdapter;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::{expert_to_proto, instance_from_proto, instance_to_proto, status};
+use crate::proto::{self, expert_library_server::ExpertLibrary as Api};
+
+pub struct LibraryService {
+    library: Arc<ExpertLibrary>,
+}
+
+impl LibraryService {
+    pub fn new(library: Arc<ExpertLibrary>) -> Self {
+        Self { library }
+    }
+}
+
+/// Runs blocking domain work (embedding, sled flushes) off the async workers.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+}
+
+fn new_expert(req: proto::RegisterExpertRequest) -> Result<(NewExpert, bool), Status> {
+    let adapter = req
+        .adapter
+        .ok_or_else(|| Status::invalid_argument("adapter: missing"))?;
+    Ok((
+        NewExpert {
+            id: req.id,
+            name: req.name,
+            description: req.description,
+            backbone: (!req.backbone.is_empty()).then_some(req.backbone),
+            adapter: PeftAdapter {
+                config_json: adapter.adapter_config_json,
+                safetensors: adapter.adapter_model_safetensors,
+            },
+            instances: req.instances.into_iter().map(instance_from_proto).collect(),
+        },
+        req.new_version,
+    ))
+}
+
+impl LibraryService {
+    async fn register(
+        &self,
+        new: NewExpert,
+        new_version: bool,
+    ) -> Result<proto::RegisterExpertResponse, Status> {
+        let library = self.library.clone();
+        let meta = blocking(move || library.register(new, new_version).map_err(status)).await?;
+        Ok(proto::RegisterExpertResponse {
+            expert: Some(expert_to_proto(&meta)),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Api for LibraryService {
+    async fn register_expert(
+        &self,
+        request: Request<proto::RegisterExpertRequest>,
+    ) -> Result<Response<proto::RegisterExpertResponse>, Status> {
+        let (new, new_version) = new_expert(request.into_inner())?;
+        Ok(Response::new(self.register(new, new_version).await?))
+    }
+
+    async fn register_expert_stream(
+        &self,
+        request: Request<Streaming<proto::RegisterExpertChunk>>,
+    ) -> Result<Response<proto::RegisterExpertResponse>, Status> {
+        use proto::register_expert_chunk::Part;
+        let mut stream = request.into_inner();
+        let first = stream.next().await.ok_or_else(|| {
+            Status::invalid_argument("stream: empty; the first message must be the header")
+        })??;
+        let Some(Part::Header(mut header)) = first.part else {
+            return Err(Status::invalid_argument(
+                "stream: the first message must be the header",
+            ));
+        };
+        let mut adapter = header.adapter.take().unwrap_or_default();
+        let max_instances = self.library.limits().max_instances_per_request;
+        while let Some(chunk) = stream.next().await {
+            match chunk?.part {
+                Some(Part::SafetensorsChunk(bytes)) => {
+                    if adapter.adapter_model_safetensors.len() + bytes.len() > MAX_ADAPTER_BYTES {
+                        return Err(Status::resource_exhausted(format!(
+                            "adapter.adapter_model_safetensors: more than {MAX_ADAPTER_BYTES} bytes"
+                        )));
+                    }
+                    adapter.adapter_model_safetensors.extend_from_slice(&bytes);
+                }
+                Some(Part::Instance(i)) => {
+                    if header.instances.len() >= max_instances {
+                        return Err(Status::resource_exhausted(format!(
+                            "instances: more than {max_instances} in one registration"
+                        )));
+                    }
+                    header.instances.push(i);
+                }
+                Some(Part::Header(_)) => {
+                    return Err(Status::invalid_argument("stream: a second header was sent"))
+                }
+                None => return Err(Status::invalid_argument("stream: a message without a part")),
+            }
+        }
+        header.adapter = Some(adapter);
+        let (new, new_version) = new_expert(header)?;
+        Ok(Response::new(self.register(new, new_version).await?))
+    }
+
+    async fn get_expert(
+        &self,
+        request: Request<proto::GetExpertRequest>,
+    ) -> Result<Response<proto::GetExpertResponse>, Status> {
+        let req = request.into_inner();
+        let library = self.library.clone();
+        blocking(move || {
+            let meta = library.get(&req.id).map_err(status)?;
+            let instances = if req.include_instances {
+                library.instances(&req.id).map_err(status)?
+            } else {
+                Vec::new()
+            };
+            let adapter = if req.include_adapter {
+                let a = library.adapter(&req.id).map_err(status)?;
+                Some(proto::PeftAdapter {
+                    adapter_config_json: a.config_json,
+                    adapter_model_safetensors: a.safetensors,
+                })
+            } else {
+                None
+            };
+            Ok(Response::new(proto::GetExpertResponse {
+                expert: Some(expert_to_proto(&meta)),
+                instances: instances.into_iter().map(instance_to_proto).collect(),
+                adapter,
+            }))
+        })
+        .await
+    }
+
+    async fn list_experts(
+        &self,
+        request: Request<proto::ListExpertsRequest>,
+    ) -> Result<Response<proto::ListExpertsResponse>, Status> {
+        let req = request.into_inner();
+        let size = if req.page_size == 0 {
+            100
+        } else {
+            req.page_size as usize
+        };
+        if size > 1000 {
+            return Err(Status::invalid_argument("page_size: at most 1000"));
+        }
+        let library = self.library.clone();
+        blocking(move || {
+            let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+            // One extra row tells whether another page follows.
+            let mut page = library.list(after, size + 1).map_err(status)?;
+            let more = page.len() > size;
+            page.truncate(size);
+            let next_page_token = if more {
+                page.last().map(|m| m.id.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(Response::new(proto::ListExpertsResponse {
+                experts: page.iter().map(expert_to_proto).collect(),
+                next_page_token,
+                total: library.len() as u64,
+            }))
+        })
+        .await
+    }
+
+    async fn delete_expert(
+        &self,
+        request: Request<proto::DeleteExpertRequest>,
+    ) -> Result<Response<proto::DeleteExpertResponse>, Status> {
+        let id = request.into_inner().id;
+        let library = self.library.clone();
+        let meta = blocking(move || library.delete(&id).map_err(status)).await?;
+        Ok(Response::new(proto::DeleteExpertResponse {
+            expert: Some(expert_to_proto(&meta)),
+        }))
+    }
+
+    async fn add_instances(
+        &self,
+        request: Request<proto::AddInstancesRequest>,
+    ) -> Result<Response<proto::AddInstancesResponse>, Status> {
+        let req = request.into_inner();
+        let library = self.library.clone();
+        let meta = blocking(move || {
+            library
+                .add_instances(
+                    &req.id,
+                    req.instances.into_iter().map(instance_from_proto).collect(),
+                )
+                .map_err(status)
+        })
+        .await?;
+        Ok(Response::new(proto::AddInstancesResponse {
+            expert: Some(expert_to_proto(&meta)),
+        }))
+    }
+}

@@ -1,0 +1,58 @@
+//! Assembles the gRPC server: library and router services, gRPC health and reflection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use roe_expert_library::library::ExpertLibrary;
+use roe_expert_library::retrieval::RouteOptions;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::library_service::LibraryService;
+use crate::proto::{expert_library_server::ExpertLibraryServer, router_server::RouterServer};
+use crate::router_service::RouterService;
+
+/// Largest gRPC message accepted: adapters of small backbones fit in one unary request;
+/// larger ones use `RegisterExpertStream`.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Default)]
+pub struct ServeOptions {
+    pub route_defaults: RouteOptions,
+}
+
+/// Serves on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    library: Arc<ExpertLibrary>,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ExpertLibraryServer<LibraryService>>()
+        .await;
+    health_reporter
+        .set_serving::<RouterServer<RouterService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let library_api = ExpertLibraryServer::new(LibraryService::new(library.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router_api = RouterServer::new(RouterService::new(library, options.route_defaults))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "roe serving");
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(library_api)
+        .add_service(router_api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

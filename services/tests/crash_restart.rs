@@ -1,0 +1,146 @@
+//! Acknowledged writes survive a crash: a real `roe serve` process is killed with SIGKILL
+//! right after registrations return, restarted on the same data directory, and must still
+//! hold (and route to) every acknowledged expert.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use roe_expert_library::tasks::{sample, Task};
+use roe_services::proto::{
+    self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
+};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("ROE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models"))
+}
+
+/// Starts `roe serve` on a free port and waits for its "listening" line.
+fn start(data: &Path) -> (Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args([
+            "serve",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(data)
+        .arg("--models-dir")
+        .arg(models_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("roe binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening"), "unexpected first line {line:?}");
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+fn request(id: &str, task: &Task, kind: &str) -> proto::RegisterExpertRequest {
+    let dir = repo()
+        .join("assets/experts/smollm2-135m")
+        .join(kind)
+        .join(task.name());
+    proto::RegisterExpertRequest {
+        id: id.into(),
+        name: id.into(),
+        description: String::new(),
+        backbone: String::new(),
+        adapter: Some(proto::PeftAdapter {
+            adapter_config_json: std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+            adapter_model_safetensors: std::fs::read(dir.join("adapter_model.safetensors"))
+                .unwrap(),
+        }),
+        instances: sample(&task.train, 10, 0)
+            .into_iter()
+            .map(|i| proto::Instance {
+                input: i.input,
+                target: i.target,
+                choices: i.choices,
+            })
+            .collect(),
+        new_version: false,
+    }
+}
+
+#[tokio::test]
+async fn sigkill_after_acknowledgement_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("library");
+    let tasks: Vec<Task> = ["sms_spam", "language_id", "snips_intent"]
+        .iter()
+        .map(|t| Task::load(repo().join("assets/tasks").join(t)).unwrap())
+        .collect();
+
+    let (mut child, url) = start(&data);
+    let mut c = ExpertLibraryClient::connect(url.clone()).await.unwrap();
+    for t in &tasks {
+        c.register_expert(request(t.name(), t, "prompt"))
+            .await
+            .unwrap();
+    }
+    let mut v2 = request("sms_spam", &tasks[0], "lora");
+    v2.new_version = true;
+    c.register_expert(v2).await.unwrap();
+    c.delete_expert(proto::DeleteExpertRequest {
+        id: "language_id".into(),
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap(); // SIGKILL: no shutdown path runs
+    child.wait().unwrap();
+
+    let (mut child, url) = start(&data);
+    let mut c = ExpertLibraryClient::connect(url.clone()).await.unwrap();
+    let list = c
+        .list_experts(proto::ListExpertsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<(&str, u64, i32)> = list
+        .experts
+        .iter()
+        .map(|e| (e.id.as_str(), e.version, e.kind))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("sms_spam", 2, proto::ExpertKind::Lora as i32),
+            ("snips_intent", 1, proto::ExpertKind::Prompt as i32)
+        ]
+    );
+    let mut r = RouterClient::connect(url).await.unwrap();
+    let queries = sample(&tasks[2].test, 6, 4)
+        .into_iter()
+        .map(|i| proto::Query {
+            input: i.input,
+            choices: i.choices,
+        })
+        .collect();
+    let routed = r
+        .route(proto::RouteRequest {
+            queries,
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(routed.expert_id, "snips_intent");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

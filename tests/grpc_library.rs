@@ -1,0 +1,482 @@
+//! The ExpertLibrary gRPC service against a real server, real sled files and the real encoder.
+
+use roe_services::proto::{self, register_expert_chunk::Part};
+use roe_tests::*;
+use tonic::Code;
+
+fn bytes_of_prompt(rows: usize, cols: usize, value: f32) -> Vec<u8> {
+    let data: Vec<u8> = std::iter::repeat_n(value.to_le_bytes(), rows * cols)
+        .flatten()
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows, cols], &data)
+            .unwrap();
+    safetensors::serialize([("prompt_embeddings", view)], None).unwrap()
+}
+
+const PROMPT_CONFIG: &str =
+    r#"{"peft_type":"PROMPT_TUNING","num_virtual_tokens":20,"token_dim":576}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_get_list_delete_and_versions() {
+    let server = TestServer::start().await;
+    let mut c = server.library().await;
+
+    let r = c
+        .register_expert(register_request("sms_spam", "prompt", "sms_spam", 12))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = r.expert.unwrap();
+    assert_eq!(
+        (e.id.as_str(), e.version, e.num_instances),
+        ("sms_spam", 1, 12)
+    );
+    assert_eq!(e.kind, proto::ExpertKind::Prompt as i32);
+    assert_eq!(e.num_virtual_tokens, 20);
+    assert_eq!(e.backbone, "smollm2-135m");
+
+    let lora = c
+        .register_expert(register_request("sms_spam/lora", "lora", "sms_spam", 5))
+        .await
+        .unwrap()
+        .into_inner()
+        .expert
+        .unwrap();
+    assert_eq!(lora.kind, proto::ExpertKind::Lora as i32);
+    assert_eq!((lora.lora_r, lora.lora_alpha), (4, 8.0));
+    assert_eq!(lora.target_modules, vec!["q_proj", "v_proj"]);
+
+    // Same id again: ALREADY_EXISTS, and the stored expert is untouched.
+    let err = c
+        .register_expert(register_request("sms_spam", "prompt", "sms_spam", 3))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let got = c
+        .get_expert(proto::GetExpertRequest {
+            id: "sms_spam".into(),
+            include_instances: true,
+            include_adapter: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.expert.as_ref().unwrap().num_instances, 12);
+    assert_eq!(got.instances.len(), 12);
+    assert_eq!(got.instances[0].choices, vec!["ham", "spam"]);
+    assert_eq!(
+        got.adapter.unwrap().adapter_model_safetensors,
+        peft("prompt", "sms_spam").adapter_model_safetensors
+    );
+
+    // A new version replaces it.
+    let mut req = register_request("sms_spam", "prompt", "sms_spam", 3);
+    req.new_version = true;
+    let v2 = c
+        .register_expert(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .expert
+        .unwrap();
+    assert_eq!((v2.version, v2.num_instances), (2, 3));
+
+    // Add instances.
+    let t = task("sms_spam");
+    let added = c
+        .add_instances(proto::AddInstancesRequest {
+            id: "sms_spam".into(),
+            instances: instances(&t, 4, 9),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .expert
+        .unwrap();
+    assert_eq!(added.num_instances, 7);
+
+    // Paging: three experts, pages of two.
+    c.register_expert(register_request(
+        "movie_sentiment",
+        "prompt",
+        "movie_sentiment",
+        4,
+    ))
+    .await
+    .unwrap();
+    let p1 = c
+        .list_experts(proto::ListExpertsRequest {
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p1.total, 3);
+    assert_eq!(
+        p1.experts.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        vec!["movie_sentiment", "sms_spam"]
+    );
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = c
+        .list_experts(proto::ListExpertsRequest {
+            page_size: 2,
+            page_token: p1.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        p2.experts.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        vec!["sms_spam/lora"]
+    );
+    assert!(p2.next_page_token.is_empty());
+
+    // Delete, then it is gone everywhere.
+    c.delete_expert(proto::DeleteExpertRequest {
+        id: "sms_spam/lora".into(),
+    })
+    .await
+    .unwrap();
+    let err = c
+        .get_expert(proto::GetExpertRequest {
+            id: "sms_spam/lora".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .delete_expert(proto::DeleteExpertRequest {
+            id: "sms_spam/lora".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("sms_spam/lora"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_registration_assembles_chunks() {
+    let server = TestServer::start().await;
+    let mut c = server.library().await;
+    let mut header = register_request("streamed", "lora", "sms_spam", 0);
+    let adapter = header.adapter.take().unwrap();
+    header.adapter = Some(proto::PeftAdapter {
+        adapter_config_json: adapter.adapter_config_json,
+        adapter_model_safetensors: vec![],
+    });
+    let t = task("sms_spam");
+    let mut msgs = vec![proto::RegisterExpertChunk {
+        part: Some(Part::Header(header)),
+    }];
+    for chunk in adapter.adapter_model_safetensors.chunks(10_000) {
+        msgs.push(proto::RegisterExpertChunk {
+            part: Some(Part::SafetensorsChunk(chunk.to_vec())),
+        });
+    }
+    for i in instances(&t, 6, 1) {
+        msgs.push(proto::RegisterExpertChunk {
+            part: Some(Part::Instance(i)),
+        });
+    }
+    let e = c
+        .register_expert_stream(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner()
+        .expert
+        .unwrap();
+    assert_eq!((e.num_instances, e.lora_r), (6, 4));
+    assert_eq!(
+        e.weights_bytes as usize,
+        adapter.adapter_model_safetensors.len()
+    );
+
+    // A stream that does not start with a header is refused.
+    let bad = vec![proto::RegisterExpertChunk {
+        part: Some(Part::SafetensorsChunk(vec![1, 2, 3])),
+    }];
+    let err = c
+        .register_expert_stream(tokio_stream::iter(bad))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_experts_get_clear_statuses_and_change_nothing() {
+    let server = TestServer::start().await;
+    let mut c = server.library().await;
+    c.register_expert(register_request("kept", "prompt", "sms_spam", 3))
+        .await
+        .unwrap();
+
+    let base = || register_request("bad", "prompt", "sms_spam", 3);
+    let with_adapter = |config: &str, weights: Vec<u8>| {
+        let mut r = base();
+        r.adapter = Some(proto::PeftAdapter {
+            adapter_config_json: config.to_string(),
+            adapter_model_safetensors: weights,
+        });
+        r
+    };
+    let cases: Vec<(&str, proto::RegisterExpertRequest, Code, &str)> = vec![
+        (
+            "no adapter",
+            {
+                let mut r = base();
+                r.adapter = None;
+                r
+            },
+            Code::InvalidArgument,
+            "adapter",
+        ),
+        (
+            "config not JSON",
+            with_adapter("{not json", bytes_of_prompt(20, 576, 0.1)),
+            Code::InvalidArgument,
+            "adapter_config",
+        ),
+        (
+            "unsupported peft_type",
+            with_adapter(r#"{"peft_type":"IA3"}"#, bytes_of_prompt(20, 576, 0.1)),
+            Code::InvalidArgument,
+            "peft_type",
+        ),
+        (
+            "weights not safetensors",
+            with_adapter(PROMPT_CONFIG, b"garbage".to_vec()),
+            Code::InvalidArgument,
+            "weights",
+        ),
+        (
+            "wrong token dim",
+            with_adapter(
+                r#"{"peft_type":"PROMPT_TUNING","num_virtual_tokens":20}"#,
+                bytes_of_prompt(20, 512, 0.1),
+            ),
+            Code::FailedPrecondition,
+            "576",
+        ),
+        (
+            "row count mismatch",
+            with_adapter(PROMPT_CONFIG, bytes_of_prompt(10, 576, 0.1)),
+            Code::InvalidArgument,
+            "num_virtual_tokens",
+        ),
+        (
+            "NaN weights",
+            with_adapter(PROMPT_CONFIG, bytes_of_prompt(20, 576, f32::NAN)),
+            Code::InvalidArgument,
+            "NaN",
+        ),
+        (
+            "LoRA config on prompt weights",
+            with_adapter(
+                &peft("lora", "sms_spam").adapter_config_json,
+                bytes_of_prompt(20, 576, 0.1),
+            ),
+            Code::InvalidArgument,
+            "prompt_embeddings",
+        ),
+        (
+            "bad id",
+            {
+                let mut r = base();
+                r.id = "has space".into();
+                r
+            },
+            Code::InvalidArgument,
+            "id",
+        ),
+        (
+            "empty id",
+            {
+                let mut r = base();
+                r.id = String::new();
+                r
+            },
+            Code::InvalidArgument,
+            "id",
+        ),
+        (
+            "no instances",
+            {
+                let mut r = base();
+                r.instances.clear();
+                r
+            },
+            Code::InvalidArgument,
+            "instances",
+        ),
+        (
+            "empty instance",
+            {
+                let mut r = base();
+                r.instances[1].input = "  ".into();
+                r
+            },
+            Code::InvalidArgument,
+            "instances[1].input",
+        ),
+        (
+            "huge instance",
+            {
+                let mut r = base();
+                r.instances[0].input = "x".repeat(100_000);
+                r
+            },
+            Code::ResourceExhausted,
+            "instances[0].input",
+        ),
+        (
+            "unknown backbone",
+            {
+                let mut r = base();
+                r.backbone = "llama-70b".into();
+                r
+            },
+            Code::InvalidArgument,
+            "backbone",
+        ),
+    ];
+    for (what, req, code, needle) in cases {
+        let err = c.register_expert(req).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(
+            err.message().contains(needle),
+            "{what}: message {:?} lacks {needle:?}",
+            err.message()
+        );
+    }
+    // A LoRA with a layer too few is refused as not fitting the backbone.
+    let lora = peft("lora", "sms_spam");
+    let st = safetensors::SafeTensors::deserialize(&lora.adapter_model_safetensors).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.contains("layers.29."))
+        .collect();
+    let truncated = safetensors::serialize(kept, None).unwrap();
+    let err = c
+        .register_expert(with_adapter(&lora.adapter_config_json, truncated))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let list = c
+        .list_experts(proto::ListExpertsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.experts
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["kept"]
+    );
+    let err = c
+        .add_instances(proto::AddInstancesRequest {
+            id: "missing".into(),
+            instances: instances(&task("sms_spam"), 1, 0),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .list_experts(proto::ListExpertsRequest {
+            page_size: 5000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_experts_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lib");
+    let server = TestServer::start_in(dir.clone()).await;
+    let mut c = server.library().await;
+    for (id, t) in [("sms_spam", "sms_spam"), ("language_id", "language_id")] {
+        c.register_expert(register_request(id, "prompt", t, 10))
+            .await
+            .unwrap();
+    }
+    c.delete_expert(proto::DeleteExpertRequest {
+        id: "language_id".into(),
+    })
+    .await
+    .unwrap();
+    c.register_expert(register_request(
+        "movie_sentiment",
+        "lora",
+        "movie_sentiment",
+        10,
+    ))
+    .await
+    .unwrap();
+    drop(c);
+    server.stop().await;
+
+    let server = TestServer::start_in(dir).await;
+    let mut c = server.library().await;
+    let list = c
+        .list_experts(proto::ListExpertsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.experts
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["movie_sentiment", "sms_spam"]
+    );
+    // Routable right after the restart, from vectors reloaded off disk.
+    let mut r = server.router().await;
+    let routed = r
+        .route(proto::RouteRequest {
+            queries: queries(&task("sms_spam"), 8, 3),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(routed.expert_id, "sms_spam");
+    assert!(routed.ranked.iter().all(|e| e.expert_id != "language_id"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Channel::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "roe.v1.ExpertLibrary", "roe.v1.Router"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    server.stop().await;
+}
