@@ -1,0 +1,17 @@
+# roe service image. Models are not baked in: mount the folder filled by
+# scripts/fetch-models.sh at /models (read-only). The expert library lives on /data.
+FROM rust:1.85-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --bin roe
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/roe /usr/local/bin/roe
+COPY --from=build /src/assets /opt/roe/assets
+ENV ROE_MODELS_DIR=/models ROE_DATA_DIR=/data/library ROE_ADDR=0.0.0.0:50051 RUST_LOG=info
+WORKDIR /opt/roe
+EXPOSE 50051
+VOLUME ["/data"]
+ENTRYPOINT ["roe"]
+CMD ["serve"]
