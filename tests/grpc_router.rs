@@ -190,6 +190,7 @@ async fn bad_route_requests_get_clear_statuses() {
     let q = |input: &str| proto::Query {
         input: input.into(),
         choices: vec![],
+        target: None,
     };
     let cases: Vec<(&str, proto::RouteRequest, Code, &str)> = vec![
         (

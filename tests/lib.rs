@@ -77,6 +77,7 @@ pub fn queries(task: &Task, n: usize, seed: u64) -> Vec<proto::Query> {
         .map(|i| proto::Query {
             input: i.input,
             choices: i.choices,
+            target: None,
         })
         .collect()
 }

@@ -9,8 +9,22 @@
 
 use std::collections::HashMap;
 
-/// Terms of one text: lower-cased words, word bigrams, line-leading markers and answer labels.
+/// Terms of one instance: those of its text ([`text_terms`]) and its answer labels.
 pub fn terms(input: &str, choices: &[String]) -> Vec<String> {
+    let mut out = text_terms(input);
+    for c in choices {
+        out.push(format!("@choice:{}", c.trim().to_lowercase()));
+    }
+    if choices.is_empty() {
+        out.push("@choice:none".to_string());
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Lower-cased words, word bigrams and line-leading markers of a text, deduplicated.
+pub fn text_terms(input: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in input.lines() {
         let words: Vec<String> = line
@@ -29,12 +43,6 @@ pub fn terms(input: &str, choices: &[String]) -> Vec<String> {
             out.push(format!("{} {}", pair[0], pair[1]));
         }
     }
-    for c in choices {
-        out.push(format!("@choice:{}", c.trim().to_lowercase()));
-    }
-    if choices.is_empty() {
-        out.push("@choice:none".to_string());
-    }
     out.sort_unstable();
     out.dedup();
     out
@@ -49,7 +57,12 @@ pub struct TermProfile {
 
 impl TermProfile {
     pub fn add(&mut self, input: &str, choices: &[String]) {
-        for t in terms(input, choices) {
+        self.add_terms(terms(input, choices));
+    }
+
+    /// Counts one text's (deduplicated) terms.
+    pub fn add_terms(&mut self, terms: Vec<String>) {
+        for t in terms {
             *self.counts.entry(t).or_insert(0) += 1;
         }
         self.texts += 1;

@@ -470,6 +470,7 @@ fn vectors_of(rows: &[StoredInstance]) -> Vec<InstanceVectors<'_>> {
             point_id: r.point_id,
             input: &r.instance.input,
             choices: &r.instance.choices,
+            target: r.instance.target.as_deref(),
             instance: &r.embedding,
             choice_instance: r.choice_embedding.as_deref().unwrap_or(&r.embedding),
         })

@@ -142,12 +142,16 @@ impl RouteOptions {
     }
 }
 
-/// A query: an example input of the target task, with its answer choices if it has any.
+/// A query: an example input of the target task, with its answer choices if it has any,
+/// and its answer if the client has labeled examples (used by the hybrid strategy's lexical
+/// signal, compared with the stored instances' targets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Query {
     pub input: String,
     #[serde(default)]
     pub choices: Vec<String>,
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,6 +206,8 @@ pub struct RoutingState {
     /// Sum of instance vectors and their count, per expert and format.
     centroid_sums: HashMap<(Arc<str>, TextFormat), (Vec<f32>, usize)>,
     lexical: LexicalIndex,
+    /// Term profiles of the instances' targets, compared with labeled queries' targets.
+    lexical_targets: LexicalIndex,
 }
 
 const FORMATS: [TextFormat; 2] = [TextFormat::Instance, TextFormat::ChoiceInstance];
@@ -211,6 +217,7 @@ pub struct InstanceVectors<'a> {
     pub point_id: u64,
     pub input: &'a str,
     pub choices: &'a [String],
+    pub target: Option<&'a str>,
     pub instance: &'a [f32],
     pub choice_instance: &'a [f32],
 }
@@ -227,6 +234,7 @@ impl RoutingState {
             expert_kind: HashMap::new(),
             centroid_sums: HashMap::new(),
             lexical: LexicalIndex::default(),
+            lexical_targets: LexicalIndex::default(),
         }
     }
 
@@ -287,11 +295,21 @@ impl RoutingState {
             self.point_expert.insert(it.point_id, id.clone());
         }
         let mut profile = self.lexical.profile(expert_id).cloned().unwrap_or_default();
+        let mut targets = self
+            .lexical_targets
+            .profile(expert_id)
+            .cloned()
+            .unwrap_or_default();
         for it in items {
             profile.add(it.input, it.choices);
+            if let Some(t) = it.target {
+                targets.add_terms(crate::lexical::text_terms(t));
+            }
         }
         self.lexical.set_profile(expert_id, profile);
         self.lexical.refresh();
+        self.lexical_targets.set_profile(expert_id, targets);
+        self.lexical_targets.refresh();
         Ok(())
     }
 
@@ -309,6 +327,8 @@ impl RoutingState {
         }
         self.lexical.remove_expert(expert_id);
         self.lexical.refresh();
+        self.lexical_targets.remove_expert(expert_id);
+        self.lexical_targets.refresh();
     }
 
     /// Ranks experts for queries already embedded in `options.text_format`.
@@ -444,7 +464,20 @@ impl RoutingState {
             for qu in queries {
                 profile.add(&qu.input, &qu.choices);
             }
-            self.lexical.similarities(&profile)
+            let mut sims = self.lexical.similarities(&profile);
+            // Labeled queries: their answers against the stored instances' answers, averaged
+            // in with the input similarity.
+            let mut targets = TermProfile::default();
+            for t in queries.iter().filter_map(|q| q.target.as_deref()) {
+                targets.add_terms(crate::lexical::text_terms(t));
+            }
+            if targets.texts > 0 {
+                let by_target = self.lexical_targets.similarities(&targets);
+                for (id, s) in sims.iter_mut() {
+                    *s = 0.5 * (*s + by_target.get(id).copied().unwrap_or(0.0));
+                }
+            }
+            sims
         } else {
             HashMap::new()
         };

@@ -101,9 +101,19 @@ pub fn sample<T: Clone>(items: &[T], n: usize, seed: u64) -> Vec<T> {
     idx.into_iter().map(|i| items[i].clone()).collect()
 }
 
+/// An instance as an unlabeled query (its target dropped).
 pub fn as_query(inst: &Instance) -> Query {
     Query {
         input: inst.input.clone(),
         choices: inst.choices.clone(),
+        target: None,
+    }
+}
+
+/// An instance as a labeled query (its target kept).
+pub fn as_labeled_query(inst: &Instance) -> Query {
+    Query {
+        target: inst.target.clone(),
+        ..as_query(inst)
     }
 }

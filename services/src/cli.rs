@@ -170,6 +170,9 @@ struct RouteArgs {
     kind: Option<String>,
     #[arg(long)]
     abstain_threshold: Option<f32>,
+    /// Send the rows' targets too (labeled examples of the task), with --from or --suite.
+    #[arg(long)]
+    labeled: bool,
     /// Print the whole response as JSON.
     #[arg(long)]
     json: bool,
@@ -493,11 +496,13 @@ fn route_options(a: &RouteArgs) -> Result<proto::RouteOptions> {
     })
 }
 
-fn to_queries(v: &[roe_expert_library::Instance]) -> Vec<proto::Query> {
+/// Instances as queries; with `labeled` their targets go along.
+fn to_queries(v: &[roe_expert_library::Instance], labeled: bool) -> Vec<proto::Query> {
     v.iter()
         .map(|i| proto::Query {
             input: i.input.clone(),
             choices: i.choices.clone(),
+            target: if labeled { i.target.clone() } else { None },
         })
         .collect()
 }
@@ -516,7 +521,7 @@ async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
         );
         let mut right = 0;
         for t in &tasks {
-            let queries = to_queries(&sample(&t.test, a.num_queries, a.seed));
+            let queries = to_queries(&sample(&t.test, a.num_queries, a.seed), a.labeled);
             let r = client
                 .route(proto::RouteRequest {
                     queries,
@@ -555,6 +560,7 @@ async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
         .map(|q| proto::Query {
             input: q.clone(),
             choices: vec![],
+            target: None,
         })
         .collect();
     if let Some(from) = &a.from {
@@ -563,7 +569,7 @@ async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
         } else {
             read_instances(from, &[])?
         };
-        queries.extend(to_queries(&rows));
+        queries.extend(to_queries(&rows, a.labeled));
     }
     if queries.is_empty() {
         bail!("give queries with --query TEXT, --from FILE|TASK_DIR, or --suite DIR");

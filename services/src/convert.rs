@@ -94,6 +94,7 @@ pub fn query_from_proto(q: proto::Query) -> Query {
     Query {
         input: q.input,
         choices: q.choices,
+        target: q.target,
     }
 }
 

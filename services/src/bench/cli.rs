@@ -13,7 +13,7 @@ use roe_expert_library::tasks::{load_suite, sample};
 use roe_expert_library::PeftAdapter;
 
 use super::routing_accuracy::{
-    self, routing_only_adapter, AccuracySetup, SuiteTask, VariantReport,
+    self, routing_only_adapter, AccuracySetup, SuiteTask, Variant, VariantReport,
 };
 use super::{encoder, hnsw, latency, machine, write_results};
 use crate::models;
@@ -53,6 +53,9 @@ pub struct RoutingArgs {
     cache_dir: PathBuf,
     #[arg(long)]
     skip_latency: bool,
+    /// Extra hybrid settings to measure: `knn,centroid,lexical,t_centroid,t_lexical,top_k;...`.
+    #[arg(long, default_value = "")]
+    grid: String,
     #[arg(long)]
     skip_agreement: bool,
     #[arg(long, default_value_t = 8)]
@@ -146,24 +149,50 @@ fn routing(
 ) -> Result<()> {
     let cached = models::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
     let tasks = load_tasks(&a)?;
-    let variants: Vec<(String, RouteOptions)> = vec![
-        (
-            "elm (paper) / instance".into(),
+    let variants = vec![
+        Variant::new(
+            "elm (paper) / instance",
             RouteOptions::elm(TextFormat::Instance),
         ),
-        (
-            "elm (paper) / choice_instance".into(),
+        Variant::new(
+            "elm (paper) / choice_instance",
             RouteOptions::elm(TextFormat::ChoiceInstance),
         ),
-        (
-            "hybrid / instance".into(),
+        Variant::new(
+            "hybrid / instance",
             RouteOptions {
                 text_format: TextFormat::Instance,
                 ..RouteOptions::default()
             },
         ),
-        ("hybrid (default)".into(), RouteOptions::default()),
+        Variant::new("hybrid (default)", RouteOptions::default()),
+        Variant {
+            labeled: true,
+            ..Variant::new("hybrid (default), labeled queries", RouteOptions::default())
+        },
     ];
+    // Extra hybrid settings to compare, as `knn,centroid,lexical,t_centroid,t_lexical,top_k;...`.
+    let mut variants = variants;
+    for spec in a.grid.split(';').filter(|s| !s.trim().is_empty()) {
+        let v: Vec<f32> = spec
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--grid entry {spec:?}"))?;
+        anyhow::ensure!(v.len() == 6, "--grid entry {spec:?} needs 6 numbers");
+        let options = RouteOptions {
+            top_k: v[5] as usize,
+            hybrid: roe_expert_library::retrieval::HybridParams {
+                knn_weight: v[0],
+                centroid_weight: v[1],
+                lexical_weight: v[2],
+                centroid_temperature: v[3],
+                lexical_temperature: v[4],
+            },
+            ..RouteOptions::default()
+        };
+        variants.push(Variant::new(&format!("hybrid[{spec}]"), options));
+    }
     let seeds: Vec<u64> = (0..a.seeds).collect();
     let work = tempfile::tempdir()?;
     eprintln!(
@@ -225,6 +254,7 @@ fn routing(
                     .map(|i| proto::Query {
                         input: i.input.clone(),
                         choices: i.choices.clone(),
+                        target: None,
                     })
                     .collect()
             })

@@ -11,7 +11,7 @@ use roe_expert_library::embedding::Encoder;
 use roe_expert_library::index::IndexConfig;
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert};
 use roe_expert_library::retrieval::{Query, RouteOptions};
-use roe_expert_library::tasks::{as_query, sample, Task};
+use roe_expert_library::tasks::{as_labeled_query, sample, Task};
 use roe_expert_library::PeftAdapter;
 use serde::Serialize;
 
@@ -21,6 +21,25 @@ pub struct SuiteTask {
     pub task: Task,
     /// The task's trained expert, if it has one; otherwise a routing-only stand-in is used.
     pub adapter: Option<PeftAdapter>,
+}
+
+/// One routing configuration to measure.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: String,
+    pub options: RouteOptions,
+    /// Queries carry their targets (the client has labeled examples).
+    pub labeled: bool,
+}
+
+impl Variant {
+    pub fn new(name: &str, options: RouteOptions) -> Self {
+        Self {
+            name: name.to_string(),
+            options,
+            labeled: false,
+        }
+    }
 }
 
 pub struct AccuracySetup {
@@ -35,6 +54,7 @@ pub struct AccuracySetup {
 pub struct VariantReport {
     pub name: String,
     pub options: RouteOptions,
+    pub labeled: bool,
     pub per_task: BTreeMap<String, f64>,
     pub per_suite: BTreeMap<String, f64>,
     pub overall: f64,
@@ -73,7 +93,7 @@ pub fn run(
     tasks: &[SuiteTask],
     encoder: Arc<dyn Encoder>,
     setup: &AccuracySetup,
-    variants: &[(String, RouteOptions)],
+    variants: &[Variant],
     work_dir: &Path,
 ) -> Result<Vec<VariantReport>> {
     // (variant, task) -> routed winners over seeds
@@ -119,23 +139,36 @@ pub fn run(
         }
         bar.set_message(format!("seed {seed} Q"));
         for t in tasks {
-            let queries: Vec<Query> =
+            let labeled: Vec<Query> =
                 sample(&t.task.test, setup.q, task_seed(seed, t.task.name(), 2))
                     .iter()
-                    .map(as_query)
+                    .map(as_labeled_query)
                     .collect();
+            let unlabeled: Vec<Query> = labeled
+                .iter()
+                .map(|q| Query {
+                    target: None,
+                    ..q.clone()
+                })
+                .collect();
             let mut vectors_by_format = BTreeMap::new();
-            for (vi, (_, opts)) in variants.iter().enumerate() {
+            for (vi, variant) in variants.iter().enumerate() {
+                let opts = &variant.options;
+                let queries = if variant.labeled {
+                    &labeled
+                } else {
+                    &unlabeled
+                };
                 let vectors = match vectors_by_format.get(&opts.text_format.as_str()) {
                     Some(v) => v,
                     None => {
-                        let v = library.embed_queries(&queries, opts.text_format)?;
+                        let v = library.embed_queries(queries, opts.text_format)?;
                         vectors_by_format
                             .entry(opts.text_format.as_str())
                             .or_insert(v)
                     }
                 };
-                let routed = library.route_embedded(&queries, vectors, opts)?;
+                let routed = library.route_embedded(queries, vectors, opts)?;
                 let winner = routed
                     .ranked
                     .first()
@@ -143,7 +176,7 @@ pub fn run(
                     .unwrap_or_default();
                 if setup.force_hnsw {
                     let exact = library.route_embedded(
-                        &queries,
+                        queries,
                         vectors,
                         &RouteOptions {
                             exact: true,
@@ -184,7 +217,7 @@ pub fn run(
         .iter()
         .zip(winners)
         .zip(agree.iter().zip(&agree_top1))
-        .map(|(((name, options), per_task_winners), (ag, ag1))| {
+        .map(|((variant, per_task_winners), (ag, ag1))| {
             let mut per_task = BTreeMap::new();
             let mut confusion_counts: BTreeMap<String, usize> = BTreeMap::new();
             for (task, ws) in &per_task_winners {
@@ -208,8 +241,9 @@ pub fn run(
             let mut confusions: Vec<(String, usize)> = confusion_counts.into_iter().collect();
             confusions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             VariantReport {
-                name: name.clone(),
-                options: options.clone(),
+                name: variant.name.clone(),
+                options: variant.options.clone(),
+                labeled: variant.labeled,
                 per_task,
                 per_suite: per_suite
                     .into_iter()

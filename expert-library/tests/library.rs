@@ -1,0 +1,273 @@
+//! The library facade on real sled files, with a tiny bag-of-words encoder standing in for
+//! the sentence encoder so that edge cases are exact and fast (the real encoder is covered by
+//! encoder_reference.rs and the end-to-end tests).
+
+use std::sync::Arc;
+
+use roe_expert_library::embedding::{normalize, Encoder};
+use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert};
+use roe_expert_library::retrieval::{Query, RouteOptions, Strategy};
+use roe_expert_library::{ExpertKind, Instance, LibraryError, PeftAdapter, TextFormat};
+
+/// Hashes words into 512 buckets: texts sharing words get similar unit vectors.
+struct BagOfWords(String);
+
+impl Encoder for BagOfWords {
+    fn id(&self) -> &str {
+        &self.0
+    }
+    fn dim(&self) -> usize {
+        512
+    }
+    fn embed(&self, texts: &[String]) -> roe_expert_library::Result<Vec<Vec<f32>>> {
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let mut v = vec![0.0f32; 512];
+                for w in t.split_whitespace() {
+                    let h = w
+                        .bytes()
+                        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+                    v[(h % 512) as usize] += 1.0;
+                }
+                normalize(&mut v);
+                v
+            })
+            .collect())
+    }
+}
+
+fn prompt_adapter() -> PeftAdapter {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../assets/experts/smollm2-135m/prompt/sms_spam");
+    PeftAdapter::from_dir(dir).unwrap()
+}
+
+fn lora_adapter() -> PeftAdapter {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../assets/experts/smollm2-135m/lora/sms_spam");
+    PeftAdapter::from_dir(dir).unwrap()
+}
+
+fn expert(id: &str, words: &[&str], adapter: PeftAdapter) -> NewExpert {
+    NewExpert {
+        id: id.into(),
+        name: id.into(),
+        description: String::new(),
+        backbone: None,
+        adapter,
+        instances: words
+            .iter()
+            .map(|w| Instance {
+                input: format!("{w} {w} story"),
+                target: Some(w.to_string()),
+                choices: vec![],
+            })
+            .collect(),
+    }
+}
+
+fn q(text: &str) -> Query {
+    Query {
+        input: text.into(),
+        choices: vec![],
+        target: None,
+    }
+}
+
+fn open(dir: &std::path::Path) -> ExpertLibrary {
+    ExpertLibrary::open(
+        dir,
+        Arc::new(BagOfWords("bow".into())),
+        LibraryConfig::default(),
+    )
+    .unwrap()
+    .0
+}
+
+#[test]
+fn versions_replace_instances_and_deletes_survive_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let lib = open(tmp.path());
+        lib.register(expert("cats", &["cat", "kitten"], prompt_adapter()), false)
+            .unwrap();
+        lib.register(expert("dogs", &["dog", "puppy"], lora_adapter()), false)
+            .unwrap();
+        assert!(matches!(
+            lib.register(expert("cats", &["lion"], prompt_adapter()), false),
+            Err(LibraryError::AlreadyExists { version: 1, .. })
+        ));
+        // v2 of "cats" is about birds: the old cat instances must leave the index.
+        let v2 = lib
+            .register(expert("cats", &["bird", "parrot"], prompt_adapter()), true)
+            .unwrap();
+        assert_eq!((v2.version, v2.num_instances), (2, 2));
+        let r = lib
+            .route(
+                &[q("kitten kitten story")],
+                &RouteOptions::elm(TextFormat::Instance),
+            )
+            .unwrap();
+        assert!(r.evidence[0]
+            .iter()
+            .all(|h| !(h.expert_id == "cats" && h.similarity > 0.99)));
+        lib.register(
+            expert("fish", &["trout", "salmon"], prompt_adapter()),
+            false,
+        )
+        .unwrap();
+        lib.delete("fish").unwrap();
+        assert!(matches!(
+            lib.delete("fish"),
+            Err(LibraryError::NotFound { .. })
+        ));
+    }
+    let lib = open(tmp.path());
+    let ids: Vec<(String, u64, ExpertKind)> = lib
+        .list(None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, m.version, m.kind))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("cats".into(), 2, ExpertKind::Prompt),
+            ("dogs".into(), 1, ExpertKind::Lora)
+        ]
+    );
+    assert_eq!(lib.instances("cats").unwrap().len(), 2);
+    let r = lib
+        .route(&[q("parrot parrot story")], &RouteOptions::default())
+        .unwrap();
+    assert_eq!(r.winner().unwrap().expert_id, "cats");
+    assert_eq!(lib.adapter("dogs").unwrap(), lora_adapter());
+}
+
+#[test]
+fn a_library_refuses_another_encoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    drop(open(tmp.path()));
+    let other = ExpertLibrary::open(
+        tmp.path(),
+        Arc::new(BagOfWords("other".into())),
+        LibraryConfig::default(),
+    );
+    assert!(matches!(other, Err(LibraryError::FailedPrecondition(_))));
+}
+
+#[test]
+fn routing_filters_votes_ties_and_abstains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = open(tmp.path());
+    lib.register(expert("a", &["apple", "pear"], prompt_adapter()), false)
+        .unwrap();
+    lib.register(expert("b", &["apple", "plum"], lora_adapter()), false)
+        .unwrap();
+    lib.register(expert("c", &["rocket", "engine"], prompt_adapter()), false)
+        .unwrap();
+
+    // "apple apple story" matches an instance of a and of b equally: the tie goes to the id.
+    let elm = RouteOptions::elm(TextFormat::Instance);
+    let tie = lib.route(&[q("apple apple story")], &elm).unwrap();
+    assert_eq!(tie.evidence[0][0].expert_id, "a");
+
+    let qs = [
+        q("rocket rocket story"),
+        q("engine engine story"),
+        q("pear pear story"),
+    ];
+    let r = lib.route(&qs, &elm).unwrap();
+    assert_eq!(r.ranked[0].expert_id, "c", "{r:?}");
+    assert_eq!(r.ranked[0].votes, 2);
+    assert!((r.ranked[0].share - 2.0 / 3.0).abs() < 1e-6);
+    assert_eq!(r.ranked[1].expert_id, "a");
+
+    let lora_only = RouteOptions {
+        kind: Some(ExpertKind::Lora),
+        ..elm.clone()
+    };
+    let r = lib.route(&qs, &lora_only).unwrap();
+    assert!(r.ranked.iter().all(|e| e.expert_id == "b"));
+
+    let without_c = RouteOptions {
+        exclude: vec!["c".into()],
+        ..RouteOptions::default()
+    };
+    let r = lib.route(&qs, &without_c).unwrap();
+    assert!(r.ranked.iter().all(|e| e.expert_id != "c"));
+
+    let strict = RouteOptions {
+        abstain_threshold: 0.9,
+        ..elm.clone()
+    };
+    let r = lib.route(&qs, &strict).unwrap();
+    assert!(r.abstain && r.winner().is_none());
+
+    for strategy in [Strategy::Elm, Strategy::Hybrid] {
+        let o = RouteOptions {
+            strategy,
+            ..RouteOptions::default()
+        };
+        assert_eq!(
+            lib.route(&qs, &o).unwrap(),
+            lib.route(&qs, &o).unwrap(),
+            "{strategy:?} is deterministic"
+        );
+    }
+    assert!(matches!(
+        lib.route(&[], &elm),
+        Err(LibraryError::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        lib.route(&[q("")], &elm),
+        Err(LibraryError::InvalidArgument { .. })
+    ));
+    let zero_k = RouteOptions {
+        top_k: 0,
+        ..RouteOptions::default()
+    };
+    assert!(matches!(
+        lib.route(&qs, &zero_k),
+        Err(LibraryError::InvalidArgument { .. })
+    ));
+}
+
+#[test]
+fn hybrid_uses_query_targets_when_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = open(tmp.path());
+    // Same inputs, different answers: only labeled queries can tell the experts apart.
+    let mk = |id: &str, answer: &str| NewExpert {
+        instances: (0..6)
+            .map(|i| Instance {
+                input: format!("context word number {i}"),
+                target: Some(format!("{answer} {i}")),
+                choices: vec![],
+            })
+            .collect(),
+        ..expert(id, &[], prompt_adapter())
+    };
+    lib.register(mk("ask", "why question"), false).unwrap();
+    lib.register(mk("tell", "sentence answer"), false).unwrap();
+    let labeled: Vec<Query> = (10..14)
+        .map(|i| Query {
+            input: format!("context word number {i}"),
+            choices: vec![],
+            target: Some(format!("sentence answer {i}")),
+        })
+        .collect();
+    let r = lib.route(&labeled, &RouteOptions::default()).unwrap();
+    assert_eq!(r.winner().unwrap().expert_id, "tell");
+    let r = lib
+        .route(
+            &labeled,
+            &RouteOptions {
+                exclude: vec!["tell".into()],
+                ..RouteOptions::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(r.winner().unwrap().expert_id, "ask");
+}
