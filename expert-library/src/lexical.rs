@@ -39,6 +39,18 @@ pub fn text_terms(input: &str) -> Vec<String> {
         for w in &words {
             out.push(w.clone());
         }
+        // Tokens that carry punctuation are layout: "(A)", "Answer:", "_", "Sent 12:".
+        // Digits fold to 0 so that numbering matches across texts.
+        for raw in line.split_whitespace() {
+            if raw.chars().any(|c| c.is_ascii_punctuation()) && raw.chars().count() <= 12 {
+                let shape: String = raw
+                    .to_lowercase()
+                    .chars()
+                    .map(|c| if c.is_ascii_digit() { '0' } else { c })
+                    .collect();
+                out.push(format!("~{shape}"));
+            }
+        }
         for pair in words.windows(2) {
             out.push(format!("{} {}", pair[0], pair[1]));
         }

@@ -340,6 +340,29 @@ fn routing(
             md.push_str(&format!("- {c}\n"));
         }
     }
+    md.push_str("\n## Abstaining: winner's share, seen vs unseen tasks\n\nSeen: the task's own expert is in the library and won. Unseen: the same queries with the task's own expert excluded (leave-one-out). A threshold abstains below it.\n\n| strategy | mean share seen | mean share unseen |");
+    let thresholds: Vec<f32> = reports
+        .first()
+        .map(|r| r.abstain.points.iter().map(|p| p.0).collect())
+        .unwrap_or_default();
+    for t in &thresholds {
+        md.push_str(&format!(" t={t}: seen/unseen abstain |"));
+    }
+    md.push_str("\n|---|---|---|");
+    for _ in &thresholds {
+        md.push_str("---|");
+    }
+    md.push('\n');
+    for r in &reports {
+        md.push_str(&format!(
+            "| {} | {:.3} | {:.3} |",
+            r.name, r.abstain.seen_share_mean, r.abstain.unseen_share_mean
+        ));
+        for p in &r.abstain.points {
+            md.push_str(&format!(" {:.2} / {:.2} |", p.1, p.2));
+        }
+        md.push('\n');
+    }
     if !agreement.is_empty() {
         md.push_str("\n## HNSW vs exact search (HNSW forced on for the 41-expert library)\n\n| strategy | routed expert agreement | per-query top-1 agreement | accuracy with HNSW |\n|---|---|---|---|\n");
         for r in &agreement {

@@ -23,6 +23,29 @@ pub struct SuiteTask {
     pub adapter: Option<PeftAdapter>,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct AbstainCurve {
+    pub seen_share_mean: f64,
+    pub unseen_share_mean: f64,
+    /// (threshold, fraction of correctly routed seen tasks that would abstain, fraction of
+    /// unseen tasks that would abstain).
+    pub points: Vec<(f32, f64, f64)>,
+}
+
+fn abstain_curve(seen: &[f32], unseen: &[f32]) -> AbstainCurve {
+    let mean = |v: &[f32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
+    let below =
+        |v: &[f32], t: f32| v.iter().filter(|x| **x < t).count() as f64 / v.len().max(1) as f64;
+    AbstainCurve {
+        seen_share_mean: mean(seen),
+        unseen_share_mean: mean(unseen),
+        points: [0.05f32, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
+            .iter()
+            .map(|&t| (t, below(seen, t), below(unseen, t)))
+            .collect(),
+    }
+}
+
 /// One routing configuration to measure.
 #[derive(Debug, Clone)]
 pub struct Variant {
@@ -63,6 +86,9 @@ pub struct VariantReport {
     pub hnsw_exact_agreement: f64,
     /// Fraction of queries whose top-1 instance HNSW and exact search agree on.
     pub hnsw_exact_top1_agreement: f64,
+    /// Winner's share when the task's own expert is in the library (correctly routed only)
+    /// and when it is left out (an unseen task), and how thresholds split the two.
+    pub abstain: AbstainCurve,
 }
 
 /// Seeds a task's sample: the same task gets the same rows for a seed in every run.
@@ -100,6 +126,7 @@ pub fn run(
     let mut winners: Vec<BTreeMap<String, Vec<String>>> = vec![BTreeMap::new(); variants.len()];
     let mut agree = vec![(0usize, 0usize); variants.len()];
     let mut agree_top1 = vec![(0usize, 0usize); variants.len()];
+    let mut shares: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); variants.len()];
     let bar = ProgressBar::new((setup.seeds.len() * tasks.len() * 2) as u64).with_style(
         ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -197,6 +224,24 @@ pub fn run(
                         agree_top1[vi].1 += 1;
                     }
                 }
+                if let Some(w) = routed
+                    .ranked
+                    .first()
+                    .filter(|w| w.expert_id == t.task.name())
+                {
+                    shares[vi].0.push(w.share);
+                }
+                let unseen = RouteOptions {
+                    exclude: vec![t.task.name().to_string()],
+                    ..opts.clone()
+                };
+                if let Some(w) = library
+                    .route_embedded(queries, vectors, &unseen)?
+                    .ranked
+                    .first()
+                {
+                    shares[vi].1.push(w.share);
+                }
                 winners[vi]
                     .entry(t.task.name().to_string())
                     .or_default()
@@ -217,54 +262,58 @@ pub fn run(
         .iter()
         .zip(winners)
         .zip(agree.iter().zip(&agree_top1))
-        .map(|((variant, per_task_winners), (ag, ag1))| {
-            let mut per_task = BTreeMap::new();
-            let mut confusion_counts: BTreeMap<String, usize> = BTreeMap::new();
-            for (task, ws) in &per_task_winners {
-                let right = ws.iter().filter(|w| *w == task).count();
-                per_task.insert(task.clone(), right as f64 / ws.len() as f64);
-                for w in ws.iter().filter(|w| *w != task) {
-                    *confusion_counts
-                        .entry(format!("{task} -> {w}"))
-                        .or_insert(0) += 1;
+        .zip(&shares)
+        .map(
+            |(((variant, per_task_winners), (ag, ag1)), (seen, unseen))| {
+                let mut per_task = BTreeMap::new();
+                let mut confusion_counts: BTreeMap<String, usize> = BTreeMap::new();
+                for (task, ws) in &per_task_winners {
+                    let right = ws.iter().filter(|w| *w == task).count();
+                    per_task.insert(task.clone(), right as f64 / ws.len() as f64);
+                    for w in ws.iter().filter(|w| *w != task) {
+                        *confusion_counts
+                            .entry(format!("{task} -> {w}"))
+                            .or_insert(0) += 1;
+                    }
                 }
-            }
-            let mut per_suite: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-            for (task, acc) in &per_task {
-                let e = per_suite
-                    .entry(suite_of[task.as_str()].to_string())
-                    .or_insert((0.0, 0));
-                e.0 += acc;
-                e.1 += 1;
-            }
-            let overall = per_task.values().sum::<f64>() / per_task.len().max(1) as f64;
-            let mut confusions: Vec<(String, usize)> = confusion_counts.into_iter().collect();
-            confusions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            VariantReport {
-                name: variant.name.clone(),
-                options: variant.options.clone(),
-                labeled: variant.labeled,
-                per_task,
-                per_suite: per_suite
-                    .into_iter()
-                    .map(|(k, (s, n))| (k, s / n as f64))
-                    .collect(),
-                overall,
-                confusions: confusions
-                    .into_iter()
-                    .map(|(c, n)| format!("{c} x{n}"))
-                    .collect(),
-                hnsw_exact_agreement: if ag.1 > 0 {
-                    ag.0 as f64 / ag.1 as f64
-                } else {
-                    f64::NAN
-                },
-                hnsw_exact_top1_agreement: if ag1.1 > 0 {
-                    ag1.0 as f64 / ag1.1 as f64
-                } else {
-                    f64::NAN
-                },
-            }
-        })
+                let mut per_suite: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+                for (task, acc) in &per_task {
+                    let e = per_suite
+                        .entry(suite_of[task.as_str()].to_string())
+                        .or_insert((0.0, 0));
+                    e.0 += acc;
+                    e.1 += 1;
+                }
+                let overall = per_task.values().sum::<f64>() / per_task.len().max(1) as f64;
+                let mut confusions: Vec<(String, usize)> = confusion_counts.into_iter().collect();
+                confusions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                VariantReport {
+                    name: variant.name.clone(),
+                    options: variant.options.clone(),
+                    labeled: variant.labeled,
+                    per_task,
+                    per_suite: per_suite
+                        .into_iter()
+                        .map(|(k, (s, n))| (k, s / n as f64))
+                        .collect(),
+                    overall,
+                    confusions: confusions
+                        .into_iter()
+                        .map(|(c, n)| format!("{c} x{n}"))
+                        .collect(),
+                    hnsw_exact_agreement: if ag.1 > 0 {
+                        ag.0 as f64 / ag.1 as f64
+                    } else {
+                        f64::NAN
+                    },
+                    hnsw_exact_top1_agreement: if ag1.1 > 0 {
+                        ag1.0 as f64 / ag1.1 as f64
+                    } else {
+                        f64::NAN
+                    },
+                    abstain: abstain_curve(seen, unseen),
+                }
+            },
+        )
         .collect())
 }
