@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use roe_expert_library::embedding::{BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
+use roe_expert_library::embedding::{BatchingEncoder, BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
 use roe_expert_library::tasks::{sample, Task};
 use roe_services::proto::{
@@ -27,10 +27,12 @@ pub fn encoder() -> Arc<dyn Encoder> {
     static ENCODER: OnceLock<Arc<dyn Encoder>> = OnceLock::new();
     ENCODER
         .get_or_init(|| {
-            Arc::new(
+            // As the server runs it: one worker batching concurrent requests.
+            let bert: Arc<dyn Encoder> = Arc::new(
                 BertEncoder::load(models_dir().join(DEFAULT_ENCODER_DIR), 256)
                     .expect("encoder (run scripts/fetch-models.sh)"),
-            )
+            );
+            Arc::new(BatchingEncoder::new(bert, 256))
         })
         .clone()
 }

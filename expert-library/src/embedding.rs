@@ -3,6 +3,7 @@
 //! sentence-transformers, so vectors match it for the same model files.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -272,5 +273,86 @@ impl<E: Encoder> Encoder for CachingEncoder<E> {
                     .ok_or_else(|| LibraryError::Encoder("cache lost a vector".into()))
             })
             .collect()
+    }
+}
+
+/// Serialises encoder work through one thread and merges concurrent requests into shared
+/// batches. Concurrent Route calls would otherwise each start a full forward pass with its
+/// own thread pool and oversubscribe the cores; here they queue, and whatever is waiting when
+/// the worker frees up goes through together (up to `max_batch_texts`).
+pub struct BatchingEncoder {
+    id: String,
+    dim: usize,
+    queue: parking_lot::Mutex<std::sync::mpsc::Sender<EmbedJob>>,
+}
+
+type EmbedJob = (Vec<String>, std::sync::mpsc::Sender<Result<Vec<Vec<f32>>>>);
+
+impl BatchingEncoder {
+    pub fn new(inner: Arc<dyn Encoder>, max_batch_texts: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<EmbedJob>();
+        let id = inner.id().to_string();
+        let dim = inner.dim();
+        std::thread::Builder::new()
+            .name("roe-encoder".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    let mut texts: usize = jobs[0].0.len();
+                    while texts < max_batch_texts {
+                        match rx.try_recv() {
+                            Ok(job) => {
+                                texts += job.0.len();
+                                jobs.push(job);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let all: Vec<String> =
+                        jobs.iter().flat_map(|(t, _)| t.iter().cloned()).collect();
+                    match inner.embed(&all) {
+                        Ok(mut vectors) => {
+                            for (t, reply) in jobs.into_iter().rev() {
+                                let mine = vectors.split_off(vectors.len() - t.len());
+                                let _ = reply.send(Ok(mine));
+                            }
+                        }
+                        Err(e) => {
+                            for (_, reply) in jobs {
+                                let _ = reply.send(Err(LibraryError::Encoder(e.to_string())));
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawning the encoder thread");
+        Self {
+            id,
+            dim,
+            queue: parking_lot::Mutex::new(tx),
+        }
+    }
+}
+
+impl Encoder for BatchingEncoder {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.queue
+            .lock()
+            .send((texts.to_vec(), tx))
+            .map_err(|_| LibraryError::Encoder("encoder thread stopped".into()))?;
+        rx.recv()
+            .map_err(|_| LibraryError::Encoder("encoder thread stopped".into()))?
     }
 }

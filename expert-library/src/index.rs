@@ -195,9 +195,13 @@ impl VectorIndex {
         match &self.hnsw {
             Some(h) => {
                 let filter = |row: &usize| !self.deleted.contains(row) && allow(self.points[*row]);
-                let ef = self.config.ef_search.max(k);
+                // Ask for a margin beyond k: duplicates (the same text stored by two experts)
+                // tie exactly, and only with all tied candidates in hand does the id tie-break
+                // pick the same one as the exact scan.
+                let want = k + 16;
+                let ef = self.config.ef_search.max(want);
                 let mut hits: Vec<Hit> = h
-                    .search_filter(query, k, ef, Some(&filter))
+                    .search_filter(query, want, ef, Some(&filter))
                     .into_iter()
                     .map(|n| Hit {
                         point_id: self.points[n.d_id],
@@ -254,7 +258,8 @@ fn cmp_hits(a: &Hit, b: &Hit) -> std::cmp::Ordering {
         .then_with(|| a.point_id.cmp(&b.point_id))
 }
 
-fn sort_hits(hits: &mut [Hit]) {
+/// Best first, ties by point id.
+pub fn sort_hits(hits: &mut [Hit]) {
     hits.sort_by(cmp_hits);
 }
 

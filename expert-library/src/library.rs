@@ -471,6 +471,7 @@ fn vectors_of(rows: &[StoredInstance]) -> Vec<InstanceVectors<'_>> {
             input: &r.instance.input,
             choices: &r.instance.choices,
             target: r.instance.target.as_deref(),
+            has_choices: r.choice_embedding.is_some(),
             instance: &r.embedding,
             choice_instance: r.choice_embedding.as_deref().unwrap_or(&r.embedding),
         })

@@ -208,6 +208,8 @@ pub struct RoutingState {
     lexical: LexicalIndex,
     /// Term profiles of the instances' targets, compared with labeled queries' targets.
     lexical_targets: LexicalIndex,
+    /// Points whose choice_instance vector differs from their instance vector.
+    with_choices: std::collections::HashSet<u64>,
 }
 
 const FORMATS: [TextFormat; 2] = [TextFormat::Instance, TextFormat::ChoiceInstance];
@@ -218,6 +220,8 @@ pub struct InstanceVectors<'a> {
     pub input: &'a str,
     pub choices: &'a [String],
     pub target: Option<&'a str>,
+    /// Whether `choice_instance` is a text of its own (else it equals `instance`).
+    pub has_choices: bool,
     pub instance: &'a [f32],
     pub choice_instance: &'a [f32],
 }
@@ -235,6 +239,7 @@ impl RoutingState {
             centroid_sums: HashMap::new(),
             lexical: LexicalIndex::default(),
             lexical_targets: LexicalIndex::default(),
+            with_choices: Default::default(),
         }
     }
 
@@ -278,10 +283,20 @@ impl RoutingState {
                     (it.point_id, v)
                 })
                 .collect();
+            // The choice_instance index holds only the instances that have choices (the others'
+            // two texts are the same): at scale one graph, not two, per vector.
+            let indexed: Vec<(u64, &[f32])> = match f {
+                TextFormat::Instance => batch.clone(),
+                TextFormat::ChoiceInstance => items
+                    .iter()
+                    .filter(|it| it.has_choices)
+                    .map(|it| (it.point_id, it.choice_instance))
+                    .collect(),
+            };
             self.indexes
                 .get_mut(&f)
                 .ok_or_else(|| LibraryError::Index("missing format index".into()))?
-                .insert(&batch)?;
+                .insert(&indexed)?;
             let entry = self
                 .centroid_sums
                 .entry((id.clone(), f))
@@ -293,6 +308,9 @@ impl RoutingState {
         }
         for it in items {
             self.point_expert.insert(it.point_id, id.clone());
+            if it.has_choices {
+                self.with_choices.insert(it.point_id);
+            }
         }
         let mut profile = self.lexical.profile(expert_id).cloned().unwrap_or_default();
         let mut targets = self
@@ -320,6 +338,7 @@ impl RoutingState {
         }
         for p in point_ids {
             self.point_expert.remove(p);
+            self.with_choices.remove(p);
         }
         self.expert_kind.remove(expert_id);
         for f in FORMATS {
@@ -354,21 +373,40 @@ impl RoutingState {
                 && !options.exclude.iter().any(|e| e == id)
         };
         let allow = |p: u64| self.point_expert.get(&p).is_some_and(|id| eligible(id));
-        let index = &self.indexes[&options.text_format];
         let k = match options.strategy {
             Strategy::Elm => 1,
             Strategy::Hybrid => options.top_k,
+        };
+        let search = |qv: &[f32]| -> Vec<Hit> {
+            let run = |index: &VectorIndex, allow: &dyn Fn(u64) -> bool| {
+                if options.exact {
+                    index.search_exact(qv, k, allow)
+                } else {
+                    index.search(qv, k, allow)
+                }
+            };
+            match options.text_format {
+                TextFormat::Instance => run(&self.indexes[&TextFormat::Instance], &allow),
+                TextFormat::ChoiceInstance => {
+                    // Instances with choices from their own index, the rest by their input.
+                    let mut hits = run(&self.indexes[&TextFormat::ChoiceInstance], &|p| {
+                        allow(p) && self.with_choices.contains(&p)
+                    });
+                    hits.extend(run(&self.indexes[&TextFormat::Instance], &|p| {
+                        allow(p) && !self.with_choices.contains(&p)
+                    }));
+                    crate::index::sort_hits(&mut hits);
+                    hits.truncate(k);
+                    hits
+                }
+            }
         };
         let q = query_vectors.len() as f32;
 
         let mut acc: HashMap<Arc<str>, Acc> = HashMap::new();
         let mut evidence = Vec::with_capacity(query_vectors.len());
         for qv in query_vectors {
-            let hits: Vec<Hit> = if options.exact {
-                index.search_exact(qv, k, &allow)
-            } else {
-                index.search(qv, k, &allow)
-            };
+            let hits: Vec<Hit> = search(qv);
             let mut per_query: std::collections::BTreeMap<Arc<str>, f32> = Default::default();
             for (rank, h) in hits.iter().enumerate() {
                 let Some(id) = self.point_expert.get(&h.point_id) else {

@@ -271,3 +271,26 @@ fn hybrid_uses_query_targets_when_given() {
         .unwrap();
     assert_eq!(r.winner().unwrap().expert_id, "ask");
 }
+
+#[test]
+fn batching_encoder_keeps_each_callers_vectors() {
+    use roe_expert_library::embedding::BatchingEncoder;
+    let inner: Arc<dyn Encoder> = Arc::new(BagOfWords("bow".into()));
+    let batching = Arc::new(BatchingEncoder::new(inner.clone(), 64));
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let b = batching.clone();
+            std::thread::spawn(move || {
+                let texts: Vec<String> = (0..5)
+                    .map(|i| format!("thread {t} text {i} word{t}x{i}"))
+                    .collect();
+                (texts.clone(), b.embed(&texts).unwrap())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (texts, got) = h.join().unwrap();
+        assert_eq!(got, inner.embed(&texts).unwrap());
+    }
+    assert!(batching.embed(&[]).unwrap().is_empty());
+}

@@ -211,7 +211,10 @@ pub fn main() -> Result<()> {
 }
 
 async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
-    let encoder = Arc::new(models::load_encoder(&g.models_dir, g.encoder.as_deref())?);
+    let encoder = Arc::new(models::load_serving_encoder(
+        &g.models_dir,
+        g.encoder.as_deref(),
+    )?);
     let config = LibraryConfig {
         index: roe_expert_library::index::IndexConfig {
             hnsw_threshold: a.hnsw_threshold,

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use roe_expert_library::embedding::{BertEncoder, CachingEncoder, Encoder, DEFAULT_ENCODER_DIR};
+use roe_expert_library::embedding::{
+    BatchingEncoder, BertEncoder, CachingEncoder, Encoder, DEFAULT_ENCODER_DIR,
+};
 
 /// Maximum tokens the encoder reads per text (sentence-transformers' default for MiniLM).
 pub const ENCODER_MAX_TOKENS: usize = 256;
@@ -37,4 +39,13 @@ pub fn load_cached_encoder(
         load_encoder(models_dir, encoder)?,
         cache_dir,
     )?))
+}
+
+/// Texts one encoder pass may merge from concurrent requests.
+pub const MAX_BATCH_TEXTS: usize = 256;
+
+/// The encoder as the server uses it: one worker that batches concurrent requests together.
+pub fn load_serving_encoder(models_dir: &Path, encoder: Option<&Path>) -> Result<BatchingEncoder> {
+    let inner: Arc<dyn Encoder> = Arc::new(load_encoder(models_dir, encoder)?);
+    Ok(BatchingEncoder::new(inner, MAX_BATCH_TEXTS))
 }

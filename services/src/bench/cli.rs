@@ -28,6 +28,23 @@ pub enum BenchCommand {
     Encoder(EncoderArgs),
     /// HNSW at scale on synthetic vectors.
     Hnsw(HnswArgs),
+    /// Library start-up (read vectors from sled, rebuild the index) at scale.
+    Startup(StartupArgs),
+}
+
+#[derive(Args)]
+pub struct StartupArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    n: usize,
+    /// Where the synthetic library is written (removed afterwards).
+    #[arg(long, default_value = "bench/cache/startup-library")]
+    dir: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    m: usize,
+    #[arg(long, default_value_t = 100)]
+    ef_construction: usize,
+    #[arg(long, default_value = "bench/results/startup.json")]
+    json: PathBuf,
 }
 
 #[derive(Args)]
@@ -107,6 +124,7 @@ pub fn run(
         BenchCommand::Routing(a) => routing(models_dir, encoder, a, rt),
         BenchCommand::Encoder(a) => encoder_bench(models_dir, encoder, a),
         BenchCommand::Hnsw(a) => hnsw_bench(a),
+        BenchCommand::Startup(a) => startup_bench(a),
     }
 }
 
@@ -244,7 +262,7 @@ fn routing(
             }
         }
         let real: Arc<dyn roe_expert_library::embedding::Encoder> =
-            Arc::new(models::load_encoder(models_dir, enc)?);
+            Arc::new(models::load_serving_encoder(models_dir, enc)?);
         let (lib, _) = ExpertLibrary::open(&dir, real, LibraryConfig::default())?;
         let sets: Vec<Vec<proto::Query>> = tasks
             .iter()
@@ -454,6 +472,37 @@ fn hnsw_bench(a: HnswArgs) -> Result<()> {
         r.vectors, r.max_connections, r.ef_construction, r.ef_search, r.queries, r.build_s, r.build_vectors_per_s,
         r.rss_growth_bytes.map(|b| format!("{:.0}", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into()),
         r.index_estimate_bytes as f64 / 1048576.0, r.search_p50_ms, r.search_p99_ms, r.exact_scan_p50_ms, r.recall_at_10
+    );
+    println!("{md}");
+    let (dir, name) = split(&a.json);
+    write_results(
+        &dir,
+        &name,
+        &serde_json::json!({"machine": machine(), "report": r}),
+        &md,
+    )?;
+    Ok(())
+}
+
+fn startup_bench(a: StartupArgs) -> Result<()> {
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir)?;
+    let index = IndexConfig {
+        max_connections: a.m,
+        ef_construction: a.ef_construction,
+        ..IndexConfig::default()
+    };
+    eprintln!(
+        "writing {} synthetic vectors through the store, then opening the library ...",
+        a.n
+    );
+    let r = super::startup::run(a.n, &a.dir, index.clone())?;
+    let _ = std::fs::remove_dir_all(&a.dir);
+    let md = format!(
+        "# Library start-up at scale\n\n{} stored vectors in {} experts (synthetic, 384-d), written through the real sled store; opening reads them all back and rebuilds the index (HNSW: {}, M={}, ef_construction={}).\n\n| write s | open (start-up) s | store MiB | RSS after open MiB |\n|---|---|---|---|\n| {:.1} | {:.1} | {:.0} | {} |\n",
+        r.vectors, r.experts, r.hnsw, index.max_connections, index.ef_construction, r.write_s, r.open_s,
+        r.store_bytes as f64 / 1048576.0,
+        r.rss_after_open_bytes.map(|b| format!("{:.0}", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into())
     );
     println!("{md}");
     let (dir, name) = split(&a.json);

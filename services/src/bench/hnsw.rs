@@ -41,7 +41,10 @@ pub fn synthetic(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<Vec<f3
     (0..n)
         .map(|_| {
             let c = &centers[rng.gen_range(0..clusters)];
-            let mut v: Vec<f32> = c.iter().map(|x| x + 0.025 * unit.sample(&mut rng)).collect();
+            let mut v: Vec<f32> = c
+                .iter()
+                .map(|x| x + 0.025 * unit.sample(&mut rng))
+                .collect();
             normalize(&mut v);
             v
         })

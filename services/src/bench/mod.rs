@@ -6,6 +6,7 @@ pub mod encoder;
 pub mod hnsw;
 pub mod latency;
 pub mod routing_accuracy;
+pub mod startup;
 
 use std::path::Path;
 
