@@ -130,6 +130,7 @@ async fn sigkill_after_acknowledgement_loses_nothing() {
         .map(|i| proto::Query {
             input: i.input,
             choices: i.choices,
+            target: None,
         })
         .collect();
     let routed = r
