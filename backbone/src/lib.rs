@@ -1,1 +1,41 @@
-pub fn placeholder() {}
+//! roe-backbone: the shared frozen backbone (SmolLM2-135M-Instruct, a Llama in GGUF) on
+//! candle, serving soft-prompt and LoRA experts.
+//!
+//! - [`Backbone::load`] reads hyper-parameters, weights and tokenizer from the GGUF file.
+//! - [`Backbone::forward`] runs a batch of embedding rows (so soft prompts can be prepended)
+//!   with padding, a [`KvCache`] and a per-row LoRA ([`LoraBatch`]).
+//! - [`Backbone::score_batch`] does rank classification with the canonical rendering.
+//! - [`Backbone::generator`] / [`Backbone::generate`] decode greedily or by sampling.
+//! - [`SoftPrompt`] and [`Lora`] load PEFT experts, validated ([`ExpertError`]).
+
+pub mod config;
+pub mod error;
+pub mod experts;
+pub mod generate;
+pub mod model;
+#[doc(hidden)]
+pub mod q4;
+pub mod score;
+pub mod tokenizer;
+
+pub use config::BackboneConfig;
+pub use error::{BackboneError, ExpertError, Result};
+pub use experts::{Adapters, ExpertSpec, Lora, LoraTarget, LoraWeights, SoftPrompt};
+pub use generate::{FinishReason, GenerateParams, GeneratedToken, Generation, Generator};
+pub use model::{Backbone, BackboneOptions, KvCache, LoraBatch, QuantKernel};
+pub use score::{ChoiceScore, RenderOptions, ScoreIdsRequest, ScoreOutput, ScoreRequest};
+pub use tokenizer::TextTokenizer;
+
+#[cfg(test)]
+mod tests {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn shared_types_are_send_sync() {
+        assert_send_sync::<crate::Backbone>();
+        assert_send_sync::<crate::Lora>();
+        assert_send_sync::<crate::SoftPrompt>();
+        assert_send_sync::<crate::KvCache>();
+        assert_send_sync::<crate::LoraBatch>();
+    }
+}

@@ -1,0 +1,317 @@
+//! Rank classification: score each choice's continuation by its summed log-probability.
+//!
+//! The prompt of each request runs once; its KV cache is then shared by all of its choices,
+//! which run as one padded batch.
+
+use candle_core::Tensor;
+
+use crate::error::{BackboneError, Result};
+use crate::experts::{Adapters, Lora, SoftPrompt};
+use crate::model::{Backbone, KvCache, LoraBatch};
+
+/// The canonical rendering of a request into token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// Appended to the input before tokenisation.
+    pub answer_suffix: String,
+    /// Keep at most this many prompt ids (the last ones).
+    pub max_prompt_tokens: usize,
+    /// Keep at most this many ids of `" " + choice` (the first ones).
+    pub max_choice_tokens: usize,
+    /// Append EOS to every continuation.
+    pub append_eos: bool,
+    /// The id appended when `append_eos` (None: the backbone's EOS, id 2 for SmolLM2).
+    pub eos_id: Option<u32>,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self {
+            answer_suffix: "\nAnswer:".to_string(),
+            max_prompt_tokens: 384,
+            max_choice_tokens: 64,
+            append_eos: true,
+            eos_id: None,
+        }
+    }
+}
+
+/// One rank-classification request.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreRequest<'a> {
+    pub input: &'a str,
+    pub choices: &'a [String],
+    pub adapters: Adapters<'a>,
+}
+
+/// One request already rendered into ids.
+#[derive(Debug, Clone)]
+pub struct ScoreIdsRequest<'a> {
+    pub prompt_ids: Vec<u32>,
+    /// Continuation ids of every choice (EOS included when wanted).
+    pub continuations: Vec<Vec<u32>>,
+    pub prompt: Option<&'a SoftPrompt>,
+    pub lora: Option<&'a Lora>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChoiceScore {
+    /// Sum of the continuation's log-probabilities.
+    pub sum_logprob: f32,
+    /// `sum_logprob / num_tokens`.
+    pub mean_logprob: f32,
+    pub num_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreOutput {
+    pub choices: Vec<ChoiceScore>,
+    /// Index of the choice with the highest summed log-probability (first on ties).
+    pub best: usize,
+    /// Index of the choice with the highest mean log-probability.
+    pub best_by_mean: usize,
+}
+
+fn argmax(xs: impl Iterator<Item = f32>) -> usize {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, v) in xs.enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    best
+}
+
+/// Padded-token budget of one prompt batch.
+const PROMPT_TOKEN_BUDGET: usize = 2048;
+/// Continuation rows per batch.
+const CHOICE_ROW_BUDGET: usize = 96;
+
+impl Backbone {
+    /// Prompt ids of the canonical rendering: tokens of `input + suffix`, last N kept.
+    pub fn render_prompt(&self, input: &str, opts: &RenderOptions) -> Result<Vec<u32>> {
+        let mut ids = self.encode(&format!("{input}{}", opts.answer_suffix))?;
+        if ids.len() > opts.max_prompt_tokens {
+            ids.drain(..ids.len() - opts.max_prompt_tokens);
+        }
+        Ok(ids)
+    }
+
+    /// Continuation ids of the canonical rendering: tokens of `" " + choice`, first N kept,
+    /// then EOS.
+    pub fn render_choice(&self, choice: &str, opts: &RenderOptions) -> Result<Vec<u32>> {
+        let mut ids = self.encode(&format!(" {choice}"))?;
+        ids.truncate(opts.max_choice_tokens);
+        if opts.append_eos {
+            ids.push(opts.eos_id.unwrap_or(self.eos_token_id()));
+        }
+        Ok(ids)
+    }
+
+    /// Score one request with the canonical rendering.
+    pub fn score(&self, req: &ScoreRequest<'_>) -> Result<ScoreOutput> {
+        let mut out = self.score_batch(std::slice::from_ref(req))?;
+        out.pop()
+            .ok_or_else(|| BackboneError::InvalidInput("no result".into()))
+    }
+
+    /// Score many requests (each with its own experts) in shared batches.
+    pub fn score_batch(&self, reqs: &[ScoreRequest<'_>]) -> Result<Vec<ScoreOutput>> {
+        self.score_batch_with(reqs, &RenderOptions::default())
+    }
+
+    pub fn score_batch_with(
+        &self,
+        reqs: &[ScoreRequest<'_>],
+        opts: &RenderOptions,
+    ) -> Result<Vec<ScoreOutput>> {
+        let mut rendered = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            if r.choices.is_empty() {
+                return Err(BackboneError::InvalidInput(
+                    "a request has no choices".into(),
+                ));
+            }
+            let continuations = r
+                .choices
+                .iter()
+                .map(|c| self.render_choice(c, opts))
+                .collect::<Result<Vec<_>>>()?;
+            rendered.push(ScoreIdsRequest {
+                prompt_ids: self.render_prompt(r.input, opts)?,
+                continuations,
+                prompt: r.adapters.prompt,
+                lora: r.adapters.lora,
+            });
+        }
+        self.score_ids(&rendered)
+    }
+
+    /// Score pre-tokenised requests. Requests are grouped by prompt length into batches.
+    pub fn score_ids(&self, reqs: &[ScoreIdsRequest<'_>]) -> Result<Vec<ScoreOutput>> {
+        let prompt_len = |r: &ScoreIdsRequest<'_>| {
+            r.prompt_ids.len() + r.prompt.map(|p| p.num_virtual_tokens()).unwrap_or(0)
+        };
+        let mut order: Vec<usize> = (0..reqs.len()).collect();
+        order.sort_by_key(|&i| prompt_len(&reqs[i]));
+        let mut results: Vec<Option<ScoreOutput>> = vec![None; reqs.len()];
+        let mut start = 0;
+        while start < order.len() {
+            let mut end = start + 1;
+            let mut rows = reqs[order[start]].continuations.len();
+            while end < order.len() {
+                let r = &reqs[order[end]];
+                let padded = prompt_len(r) * (end - start + 1);
+                if padded > PROMPT_TOKEN_BUDGET || rows + r.continuations.len() > CHOICE_ROW_BUDGET
+                {
+                    break;
+                }
+                rows += r.continuations.len();
+                end += 1;
+            }
+            let group: Vec<&ScoreIdsRequest<'_>> =
+                order[start..end].iter().map(|&i| &reqs[i]).collect();
+            let outs = self.score_group(&group)?;
+            for (&i, o) in order[start..end].iter().zip(outs) {
+                results[i] = Some(o);
+            }
+            start = end;
+        }
+        results
+            .into_iter()
+            .map(|o| o.ok_or_else(|| BackboneError::InvalidInput("missing result".into())))
+            .collect()
+    }
+
+    fn score_group(&self, reqs: &[&ScoreIdsRequest<'_>]) -> Result<Vec<ScoreOutput>> {
+        for r in reqs {
+            if r.continuations.is_empty() {
+                return Err(BackboneError::InvalidInput(
+                    "a request has no choices".into(),
+                ));
+            }
+            if r.continuations.iter().any(|c| c.is_empty()) {
+                return Err(BackboneError::InvalidInput("an empty continuation".into()));
+            }
+            let v = self.vocab_size() as u32;
+            if r.continuations
+                .iter()
+                .flatten()
+                .chain(r.prompt_ids.iter())
+                .any(|&id| id >= v)
+            {
+                return Err(BackboneError::InvalidInput(
+                    "a token id outside the vocabulary".into(),
+                ));
+            }
+            if r.prompt_ids.is_empty() && r.prompt.is_none() {
+                return Err(BackboneError::InvalidInput("an empty prompt".into()));
+            }
+        }
+        // 1. Prompts, one row each.
+        let rows: Vec<(Option<&SoftPrompt>, &[u32])> = reqs
+            .iter()
+            .map(|r| (r.prompt, r.prompt_ids.as_slice()))
+            .collect();
+        let (embeds, lens) = self.embed_rows(&rows)?;
+        let loras = LoraBatch::new(&reqs.iter().map(|r| r.lora).collect::<Vec<_>>())?;
+        let max_cont = reqs
+            .iter()
+            .flat_map(|r| r.continuations.iter().map(|c| c.len()))
+            .max()
+            .unwrap_or(1);
+        let mut cache = KvCache::new();
+        let hidden = self.forward(&embeds, &lens, &mut cache, &loras)?;
+        let last: Vec<(usize, usize)> = lens.iter().enumerate().map(|(i, &l)| (i, l - 1)).collect();
+        let first_lp = self.log_probs_at(&hidden, &last)?; // [R, V]
+
+        // First continuation token of every choice from the prompt's last position.
+        let mut first_rows = Vec::new();
+        let mut first_targets = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            for c in &r.continuations {
+                first_rows.push(i as u32);
+                first_targets.push(c[0]);
+            }
+        }
+        let first = gather_lp(&first_lp, &first_rows, &first_targets)?;
+
+        // 2. Continuations sharing their prompt's cache.
+        let mut sel = Vec::new();
+        let mut fed: Vec<&[u32]> = Vec::new();
+        let mut row_loras = Vec::new();
+        let mut owner = Vec::new(); // (request, choice) of each continuation row
+        for (i, r) in reqs.iter().enumerate() {
+            for (ci, c) in r.continuations.iter().enumerate() {
+                if c.len() >= 2 {
+                    sel.push(i);
+                    fed.push(&c[..c.len() - 1]);
+                    row_loras.push(r.lora);
+                    owner.push((i, ci));
+                }
+            }
+        }
+        let mut rest: Vec<Vec<f32>> = reqs
+            .iter()
+            .map(|r| vec![0f32; r.continuations.len()])
+            .collect();
+        if !sel.is_empty() {
+            let mut ccache = cache.select_rows(&sel, max_cont)?;
+            drop(cache);
+            let rows: Vec<(Option<&SoftPrompt>, &[u32])> = fed.iter().map(|f| (None, *f)).collect();
+            let (embeds, clens) = self.embed_rows(&rows)?;
+            let closs = LoraBatch::new(&row_loras)?;
+            let hidden = self.forward(&embeds, &clens, &mut ccache, &closs)?;
+            let mut at = Vec::new();
+            let mut targets = Vec::new();
+            let mut at_owner = Vec::new();
+            for (row, &(i, ci)) in owner.iter().enumerate() {
+                let c = &reqs[i].continuations[ci];
+                for j in 0..c.len() - 1 {
+                    at.push((row, j));
+                    targets.push(c[j + 1]);
+                    at_owner.push((i, ci));
+                }
+            }
+            let lp = self.log_probs_at(&hidden, &at)?; // [N, V]
+            let idx: Vec<u32> = (0..at.len() as u32).collect();
+            let vals = gather_lp(&lp, &idx, &targets)?;
+            for (v, &(i, ci)) in vals.iter().zip(&at_owner) {
+                rest[i][ci] += v;
+            }
+        }
+        let mut outs = Vec::with_capacity(reqs.len());
+        let mut k = 0;
+        for (i, r) in reqs.iter().enumerate() {
+            let mut choices = Vec::with_capacity(r.continuations.len());
+            for (ci, c) in r.continuations.iter().enumerate() {
+                let sum = first[k] + rest[i][ci];
+                k += 1;
+                choices.push(ChoiceScore {
+                    sum_logprob: sum,
+                    mean_logprob: sum / c.len() as f32,
+                    num_tokens: c.len(),
+                });
+            }
+            let best = argmax(choices.iter().map(|c| c.sum_logprob));
+            let best_by_mean = argmax(choices.iter().map(|c| c.mean_logprob));
+            outs.push(ScoreOutput {
+                choices,
+                best,
+                best_by_mean,
+            });
+        }
+        Ok(outs)
+    }
+}
+
+/// lp[rows[k], targets[k]] for every k.
+fn gather_lp(lp: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
+    let dev = lp.device();
+    let r = Tensor::new(rows, dev)?;
+    let picked = lp.index_select(&r, 0)?; // [K, V]
+    let t = Tensor::new(targets, dev)?.unsqueeze(1)?;
+    Ok(picked.gather(&t, 1)?.squeeze(1)?.to_vec1::<f32>()?)
+}
