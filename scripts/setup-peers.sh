@@ -28,7 +28,7 @@ step_start() { t0=$(date +%s.%N); echo "==> $*"; }
 elapsed() { "$python" -c "import sys;print(f'{float(sys.argv[2])-float(sys.argv[1]):.1f}')" "$1" "$(date +%s.%N)"; }
 step_end() { echo "    done in $(elapsed "$t0") s"; }
 
-stamp_want="$(sha256sum "$lock" | cut -d' ' -f1) $("$python" -c 'import sys;print("%d.%d.%d"%sys.version_info[:3])')"
+stamp_want="$(sha256sum "$lock" | cut -d' ' -f1) $("$python" -c 'import sys;print("%d.%d.%d"%sys.version_info[:3])') cmake:${ROE_PEERS_CMAKE_ARGS:-default}"
 stamp_file="$venv/.roe-peers-stamp"
 
 check_imports() {
@@ -91,7 +91,10 @@ export CMAKE_ARGS="${ROE_PEERS_CMAKE_ARGS:--DGGML_NATIVE=ON}"
 export CMAKE_BUILD_PARALLEL_LEVEL="$jobs"
 echo "    CMAKE_ARGS=$CMAKE_ARGS, $jobs jobs"
 grep '^llama[-_]cpp[-_]python' "$lock" >"$venv/.roe-peers-llama.txt"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+# pip's wheel cache does not key on CMAKE_ARGS: rebuild when custom flags are asked for.
+nocache=()
+[[ -n "${ROE_PEERS_CMAKE_ARGS:-}" ]] && nocache=(--no-cache-dir --force-reinstall)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${nocache[@]}" \
   -r "$venv/.roe-peers-llama.txt"
 step_end
 

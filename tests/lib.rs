@@ -7,8 +7,10 @@ use std::sync::{Arc, OnceLock};
 use roe_expert_library::embedding::{BatchingEncoder, BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
 use roe_expert_library::tasks::{sample, Task};
+use roe_services::inference_service::InferenceService;
 use roe_services::proto::{
-    self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
+    self, expert_library_client::ExpertLibraryClient, inference_client::InferenceClient,
+    router_client::RouterClient,
 };
 use roe_services::server::{serve, ServeOptions};
 use tonic::transport::Channel;
@@ -33,6 +35,26 @@ pub fn encoder() -> Arc<dyn Encoder> {
                     .expect("encoder (run scripts/fetch-models.sh)"),
             );
             Arc::new(BatchingEncoder::new(bert, 256))
+        })
+        .clone()
+}
+
+/// The backbone GGUF file (ROE_BACKBONE or `<models>/SmolLM2-135M-Instruct/...Q4_1.gguf`).
+pub fn backbone_path() -> PathBuf {
+    std::env::var_os("ROE_BACKBONE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| roe_services::models::backbone_path(&models_dir()))
+}
+
+/// The real backbone, loaded once per test binary.
+pub fn backbone() -> Arc<roe_backbone::Backbone> {
+    static BACKBONE: OnceLock<Arc<roe_backbone::Backbone>> = OnceLock::new();
+    BACKBONE
+        .get_or_init(|| {
+            Arc::new(
+                roe_backbone::Backbone::load(backbone_path(), None)
+                    .expect("backbone (run scripts/fetch-models.sh)"),
+            )
         })
         .clone()
 }
@@ -105,6 +127,8 @@ pub fn register_request(
 /// A real roe server on an ephemeral loopback port; stops when dropped.
 pub struct TestServer {
     pub url: String,
+    /// The Inference service, when started with it.
+    pub inference: Option<Arc<InferenceService>>,
     pub dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -121,23 +145,50 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: PathBuf) -> Self {
+        Self::start_in_with(dir, LibraryConfig::default(), false).await
+    }
+
+    /// A server that also runs the Inference service over the real backbone.
+    pub async fn start_with_inference() -> Self {
+        Self::start_with_inference_config(LibraryConfig::default()).await
+    }
+
+    /// [`Self::start_with_inference`] over a library with `config`.
+    pub async fn start_with_inference_config(config: LibraryConfig) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("library");
+        let mut s = Self::start_in_with(dir, config, true).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    async fn start_in_with(dir: PathBuf, config: LibraryConfig, with_inference: bool) -> Self {
         let (library, _) = {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || {
-                ExpertLibrary::open(&dir, encoder(), LibraryConfig::default())
-            })
-            .await
-            .unwrap()
-            .expect("library opens")
+            tokio::task::spawn_blocking(move || ExpertLibrary::open(&dir, encoder(), config))
+                .await
+                .unwrap()
+                .expect("library opens")
+        };
+        let library = Arc::new(library);
+        let inference = if with_inference {
+            let bb = tokio::task::spawn_blocking(backbone).await.unwrap();
+            Some(Arc::new(InferenceService::new(bb, library.clone())))
+        } else {
+            None
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let inference_handle = inference.clone();
         let handle = tokio::spawn(async move {
             serve(
                 listener,
-                Arc::new(library),
-                ServeOptions::default(),
+                library,
+                ServeOptions {
+                    inference,
+                    ..ServeOptions::default()
+                },
                 async {
                     let _ = rx.await;
                 },
@@ -147,6 +198,7 @@ impl TestServer {
         });
         Self {
             url,
+            inference: inference_handle,
             dir,
             stop: Some(tx),
             handle: Some(handle),
@@ -160,6 +212,10 @@ impl TestServer {
             .unwrap()
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
+    }
+
+    pub async fn inference(&self) -> InferenceClient<Channel> {
+        InferenceClient::connect(self.url.clone()).await.unwrap()
     }
 
     pub async fn router(&self) -> RouterClient<Channel> {

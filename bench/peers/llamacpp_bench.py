@@ -28,7 +28,9 @@ Modes (output: one JSON document on stdout; logs go to stderr):
 
   speed     {"prompt": str (optional), "prompt_tokens": 256, "new_tokens": 128, "repeats": 5}
             -> {"prefill_tok_per_s", "decode_tok_per_s" (medians), "prefill_s", "decode_s"
-                (lists per repeat), "llama_perf" (llama.cpp's own counters, last repeat), ...}
+                (lists per repeat), "prefill_cpu_s", "decode_cpu_s" (process CPU time per
+                repeat: with threads=1, a load-robust stand-in for idle-core wall time),
+                "llama_perf" (llama.cpp's own counters, last repeat), ...}
             Single stream. The prompt is tokenized (no BOS) and cut or cyclically repeated to
             exactly `prompt_tokens` ids; prefill = one eval() of them on an empty KV cache;
             decode = `new_tokens` greedy steps (argmax of the last logits, fed back one token
@@ -200,20 +202,20 @@ def mode_speed(llm, req):
         raise SystemExit(f"prompt_tokens + new_tokens > n_ctx ({llm.n_ctx()})")
     eos = llm.token_eos()
 
-    pre, dec, hit_eos, generated = [], [], False, []
+    pre, dec, pre_cpu, dec_cpu, hit_eos, generated = [], [], [], [], False, []
     for r in range(reps + 1):  # repeat 0 is the warm-up
         perf_reset(llm)
         llm.reset()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         llm.eval(prompt)
         tok = int(np.argmax(last_logits_view(llm)))
-        t1 = time.perf_counter()
+        c1, t1 = time.process_time(), time.perf_counter()
         gen = [tok]
         for _ in range(n_new - 1):
             llm.eval([tok])
             tok = int(np.argmax(last_logits_view(llm)))
             gen.append(tok)
-        t2 = time.perf_counter()
+        c2, t2 = time.process_time(), time.perf_counter()
         # n_new tokens were produced, n_new - 1 decode evals ran (the first token comes from
         # the prefill logits): decode rate = (n_new - 1) / decode time.
         if r == 0:
@@ -221,6 +223,8 @@ def mode_speed(llm, req):
             continue
         pre.append(t1 - t0)
         dec.append(t2 - t1)
+        pre_cpu.append(c1 - c0)
+        dec_cpu.append(c2 - c1)
         hit_eos = hit_eos or eos in gen
         generated = gen
         log(f"repeat {r}: prefill {n_prompt / (t1 - t0):.1f} tok/s, "
@@ -230,6 +234,7 @@ def mode_speed(llm, req):
         "decode_tok_per_s": (n_new - 1) / statistics.median(dec),
         "prompt_tokens": n_prompt, "new_tokens": n_new, "decode_steps": n_new - 1,
         "repeats": reps, "prefill_s": pre, "decode_s": dec,
+        "prefill_cpu_s": pre_cpu, "decode_cpu_s": dec_cpu,
         "eos_in_output": hit_eos, "generated_ids": generated,
         "generated_text": llm.detokenize(generated).decode("utf-8", "replace"),
         "llama_perf": perf_counters(llm),

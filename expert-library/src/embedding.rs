@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::{LibraryError, Result};
 
@@ -20,6 +20,9 @@ pub trait Encoder: Send + Sync {
     /// Embeds texts; the result has one L2-normalised row per text, in order.
     fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>>;
 }
+
+/// Token budget of one encoder batch (rows x padded length).
+const TOKENS_PER_BATCH: usize = 2048;
 
 /// Where the default encoder lives inside a models directory.
 pub const DEFAULT_ENCODER_DIR: &str = "all-MiniLM-L6-v2";
@@ -52,8 +55,14 @@ impl BertEncoder {
         let cfg_path = file("config.json")?;
         let cfg_text =
             std::fs::read_to_string(&cfg_path).map_err(|e| LibraryError::io(&cfg_path, e))?;
-        let config: Config = serde_json::from_str(&cfg_text)
+        let mut config: Config = serde_json::from_str(&cfg_text)
             .map_err(|e| LibraryError::Encoder(format!("{}: {e}", cfg_path.display())))?;
+        if std::env::var_os("ROE_ENCODER_EXACT_GELU").is_none() {
+            // candle's erf GELU is a scalar libm call per element and the biggest single cost
+            // of a forward pass on CPU; the tanh form differs by < 1e-3 per activation and
+            // keeps cosine to sentence-transformers >= 0.9999 (tested).
+            config.hidden_act = candle_transformers::models::bert::HiddenAct::GeluApproximate;
+        }
         let dim = serde_json::from_str::<serde_json::Value>(&cfg_text)
             .ok()
             .and_then(|v| v.get("hidden_size").and_then(|h| h.as_u64()))
@@ -72,10 +81,8 @@ impl BertEncoder {
                 ..Default::default()
             }))
             .map_err(|e| LibraryError::Encoder(format!("truncation: {e}")))?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..Default::default()
-        }));
+        // Padding is done per batch in `embed`, after grouping texts of similar length.
+        tokenizer.with_padding(None);
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
@@ -95,20 +102,38 @@ impl BertEncoder {
         self
     }
 
-    fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let enc = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| LibraryError::Encoder(format!("tokenize: {e}")))?;
+    /// Embeds token sequences padded to the longest of them.
+    fn embed_batch(&self, enc: &[&tokenizers::Encoding]) -> Result<Vec<Vec<f32>>> {
         let n = enc.len();
-        let len = enc.first().map(|e| e.get_ids().len()).unwrap_or(0);
+        let len = enc
+            .iter()
+            .map(|e| e.get_ids().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut ids = Vec::with_capacity(n * len);
         let mut types = Vec::with_capacity(n * len);
         let mut mask = Vec::with_capacity(n * len);
-        for e in &enc {
-            ids.extend(e.get_ids().iter().copied());
-            types.extend(e.get_type_ids().iter().copied());
-            mask.extend(e.get_attention_mask().iter().copied());
+        for e in enc {
+            let pad = len - e.get_ids().len();
+            ids.extend(
+                e.get_ids()
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            types.extend(
+                e.get_type_ids()
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            mask.extend(
+                e.get_attention_mask()
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
         }
         let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
         let types = Tensor::from_vec(types, (n, len), &self.device)?;
@@ -133,16 +158,29 @@ impl Encoder for BertEncoder {
     }
 
     fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        // Batch texts of similar length together (as sentence-transformers does) so little
-        // compute goes to padding, then restore the caller's order.
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let enc = self
+            .tokenizer
+            .encode_batch(texts.iter().map(String::as_str).collect::<Vec<_>>(), true)
+            .map_err(|e| LibraryError::Encoder(format!("tokenize: {e}")))?;
+        // Group texts of similar token length (so little compute goes to padding) and cap the
+        // tokens of a batch as well as its rows: attention memory grows with rows x length^2,
+        // and long batches spend their time allocating it. The caller's order is restored.
         let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        order.sort_by_key(|&i| std::cmp::Reverse(enc[i].get_ids().len()));
         let mut out = vec![Vec::new(); texts.len()];
-        for chunk in order.chunks(self.batch_size) {
-            let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
+        let mut start = 0;
+        while start < order.len() {
+            let longest = enc[order[start]].get_ids().len().max(1);
+            let rows = (TOKENS_PER_BATCH / longest).clamp(1, self.batch_size);
+            let chunk = &order[start..(start + rows).min(order.len())];
+            let batch: Vec<&tokenizers::Encoding> = chunk.iter().map(|&i| &enc[i]).collect();
             for (&i, v) in chunk.iter().zip(self.embed_batch(&batch)?) {
                 out[i] = v;
             }
+            start += chunk.len();
         }
         Ok(out)
     }

@@ -9,8 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
 use roe_expert_library::tasks::{load_suite, read_instances, sample, Task};
 use roe_expert_library::PeftAdapter;
+use roe_services::inference_service::InferenceService;
 use roe_services::proto::{
-    self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
+    self, expert_library_client::ExpertLibraryClient, inference_client::InferenceClient,
+    router_client::RouterClient,
 };
 use roe_services::server::{serve, ServeOptions, MAX_MESSAGE_BYTES};
 use roe_services::{bench, models};
@@ -56,6 +58,10 @@ enum Command {
     Expert(ExpertCommand),
     /// Rank the experts for a task given by example queries.
     Route(RouteArgs),
+    /// Score answer choices for an input with an expert (or the bare backbone).
+    Score(ScoreArgs),
+    /// Generate an answer for an input with an expert, printing tokens as they stream.
+    Generate(GenerateArgs),
     /// Benchmarks; results go to bench/results/.
     #[command(subcommand)]
     Bench(bench::cli::BenchCommand),
@@ -74,6 +80,51 @@ struct ServeArgs {
     /// Live vectors from which on HNSW replaces the exact scan.
     #[arg(long, default_value_t = 20_000)]
     hnsw_threshold: usize,
+    /// Backbone GGUF file (default:
+    /// <models-dir>/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long, env = "ROE_BACKBONE")]
+    backbone: Option<PathBuf>,
+    /// Serve only the library and router (no backbone, no Inference service).
+    #[arg(long)]
+    no_inference: bool,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// Expert id (empty or omitted: the bare backbone).
+    #[arg(long, default_value = "")]
+    expert: String,
+    #[arg(long)]
+    input: String,
+    /// An answer choice (repeat for each).
+    #[arg(long = "choice", required = true)]
+    choices: Vec<String>,
+    /// Print the whole response as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Expert id (empty or omitted: the bare backbone).
+    #[arg(long, default_value = "")]
+    expert: String,
+    #[arg(long)]
+    input: String,
+    /// 0: the server's default (64).
+    #[arg(long, default_value_t = 0)]
+    max_new_tokens: u32,
+    /// 0: greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0: 1.0.
+    #[arg(long, default_value_t = 0.0)]
+    top_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A stop string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -200,6 +251,8 @@ pub fn main() -> Result<()> {
         Command::Serve(a) => rt.block_on(cmd_serve(&cli.global, a)),
         Command::Expert(c) => rt.block_on(cmd_expert(&cli.global, c)),
         Command::Route(a) => rt.block_on(cmd_route(&cli.global, a)),
+        Command::Score(a) => rt.block_on(cmd_score(&cli.global, a)),
+        Command::Generate(a) => rt.block_on(cmd_generate(&cli.global, a)),
         Command::Bench(b) => bench::cli::run(
             &cli.global.models_dir,
             cli.global.encoder.as_deref(),
@@ -231,6 +284,33 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         seconds = report.seconds,
         "library loaded"
     );
+    let library = Arc::new(library);
+    let inference = if a.no_inference {
+        None
+    } else {
+        let path = a
+            .backbone
+            .clone()
+            .unwrap_or_else(|| models::backbone_path(&g.models_dir));
+        let t = std::time::Instant::now();
+        let backbone = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || roe_backbone::Backbone::load(&path, None)
+        })
+        .await?
+        .with_context(|| {
+            format!(
+                "loading the backbone from {} (run scripts/fetch-models.sh, pass --backbone / \
+                 ROE_BACKBONE, or --no-inference)",
+                path.display()
+            )
+        })?;
+        tracing::info!(path = %path.display(), seconds = t.elapsed().as_secs_f64(), "backbone loaded");
+        Some(Arc::new(InferenceService::new(
+            Arc::new(backbone),
+            library.clone(),
+        )))
+    };
     let listener = tokio::net::TcpListener::bind(&a.addr)
         .await
         .with_context(|| format!("binding {}", a.addr))?;
@@ -240,6 +320,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
             abstain_threshold: a.abstain_threshold,
             ..Default::default()
         },
+        inference,
     };
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();
@@ -254,7 +335,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         let _ = ctrl_c.await;
         tracing::info!("shutting down");
     };
-    serve(listener, Arc::new(library), options, shutdown).await?;
+    serve(listener, library, options, shutdown).await?;
     Ok(())
 }
 
@@ -637,5 +718,93 @@ async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
     } else {
         println!("winner: {}", r.expert_id);
     }
+    Ok(())
+}
+
+async fn inference_client(g: &Global) -> Result<InferenceClient<Channel>> {
+    Ok(InferenceClient::connect(g.server.clone())
+        .await
+        .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+async fn cmd_score(g: &Global, a: ScoreArgs) -> Result<()> {
+    let mut client = inference_client(g).await?;
+    let r = client
+        .score(proto::ScoreRequest {
+            expert_id: a.expert,
+            input: a.input,
+            choices: a.choices,
+        })
+        .await?
+        .into_inner();
+    if a.json {
+        let choices: Vec<serde_json::Value> = r
+            .choices
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "choice": c.choice,
+                    "sum_logprob": c.sum_logprob,
+                    "mean_logprob": c.mean_logprob,
+                    "num_tokens": c.num_tokens,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "expert_id": r.expert_id,
+            "choices": choices,
+            "best": r.best,
+            "best_by_mean": r.best_by_mean,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:>12} {:>12} {:>7}",
+        "choice", "sum_logprob", "mean_logprob", "tokens"
+    );
+    for (i, c) in r.choices.iter().enumerate() {
+        let mark = if i as u32 == r.best { " *" } else { "" };
+        println!(
+            "{:<32} {:>12.4} {:>12.4} {:>7}{mark}",
+            c.choice, c.sum_logprob, c.mean_logprob, c.num_tokens
+        );
+    }
+    if let Some(best) = r.choices.get(r.best as usize) {
+        println!("best: {}", best.choice);
+    }
+    Ok(())
+}
+
+async fn cmd_generate(g: &Global, a: GenerateArgs) -> Result<()> {
+    use std::io::Write;
+    let mut client = inference_client(g).await?;
+    let mut stream = client
+        .generate(proto::GenerateRequest {
+            expert_id: a.expert,
+            input: a.input,
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+            stop: a.stop,
+        })
+        .await?
+        .into_inner();
+    let mut out = std::io::stdout();
+    let mut finish = String::new();
+    let mut tokens = 0usize;
+    while let Some(msg) = stream.message().await? {
+        tokens += 1;
+        write!(out, "{}", msg.text)?;
+        out.flush()?;
+        if !msg.finish_reason.is_empty() {
+            finish = msg.finish_reason;
+        }
+    }
+    writeln!(out)?;
+    eprintln!("[{tokens} tokens, finish: {finish}]");
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod convert;
+pub mod inference_service;
 pub mod library_service;
 pub mod models;
 pub mod router_service;

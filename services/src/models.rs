@@ -49,3 +49,11 @@ pub fn load_serving_encoder(models_dir: &Path, encoder: Option<&Path>) -> Result
     let inner: Arc<dyn Encoder> = Arc::new(load_encoder(models_dir, encoder)?);
     Ok(BatchingEncoder::new(inner, MAX_BATCH_TEXTS))
 }
+
+/// The default backbone GGUF file under the models folder.
+pub const DEFAULT_BACKBONE_FILE: &str = "SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `<models_dir>/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf`.
+pub fn backbone_path(models_dir: &Path) -> PathBuf {
+    models_dir.join(DEFAULT_BACKBONE_FILE)
+}

@@ -1,4 +1,5 @@
-//! Assembles the gRPC server: library and router services, gRPC health and reflection.
+//! Assembles the gRPC server: library and router services, the inference service when a
+//! backbone is loaded, gRPC health and reflection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +10,12 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
+use crate::inference_service::InferenceService;
 use crate::library_service::LibraryService;
-use crate::proto::{expert_library_server::ExpertLibraryServer, router_server::RouterServer};
+use crate::proto::{
+    expert_library_server::ExpertLibraryServer, inference_server::InferenceServer,
+    router_server::RouterServer,
+};
 use crate::router_service::RouterService;
 
 /// Largest gRPC message accepted: adapters of small backbones fit in one unary request;
@@ -20,6 +25,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Default)]
 pub struct ServeOptions {
     pub route_defaults: RouteOptions,
+    /// The `roe.v1.Inference` service (None: not served).
+    pub inference: Option<Arc<InferenceService>>,
 }
 
 /// Serves on an already bound listener until `shutdown` resolves.
@@ -36,6 +43,11 @@ pub async fn serve(
     health_reporter
         .set_serving::<RouterServer<RouterService>>()
         .await;
+    if options.inference.is_some() {
+        health_reporter
+            .set_serving::<InferenceServer<InferenceService>>()
+            .await;
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -46,6 +58,11 @@ pub async fn serve(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router_api = RouterServer::new(RouterService::new(library, options.route_defaults))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let inference_api = options.inference.map(|svc| {
+        InferenceServer::from_arc(svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    });
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving");
     Server::builder()
@@ -53,6 +70,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(library_api)
         .add_service(router_api)
+        .add_optional_service(inference_api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -93,6 +93,9 @@ pub struct EncoderArgs {
     python: Option<PathBuf>,
     #[arg(long, default_value = "bench/peers/st_embed.py")]
     peer_script: PathBuf,
+    /// Measure roe alone.
+    #[arg(long)]
+    no_peer: bool,
     #[arg(long, default_value = "bench/results/encoder.json")]
     json: PathBuf,
 }
@@ -424,10 +427,14 @@ fn encoder_bench(models_dir: &Path, enc: Option<&Path>, a: EncoderArgs) -> Resul
         texts.extend(sample(&t.test, per, 5).into_iter().map(|i| i.input));
     }
     texts.truncate(a.texts);
-    let python = a.python.clone().or_else(|| {
-        let p = PathBuf::from(".venv/bin/python");
-        p.exists().then_some(p)
-    });
+    let python = if a.no_peer {
+        None
+    } else {
+        a.python.clone().or_else(|| {
+            let p = PathBuf::from(".venv/bin/python");
+            p.exists().then_some(p)
+        })
+    };
     let dir = models::encoder_dir(models_dir, enc);
     let r = encoder::run(&dir, texts, python.as_deref(), &a.peer_script)?;
     println!(
