@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::bert::{BertConfig, BertEncoderModel};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::{LibraryError, Result};
@@ -29,7 +29,7 @@ pub const DEFAULT_ENCODER_DIR: &str = "all-MiniLM-L6-v2";
 
 pub struct BertEncoder {
     id: String,
-    model: BertModel,
+    model: BertEncoderModel,
     tokenizer: Tokenizer,
     dim: usize,
     batch_size: usize,
@@ -55,14 +55,8 @@ impl BertEncoder {
         let cfg_path = file("config.json")?;
         let cfg_text =
             std::fs::read_to_string(&cfg_path).map_err(|e| LibraryError::io(&cfg_path, e))?;
-        let mut config: Config = serde_json::from_str(&cfg_text)
+        let config: BertConfig = serde_json::from_str(&cfg_text)
             .map_err(|e| LibraryError::Encoder(format!("{}: {e}", cfg_path.display())))?;
-        if std::env::var_os("ROE_ENCODER_EXACT_GELU").is_none() {
-            // candle's erf GELU is a scalar libm call per element and the biggest single cost
-            // of a forward pass on CPU; the tanh form differs by < 1e-3 per activation and
-            // keeps cosine to sentence-transformers >= 0.9999 (tested).
-            config.hidden_act = candle_transformers::models::bert::HiddenAct::GeluApproximate;
-        }
         let dim = serde_json::from_str::<serde_json::Value>(&cfg_text)
             .ok()
             .and_then(|v| v.get("hidden_size").and_then(|h| h.as_u64()))
@@ -72,7 +66,7 @@ impl BertEncoder {
         let weights = file("model.safetensors")?;
         // SAFETY: the file is memory-mapped read-only; roe never writes model files.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &device)? };
-        let model = BertModel::load(vb, &config)?;
+        let model = BertEncoderModel::load(vb, &config)?;
         let mut tokenizer = Tokenizer::from_file(file("tokenizer.json")?)
             .map_err(|e| LibraryError::Encoder(format!("tokenizer.json: {e}")))?;
         tokenizer
@@ -138,7 +132,7 @@ impl BertEncoder {
         let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
         let types = Tensor::from_vec(types, (n, len), &self.device)?;
         let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?; // (n, len, dim)
+        let hidden = self.model.forward(&ids, &types, &mask)?; // (n, len, dim)
         let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, len, 1)
         let summed = hidden.broadcast_mul(&maskf)?.sum(1)?; // (n, dim)
         let counts = maskf.sum(1)?.clamp(1e-9, f64::MAX)?; // (n, 1)

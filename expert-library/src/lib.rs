@@ -2,6 +2,7 @@
 //! index and Retrieval-of-Experts routing. Nothing here knows about gRPC; the services are
 //! thin adapters around [`library::ExpertLibrary`].
 
+pub mod bert;
 pub mod embedding;
 pub mod error;
 pub mod expert;

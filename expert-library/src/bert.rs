@@ -1,0 +1,219 @@
+//! A BERT encoder forward pass (the architecture of all-MiniLM-L6-v2) on candle, written for
+//! CPU inference: the GELU is a custom op over a vectorisable rational tanh, because candle's
+//! GELU calls libm's scalar tanh/erf per element and was most of the encoder's time.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, D};
+use candle_nn::{
+    embedding, layer_norm, linear, Embedding, LayerNorm, LayerNormConfig, Linear, VarBuilder,
+};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+
+/// tanh as a [13/6] rational function of x, clamped where tanh is 1 in f32; only
+/// multiplies, adds and one divide, so the loop over a slice vectorises.
+#[inline(always)]
+#[allow(clippy::excessive_precision)] // coefficients kept as fitted
+pub fn fast_tanh(x: f32) -> f32 {
+    let x = x.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let p = x2 * -2.760_768_5e-16 + 2.000_187_9e-13;
+    let p = x2 * p + -8.604_671_5e-11;
+    let p = x2 * p + 5.122_297e-8;
+    let p = x2 * p + 1.485_722_4e-5;
+    let p = x2 * p + 6.372_619_3e-4;
+    let p = x2 * p + 4.893_524_6e-3;
+    let p = x * p;
+    let q = x2 * 1.198_258_4e-6 + 1.185_347_1e-4;
+    let q = x2 * q + 2.268_434_6e-3;
+    let q = x2 * q + 4.893_525_2e-3;
+    p / q
+}
+
+/// GELU, tanh form: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    const K: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + fast_tanh(K * (x + 0.044_715 * x * x * x)))
+}
+
+struct FastGelu;
+
+impl CustomOp1 for FastGelu {
+    fn name(&self) -> &'static str {
+        "fast-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fast-gelu: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fast-gelu: needs a contiguous tensor");
+        };
+        let out: Vec<f32> = data[start..end].iter().map(|&x| gelu(x)).collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    out: Linear,
+    out_norm: LayerNorm,
+}
+
+pub struct BertEncoderModel {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl BertEncoderModel {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+        if cfg.hidden_act != "gelu" && cfg.hidden_act != "gelu_new" {
+            candle_core::bail!("unsupported hidden_act {:?} (gelu)", cfg.hidden_act);
+        }
+        // Some exports prefix every name with `bert.`.
+        let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
+            vb
+        } else {
+            vb.pp("bert")
+        };
+        let h = cfg.hidden_size;
+        let ln = |vb: VarBuilder| {
+            layer_norm(
+                h,
+                LayerNormConfig {
+                    eps: cfg.layer_norm_eps,
+                    ..Default::default()
+                },
+                vb,
+            )
+        };
+        let e = vb.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp(format!("encoder.layer.{i}"));
+                Ok(Layer {
+                    query: linear(h, h, l.pp("attention.self.query"))?,
+                    key: linear(h, h, l.pp("attention.self.key"))?,
+                    value: linear(h, h, l.pp("attention.self.value"))?,
+                    attn_out: linear(h, h, l.pp("attention.output.dense"))?,
+                    attn_norm: ln(l.pp("attention.output.LayerNorm"))?,
+                    intermediate: linear(h, cfg.intermediate_size, l.pp("intermediate.dense"))?,
+                    out: linear(cfg.intermediate_size, h, l.pp("output.dense"))?,
+                    out_norm: ln(l.pp("output.LayerNorm"))?,
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            word: embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?,
+            position: embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?,
+            token_type: embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            norm: ln(e.pp("LayerNorm"))?,
+            layers,
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+        })
+    }
+
+    /// Token ids, token types and attention mask, all (batch, len) u32 -> hidden states
+    /// (batch, len, hidden).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        types: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, len) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, len as u32, ids.device())?.unsqueeze(0)?;
+        let x = self
+            .word
+            .forward(ids)?
+            .broadcast_add(&self.position.forward(&positions)?)?
+            .add(&self.token_type.forward(types)?)?;
+        let mut x = self.norm.forward(&x)?;
+        // Padding positions get a large negative bias before the softmax.
+        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?.reshape((b, 1, 1, len))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        for l in &self.layers {
+            let split = |t: Tensor| -> candle_core::Result<Tensor> {
+                t.reshape((b, len, self.heads, self.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = split(l.query.forward(&x)?)?;
+            let k = split(l.key.forward(&x)?)?;
+            let v = split(l.value.forward(&x)?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx =
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .reshape((b, len, self.heads * self.head_dim))?;
+            x = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + &x)?)?;
+            let inner = l
+                .intermediate
+                .forward(&x)?
+                .contiguous()?
+                .apply_op1_no_bwd(&FastGelu)?;
+            x = l.out_norm.forward(&(l.out.forward(&inner)? + &x)?)?;
+        }
+        let _ = D::Minus1;
+        Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_tanh_matches_libm() {
+        let mut worst = 0.0f32;
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            worst = worst.max((fast_tanh(x) - x.tanh()).abs());
+            x += 0.001;
+        }
+        assert!(worst < 2e-6, "max |fast_tanh - tanh| = {worst}");
+    }
+}
