@@ -146,6 +146,17 @@ fn split(json: &Path) -> (PathBuf, String) {
     (dir, name)
 }
 
+/// Writes a single-report benchmark (with the machine it ran on) as JSON and Markdown.
+fn save_report(json: &Path, report: &impl serde::Serialize, md: &str) -> Result<()> {
+    let (dir, name) = split(json);
+    write_results(
+        &dir,
+        &name,
+        &serde_json::json!({"machine": machine(), "report": report}),
+        md,
+    )
+}
+
 fn load_tasks(a: &RoutingArgs) -> Result<Vec<SuiteTask>> {
     let mut tasks = Vec::new();
     for (suite, root) in [("dev", &a.dev_suite), ("routing", &a.routing_suite)] {
@@ -458,13 +469,7 @@ fn encoder_bench(models_dir: &Path, enc: Option<&Path>, a: EncoderArgs) -> Resul
         r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "n/a".into()),
         r.min_cosine_vs_peer.map(|x| format!("{x:.6}")).unwrap_or_else(|| "n/a".into()),
     );
-    let (dir, name) = split(&a.json);
-    write_results(
-        &dir,
-        &name,
-        &serde_json::json!({"machine": machine(), "report": r}),
-        &md,
-    )?;
+    save_report(&a.json, &r, &md)?;
     Ok(())
 }
 
@@ -489,13 +494,7 @@ fn hnsw_bench(a: HnswArgs) -> Result<()> {
         r.index_estimate_bytes as f64 / 1048576.0, r.search_p50_ms, r.search_p99_ms, r.exact_scan_p50_ms, r.recall_at_10
     );
     println!("{md}");
-    let (dir, name) = split(&a.json);
-    write_results(
-        &dir,
-        &name,
-        &serde_json::json!({"machine": machine(), "report": r}),
-        &md,
-    )?;
+    save_report(&a.json, &r, &md)?;
     Ok(())
 }
 
@@ -520,12 +519,6 @@ fn startup_bench(a: StartupArgs) -> Result<()> {
         r.rss_after_open_bytes.map(|b| format!("{:.0}", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into())
     );
     println!("{md}");
-    let (dir, name) = split(&a.json);
-    write_results(
-        &dir,
-        &name,
-        &serde_json::json!({"machine": machine(), "report": r}),
-        &md,
-    )?;
+    save_report(&a.json, &r, &md)?;
     Ok(())
 }
