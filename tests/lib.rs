@@ -9,8 +9,8 @@ use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
 use roe_expert_library::tasks::{sample, Task};
 use roe_services::inference_service::InferenceService;
 use roe_services::proto::{
-    self, expert_library_client::ExpertLibraryClient, inference_client::InferenceClient,
-    router_client::RouterClient,
+    self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
+    inference_client::InferenceClient, router_client::RouterClient,
 };
 use roe_services::server::{serve, ServeOptions};
 use tonic::transport::Channel;
@@ -162,7 +162,27 @@ impl TestServer {
         s
     }
 
+    /// [`Self::start_with_inference`] whose Answerer falls back to `fallback_expert` when
+    /// routing abstains (unchecked here, so the test may register it after the start).
+    pub async fn start_with_fallback(fallback_expert: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("library");
+        let mut s =
+            Self::start_full(dir, LibraryConfig::default(), true, fallback_expert.into()).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
     async fn start_in_with(dir: PathBuf, config: LibraryConfig, with_inference: bool) -> Self {
+        Self::start_full(dir, config, with_inference, String::new()).await
+    }
+
+    async fn start_full(
+        dir: PathBuf,
+        config: LibraryConfig,
+        with_inference: bool,
+        fallback_expert: String,
+    ) -> Self {
         let (library, _) = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || ExpertLibrary::open(&dir, encoder(), config))
@@ -187,6 +207,7 @@ impl TestServer {
                 library,
                 ServeOptions {
                     inference,
+                    fallback_expert,
                     ..ServeOptions::default()
                 },
                 async {
@@ -220,6 +241,10 @@ impl TestServer {
 
     pub async fn router(&self) -> RouterClient<Channel> {
         RouterClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    pub async fn answerer(&self) -> AnswererClient<Channel> {
+        AnswererClient::connect(self.url.clone()).await.unwrap()
     }
 
     /// Stops the server and waits until the library (and its sled lock) is released.

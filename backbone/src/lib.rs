@@ -4,14 +4,17 @@
 //! - [`Backbone::load`] reads hyper-parameters, weights and tokenizer from the GGUF file.
 //! - [`Backbone::forward`] runs a batch of embedding rows (so soft prompts can be prepended)
 //!   with padding, a [`KvCache`] and a per-row LoRA ([`LoraBatch`]).
-//! - [`Backbone::score_batch`] does rank classification with the canonical rendering.
+//! - [`Backbone::score_batch`] does rank classification with the canonical rendering;
+//!   [`ensemble_vote`] combines several experts' scores of one input by majority vote.
 //! - [`Backbone::generator`] / [`Backbone::generate`] decode greedily or by sampling.
 //! - [`SoftPrompt`] and [`Lora`] load PEFT experts, validated ([`ExpertError`]).
 
 pub mod config;
+pub mod ensemble;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod metrics;
 pub mod model;
 #[doc(hidden)]
 pub mod q4;
@@ -19,6 +22,7 @@ pub mod score;
 pub mod tokenizer;
 
 pub use config::BackboneConfig;
+pub use ensemble::{ensemble_vote, EnsembleVote};
 pub use error::{BackboneError, ExpertError, Result};
 pub use experts::{Adapters, ExpertSpec, Lora, LoraTarget, LoraWeights, SoftPrompt};
 pub use generate::{FinishReason, GenerateParams, GeneratedToken, Generation, Generator};

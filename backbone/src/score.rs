@@ -22,6 +22,11 @@ pub struct RenderOptions {
     pub append_eos: bool,
     /// The id appended when `append_eos` (None: the backbone's EOS, id 2 for SmolLM2).
     pub eos_id: Option<u32>,
+    /// Also score every choice with each of these ids in place of the appended end id
+    /// ([`ScoreOutput::alt_end_sums`]), in the same pass: compares end-of-answer conventions
+    /// (the reference experts end answers with id 1, the canonical rendering says id 2) at no
+    /// extra cost. Ignored without `append_eos`.
+    pub alt_end_ids: Vec<u32>,
 }
 
 impl Default for RenderOptions {
@@ -32,6 +37,7 @@ impl Default for RenderOptions {
             max_choice_tokens: 64,
             append_eos: true,
             eos_id: None,
+            alt_end_ids: Vec::new(),
         }
     }
 }
@@ -52,6 +58,8 @@ pub struct ScoreIdsRequest<'a> {
     pub continuations: Vec<Vec<u32>>,
     pub prompt: Option<&'a SoftPrompt>,
     pub lora: Option<&'a Lora>,
+    /// Ids that replace each continuation's last id in [`ScoreOutput::alt_end_sums`].
+    pub alt_end_ids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,6 +78,9 @@ pub struct ScoreOutput {
     pub best: usize,
     /// Index of the choice with the highest mean log-probability.
     pub best_by_mean: usize,
+    /// Per choice, `sum_logprob` with the last continuation id replaced by each of the
+    /// request's `alt_end_ids` (empty when none were asked for).
+    pub alt_end_sums: Vec<Vec<f32>>,
 }
 
 fn argmax(xs: impl Iterator<Item = f32>) -> usize {
@@ -144,6 +155,11 @@ impl Backbone {
                 continuations,
                 prompt: r.adapters.prompt,
                 lora: r.adapters.lora,
+                alt_end_ids: if opts.append_eos {
+                    opts.alt_end_ids.clone()
+                } else {
+                    Vec::new()
+                },
             });
         }
         self.score_ids(&rendered)
@@ -200,6 +216,7 @@ impl Backbone {
                 .iter()
                 .flatten()
                 .chain(r.prompt_ids.iter())
+                .chain(r.alt_end_ids.iter())
                 .any(|&id| id >= v)
             {
                 return Err(BackboneError::InvalidInput(
@@ -237,6 +254,27 @@ impl Backbone {
             }
         }
         let first = gather_lp(&first_lp, &first_rows, &first_targets)?;
+        // Log-probs of the alternative end ids where they would be predicted: at the
+        // prompt's last position for one-id continuations, else at the continuation's last
+        // fed position (filled below). Indexed like `first`.
+        let mut alt_at_end: Vec<Vec<f32>> = Vec::new();
+        // Log-prob of the id actually appended (to swap it for each alternative).
+        let mut end_actual: Vec<f32> = first.clone();
+        if reqs.iter().any(|r| !r.alt_end_ids.is_empty()) {
+            let mut k = 0;
+            for (i, r) in reqs.iter().enumerate() {
+                for c in &r.continuations {
+                    let mut v = Vec::new();
+                    if c.len() == 1 && !r.alt_end_ids.is_empty() {
+                        let rows = vec![i as u32; r.alt_end_ids.len()];
+                        v = gather_lp(&first_lp, &rows, &r.alt_end_ids)?;
+                    }
+                    alt_at_end.push(v);
+                    k += 1;
+                }
+            }
+            debug_assert_eq!(k, first.len());
+        }
 
         // 2. Continuations sharing their prompt's cache.
         let mut sel = Vec::new();
@@ -281,13 +319,39 @@ impl Backbone {
             for (v, &(i, ci)) in vals.iter().zip(&at_owner) {
                 rest[i][ci] += v;
             }
+            if !alt_at_end.is_empty() {
+                // Flat index (as in `first`) of every (request, choice).
+                let mut flat = Vec::with_capacity(reqs.len());
+                let mut k = 0;
+                for r in reqs.iter() {
+                    flat.push(k);
+                    k += r.continuations.len();
+                }
+                let mut pos = 0;
+                for &(i, ci) in &owner {
+                    let c = &reqs[i].continuations[ci];
+                    let last = pos + c.len() - 2;
+                    pos += c.len() - 1;
+                    let alts = &reqs[i].alt_end_ids;
+                    if !alts.is_empty() {
+                        let rows = vec![last as u32; alts.len()];
+                        alt_at_end[flat[i] + ci] = gather_lp(&lp, &rows, alts)?;
+                        end_actual[flat[i] + ci] = vals[last];
+                    }
+                }
+            }
         }
         let mut outs = Vec::with_capacity(reqs.len());
         let mut k = 0;
         for (i, r) in reqs.iter().enumerate() {
             let mut choices = Vec::with_capacity(r.continuations.len());
+            let mut alt_end_sums = Vec::new();
             for (ci, c) in r.continuations.iter().enumerate() {
                 let sum = first[k] + rest[i][ci];
+                if !r.alt_end_ids.is_empty() {
+                    let without_end = sum - end_actual[k];
+                    alt_end_sums.push(alt_at_end[k].iter().map(|a| without_end + a).collect());
+                }
                 k += 1;
                 choices.push(ChoiceScore {
                     sum_logprob: sum,
@@ -301,6 +365,7 @@ impl Backbone {
                 choices,
                 best,
                 best_by_mean,
+                alt_end_sums,
             });
         }
         Ok(outs)

@@ -4,8 +4,8 @@ mod common;
 use std::collections::HashMap;
 
 use roe_backbone::{
-    Adapters, Backbone, ExpertError, ExpertSpec, Lora, LoraTarget, LoraWeights, ScoreRequest,
-    SoftPrompt,
+    Adapters, Backbone, ExpertError, ExpertSpec, Lora, LoraTarget, LoraWeights, RenderOptions,
+    ScoreRequest, SoftPrompt,
 };
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -376,5 +376,58 @@ fn experts_beat_bare_backbone() {
             "{task}: lora {lo}"
         );
         report.insert(task, (bare, prompt, lo));
+    }
+}
+
+/// Scoring with alternative end ids in one pass equals scoring with each end id separately,
+/// for one-id and longer continuations, with and without an expert.
+#[test]
+fn alternative_end_ids_equal_separate_passes() {
+    if common::skip() {
+        return;
+    }
+    let bb = common::quantized();
+    let (sp, lora) = load_experts("sms_spam");
+    let choices: Vec<String> = vec!["ham".into(), "spam".into(), "a longer answer here".into()];
+    for ad in [Adapters::none(), Adapters::prompt(&sp), Adapters::lora(&lora)] {
+        let req = ScoreRequest {
+            input: "Free entry in 2 a wkly comp to win FA Cup final tkts",
+            choices: &choices,
+            adapters: ad,
+        };
+        let both = bb
+            .score_batch_with(
+                &[req],
+                &RenderOptions {
+                    eos_id: Some(2),
+                    alt_end_ids: vec![1, 2],
+                    ..RenderOptions::default()
+                },
+            )
+            .unwrap()
+            .remove(0);
+        for (alt, eos) in [(0, 1u32), (1, 2u32)] {
+            let alone = bb
+                .score_batch_with(
+                    &[req],
+                    &RenderOptions {
+                        eos_id: Some(eos),
+                        ..RenderOptions::default()
+                    },
+                )
+                .unwrap()
+                .remove(0);
+            assert!(alone.alt_end_sums.is_empty());
+            for (ci, c) in alone.choices.iter().enumerate() {
+                let got = both.alt_end_sums[ci][alt];
+                assert!(
+                    (got - c.sum_logprob).abs() < 1e-3,
+                    "choice {ci} end {eos}: {got} vs {}",
+                    c.sum_logprob
+                );
+            }
+        }
+        // The id 1 and id 2 conventions really differ, so the comparison means something.
+        assert!((both.alt_end_sums[0][0] - both.alt_end_sums[0][1]).abs() > 1e-2);
     }
 }

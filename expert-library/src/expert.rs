@@ -72,7 +72,7 @@ impl BackboneSpec {
     }
 
     /// (in, out) features of a Llama projection that LoRA may target.
-    fn projection_dims(&self, module: &str) -> Option<(usize, usize)> {
+    pub(crate) fn projection_dims(&self, module: &str) -> Option<(usize, usize)> {
         let h = self.hidden_size;
         match module {
             "q_proj" | "o_proj" => Some((h, h)),

@@ -2,7 +2,7 @@
 //! and the routing state, and keeps them consistent: a write is embedded first, committed and
 //! flushed to sled, and only then made visible to routing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +15,7 @@ use crate::expert::{
     validate_expert_id, BackboneSpec, ExpertMeta, Instance, PeftAdapter, TextFormat,
 };
 use crate::index::IndexConfig;
+use crate::merge::{merge_adapters, normalise_weights, MergeRequest, MAX_MERGE_SOURCES};
 use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
 use crate::store::{ExpertStore, StoredInstance};
 
@@ -315,6 +316,155 @@ impl ExpertLibrary {
         Ok(meta)
     }
 
+    /// Merges experts of one kind into a new expert `req.id` (see [`crate::merge`] for the
+    /// math and the weights) and registers it with the union of the sources' instances
+    /// (identical instances once), reusing their stored embeddings. Atomic and durable like
+    /// [`Self::register`]; an existing id is ALREADY_EXISTS unless `req.new_version`. The
+    /// union must stay within `max_instances_per_expert`.
+    pub fn merge(&self, req: MergeRequest) -> Result<ExpertMeta> {
+        validate_expert_id(&req.id)?;
+        if req.name.len() > 1024 || req.description.len() > self.config.limits.max_text_bytes {
+            return Err(LibraryError::invalid(
+                "name",
+                "name or description too long",
+            ));
+        }
+        if req.sources.is_empty() {
+            return Err(LibraryError::invalid(
+                "sources",
+                "at least one source is needed",
+            ));
+        }
+        if req.sources.len() > MAX_MERGE_SOURCES {
+            return Err(LibraryError::invalid(
+                "sources",
+                format!("{} sources, at most {MAX_MERGE_SOURCES}", req.sources.len()),
+            ));
+        }
+        let mut listed = HashSet::new();
+        for (i, s) in req.sources.iter().enumerate() {
+            if s.is_empty() {
+                return Err(LibraryError::invalid(
+                    format!("sources[{i}].expert_id"),
+                    "is empty",
+                ));
+            }
+            if !listed.insert(s.as_str()) {
+                return Err(LibraryError::invalid(
+                    "sources",
+                    format!("{s:?} is listed more than once"),
+                ));
+            }
+        }
+        // Weight errors before any reading: a bad request costs nothing.
+        normalise_weights(req.sources.len(), req.weights.as_deref())?;
+        let started = Instant::now();
+        // Sources are read under the write lock so that the merge sees one state of them and
+        // no write to a source (or to `req.id`) interleaves with it. Merging only copies and
+        // scales matrices (no encoder, no matrix products), so the lock is held briefly.
+        let _w = self.writes.lock();
+        let existing = self.store.get(&req.id)?;
+        if let (Some(old), false) = (&existing, req.new_version) {
+            return Err(LibraryError::AlreadyExists {
+                id: req.id,
+                version: old.version,
+            });
+        }
+        let metas = req
+            .sources
+            .iter()
+            .map(|s| self.get(s))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(m) = metas.iter().find(|m| m.kind != metas[0].kind) {
+            return Err(LibraryError::invalid(
+                "sources",
+                format!(
+                    "all sources must be of one kind: {} is {}, {} is {}",
+                    metas[0].id,
+                    metas[0].kind.as_str(),
+                    m.id,
+                    m.kind.as_str()
+                ),
+            ));
+        }
+        if let Some(m) = metas.iter().find(|m| m.backbone != metas[0].backbone) {
+            return Err(LibraryError::invalid(
+                "sources",
+                format!(
+                    "all sources must be for one backbone: {} is for {}, {} for {}",
+                    metas[0].id, metas[0].backbone, m.id, m.backbone
+                ),
+            ));
+        }
+        let spec = self.backbone(Some(&metas[0].backbone))?.clone();
+        let adapters = req
+            .sources
+            .iter()
+            .map(|s| self.adapter(s))
+            .collect::<Result<Vec<_>>>()?;
+        let merged = merge_adapters(&adapters, req.weights.as_deref(), req.prompt_mode, &spec)?;
+        let mut seen = HashSet::new();
+        let mut rows = Vec::new();
+        for s in &req.sources {
+            for si in self.store.instances_of(s)? {
+                let i = &si.instance;
+                if seen.insert((i.input.clone(), i.target.clone(), i.choices.clone())) {
+                    rows.push(si);
+                }
+            }
+        }
+        let max = self.config.limits.max_instances_per_expert;
+        if rows.len() > max {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "instances: the sources hold {} distinct instances together, at most {max} per \
+                 expert",
+                rows.len()
+            )));
+        }
+        for r in &mut rows {
+            r.point_id = self.store.next_point_id()?;
+            r.expert_id = req.id.clone();
+        }
+        let description = if req.description.is_empty() {
+            merge_description(&req.sources, &merged.weights)
+        } else {
+            req.description
+        };
+        let meta = ExpertMeta {
+            id: req.id.clone(),
+            name: if req.name.is_empty() {
+                req.id.clone()
+            } else {
+                req.name
+            },
+            description,
+            kind: merged.summary.kind(),
+            backbone: spec.name.clone(),
+            version: existing.as_ref().map_or(1, |old| old.version + 1),
+            created_at_unix_ms: now_ms(),
+            num_instances: rows.len(),
+            weights_sha256: merged.adapter.sha256_hex(),
+            weights_bytes: merged.adapter.safetensors.len(),
+            adapter: merged.summary,
+        };
+        let replaced = self.store.put_expert(&meta, &merged.adapter, &rows)?;
+        let mut state = self.state.write();
+        if existing.is_some() {
+            state.remove(&meta.id, &replaced);
+        }
+        state.add(&meta.id, meta.kind, &vectors_of(&rows))?;
+        tracing::info!(
+            id = %meta.id,
+            version = meta.version,
+            kind = meta.kind.as_str(),
+            sources = req.sources.len(),
+            instances = meta.num_instances,
+            ms = started.elapsed().as_millis() as u64,
+            "experts merged"
+        );
+        Ok(meta)
+    }
+
     pub fn get(&self, id: &str) -> Result<ExpertMeta> {
         self.store.get(id)?.ok_or_else(|| not_found(id))
     }
@@ -476,6 +626,22 @@ fn vectors_of(rows: &[StoredInstance]) -> Vec<InstanceVectors<'_>> {
             choice_instance: r.choice_embedding.as_deref().unwrap_or(&r.embedding),
         })
         .collect()
+}
+
+/// `merged from a, b, c (weights 0.5, 0.3, 0.2)`; a concatenation has no weights.
+fn merge_description(sources: &[String], weights: &[f64]) -> String {
+    let from = sources.join(", ");
+    if weights.is_empty() {
+        return format!("merged from {from} (prompts concatenated)");
+    }
+    let w: Vec<String> = weights
+        .iter()
+        .map(|w| {
+            let s = format!("{w:.4}");
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        })
+        .collect();
+    format!("merged from {from} (weights {})", w.join(", "))
 }
 
 fn not_found(id: &str) -> LibraryError {

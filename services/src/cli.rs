@@ -9,12 +9,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
 use roe_expert_library::tasks::{load_suite, read_instances, sample, Task};
 use roe_expert_library::PeftAdapter;
+use roe_services::answer_service::RemoteRouteClient;
+use roe_services::expert_source::RemoteExpertSource;
 use roe_services::inference_service::InferenceService;
 use roe_services::proto::{
-    self, expert_library_client::ExpertLibraryClient, inference_client::InferenceClient,
-    router_client::RouterClient,
+    self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
+    inference_client::InferenceClient, router_client::RouterClient,
 };
-use roe_services::server::{serve, ServeOptions, MAX_MESSAGE_BYTES};
+use roe_services::server::{serve, serve_inference, ServeOptions, MAX_MESSAGE_BYTES};
 use roe_services::{bench, models};
 use tonic::transport::Channel;
 
@@ -62,9 +64,15 @@ enum Command {
     Score(ScoreArgs),
     /// Generate an answer for an input with an expert, printing tokens as they stream.
     Generate(GenerateArgs),
+    /// Route a task by example inputs and answer inputs with the winning expert (or the
+    /// server's fallback when routing abstains), in one call.
+    Answer(AnswerArgs),
     /// Benchmarks; results go to bench/results/.
     #[command(subcommand)]
     Bench(bench::cli::BenchCommand),
+    /// The evaluation report (bare, oracle, routed, merged, ensemble, leave-one-out) under
+    /// bench/results/eval.{md,json,png}.
+    Eval(roe_services::eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -87,6 +95,64 @@ struct ServeArgs {
     /// Serve only the library and router (no backbone, no Inference service).
     #[arg(long)]
     no_inference: bool,
+    /// Expert that answers `roe answer` / Answerer calls when routing abstains (default: the
+    /// bare backbone); checked at start.
+    #[arg(long, env = "ROE_FALLBACK_EXPERT")]
+    fallback_expert: Option<String>,
+    /// What this process serves: `all` (library, router and inference in one process),
+    /// `router` (library and router, no backbone) or `inference` (Inference and Answerer on
+    /// the backbone; experts and routing from --library-url; no data dir, no encoder).
+    #[arg(long, env = "ROE_ROLE", value_enum, default_value_t = ServeRole::All)]
+    role: ServeRole,
+    /// With --role inference: the `roe serve --role router` process whose ExpertLibrary and
+    /// Router this process uses, e.g. http://127.0.0.1:50052.
+    #[arg(long, env = "ROE_LIBRARY_URL")]
+    library_url: Option<String>,
+}
+
+/// The processes of a split deployment (`roe serve --role ...`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum ServeRole {
+    /// Library, router and inference in one process (the default).
+    All,
+    /// Library and router only.
+    Router,
+    /// Inference (and Answerer) only, reading experts from --library-url.
+    Inference,
+}
+
+#[derive(Args)]
+struct AnswerArgs {
+    /// What to answer: JSON lines of {"input", "choices"?, "target"?}, or a task folder (rows
+    /// of its test split). Rows with choices are scored; without, generated.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Example inputs of the task to route by (same formats; default: the inputs).
+    #[arg(long)]
+    queries: Option<PathBuf>,
+    /// Rows drawn from a task folder given to --inputs.
+    #[arg(long, default_value_t = 8)]
+    num_inputs: usize,
+    /// Rows drawn from a task folder given to --queries.
+    #[arg(long = "num-queries", default_value_t = 32)]
+    num_queries: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Send the queries' targets too (labeled examples of the task).
+    #[arg(long)]
+    labeled: bool,
+    /// Generate text for every input instead of scoring its choices.
+    #[arg(long)]
+    generate: bool,
+    /// With --generate; 0: the server's default (64).
+    #[arg(long, default_value_t = 0)]
+    max_new_tokens: u32,
+    /// Fall back when the winner's share is below this (default: the server's).
+    #[arg(long)]
+    abstain_threshold: Option<f32>,
+    /// Print the whole response as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -147,6 +213,33 @@ enum ExpertCommand {
     },
     /// Delete an expert.
     Rm { id: String },
+    /// Merge experts of one kind into a new expert (LoRA: weighted sum of the deltas, rank =
+    /// sum of ranks; prompt: weighted average, or --concat).
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Id of the merged expert.
+    #[arg(long)]
+    id: String,
+    /// Source expert ids, comma separated.
+    #[arg(long = "from", value_delimiter = ',', required = true)]
+    from: Vec<String>,
+    /// One relative weight per source, comma separated (normalised to sum 1; default uniform).
+    #[arg(long, value_delimiter = ',', conflicts_with = "concat")]
+    weights: Option<Vec<f64>>,
+    /// Prompt experts: concatenate the prompts instead of averaging them.
+    #[arg(long)]
+    concat: bool,
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Default: "merged from a, b (weights ...)".
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Replace an existing expert with a new version.
+    #[arg(long)]
+    new_version: bool,
 }
 
 #[derive(Args)]
@@ -253,6 +346,7 @@ pub fn main() -> Result<()> {
         Command::Route(a) => rt.block_on(cmd_route(&cli.global, a)),
         Command::Score(a) => rt.block_on(cmd_score(&cli.global, a)),
         Command::Generate(a) => rt.block_on(cmd_generate(&cli.global, a)),
+        Command::Answer(a) => rt.block_on(cmd_answer(&cli.global, a)),
         Command::Bench(b) => bench::cli::run(
             &cli.global.models_dir,
             cli.global.encoder.as_deref(),
@@ -260,10 +354,21 @@ pub fn main() -> Result<()> {
             b,
             &rt,
         ),
+        Command::Eval(a) => roe_services::eval::cmd(&cli.global.models_dir, cli.global.encoder.as_deref(), a),
     }
 }
 
 async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
+    match a.role {
+        ServeRole::Inference => return cmd_serve_inference(g, a).await,
+        _ if a.library_url.is_some() => bail!(
+            "--library-url is for --role inference; roles all and router hold the library \
+             themselves"
+        ),
+        _ => {}
+    }
+    // The router role is the library and router of the single process, without the backbone.
+    let no_inference = a.no_inference || a.role == ServeRole::Router;
     let encoder = Arc::new(models::load_serving_encoder(
         &g.models_dir,
         g.encoder.as_deref(),
@@ -285,32 +390,26 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         "library loaded"
     );
     let library = Arc::new(library);
-    let inference = if a.no_inference {
+    let inference = if no_inference {
         None
     } else {
-        let path = a
-            .backbone
-            .clone()
-            .unwrap_or_else(|| models::backbone_path(&g.models_dir));
-        let t = std::time::Instant::now();
-        let backbone = tokio::task::spawn_blocking({
-            let path = path.clone();
-            move || roe_backbone::Backbone::load(&path, None)
-        })
-        .await?
-        .with_context(|| {
-            format!(
-                "loading the backbone from {} (run scripts/fetch-models.sh, pass --backbone / \
-                 ROE_BACKBONE, or --no-inference)",
-                path.display()
-            )
-        })?;
-        tracing::info!(path = %path.display(), seconds = t.elapsed().as_secs_f64(), "backbone loaded");
+        let backbone = load_backbone(g, &a).await?;
         Some(Arc::new(InferenceService::new(
             Arc::new(backbone),
             library.clone(),
         )))
     };
+    // A fallback that cannot answer is a configuration error: fail now, not per request.
+    let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
+    if !fallback_expert.is_empty() {
+        let Some(svc) = &inference else {
+            bail!("--fallback-expert needs the Inference service (drop --no-inference)");
+        };
+        svc.check_expert(&fallback_expert).await.map_err(|s| {
+            anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {}", s.message())
+        })?;
+        tracing::info!(expert = %fallback_expert, "fallback expert checked");
+    }
     let listener = tokio::net::TcpListener::bind(&a.addr)
         .await
         .with_context(|| format!("binding {}", a.addr))?;
@@ -321,21 +420,96 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
             ..Default::default()
         },
         inference,
+        fallback_expert,
+        route_client: None,
     };
-    let shutdown = async {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler");
-            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutting down");
+    serve(listener, library, options, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+async fn load_backbone(g: &Global, a: &ServeArgs) -> Result<roe_backbone::Backbone> {
+    let path = a
+        .backbone
+        .clone()
+        .unwrap_or_else(|| models::backbone_path(&g.models_dir));
+    let t = std::time::Instant::now();
+    let backbone = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || roe_backbone::Backbone::load(&path, None)
+    })
+    .await?
+    .with_context(|| {
+        format!(
+            "loading the backbone from {} (run scripts/fetch-models.sh, pass --backbone / \
+             ROE_BACKBONE, or --no-inference)",
+            path.display()
+        )
+    })?;
+    tracing::info!(path = %path.display(), seconds = t.elapsed().as_secs_f64(), "backbone loaded");
+    Ok(backbone)
+}
+
+/// `roe serve --role inference`: the backbone with `roe.v1.Inference` and `roe.v1.Answerer`;
+/// experts (metadata, and weights on a cache miss) and routing come from the router process
+/// at --library-url. No sled library and no encoder here.
+async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
+    let Some(url) = a.library_url.clone() else {
+        bail!(
+            "--role inference needs --library-url (ROE_LIBRARY_URL): the address of a \
+             `roe serve --role router`"
+        );
     };
-    serve(listener, library, options, shutdown).await?;
+    if a.no_inference {
+        bail!("--no-inference contradicts --role inference");
+    }
+    let experts = Arc::new(RemoteExpertSource::new(&url)?);
+    let route_client = Arc::new(RemoteRouteClient::new(&url)?);
+    let backbone = load_backbone(g, &a).await?;
+    // Experts are registered for the library's default backbone; the router process runs
+    // the same default configuration.
+    let backbone_name = LibraryConfig::default()
+        .backbones
+        .first()
+        .map(|b| b.name.clone())
+        .unwrap_or_default();
+    let svc = Arc::new(InferenceService::with_source(
+        Arc::new(backbone),
+        experts,
+        backbone_name,
+        roe_services::inference_service::DEFAULT_CACHE_BYTES,
+    ));
+    let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
+    if !fallback_expert.is_empty() {
+        svc.check_expert(&fallback_expert).await.map_err(|s| {
+            anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {}", s.message())
+        })?;
+        tracing::info!(expert = %fallback_expert, "fallback expert checked");
+    }
+    let listener = tokio::net::TcpListener::bind(&a.addr)
+        .await
+        .with_context(|| format!("binding {}", a.addr))?;
+    println!("roe listening on {}", listener.local_addr()?);
+    tracing::info!(library = %url, "inference only; experts and routing from the library process");
+    let options = ServeOptions {
+        fallback_expert,
+        route_client: Some(route_client),
+        ..ServeOptions::default()
+    };
+    serve_inference(listener, svc, options, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -547,6 +721,57 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
                     serde_json::json!({"input": i.input, "target": i.target, "choices": i.choices})
                 );
             }
+        }
+        ExpertCommand::Merge(a) => {
+            if let Some(w) = &a.weights {
+                if w.len() != a.from.len() {
+                    bail!(
+                        "--weights: {} weights for {} sources in --from",
+                        w.len(),
+                        a.from.len()
+                    );
+                }
+            }
+            let sources = a
+                .from
+                .iter()
+                .enumerate()
+                .map(|(i, id)| proto::MergeSource {
+                    expert_id: id.trim().to_string(),
+                    weight: a.weights.as_ref().and_then(|w| w.get(i).copied()),
+                })
+                .collect();
+            let mode = if a.concat {
+                proto::PromptMergeMode::Concat
+            } else {
+                proto::PromptMergeMode::Unspecified
+            };
+            let e = client
+                .merge_experts(proto::MergeExpertsRequest {
+                    id: a.id,
+                    name: a.name,
+                    description: a.description,
+                    sources,
+                    prompt_mode: mode as i32,
+                    new_version: a.new_version,
+                })
+                .await?
+                .into_inner()
+                .expert
+                .context("server sent no expert")?;
+            let shape = if e.lora_r > 0 {
+                format!("r={} on {:?}", e.lora_r, e.target_modules)
+            } else {
+                format!("{} virtual tokens", e.num_virtual_tokens)
+            };
+            println!(
+                "merged {} v{} ({}, {shape}, {} instances): {}",
+                e.id,
+                e.version,
+                kind_name(e.kind),
+                e.num_instances,
+                e.description
+            );
         }
         ExpertCommand::Rm { id } => {
             let r = client
@@ -806,5 +1031,171 @@ async fn cmd_generate(g: &Global, a: GenerateArgs) -> Result<()> {
     }
     writeln!(out)?;
     eprintln!("[{tokens} tokens, finish: {finish}]");
+    Ok(())
+}
+
+/// Inputs of `roe answer`: a JSON-lines file (all rows) or a task folder (`num` rows of its
+/// test split, drawn with `seed`; classification rows get the task's labels as choices).
+fn answer_rows(path: &Path, num: usize, seed: u64) -> Result<Vec<roe_expert_library::Instance>> {
+    if path.is_dir() {
+        Ok(sample(&Task::load(path)?.test, num, seed))
+    } else {
+        Ok(read_instances(path, &[])?)
+    }
+}
+
+/// Ellipsised to `n` characters, on one line.
+fn clip(s: &str, n: usize) -> String {
+    let one_line = s.replace('\n', " ");
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        format!("{}...", one_line.chars().take(n).collect::<String>())
+    }
+}
+
+async fn cmd_answer(g: &Global, a: AnswerArgs) -> Result<()> {
+    let inputs = match &a.inputs {
+        Some(p) => answer_rows(p, a.num_inputs, a.seed)?,
+        None => Vec::new(),
+    };
+    let queries = match &a.queries {
+        // Another draw than the inputs' when both come from one task folder.
+        Some(p) => answer_rows(p, a.num_queries, a.seed.wrapping_add(1))?,
+        None => Vec::new(),
+    };
+    if inputs.is_empty() && queries.is_empty() {
+        bail!("give --inputs FILE|TASK_DIR (what to answer) and/or --queries FILE|TASK_DIR");
+    }
+    // Targets of the answered rows (the inputs, else the queries) to report accuracy.
+    let answered = if inputs.is_empty() { &queries } else { &inputs };
+    let targets: Vec<Option<String>> = answered.iter().map(|i| i.target.clone()).collect();
+    let texts: Vec<String> = answered.iter().map(|i| i.input.clone()).collect();
+    let mut client = AnswererClient::connect(g.server.clone())
+        .await
+        .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let r = client
+        .answer(proto::AnswerRequest {
+            queries: to_queries(&queries, a.labeled),
+            inputs: inputs
+                .into_iter()
+                .map(|i| proto::AnswerInput {
+                    input: i.input,
+                    choices: i.choices,
+                })
+                .collect(),
+            route: Some(proto::RouteOptions {
+                abstain_threshold: a.abstain_threshold,
+                ..Default::default()
+            }),
+            mode: if a.generate {
+                proto::AnswerMode::Generate
+            } else {
+                proto::AnswerMode::Unspecified
+            } as i32,
+            max_new_tokens: a.max_new_tokens,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    // The answer's text: the chosen choice (Score) or the generated text.
+    let answer_text = |ans: &proto::Answer| match &ans.kind {
+        Some(proto::answer::Kind::Score(s)) => s
+            .choices
+            .get(s.best as usize)
+            .map(|c| c.choice.clone())
+            .unwrap_or_default(),
+        Some(proto::answer::Kind::Generated(gen)) => gen.text.clone(),
+        None => String::new(),
+    };
+    let answered_by = if r.expert_id.is_empty() {
+        "(bare backbone)".to_string()
+    } else {
+        r.expert_id.clone()
+    };
+    let ranked = r
+        .routing
+        .as_ref()
+        .map(|x| x.ranked.as_slice())
+        .unwrap_or(&[]);
+    if a.json {
+        let answers: Vec<_> = r
+            .answers
+            .iter()
+            .zip(&texts)
+            .map(|(ans, input)| match &ans.kind {
+                Some(proto::answer::Kind::Score(s)) => serde_json::json!({
+                    "input": input,
+                    "answer": answer_text(ans),
+                    "best": s.best,
+                    "choices": s.choices.iter().map(|c| serde_json::json!({
+                        "choice": c.choice, "sum_logprob": c.sum_logprob,
+                        "mean_logprob": c.mean_logprob})).collect::<Vec<_>>(),
+                }),
+                Some(proto::answer::Kind::Generated(gen)) => serde_json::json!({
+                    "input": input, "answer": gen.text, "finish_reason": gen.finish_reason}),
+                None => serde_json::json!({"input": input}),
+            })
+            .collect();
+        let ranked: Vec<_> = ranked
+            .iter()
+            .map(|s| {
+                serde_json::json!({"expert_id": s.expert_id, "score": s.score,
+                "votes": s.votes, "share": s.share})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "expert_id": r.expert_id,
+                "fell_back": r.fell_back,
+                "fallback_reason": r.fallback_reason,
+                "routing": {
+                    "expert_id": r.routing.as_ref().map(|x| x.expert_id.clone()),
+                    "abstain": r.routing.as_ref().map(|x| x.abstain),
+                    "ranked": ranked,
+                },
+                "answers": answers,
+            }))?
+        );
+        return Ok(());
+    }
+    if r.fell_back {
+        println!("fell back to {answered_by}: {}", r.fallback_reason);
+    } else {
+        println!(
+            "routed to {answered_by} (share {:.2})",
+            ranked.first().map(|s| s.share).unwrap_or(0.0)
+        );
+    }
+    let runners_up: Vec<String> = ranked
+        .iter()
+        .take(3)
+        .map(|s| format!("{} {:.2}", s.expert_id, s.share))
+        .collect();
+    println!("ranking: {}", runners_up.join(", "));
+    let mut right = 0;
+    let mut labeled = 0;
+    for (n, ((ans, input), target)) in r.answers.iter().zip(&texts).zip(&targets).enumerate() {
+        let text = answer_text(ans);
+        let mark = match target {
+            Some(t) if matches!(ans.kind, Some(proto::answer::Kind::Score(_))) => {
+                labeled += 1;
+                right += (text == *t) as usize;
+                if text == *t {
+                    "  (right)".to_string()
+                } else {
+                    format!("  (target: {t})")
+                }
+            }
+            _ => String::new(),
+        };
+        println!("[{n}] {}  <-  {}{mark}", clip(&text, 60), clip(input, 60));
+    }
+    if labeled > 0 {
+        println!("right: {right}/{labeled}");
+    }
     Ok(())
 }

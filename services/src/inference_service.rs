@@ -1,10 +1,11 @@
 //! `roe.v1.Inference`: score choices and generate text with an expert (soft prompt or LoRA)
 //! applied to the shared frozen backbone.
 //!
-//! Experts are fetched from the library by id, loaded once and kept in an LRU cache bounded in
-//! bytes. Concurrent `Score` requests are merged by a scheduler into one
+//! Experts are fetched by id from an [`ExpertSource`] (the library of this process, or one
+//! served by another process), loaded once and kept in an LRU cache bounded in bytes. Concurrent `Score` requests are merged by a scheduler into one
 //! [`Backbone::score_batch`] call (up to [`MAX_SCORE_BATCH`] requests, waiting at most
 //! [`SCORE_BATCH_WAIT`] for company), so requests for different experts share forward passes.
+//! `ScoreEnsemble` submits its members together, so they always share one batch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,16 +14,17 @@ use std::time::Duration;
 use lru::LruCache;
 use parking_lot::Mutex;
 use roe_backbone::{
-    Adapters, Backbone, BackboneError, FinishReason, GenerateParams, Lora, RenderOptions,
-    ScoreOutput, SoftPrompt,
+    ensemble_vote, Adapters, Backbone, BackboneError, FinishReason, GenerateParams, Lora,
+    RenderOptions, ScoreOutput, SoftPrompt,
 };
 use roe_expert_library::expert::ExpertKind;
 use roe_expert_library::library::ExpertLibrary;
+use roe_expert_library::PeftAdapter;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::convert::status;
+use crate::expert_source::{ExpertRef, ExpertSource, LocalExpertSource};
 use crate::library_service::blocking;
 use crate::proto::{self, inference_server::Inference as Api};
 
@@ -42,6 +44,8 @@ pub const DEFAULT_NEW_TOKENS: u32 = 64;
 pub const MAX_TEMPERATURE: f32 = 5.0;
 /// Most stop strings of one Generate request.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Most members of one ScoreEnsemble request: one scheduler batch holds them all.
+pub const MAX_ENSEMBLE_MEMBERS: usize = MAX_SCORE_BATCH;
 /// Default byte budget of the loaded-expert cache.
 pub const DEFAULT_CACHE_BYTES: usize = 512 * 1024 * 1024;
 
@@ -132,7 +136,8 @@ pub struct InferenceStats {
 struct Inner {
     stats: Arc<InferenceStats>,
     backbone: Arc<Backbone>,
-    library: Arc<ExpertLibrary>,
+    /// The library in this process, or one served by another (`roe serve --role inference`).
+    experts: Arc<dyn ExpertSource>,
     /// Name of the backbone experts must be registered for.
     backbone_name: String,
     cache: Mutex<ExpertCache>,
@@ -152,18 +157,24 @@ fn backbone_status(e: BackboneError) -> Status {
 }
 
 impl Inner {
-    /// The loaded expert of `id` (None for the bare backbone). Blocking.
-    fn resolve(&self, id: &str) -> Result<Option<Arc<LoadedExpert>>, Status> {
+    fn check_backbone(&self, meta: &ExpertRef) -> Result<(), Status> {
+        if meta.backbone != self.backbone_name {
+            return Err(Status::failed_precondition(format!(
+                "expert {:?} is for backbone {:?}; this server runs {:?}",
+                meta.id, meta.backbone, self.backbone_name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The loaded expert of `id` (None for the bare backbone). The metadata is read on every
+    /// call, so a new version is used at once; the weights only on a cache miss.
+    async fn resolve(self: &Arc<Self>, id: &str) -> Result<Option<Arc<LoadedExpert>>, Status> {
         if id.is_empty() {
             return Ok(None);
         }
-        let meta = self.library.get(id).map_err(status)?;
-        if meta.backbone != self.backbone_name {
-            return Err(Status::failed_precondition(format!(
-                "expert {id:?} is for backbone {:?}; this server runs {:?}",
-                meta.backbone, self.backbone_name
-            )));
-        }
+        let meta = self.experts.meta(id).await?;
+        self.check_backbone(&meta)?;
         if let Some(e) = self
             .cache
             .lock()
@@ -171,9 +182,35 @@ impl Inner {
         {
             return Ok(Some(e));
         }
-        let adapter = self.library.adapter(id).map_err(status)?;
+        // The metadata that comes with the weights keys the cache: a version registered in
+        // between must not be cached under the older version's key.
+        let (meta, adapter) = self.experts.adapter(id).await?;
+        self.check_backbone(&meta)?;
+        let adapter_bytes = adapter.safetensors.len();
+        let inner = self.clone();
+        let (kind, name) = (meta.kind, id.to_string());
+        let expert = blocking(move || inner.load(&name, kind, &adapter).map(Arc::new)).await?;
+        self.cache.lock().put(
+            id.to_string(),
+            CacheEntry {
+                version: meta.version,
+                sha256: meta.weights_sha256,
+                bytes: meta.weights_bytes.max(adapter_bytes),
+                expert: expert.clone(),
+            },
+        );
+        Ok(Some(expert))
+    }
+
+    /// Parses and checks an adapter against the backbone. Blocking (CPU work).
+    fn load(
+        &self,
+        id: &str,
+        kind: ExpertKind,
+        adapter: &PeftAdapter,
+    ) -> Result<LoadedExpert, Status> {
         let spec = self.backbone.expert_spec();
-        let loaded = match meta.kind {
+        Ok(match kind {
             ExpertKind::Prompt => {
                 let p = SoftPrompt::from_peft_bytes_with(
                     &adapter.config_json,
@@ -195,19 +232,15 @@ impl Inner {
                     .map_err(|e| Status::failed_precondition(format!("expert {id:?}: {e}")))?;
                 LoadedExpert::Lora(l)
             }
-        };
-        let expert = Arc::new(loaded);
-        self.cache.lock().put(
-            id.to_string(),
-            CacheEntry {
-                version: meta.version,
-                sha256: meta.weights_sha256.clone(),
-                bytes: meta.weights_bytes.max(adapter.safetensors.len()),
-                expert: expert.clone(),
-            },
-        );
-        Ok(Some(expert))
+        })
     }
+}
+
+/// One input to score with one expert (a Score request, an ensemble member, an Answer input).
+pub(crate) struct ScoreItem {
+    pub expert: Option<Arc<LoadedExpert>>,
+    pub input: String,
+    pub choices: Vec<String>,
 }
 
 /// One Score request waiting for the scheduler.
@@ -272,18 +305,34 @@ fn run_batch(backbone: &Backbone, stats: &InferenceStats, jobs: Vec<ScoreJob>) {
     }
 }
 
-/// Collects concurrent Score jobs into batches and runs them one batch at a time.
+/// Collects concurrent Score submissions into batches and runs them one batch at a time.
+/// A submission (the jobs of one request: a Score, an ensemble's members, an Answer's inputs)
+/// is never split, so its jobs share forward passes; one that does not fit in the batch being
+/// collected opens the next batch.
 async fn score_scheduler(
     backbone: Arc<Backbone>,
     stats: Arc<InferenceStats>,
-    mut rx: mpsc::Receiver<ScoreJob>,
+    mut rx: mpsc::Receiver<Vec<ScoreJob>>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
+    let mut held: Option<Vec<ScoreJob>> = None;
+    loop {
+        let mut jobs = match held.take() {
+            Some(group) => group,
+            None => match rx.recv().await {
+                Some(group) => group,
+                None => break,
+            },
+        };
         let deadline = tokio::time::Instant::now() + SCORE_BATCH_WAIT;
         while jobs.len() < MAX_SCORE_BATCH {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(job)) => jobs.push(job),
+                Ok(Some(group)) if jobs.len() + group.len() <= MAX_SCORE_BATCH => {
+                    jobs.extend(group)
+                }
+                Ok(Some(group)) => {
+                    held = Some(group);
+                    break;
+                }
                 Ok(None) | Err(_) => break,
             }
         }
@@ -303,7 +352,7 @@ async fn score_scheduler(
 
 pub struct InferenceService {
     inner: Arc<Inner>,
-    score_tx: mpsc::Sender<ScoreJob>,
+    score_tx: mpsc::Sender<Vec<ScoreJob>>,
 }
 
 impl InferenceService {
@@ -322,6 +371,23 @@ impl InferenceService {
             .backbone(None)
             .map(|b| b.name.clone())
             .unwrap_or_default();
+        Self::with_source(
+            backbone,
+            Arc::new(LocalExpertSource::new(library)),
+            backbone_name,
+            cache_bytes,
+        )
+    }
+
+    /// Serves `backbone` with the experts of `experts` registered for backbone
+    /// `backbone_name` (e.g. a [`RemoteExpertSource`](crate::expert_source::RemoteExpertSource)
+    /// when the library runs in another process). Must be called inside a Tokio runtime.
+    pub fn with_source(
+        backbone: Arc<Backbone>,
+        experts: Arc<dyn ExpertSource>,
+        backbone_name: String,
+        cache_bytes: usize,
+    ) -> Self {
         let (score_tx, score_rx) = mpsc::channel(MAX_SCORE_BATCH * 8);
         let stats = Arc::new(InferenceStats::default());
         tokio::spawn(score_scheduler(backbone.clone(), stats.clone(), score_rx));
@@ -329,7 +395,7 @@ impl InferenceService {
             inner: Arc::new(Inner {
                 stats,
                 backbone,
-                library,
+                experts,
                 backbone_name,
                 cache: Mutex::new(ExpertCache::new(cache_bytes)),
             }),
@@ -342,29 +408,158 @@ impl InferenceService {
         &self.inner.stats
     }
 
-    async fn resolve(&self, id: String) -> Result<Option<Arc<LoadedExpert>>, Status> {
-        let inner = self.inner.clone();
-        blocking(move || inner.resolve(&id)).await
+    pub(crate) async fn resolve(&self, id: String) -> Result<Option<Arc<LoadedExpert>>, Status> {
+        self.inner.resolve(&id).await
+    }
+
+    /// Checks that expert `id` ("" = bare backbone) exists, fits this backbone and loads
+    /// (e.g. `roe serve --fallback-expert` at start-up).
+    pub async fn check_expert(&self, id: &str) -> Result<(), Status> {
+        self.resolve(id.to_string()).await.map(|_| ())
+    }
+
+    /// Scores `items` through the scheduler, in order. They go in submissions of at most
+    /// [`MAX_SCORE_BATCH`], each kept whole in one batch (with other requests' jobs when
+    /// there is room).
+    pub(crate) async fn score_items(
+        &self,
+        items: Vec<ScoreItem>,
+    ) -> Result<Vec<ScoreOutput>, Status> {
+        let mut replies = Vec::with_capacity(items.len());
+        let mut group = Vec::new();
+        let n = items.len();
+        for (i, item) in items.into_iter().enumerate() {
+            let (reply, rx) = oneshot::channel();
+            replies.push(rx);
+            group.push(ScoreJob {
+                input: item.input,
+                choices: item.choices,
+                expert: item.expert,
+                reply,
+            });
+            if group.len() == MAX_SCORE_BATCH || i + 1 == n {
+                self.score_tx
+                    .send(std::mem::take(&mut group))
+                    .await
+                    .map_err(|_| Status::unavailable("the scoring scheduler has stopped"))?;
+            }
+        }
+        let mut outs = Vec::with_capacity(replies.len());
+        for rx in replies {
+            outs.push(
+                rx.await
+                    .map_err(|_| Status::internal("the scoring scheduler dropped the request"))??,
+            );
+        }
+        Ok(outs)
+    }
+
+    /// Generates the whole answer to `input` (no streaming), as Generate would stream it.
+    /// Stops early when the caller goes away (the returned future is dropped).
+    pub(crate) async fn generate_text(
+        &self,
+        expert: Option<Arc<LoadedExpert>>,
+        input: String,
+        params: GenerateParams,
+    ) -> Result<(String, FinishReason), Status> {
+        let backbone = self.inner.backbone.clone();
+        let stats = self.inner.stats.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let adapters = expert
+                .as_deref()
+                .map(LoadedExpert::adapters)
+                .unwrap_or_default();
+            stats.active_generations.fetch_add(1, Ordering::Relaxed);
+            let run = || -> Result<(String, FinishReason), BackboneError> {
+                let ids = backbone.render_prompt(&input, &RenderOptions::default())?;
+                let mut text = String::new();
+                let mut finish = FinishReason::Length;
+                for step in backbone.generator(&ids, adapters, params)? {
+                    let t = step?;
+                    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                    text.push_str(&t.text);
+                    if let Some(f) = t.finish {
+                        finish = f;
+                    }
+                    if tx.is_closed() {
+                        break;
+                    }
+                }
+                Ok((text, finish))
+            };
+            let result = run().map_err(backbone_status);
+            stats.active_generations.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(result);
+        });
+        rx.await
+            .map_err(|_| Status::internal("the generation worker failed"))?
     }
 }
 
-fn check_input(input: &str) -> Result<(), Status> {
+/// `status` with `field: ` in front of its message, keeping its code.
+pub(crate) fn prefixed(field: &str, s: Status) -> Status {
+    Status::new(s.code(), format!("{field}: {}", s.message()))
+}
+
+/// The text of a Score or Generate input; `extra` bytes (choices, stop strings) count against
+/// the same budget. `prefix` goes before the field names ("inputs[2]." in Answer).
+pub(crate) fn check_text_input(prefix: &str, input: &str, extra: usize) -> Result<(), Status> {
     if input.trim().is_empty() {
-        return Err(Status::invalid_argument("input: must not be empty"));
+        return Err(Status::invalid_argument(format!(
+            "{prefix}input: must not be empty"
+        )));
     }
-    Ok(())
-}
-
-fn check_size(total: usize) -> Result<(), Status> {
-    if total > MAX_INPUT_BYTES {
+    if input.len() + extra > MAX_INPUT_BYTES {
         return Err(Status::resource_exhausted(format!(
-            "input: more than {MAX_INPUT_BYTES} bytes"
+            "{prefix}input: more than {MAX_INPUT_BYTES} bytes"
         )));
     }
     Ok(())
 }
 
-fn finish_name(f: FinishReason) -> &'static str {
+/// The input and choices of a scoring request, as Score checks them.
+pub(crate) fn check_score_input(
+    prefix: &str,
+    input: &str,
+    choices: &[String],
+) -> Result<(), Status> {
+    if choices.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{prefix}choices: at least one is required"
+        )));
+    }
+    if choices.len() > MAX_CHOICES {
+        return Err(Status::invalid_argument(format!(
+            "{prefix}choices: at most {MAX_CHOICES}"
+        )));
+    }
+    check_text_input(prefix, input, choices.iter().map(String::len).sum())
+}
+
+pub(crate) fn score_response(
+    expert_id: String,
+    choices: &[String],
+    out: &ScoreOutput,
+) -> proto::ScoreResponse {
+    proto::ScoreResponse {
+        choices: choices
+            .iter()
+            .zip(&out.choices)
+            .map(|(choice, s)| proto::ChoiceScore {
+                choice: choice.clone(),
+                sum_logprob: s.sum_logprob,
+                mean_logprob: s.mean_logprob,
+                num_tokens: s.num_tokens as u32,
+            })
+            .collect(),
+        best: out.best as u32,
+        best_by_mean: out.best_by_mean as u32,
+        expert_id,
+    }
+}
+
+pub(crate) fn finish_name(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Eos => "eos",
         FinishReason::Length => "length",
@@ -373,7 +568,7 @@ fn finish_name(f: FinishReason) -> &'static str {
 }
 
 /// Validated sampling parameters of a Generate request.
-fn generate_params(req: &proto::GenerateRequest) -> Result<GenerateParams, Status> {
+pub(crate) fn generate_params(req: &proto::GenerateRequest) -> Result<GenerateParams, Status> {
     if req.max_new_tokens > MAX_NEW_TOKENS {
         return Err(Status::invalid_argument(format!(
             "max_new_tokens: at most {MAX_NEW_TOKENS}"
@@ -418,47 +613,73 @@ impl Api for InferenceService {
         request: Request<proto::ScoreRequest>,
     ) -> Result<Response<proto::ScoreResponse>, Status> {
         let req = request.into_inner();
-        check_input(&req.input)?;
-        if req.choices.is_empty() {
-            return Err(Status::invalid_argument(
-                "choices: at least one is required",
-            ));
-        }
-        if req.choices.len() > MAX_CHOICES {
-            return Err(Status::invalid_argument(format!(
-                "choices: at most {MAX_CHOICES}"
-            )));
-        }
-        check_size(req.input.len() + req.choices.iter().map(String::len).sum::<usize>())?;
+        check_score_input("", &req.input, &req.choices)?;
         let expert = self.resolve(req.expert_id.clone()).await?;
-        let (reply, rx) = oneshot::channel();
-        self.score_tx
-            .send(ScoreJob {
+        let out = self
+            .score_items(vec![ScoreItem {
+                expert,
                 input: req.input,
                 choices: req.choices.clone(),
+            }])
+            .await?
+            .pop()
+            .ok_or_else(|| Status::internal("scoring returned no result"))?;
+        Ok(Response::new(score_response(
+            req.expert_id,
+            &req.choices,
+            &out,
+        )))
+    }
+
+    async fn score_ensemble(
+        &self,
+        request: Request<proto::ScoreEnsembleRequest>,
+    ) -> Result<Response<proto::ScoreEnsembleResponse>, Status> {
+        let req = request.into_inner();
+        let n = req.expert_ids.len();
+        if !(2..=MAX_ENSEMBLE_MEMBERS).contains(&n) {
+            return Err(Status::invalid_argument(format!(
+                "expert_ids: an ensemble has 2 to {MAX_ENSEMBLE_MEMBERS} experts, got {n}"
+            )));
+        }
+        for (i, id) in req.expert_ids.iter().enumerate() {
+            if req.expert_ids[..i].contains(id) {
+                return Err(Status::invalid_argument(format!(
+                    "expert_ids[{i}]: {id:?} is listed twice"
+                )));
+            }
+        }
+        check_score_input("", &req.input, &req.choices)?;
+        let mut experts = Vec::with_capacity(n);
+        for (i, id) in req.expert_ids.iter().enumerate() {
+            experts.push(
+                self.inner
+                    .resolve(id)
+                    .await
+                    .map_err(|s| prefixed(&format!("expert_ids[{i}]"), s))?,
+            );
+        }
+        // One submission: the members share one batch.
+        let items = experts
+            .into_iter()
+            .map(|expert| ScoreItem {
                 expert,
-                reply,
+                input: req.input.clone(),
+                choices: req.choices.clone(),
             })
-            .await
-            .map_err(|_| Status::unavailable("the scoring scheduler has stopped"))?;
-        let out = rx
-            .await
-            .map_err(|_| Status::internal("the scoring scheduler dropped the request"))??;
-        Ok(Response::new(proto::ScoreResponse {
-            choices: req
-                .choices
+            .collect();
+        let outs = self.score_items(items).await?;
+        let vote = ensemble_vote(&outs).map_err(backbone_status)?;
+        Ok(Response::new(proto::ScoreEnsembleResponse {
+            members: req
+                .expert_ids
                 .into_iter()
-                .zip(&out.choices)
-                .map(|(choice, s)| proto::ChoiceScore {
-                    choice,
-                    sum_logprob: s.sum_logprob,
-                    mean_logprob: s.mean_logprob,
-                    num_tokens: s.num_tokens as u32,
-                })
+                .zip(&outs)
+                .map(|(id, out)| score_response(id, &req.choices, out))
                 .collect(),
-            best: out.best as u32,
-            best_by_mean: out.best_by_mean as u32,
-            expert_id: req.expert_id,
+            votes: vote.votes,
+            summed_logprob: vote.summed_logprob,
+            best: vote.best as u32,
         }))
     }
 
@@ -469,8 +690,7 @@ impl Api for InferenceService {
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = request.into_inner();
-        check_input(&req.input)?;
-        check_size(req.input.len() + req.stop.iter().map(String::len).sum::<usize>())?;
+        check_text_input("", &req.input, req.stop.iter().map(String::len).sum())?;
         let params = generate_params(&req)?;
         let expert = self.resolve(req.expert_id.clone()).await?;
         let backbone = self.inner.backbone.clone();

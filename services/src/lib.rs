@@ -1,8 +1,12 @@
 //! gRPC adapters (package `roe.v1`) around the roe domain core, plus the benchmarks and the
 //! pieces of the `roe` command-line tool.
 
+pub mod answer_service;
 pub mod bench;
 pub mod convert;
+pub mod eval;
+pub mod eval_chart;
+pub mod expert_source;
 pub mod inference_service;
 pub mod library_service;
 pub mod models;

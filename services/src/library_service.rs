@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use roe_expert_library::expert::MAX_ADAPTER_BYTES;
 use roe_expert_library::library::{ExpertLibrary, NewExpert};
+use roe_expert_library::merge::{MergeRequest, PromptMergeMode};
 use roe_expert_library::PeftAdapter;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -48,6 +49,47 @@ fn new_expert(req: proto::RegisterExpertRequest) -> Result<(NewExpert, bool), St
         },
         req.new_version,
     ))
+}
+
+/// A MergeExperts request as the library's [`MergeRequest`]: weights on every source or on
+/// none, a known prompt mode.
+fn merge_request(req: proto::MergeExpertsRequest) -> Result<MergeRequest, Status> {
+    let prompt_mode = match proto::PromptMergeMode::try_from(req.prompt_mode) {
+        Ok(proto::PromptMergeMode::Unspecified | proto::PromptMergeMode::Average) => {
+            PromptMergeMode::Average
+        }
+        Ok(proto::PromptMergeMode::Concat) => PromptMergeMode::Concat,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "prompt_mode: unknown value {}",
+                req.prompt_mode
+            )))
+        }
+    };
+    let weighted = req.sources.iter().filter(|s| s.weight.is_some()).count();
+    let weights = if weighted == 0 {
+        None
+    } else if weighted == req.sources.len() {
+        Some(req.sources.iter().filter_map(|s| s.weight).collect())
+    } else {
+        let i = req
+            .sources
+            .iter()
+            .position(|s| s.weight.is_none())
+            .unwrap_or_default();
+        return Err(Status::invalid_argument(format!(
+            "sources[{i}].weight: missing; set a weight on every source or on none (uniform)"
+        )));
+    };
+    Ok(MergeRequest {
+        id: req.id,
+        name: req.name,
+        description: req.description,
+        sources: req.sources.into_iter().map(|s| s.expert_id).collect(),
+        weights,
+        prompt_mode,
+        new_version: req.new_version,
+    })
 }
 
 impl LibraryService {
@@ -192,6 +234,18 @@ impl Api for LibraryService {
         let library = self.library.clone();
         let meta = blocking(move || library.delete(&id).map_err(status)).await?;
         Ok(Response::new(proto::DeleteExpertResponse {
+            expert: Some(expert_to_proto(&meta)),
+        }))
+    }
+
+    async fn merge_experts(
+        &self,
+        request: Request<proto::MergeExpertsRequest>,
+    ) -> Result<Response<proto::MergeExpertsResponse>, Status> {
+        let req = merge_request(request.into_inner())?;
+        let library = self.library.clone();
+        let meta = blocking(move || library.merge(req).map_err(status)).await?;
+        Ok(Response::new(proto::MergeExpertsResponse {
             expert: Some(expert_to_proto(&meta)),
         }))
     }

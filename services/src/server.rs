@@ -1,5 +1,5 @@
-//! Assembles the gRPC server: library and router services, the inference service when a
-//! backbone is loaded, gRPC health and reflection.
+//! Assembles the gRPC server: library and router services, the inference and answer
+//! services when a backbone is loaded, gRPC health and reflection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,11 +10,12 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
+use crate::answer_service::{AnswerService, LocalRouteClient, RouteClient};
 use crate::inference_service::InferenceService;
 use crate::library_service::LibraryService;
 use crate::proto::{
-    expert_library_server::ExpertLibraryServer, inference_server::InferenceServer,
-    router_server::RouterServer,
+    answerer_server::AnswererServer, expert_library_server::ExpertLibraryServer,
+    inference_server::InferenceServer, router_server::RouterServer,
 };
 use crate::router_service::RouterService;
 
@@ -25,8 +26,13 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Default)]
 pub struct ServeOptions {
     pub route_defaults: RouteOptions,
-    /// The `roe.v1.Inference` service (None: not served).
+    /// The `roe.v1.Inference` service (None: not served, nor is `roe.v1.Answerer`).
     pub inference: Option<Arc<InferenceService>>,
+    /// Answers when routing abstains in `roe.v1.Answerer` (empty: the bare backbone). Check
+    /// it with [`InferenceService::check_expert`] before serving.
+    pub fallback_expert: String,
+    /// How `roe.v1.Answerer` routes (None: the local library with `route_defaults`).
+    pub route_client: Option<Arc<dyn RouteClient>>,
 }
 
 /// Serves on an already bound listener until `shutdown` resolves.
@@ -47,6 +53,9 @@ pub async fn serve(
         health_reporter
             .set_serving::<InferenceServer<InferenceService>>()
             .await;
+        health_reporter
+            .set_serving::<AnswererServer<AnswerService>>()
+            .await;
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -56,6 +65,21 @@ pub async fn serve(
     let library_api = ExpertLibraryServer::new(LibraryService::new(library.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let answer_api = options.inference.as_ref().map(|svc| {
+        let router = options.route_client.clone().unwrap_or_else(|| {
+            Arc::new(LocalRouteClient::new(
+                library.clone(),
+                options.route_defaults.clone(),
+            ))
+        });
+        AnswererServer::new(AnswerService::new(
+            svc.clone(),
+            router,
+            options.fallback_expert.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    });
     let router_api = RouterServer::new(RouterService::new(library, options.route_defaults))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let inference_api = options.inference.map(|svc| {
@@ -71,6 +95,54 @@ pub async fn serve(
         .add_service(library_api)
         .add_service(router_api)
         .add_optional_service(inference_api)
+        .add_optional_service(answer_api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Serves inference only (`roe serve --role inference`): `roe.v1.Inference` over `inference`
+/// (whose experts come from a library served by another process), `roe.v1.Answerer` when
+/// `options.route_client` is set (routing then happens in that other process too), gRPC
+/// health and reflection. `options.inference` and `options.route_defaults` are not used.
+pub async fn serve_inference(
+    listener: TcpListener,
+    inference: Arc<InferenceService>,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<InferenceServer<InferenceService>>()
+        .await;
+    let answer_api = options.route_client.map(|router| {
+        AnswererServer::new(AnswerService::new(
+            inference.clone(),
+            router,
+            options.fallback_expert,
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    });
+    if answer_api.is_some() {
+        health_reporter
+            .set_serving::<AnswererServer<AnswerService>>()
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let inference_api = InferenceServer::from_arc(inference)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "roe serving inference only");
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(inference_api)
+        .add_optional_service(answer_api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -15,7 +15,7 @@ use roe_expert_library::PeftAdapter;
 use super::routing_accuracy::{
     self, routing_only_adapter, AccuracySetup, SuiteTask, Variant, VariantReport,
 };
-use super::{encoder, hnsw, latency, machine, write_results};
+use super::{answer, encoder, generate, hnsw, latency, machine, score, serving, write_results};
 use crate::models;
 use crate::proto;
 
@@ -30,6 +30,111 @@ pub enum BenchCommand {
     Hnsw(HnswArgs),
     /// Library start-up (read vectors from sled, rebuild the index) at scale.
     Startup(StartupArgs),
+    /// Accuracy of the bare backbone and all prompt and LoRA experts on every task's test set
+    /// against reference.json, and Score throughput.
+    Score(ScoreArgs),
+    /// Backbone prefill/decode tokens/s and next-token log-probs against llama.cpp
+    /// (needs scripts/setup-peers.sh for the peer).
+    Generate(GenerateArgs),
+    /// Score throughput through gRPC: 16 concurrent requests on 16 experts vs one expert vs
+    /// one at a time, and expert cold-load latency.
+    Serving(ServingArgs),
+    /// End-to-end route-and-answer latency (Answerer, Q queries + Score) with concurrent clients.
+    Answer(AnswerArgs),
+}
+
+#[derive(Args)]
+pub struct AnswerArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    s: usize,
+    #[arg(long, default_value_t = 32)]
+    q: usize,
+    /// Inputs answered (by Score) per request.
+    #[arg(long, default_value_t = 1)]
+    inputs: usize,
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    #[arg(long, default_value_t = 4)]
+    requests_per_client: usize,
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    /// Cache of embedded rows (speeds up reruns; never affects results).
+    #[arg(long, default_value = "bench/cache")]
+    cache_dir: PathBuf,
+    #[arg(long, default_value = "bench/results/answer.json")]
+    json: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ServingArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Timed rounds per scenario (after one warm-up round).
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results/serving.json")]
+    json: PathBuf,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[arg(long, default_value_t = 256)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Task suite whose test inputs give the 20 prompts of the log-prob comparison.
+    #[arg(long, default_value = "assets/tasks")]
+    suite: PathBuf,
+    /// Python with llama-cpp-python (default: .venv/bin/python if present).
+    #[arg(long, env = "ROE_PEERS_PYTHON")]
+    python: Option<PathBuf>,
+    #[arg(long, default_value = "bench/peers/llamacpp_bench.py")]
+    peer_script: PathBuf,
+    /// Measure roe alone.
+    #[arg(long)]
+    no_peer: bool,
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results/generate.json")]
+    json: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    /// PEFT experts (prompt/<task>, lora/<task>) and reference.json.
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    /// Test rows per task (default: all).
+    #[arg(long)]
+    rows: Option<usize>,
+    /// Rows of generation tasks (the reference used 60).
+    #[arg(long, default_value_t = 60)]
+    generation_rows: usize,
+    /// Rows per scoring call.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Only these tasks (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<String>,
+    /// Backbone GGUF file (default: <models-dir>/SmolLM2-135M-Instruct/...Q4_1.gguf).
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results/score.json")]
+    json: PathBuf,
 }
 
 #[derive(Args)]
@@ -131,7 +236,164 @@ pub fn run(
         BenchCommand::Encoder(a) => encoder_bench(models_dir, encoder, a),
         BenchCommand::Hnsw(a) => hnsw_bench(a),
         BenchCommand::Startup(a) => startup_bench(a),
+        BenchCommand::Score(a) => score_bench(models_dir, a),
+        BenchCommand::Generate(a) => generate_bench(models_dir, a),
+        BenchCommand::Serving(a) => serving_bench(models_dir, encoder, a, rt),
+        BenchCommand::Answer(a) => answer_bench(models_dir, encoder, a, rt),
     }
+}
+
+fn score_bench(models_dir: &Path, a: ScoreArgs) -> Result<()> {
+    let gguf = a
+        .backbone
+        .clone()
+        .unwrap_or_else(|| models::backbone_path(models_dir));
+    let bb = roe_backbone::Backbone::load(&gguf, None)
+        .with_context(|| format!("loading the backbone from {}", gguf.display()))?;
+    let mut tasks = load_suite(&a.tasks_dir)
+        .with_context(|| format!("loading {}", a.tasks_dir.display()))?;
+    if !a.tasks.is_empty() {
+        tasks.retain(|t| a.tasks.iter().any(|n| n == t.name()));
+    }
+    let reference_path = a.experts.join("reference.json");
+    let reference = std::fs::read_to_string(&reference_path)
+        .ok()
+        .map(|s| serde_json::from_str(&s))
+        .transpose()
+        .with_context(|| format!("parsing {}", reference_path.display()))?;
+    let setup = score::ScoreBenchSetup {
+        experts_dir: &a.experts,
+        reference,
+        rows: a.rows,
+        generation_rows: a.generation_rows,
+        batch: a.batch,
+    };
+    let report = score::run(&bb, &tasks, &setup)?;
+    let md = score::markdown(&report);
+    println!("{md}");
+    save_report(&a.json, &report, &md)
+}
+
+fn generate_bench(models_dir: &Path, a: GenerateArgs) -> Result<()> {
+    let gguf = a
+        .backbone
+        .clone()
+        .unwrap_or_else(|| models::backbone_path(models_dir));
+    // 20 prompts: the first short test input of each task, rendered canonically.
+    let mut texts = Vec::new();
+    for t in load_suite(&a.suite)? {
+        if let Some(i) = t.test.iter().find(|i| i.input.len() < 600) {
+            texts.push(format!("{}\nAnswer:", i.input));
+        }
+    }
+    texts.truncate(20);
+    let python = if a.no_peer {
+        None
+    } else {
+        super::peer_python(a.python.as_deref())
+    };
+    if python.is_none() && !a.no_peer {
+        eprintln!("no peer Python (run scripts/setup-peers.sh): llama.cpp not measured");
+    }
+    let setup = generate::GenerateBenchSetup {
+        gguf: &gguf,
+        prompt_tokens: a.prompt_tokens,
+        new_tokens: a.new_tokens,
+        repeats: a.repeats,
+        texts,
+        python: python.as_deref(),
+        peer_script: &a.peer_script,
+    };
+    let report = generate::run(&setup)?;
+    let md = generate::markdown(&report);
+    println!("{md}");
+    save_report(&a.json, &report, &md)
+}
+
+fn serving_bench(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    a: ServingArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let gguf = a
+        .backbone
+        .clone()
+        .unwrap_or_else(|| models::backbone_path(models_dir));
+    let backbone = Arc::new(
+        roe_backbone::Backbone::load(&gguf, None)
+            .with_context(|| format!("loading the backbone from {}", gguf.display()))?,
+    );
+    let encoder: Arc<dyn roe_expert_library::embedding::Encoder> =
+        Arc::new(models::load_encoder(models_dir, enc)?);
+    let work = tempfile::tempdir()?;
+    let (library, _) = ExpertLibrary::open(work.path(), encoder, LibraryConfig::default())?;
+    let tasks = load_suite(&a.tasks_dir)?;
+    let setup = serving::ServingSetup {
+        experts_dir: &a.experts,
+        tasks: &tasks,
+        concurrency: a.concurrency,
+        rounds: a.rounds,
+    };
+    let report = rt.block_on(serving::run(Arc::new(library), backbone, &setup))?;
+    let md = serving::markdown(&report);
+    println!("{md}");
+    save_report(&a.json, &report, &md)
+}
+
+fn answer_bench(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    a: AnswerArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let gguf = a
+        .backbone
+        .clone()
+        .unwrap_or_else(|| models::backbone_path(models_dir));
+    let backbone = Arc::new(
+        roe_backbone::Backbone::load(&gguf, None)
+            .with_context(|| format!("loading the backbone from {}", gguf.display()))?,
+    );
+    // Registration embeds through the cache; Route requests embed their queries for real
+    // (the serving encoder batches concurrent requests).
+    let cached = models::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
+    let work = tempfile::tempdir()?;
+    {
+        let (library, _) = ExpertLibrary::open(work.path(), cached, LibraryConfig::default())?;
+        let tasks = load_suite(&a.tasks_dir)?;
+        for t in &tasks {
+            let dir = a.experts.join("prompt").join(t.name());
+            if dir.is_dir() {
+                library.register(
+                    NewExpert {
+                        id: format!("{}/prompt", t.name()),
+                        name: t.name().to_string(),
+                        description: t.info.description.clone(),
+                        backbone: None,
+                        adapter: PeftAdapter::from_dir(&dir)?,
+                        instances: sample(&t.train, a.s, 0),
+                    },
+                    false,
+                )?;
+            }
+        }
+    }
+    let serving: Arc<dyn roe_expert_library::embedding::Encoder> =
+        Arc::new(models::load_serving_encoder(models_dir, enc)?);
+    let (library, _) = ExpertLibrary::open(work.path(), serving, LibraryConfig::default())?;
+    let tasks = load_suite(&a.tasks_dir)?;
+    let setup = answer::AnswerSetup {
+        tasks: &tasks,
+        q: a.q,
+        inputs: a.inputs,
+        clients: a.clients,
+        per_client: a.requests_per_client,
+    };
+    let report = rt.block_on(answer::run(Arc::new(library), backbone, a.s, &setup))?;
+    let md = answer::markdown(&report);
+    println!("{md}");
+    save_report(&a.json, &report, &md)
 }
 
 fn split(json: &Path) -> (PathBuf, String) {

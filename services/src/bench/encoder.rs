@@ -1,12 +1,10 @@
 //! Encoder throughput (sentences/s at batch 32) against sentence-transformers on the same
 //! machine in the same run, and agreement of the vectors on the same inputs.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use roe_expert_library::embedding::{dot, BertEncoder, Encoder};
 use serde::Serialize;
 
@@ -20,26 +18,6 @@ pub struct EncoderReport {
     pub ratio: Option<f64>,
     pub min_cosine_vs_peer: Option<f64>,
     pub peer: Option<serde_json::Value>,
-}
-
-fn run_peer(python: &Path, script: &Path, input: &serde_json::Value) -> Result<serde_json::Value> {
-    let mut child = Command::new(python)
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {} {}", python.display(), script.display()))?;
-    child
-        .stdin
-        .take()
-        .context("peer stdin")?
-        .write_all(serde_json::to_string(input)?.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{} failed with {}", script.display(), out.status);
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 pub fn run(
@@ -71,14 +49,14 @@ pub fn run(
         return Ok(report);
     };
     let model_dir = encoder_dir.canonicalize()?;
-    let peer = run_peer(
+    let peer = super::run_peer(
         python,
         peer_script,
         &serde_json::json!({"model_dir": model_dir, "texts": texts, "batch_size": batch_size, "mode": "throughput",
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)}),
     )?;
     let rate = peer["sentences_per_s"].as_f64();
-    let embedded = run_peer(
+    let embedded = super::run_peer(
         python,
         peer_script,
         &serde_json::json!({"model_dir": model_dir, "texts": texts, "batch_size": batch_size, "mode": "embed"}),

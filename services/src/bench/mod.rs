@@ -1,11 +1,15 @@
 //! Benchmarks behind `roe bench ...`: each prints a table and writes JSON and Markdown under
 //! `bench/results/`.
 
+pub mod answer;
 pub mod cli;
 pub mod encoder;
+pub mod generate;
 pub mod hnsw;
 pub mod latency;
 pub mod routing_accuracy;
+pub mod score;
+pub mod serving;
 pub mod startup;
 
 use std::path::Path;
@@ -47,5 +51,42 @@ pub fn machine() -> serde_json::Value {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
+    })
+}
+
+/// Runs a Python peer script: `input` as JSON on stdin, one JSON document back on stdout
+/// (its logs pass through on stderr).
+pub fn run_peer(
+    python: &Path,
+    script: &Path,
+    input: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {} {}", python.display(), script.display()))?;
+    child
+        .stdin
+        .take()
+        .context("peer stdin")?
+        .write_all(serde_json::to_string(input)?.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!("{} failed with {}", script.display(), out.status);
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The peers' Python: `explicit`, else `.venv/bin/python` when scripts/setup-peers.sh made it.
+pub fn peer_python(explicit: Option<&Path>) -> Option<std::path::PathBuf> {
+    explicit.map(Path::to_path_buf).or_else(|| {
+        let p = std::path::PathBuf::from(".venv/bin/python");
+        p.exists().then_some(p)
     })
 }

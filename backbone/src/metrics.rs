@@ -1,0 +1,72 @@
+//! Answer-quality metrics shared by the benchmarks and the evaluation.
+
+use std::collections::HashMap;
+
+/// Lower-cased words with punctuation removed and the articles a/an/the dropped (the usual
+/// SQuAD-style normalisation).
+fn normalized_words(s: &str) -> Vec<String> {
+    s.to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect::<String>()
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .map(String::from)
+        .collect()
+}
+
+/// Token F1 of a generated answer against the target (1 when both are empty).
+pub fn token_f1(prediction: &str, target: &str) -> f64 {
+    let p = normalized_words(prediction);
+    let t = normalized_words(target);
+    if p.is_empty() || t.is_empty() {
+        return if p.is_empty() && t.is_empty() {
+            1.0
+        } else {
+            0.0
+        };
+    }
+    let mut counts: HashMap<&str, i64> = HashMap::new();
+    for w in &t {
+        *counts.entry(w).or_default() += 1;
+    }
+    let mut common = 0usize;
+    for w in &p {
+        if let Some(c) = counts.get_mut(w.as_str()) {
+            if *c > 0 {
+                *c -= 1;
+                common += 1;
+            }
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let precision = common as f64 / p.len() as f64;
+    let recall = common as f64 / t.len() as f64;
+    2.0 * precision * recall / (precision + recall)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_f1;
+
+    #[test]
+    fn f1_counts_shared_words_once_and_ignores_case_punctuation_articles() {
+        assert_eq!(token_f1("The cat sat.", "a cat SAT"), 1.0);
+        assert_eq!(token_f1("", ""), 1.0);
+        assert_eq!(token_f1("dog", ""), 0.0);
+        assert_eq!(token_f1("dog", "cat"), 0.0);
+        // 1 shared of 2 predicted and 4 target words: p=0.5, r=0.25.
+        let f = token_f1("cat dog", "cat bird fish cow");
+        assert!((f - 2.0 * 0.5 * 0.25 / 0.75).abs() < 1e-12);
+        // Repeated words count at most as often as in the target.
+        assert!((token_f1("cat cat", "cat") - 2.0 * 0.5 / 1.5).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,316 @@
+//! `roe bench serving`: the inference service under concurrent Score requests through gRPC on
+//! loopback — 16 concurrent requests on 16 different experts against the same 16 requests on
+//! one expert and against one request at a time — and expert cold-load latency.
+//!
+//! The three scenarios score exactly the same inputs and choices; only which expert each
+//! request names differs, so the ratios isolate the cost of mixing experts in one batch.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use roe_backbone::Backbone;
+use roe_expert_library::expert::{ExpertKind, Instance};
+use roe_expert_library::library::{ExpertLibrary, NewExpert};
+use roe_expert_library::tasks::Task;
+use roe_expert_library::PeftAdapter;
+use serde::Serialize;
+
+use super::percentile;
+use crate::inference_service::InferenceService;
+use crate::proto::{self, inference_client::InferenceClient};
+use crate::server::{serve, ServeOptions};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub kind: String,
+    pub scenario: String,
+    pub requests: usize,
+    pub seconds: f64,
+    pub requests_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdLoad {
+    pub kind: String,
+    pub experts: usize,
+    /// Median over experts of (first request − the same request again).
+    pub median_load_ms: f64,
+    pub max_load_ms: f64,
+    pub median_cold_request_ms: f64,
+    pub median_warm_request_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServingReport {
+    pub concurrency: usize,
+    pub rounds: usize,
+    pub scenarios: Vec<ScenarioResult>,
+    /// Per kind: 16 experts / one expert (goal ≥ 0.9) and 16 experts / one at a time (goal ≥ 3).
+    pub ratios: Vec<serde_json::Value>,
+    pub cold_load: Vec<ColdLoad>,
+}
+
+pub struct ServingSetup<'a> {
+    pub experts_dir: &'a Path,
+    pub tasks: &'a [Task],
+    pub concurrency: usize,
+    pub rounds: usize,
+}
+
+fn expert_id(kind: ExpertKind, task: &str) -> String {
+    format!("{}-{task}", kind.as_str())
+}
+
+async fn score(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    expert: &str,
+    row: &Instance,
+) -> Result<f64> {
+    let t = Instant::now();
+    client
+        .score(proto::ScoreRequest {
+            expert_id: expert.to_string(),
+            input: row.input.clone(),
+            choices: row.choices.clone(),
+        })
+        .await
+        .with_context(|| format!("Score with {expert}"))?;
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Runs `rounds` rounds (after one warm-up round) of the requests `(expert, row)`: all at once
+/// on separate connections, or one after another.
+async fn scenario(
+    url: &str,
+    jobs: &[(String, Instance)],
+    concurrent: bool,
+    rounds: usize,
+) -> Result<(f64, Vec<f64>)> {
+    let mut clients = Vec::new();
+    for _ in 0..jobs.len() {
+        clients.push(InferenceClient::connect(url.to_string()).await?);
+    }
+    let mut latencies = Vec::new();
+    let mut wall = 0.0;
+    for round in 0..=rounds {
+        let t = Instant::now();
+        let mut times = Vec::new();
+        if concurrent {
+            let mut handles = Vec::new();
+            for ((expert, row), client) in jobs.iter().zip(clients.iter()) {
+                let (expert, row, mut client) = (expert.clone(), row.clone(), client.clone());
+                handles.push(tokio::spawn(
+                    async move { score(&mut client, &expert, &row).await },
+                ));
+            }
+            for h in handles {
+                times.push(h.await??);
+            }
+        } else {
+            for ((expert, row), client) in jobs.iter().zip(clients.iter_mut()) {
+                times.push(score(client, expert, row).await?);
+            }
+        }
+        if round > 0 {
+            wall += t.elapsed().as_secs_f64();
+            latencies.extend(times);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok((wall, latencies))
+}
+
+fn register_all(library: &ExpertLibrary, setup: &ServingSetup<'_>) -> Result<()> {
+    for task in setup.tasks {
+        for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
+            let dir = setup.experts_dir.join(kind.as_str()).join(task.name());
+            if !dir.is_dir() {
+                continue;
+            }
+            library.register(
+                NewExpert {
+                    id: expert_id(kind, task.name()),
+                    name: task.name().to_string(),
+                    description: task.info.description.clone(),
+                    backbone: None,
+                    adapter: PeftAdapter::from_dir(&dir)?,
+                    // Routing is not measured here: a few instances suffice.
+                    instances: task.train.iter().take(2).cloned().collect(),
+                },
+                false,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(
+    library: Arc<ExpertLibrary>,
+    backbone: Arc<Backbone>,
+    setup: &ServingSetup<'_>,
+) -> Result<ServingReport> {
+    let lib = library.clone();
+    {
+        let setup_tasks: Vec<Task> = setup.tasks.to_vec();
+        let experts_dir = setup.experts_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            register_all(
+                &lib,
+                &ServingSetup {
+                    experts_dir: &experts_dir,
+                    tasks: &setup_tasks,
+                    concurrency: 0,
+                    rounds: 0,
+                },
+            )
+        })
+        .await??;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let inference = Arc::new(InferenceService::new(backbone, library.clone()));
+    let server = tokio::spawn(serve(
+        listener,
+        library,
+        ServeOptions {
+            inference: Some(inference),
+            ..ServeOptions::default()
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let url = format!("http://{addr}");
+    let mut client = InferenceClient::connect(url.clone()).await?;
+
+    // Cold load: the first request of every expert loads it; the same request again is warm.
+    let mut cold_load = Vec::new();
+    for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
+        let (mut loads, mut colds, mut warms) = (Vec::new(), Vec::new(), Vec::new());
+        for task in setup.tasks {
+            let Some(row) = task.test.first() else {
+                continue;
+            };
+            let id = expert_id(kind, task.name());
+            let cold = score(&mut client, &id, row).await?;
+            let warm = score(&mut client, &id, row).await?;
+            loads.push(cold - warm);
+            colds.push(cold);
+            warms.push(warm);
+        }
+        for v in [&mut loads, &mut colds, &mut warms] {
+            v.sort_by(f64::total_cmp);
+        }
+        cold_load.push(ColdLoad {
+            kind: kind.as_str().into(),
+            experts: loads.len(),
+            median_load_ms: percentile(&loads, 0.5),
+            max_load_ms: loads.last().copied().unwrap_or(f64::NAN),
+            median_cold_request_ms: percentile(&colds, 0.5),
+            median_warm_request_ms: percentile(&warms, 0.5),
+        });
+    }
+
+    // The same 16 inputs (one test row of each of 16 tasks) in every scenario.
+    let tasks: Vec<&Task> = setup
+        .tasks
+        .iter()
+        .filter(|t| t.info.format != "generation" && !t.test.is_empty())
+        .take(setup.concurrency)
+        .collect();
+    let rows: Vec<Instance> = tasks.iter().map(|t| t.test[0].clone()).collect();
+    let mut scenarios = Vec::new();
+    let mut ratios = Vec::new();
+    for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
+        let own: Vec<(String, Instance)> = tasks
+            .iter()
+            .zip(&rows)
+            .map(|(t, r)| (expert_id(kind, t.name()), r.clone()))
+            .collect();
+        let one: Vec<(String, Instance)> = rows
+            .iter()
+            .map(|r| (expert_id(kind, tasks[0].name()), r.clone()))
+            .collect();
+        let mut rates = Vec::new();
+        for (name, jobs, concurrent) in [
+            (format!("{} concurrent, {} experts", own.len(), own.len()), &own, true),
+            (format!("{} concurrent, one expert", one.len()), &one, true),
+            (format!("one at a time, {} experts", own.len()), &own, false),
+        ] {
+            let (wall, lat) = scenario(&url, jobs, concurrent, setup.rounds).await?;
+            let r = ScenarioResult {
+                kind: kind.as_str().into(),
+                scenario: name,
+                requests: lat.len(),
+                seconds: wall,
+                requests_per_s: lat.len() as f64 / wall.max(1e-9),
+                p50_ms: percentile(&lat, 0.5),
+                p99_ms: percentile(&lat, 0.99),
+            };
+            eprintln!(
+                "{} / {}: {:.2} req/s, p50 {:.0} ms",
+                r.kind, r.scenario, r.requests_per_s, r.p50_ms
+            );
+            rates.push(r.requests_per_s);
+            scenarios.push(r);
+        }
+        ratios.push(serde_json::json!({
+            "kind": kind.as_str(),
+            "mixed_vs_one_expert": rates[0] / rates[1],
+            "mixed_vs_one_at_a_time": rates[0] / rates[2],
+        }));
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    Ok(ServingReport {
+        concurrency: rows.len(),
+        rounds: setup.rounds,
+        scenarios,
+        ratios,
+        cold_load,
+    })
+}
+
+pub fn markdown(r: &ServingReport) -> String {
+    let mut md = format!(
+        "# Inference serving (`roe bench serving`)\n\nScore requests through gRPC on loopback \
+         (one test row each of {n} classification tasks, all choices scored), {rounds} rounds \
+         after a warm-up round. The scenarios score the same inputs; only the experts differ.\n\n\
+         | kind | scenario | requests/s | p50 ms | p99 ms |\n|---|---|---|---|---|\n",
+        n = r.concurrency,
+        rounds = r.rounds
+    );
+    for s in &r.scenarios {
+        md.push_str(&format!(
+            "| {} | {} | {:.2} | {:.0} | {:.0} |\n",
+            s.kind, s.scenario, s.requests_per_s, s.p50_ms, s.p99_ms
+        ));
+    }
+    md.push_str("\n| kind | 16 experts / one expert (goal ≥ 0.9) | 16 experts / one at a time (goal ≥ 3) |\n|---|---|---|\n");
+    for x in &r.ratios {
+        md.push_str(&format!(
+            "| {} | {:.2} | {:.2} |\n",
+            x["kind"].as_str().unwrap_or(""),
+            x["mixed_vs_one_expert"].as_f64().unwrap_or(f64::NAN),
+            x["mixed_vs_one_at_a_time"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
+    md.push_str("\n## Expert cold load\n\nFirst Score request of an expert (read from sled, parsed, validated, cached) minus the same request again.\n\n| kind | experts | median load ms | max load ms | median cold request ms | median warm request ms |\n|---|---|---|---|---|---|\n");
+    for c in &r.cold_load {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
+            c.kind,
+            c.experts,
+            c.median_load_ms,
+            c.max_load_ms,
+            c.median_cold_request_ms,
+            c.median_warm_request_ms
+        ));
+    }
+    md
+}
