@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, from a fresh clone: fetch the models, build, start the
 # service, register the 23 prompt experts of the task suite (S=100 instances each), route
-# Q=32 held-out test queries of every task, print the table, then answer held-out rows of two
-# tasks on the frozen backbone with the expert that routing picked, and stop the service.
+# Q=32 held-out test queries of every task, print the table, then route and answer held-out
+# rows of two tasks and of a task the library has never seen, and stop the service.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,22 +26,17 @@ done
 "$roe" expert ls
 "$roe" route --suite assets/tasks --num-queries 32 --seed 1
 
-# Route, then infer: the routed expert answers held-out rows on the shared backbone.
-python3 - <<'PY' >"$data/rows.tsv"
-import json
-for task, n in (("sms_spam", 3), ("tweet_sentiment", 3)):
-    labels = json.load(open(f"assets/tasks/{task}/task.json"))["labels"]
-    rows = [json.loads(l) for l in open(f"assets/tasks/{task}/test.jsonl")][-n:]
-    for r in rows:
-        print("\t".join([task, r["input"].replace("\t", " ").replace("\n", " "), r["target"], "|".join(labels)]))
-PY
+# Route and answer in one call (roe.v1.Answerer): Q=32 example inputs of a task route it, and
+# the winner answers held-out rows of that task on the shared frozen backbone.
+for task in sms_spam tweet_sentiment; do
+  echo
+  echo "== route and answer: $task (held-out test rows)"
+  "$roe" answer --queries "assets/tasks/$task" --num-queries 32 --inputs "assets/tasks/$task" --num-inputs 6
+done
+
+# A task the library has never seen (no expert of its own): routing picks the closest expert,
+# or, when no expert wins a clear share, the server's fallback (the bare backbone) answers.
 echo
-echo "== route, then answer with the routed expert (held-out rows)"
-while IFS=$'\t' read -r task input target labels; do
-  expert="$("$roe" route --from "assets/tasks/$task" --num-queries 32 --seed 2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["expert_id"])')"
-  args=()
-  IFS='|' read -ra choices <<<"$labels"
-  for c in "${choices[@]}"; do args+=(--choice "$c"); done
-  answer="$("$roe" score --expert "$expert" --input "$input" "${args[@]}" --json | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["choices"][r["best"]]["choice"])')"
-  printf '%-16s routed to %-16s answer %-10s truth %-10s %.60s\n' "$task" "$expert" "$answer" "$target" "$input"
-done <"$data/rows.tsv"
+echo "== route and answer: a new task (ni_multirc_answerability, no expert of its own)"
+"$roe" answer --queries assets/tasks-routing/ni_multirc_answerability --num-queries 32 \
+  --inputs assets/tasks-routing/ni_multirc_answerability --num-inputs 6 --abstain-threshold 0.5

@@ -389,7 +389,11 @@ fn alternative_end_ids_equal_separate_passes() {
     let bb = common::quantized();
     let (sp, lora) = load_experts("sms_spam");
     let choices: Vec<String> = vec!["ham".into(), "spam".into(), "a longer answer here".into()];
-    for ad in [Adapters::none(), Adapters::prompt(&sp), Adapters::lora(&lora)] {
+    for ad in [
+        Adapters::none(),
+        Adapters::prompt(&sp),
+        Adapters::lora(&lora),
+    ] {
         let req = ScoreRequest {
             input: "Free entry in 2 a wkly comp to win FA Cup final tkts",
             choices: &choices,

@@ -354,7 +354,9 @@ pub fn main() -> Result<()> {
             b,
             &rt,
         ),
-        Command::Eval(a) => roe_services::eval::cmd(&cli.global.models_dir, cli.global.encoder.as_deref(), a),
+        Command::Eval(a) => {
+            roe_services::eval::cmd(&cli.global.models_dir, cli.global.encoder.as_deref(), a)
+        }
     }
 }
 

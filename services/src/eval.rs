@@ -333,7 +333,10 @@ pub fn run(
         ("RoE-routed (LoRA)".into(), mean(&|t| Some(t.routed))),
         ("merged all (LoRA)".into(), mean(&|t| Some(t.merged_all))),
         ("ensemble prompt+LoRA".into(), mean(&|t| t.ensemble)),
-        ("leave-one-out routed".into(), mean(&|t| Some(t.leave_one_out))),
+        (
+            "leave-one-out routed".into(),
+            mean(&|t| Some(t.leave_one_out)),
+        ),
     ];
     let routed_correct = results
         .iter()
@@ -404,17 +407,14 @@ pub fn markdown(r: &EvalReport, chart: Option<&Path>) -> String {
          {} LoRA experts with S={} training instances each; routing: Q={} unlabeled test \
          queries, default (hybrid) strategy. Leave-one-out removes the task's own expert before \
          routing. Merged = uniform average of all LoRA deltas (one model for every task).\n\n",
-        r.end_id,
-        r.rows_per_task,
-        r.generation_rows,
-        r.library_experts,
-        r.s,
-        r.q
+        r.end_id, r.rows_per_task, r.generation_rows, r.library_experts, r.s, r.q
     );
     if let Some(c) = chart {
         md.push_str(&format!(
             "![mean accuracy per configuration]({})\n\n",
-            c.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+            c.file_name()
+                .map(|f| f.to_string_lossy())
+                .unwrap_or_default()
         ));
     }
     md.push_str("| task | bare | oracle LoRA | oracle prompt | routed (expert) | merged all | ensemble | leave-one-out (expert, share) |\n|---|---|---|---|---|---|---|---|\n");

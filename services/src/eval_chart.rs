@@ -27,8 +27,9 @@ fn load_font() -> bool {
     };
     match std::fs::read(&path) {
         // plotters keeps the font for the life of the process.
-        Ok(bytes) => register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into()))
-            .is_ok(),
+        Ok(bytes) => {
+            register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into())).is_ok()
+        }
         Err(_) => false,
     }
 }

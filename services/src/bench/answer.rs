@@ -108,7 +108,11 @@ pub async fn run(
     ));
     let url = format!("http://{addr}");
     let jobs = Arc::new(jobs(setup));
-    anyhow::ensure!(!jobs.is_empty(), "no task has more than {} test rows", setup.q);
+    anyhow::ensure!(
+        !jobs.is_empty(),
+        "no task has more than {} test rows",
+        setup.q
+    );
     let started = Instant::now();
     let mut handles = Vec::new();
     for c in 0..setup.clients {

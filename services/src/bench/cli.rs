@@ -250,8 +250,8 @@ fn score_bench(models_dir: &Path, a: ScoreArgs) -> Result<()> {
         .unwrap_or_else(|| models::backbone_path(models_dir));
     let bb = roe_backbone::Backbone::load(&gguf, None)
         .with_context(|| format!("loading the backbone from {}", gguf.display()))?;
-    let mut tasks = load_suite(&a.tasks_dir)
-        .with_context(|| format!("loading {}", a.tasks_dir.display()))?;
+    let mut tasks =
+        load_suite(&a.tasks_dir).with_context(|| format!("loading {}", a.tasks_dir.display()))?;
     if !a.tasks.is_empty() {
         tasks.retain(|t| a.tasks.iter().any(|n| n == t.name()));
     }

@@ -13,7 +13,8 @@ use serde::Serialize;
 use super::percentile;
 
 /// The same filler text the peer uses when it builds its speed prompt (bench/peers/llamacpp_bench.py).
-pub const SPEED_PROMPT: &str = "Retrieval of experts: given a query, find the parameter-efficient expert whose training \
+pub const SPEED_PROMPT: &str =
+    "Retrieval of experts: given a query, find the parameter-efficient expert whose training \
 data is closest to it, then load that expert into a frozen backbone and answer. \
 The capital of France is Paris. The quick brown fox jumps over the lazy dog. ";
 
@@ -77,7 +78,12 @@ fn argmax_last(bb: &Backbone, hidden: &Tensor, row_len: usize) -> Result<u32> {
 
 /// Prefill = one forward of `ids` on an empty cache (+ the last position's log-probs); decode
 /// = `new_tokens` greedy steps, each one forward of one token. One untimed warm-up first.
-fn measure(bb: &Backbone, ids: &[u32], new_tokens: usize, repeats: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+fn measure(
+    bb: &Backbone,
+    ids: &[u32],
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for rep in 0..=repeats {
@@ -108,7 +114,9 @@ fn numerics(
     ids: &[Vec<u32>],
     peer: &serde_json::Value,
 ) -> Result<NumericsResult> {
-    let results = peer["results"].as_array().context("peer logprobs: no results")?;
+    let results = peer["results"]
+        .as_array()
+        .context("peer logprobs: no results")?;
     let mut same_ids = 0;
     let mut same_top1 = 0;
     let mut max_diff = 0f64;

@@ -12,8 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use roe_backbone::metrics::token_f1;
 use roe_backbone::{
-    Adapters, Backbone, GenerateParams, Lora, RenderOptions, ScoreOutput, ScoreRequest,
-    SoftPrompt,
+    Adapters, Backbone, GenerateParams, Lora, RenderOptions, ScoreOutput, ScoreRequest, SoftPrompt,
 };
 use roe_expert_library::expert::Instance;
 use roe_expert_library::tasks::Task;
@@ -115,9 +114,12 @@ pub fn generation_f1(bb: &Backbone, rows: &[Instance], adapters: Adapters<'_>) -
     rows.iter()
         .map(|r| {
             let ids = bb.render_prompt(&r.input, &opts)?;
-            let g = bb.generate(&ids, adapters, GenerateParams::greedy(GENERATION_TOKENS), |_| {
-                true
-            })?;
+            let g = bb.generate(
+                &ids,
+                adapters,
+                GenerateParams::greedy(GENERATION_TOKENS),
+                |_| true,
+            )?;
             Ok(token_f1(&g.text, r.target.as_deref().unwrap_or("")))
         })
         .collect()
@@ -301,9 +303,8 @@ pub fn run(bb: &Backbone, tasks: &[Task], setup: &ScoreBenchSetup<'_>) -> Result
 
 /// The report as Markdown: all 69 figures with their reference and difference.
 pub fn markdown(r: &ScoreBenchReport) -> String {
-    let mut md = String::from(
-        "# Backbone and expert accuracy vs reference.json (`roe bench score`)\n\n",
-    );
+    let mut md =
+        String::from("# Backbone and expert accuracy vs reference.json (`roe bench score`)\n\n");
     md.push_str(&format!(
         "Rows per task: {}; generation (reddit_qa, token F1): first {} rows, greedy {} tokens. \
          e2 = answers end with EOS id 2 (the canonical rendering), e1 = with id 1 \
@@ -315,7 +316,9 @@ pub fn markdown(r: &ScoreBenchReport) -> String {
         r.generation_rows,
         GENERATION_TOKENS
     ));
-    md.push_str("| task | config | e2 | e1 | reference | Δ e2 | Δ e1 |\n|---|---|---|---|---|---|---|\n");
+    md.push_str(
+        "| task | config | e2 | e1 | reference | Δ e2 | Δ e1 |\n|---|---|---|---|---|---|---|\n",
+    );
     let delta = |v: f64, rf: Option<f64>| match rf {
         Some(rf) => {
             let d = (v - rf) * 100.0;

@@ -103,9 +103,9 @@ async fn scenario(
             let mut handles = Vec::new();
             for ((expert, row), client) in jobs.iter().zip(clients.iter()) {
                 let (expert, row, mut client) = (expert.clone(), row.clone(), client.clone());
-                handles.push(tokio::spawn(
-                    async move { score(&mut client, &expert, &row).await },
-                ));
+                handles.push(tokio::spawn(async move {
+                    score(&mut client, &expert, &row).await
+                }));
             }
             for h in handles {
                 times.push(h.await??);
@@ -238,7 +238,11 @@ pub async fn run(
             .collect();
         let mut rates = Vec::new();
         for (name, jobs, concurrent) in [
-            (format!("{} concurrent, {} experts", own.len(), own.len()), &own, true),
+            (
+                format!("{} concurrent, {} experts", own.len(), own.len()),
+                &own,
+                true,
+            ),
             (format!("{} concurrent, one expert", one.len()), &one, true),
             (format!("one at a time, {} experts", own.len()), &own, false),
         ] {
