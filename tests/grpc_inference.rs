@@ -520,3 +520,37 @@ async fn experts_of_another_backbone_fail_precondition() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     server.stop().await;
 }
+
+/// Score ends every answer with `<|im_start|>` (id 1), the token the reference experts were
+/// trained to end answers with, not the canonical rendering's EOS (id 2): the service's log-
+/// probs equal the backbone's with id 1 and differ from those with id 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_ends_answers_with_the_experts_end_token() {
+    let server = start().await;
+    let mut c = server.inference().await;
+    let bb = roe_tests::backbone();
+    assert_eq!(roe_services::inference_service::answer_end_id(&bb), 1);
+    let input = "URGENT! You have won a 1 week FREE membership";
+    let served = score(&mut c, "", input).await.expect("score");
+    let choices = choices();
+    let direct = |end: u32| {
+        bb.score_batch_with(
+            &[roe_backbone::ScoreRequest {
+                input,
+                choices: &choices,
+                adapters: Default::default(),
+            }],
+            &roe_backbone::RenderOptions {
+                eos_id: Some(end),
+                ..Default::default()
+            },
+        )
+        .expect("direct score")
+        .remove(0)
+    };
+    let (with_1, with_2) = (direct(1), direct(2));
+    for (i, s) in served.choices.iter().enumerate() {
+        assert!((s.sum_logprob - with_1.choices[i].sum_logprob).abs() < 1e-3);
+        assert!((s.sum_logprob - with_2.choices[i].sum_logprob).abs() > 1e-2);
+    }
+}

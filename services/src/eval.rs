@@ -501,12 +501,7 @@ pub struct EvalArgs {
 
 /// Runs `roe eval`: prints the table and writes JSON, Markdown and PNG.
 pub fn cmd(models_dir: &Path, encoder: Option<&Path>, a: EvalArgs) -> Result<()> {
-    let gguf = a
-        .backbone
-        .clone()
-        .unwrap_or_else(|| crate::models::backbone_path(models_dir));
-    let bb = Backbone::load(&gguf, None)
-        .with_context(|| format!("loading the backbone from {}", gguf.display()))?;
+    let bb = crate::models::load_backbone(models_dir, a.backbone.as_deref())?;
     let encoder = crate::models::load_cached_encoder(models_dir, encoder, &a.cache_dir)?;
     let all = roe_expert_library::tasks::load_suite(&a.tasks_dir)
         .with_context(|| format!("loading {}", a.tasks_dir.display()))?;
@@ -524,18 +519,11 @@ pub fn cmd(models_dir: &Path, encoder: Option<&Path>, a: EvalArgs) -> Result<()>
             .context("--end-id: 1 or 2")?,
     };
     let report = run(&bb, encoder, &all, &setup, &a.tasks)?;
-    let dir = a
-        .json
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let stem = a
-        .json
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "eval".into());
-    std::fs::create_dir_all(&dir)?;
-    let png = dir.join(format!("{stem}.png"));
+    // The chart goes beside the JSON: <dir>/<stem>.png.
+    let png = a.json.with_extension("png");
+    if let Some(dir) = png.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let chart = match crate::eval_chart::draw(&report, &png) {
         Ok(()) => Some(png.as_path()),
         Err(e) => {
@@ -545,10 +533,5 @@ pub fn cmd(models_dir: &Path, encoder: Option<&Path>, a: EvalArgs) -> Result<()>
     };
     let md = markdown(&report, chart);
     println!("{md}");
-    crate::bench::write_results(
-        &dir,
-        &stem,
-        &serde_json::json!({"machine": crate::bench::machine(), "report": report}),
-        &md,
-    )
+    crate::bench::cli::save_report(&a.json, &report, &md)
 }

@@ -251,9 +251,32 @@ struct ScoreJob {
     reply: oneshot::Sender<Result<ScoreOutput, Status>>,
 }
 
+/// The id that scored answers end with: `<|im_start|>` when the backbone's tokenizer has it,
+/// else its EOS.
+///
+/// The canonical rendering of `assets/experts/README.md` says EOS (id 2 for SmolLM2), but the
+/// reference experts were trained to end answers with `<|im_start|>` (id 1) and
+/// `reference.json` was measured that way: with id 1, `roe bench score` reproduces the
+/// reference accuracies (see bench/results/score.md), with id 2 several move by a few points.
+pub fn answer_end_id(backbone: &Backbone) -> u32 {
+    backbone
+        .tokenizer()
+        .token_to_id("<|im_start|>")
+        .unwrap_or_else(|| backbone.eos_token_id())
+}
+
+/// How Score renders requests: the canonical rendering with [`answer_end_id`].
+fn score_render_options(backbone: &Backbone) -> RenderOptions {
+    RenderOptions {
+        eos_id: Some(answer_end_id(backbone)),
+        ..RenderOptions::default()
+    }
+}
+
 /// Runs a batch of jobs in one `score_batch` call; when the batch fails, each job runs alone
 /// so an error reaches only the request that caused it. Blocking.
 fn run_batch(backbone: &Backbone, stats: &InferenceStats, jobs: Vec<ScoreJob>) {
+    let render = score_render_options(backbone);
     stats.score_batches.fetch_add(1, Ordering::Relaxed);
     stats
         .scored_requests
@@ -273,7 +296,7 @@ fn run_batch(backbone: &Backbone, stats: &InferenceStats, jobs: Vec<ScoreJob>) {
                 .unwrap_or_default(),
         })
         .collect();
-    match backbone.score_batch(&reqs) {
+    match backbone.score_batch_with(&reqs, &render) {
         Ok(outs) if outs.len() == jobs.len() => {
             drop(reqs);
             for (job, out) in jobs.into_iter().zip(outs) {
@@ -283,7 +306,15 @@ fn run_batch(backbone: &Backbone, stats: &InferenceStats, jobs: Vec<ScoreJob>) {
         _ if jobs.len() > 1 => {
             let results: Vec<_> = reqs
                 .iter()
-                .map(|r| backbone.score(r).map_err(backbone_status))
+                .map(|r| {
+                    backbone
+                        .score_batch_with(std::slice::from_ref(r), &render)
+                        .map_err(backbone_status)
+                        .and_then(|mut o| {
+                            o.pop()
+                                .ok_or_else(|| Status::internal("scoring returned no result"))
+                        })
+                })
                 .collect();
             drop(reqs);
             for (job, r) in jobs.into_iter().zip(results) {

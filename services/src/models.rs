@@ -57,3 +57,16 @@ pub const DEFAULT_BACKBONE_FILE: &str = "SmolLM2-135M-Instruct/SmolLM2-135M-Inst
 pub fn backbone_path(models_dir: &Path) -> PathBuf {
     models_dir.join(DEFAULT_BACKBONE_FILE)
 }
+
+/// Loads the backbone from `explicit` (a GGUF file) or the default under `models_dir`.
+pub fn load_backbone(models_dir: &Path, explicit: Option<&Path>) -> Result<roe_backbone::Backbone> {
+    let gguf = explicit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| backbone_path(models_dir));
+    roe_backbone::Backbone::load(&gguf, None).with_context(|| {
+        format!(
+            "loading the backbone from {} (run scripts/fetch-models.sh, or pass --models-dir / --backbone)",
+            gguf.display()
+        )
+    })
+}

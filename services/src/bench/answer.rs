@@ -12,9 +12,7 @@ use roe_expert_library::tasks::{sample, Task};
 use serde::Serialize;
 
 use super::percentile;
-use crate::inference_service::InferenceService;
 use crate::proto::{self, answerer_client::AnswererClient};
-use crate::server::{serve, ServeOptions};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AnswerLatencyReport {
@@ -91,22 +89,8 @@ pub async fn run(
     setup: &AnswerSetup<'_>,
 ) -> Result<AnswerLatencyReport> {
     let experts = library.len();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let inference = Arc::new(InferenceService::new(backbone, library.clone()));
-    let server = tokio::spawn(serve(
-        listener,
-        library,
-        ServeOptions {
-            inference: Some(inference),
-            ..ServeOptions::default()
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let url = format!("http://{addr}");
+    let server = super::BenchServer::with_inference(library, backbone).await?;
+    let url = server.url.clone();
     let jobs = Arc::new(jobs(setup));
     anyhow::ensure!(
         !jobs.is_empty(),
@@ -141,8 +125,7 @@ pub async fn run(
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    server.stop().await;
     times.sort_by(f64::total_cmp);
     Ok(AnswerLatencyReport {
         experts,

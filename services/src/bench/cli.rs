@@ -244,12 +244,7 @@ pub fn run(
 }
 
 fn score_bench(models_dir: &Path, a: ScoreArgs) -> Result<()> {
-    let gguf = a
-        .backbone
-        .clone()
-        .unwrap_or_else(|| models::backbone_path(models_dir));
-    let bb = roe_backbone::Backbone::load(&gguf, None)
-        .with_context(|| format!("loading the backbone from {}", gguf.display()))?;
+    let bb = models::load_backbone(models_dir, a.backbone.as_deref())?;
     let mut tasks =
         load_suite(&a.tasks_dir).with_context(|| format!("loading {}", a.tasks_dir.display()))?;
     if !a.tasks.is_empty() {
@@ -316,14 +311,7 @@ fn serving_bench(
     a: ServingArgs,
     rt: &tokio::runtime::Runtime,
 ) -> Result<()> {
-    let gguf = a
-        .backbone
-        .clone()
-        .unwrap_or_else(|| models::backbone_path(models_dir));
-    let backbone = Arc::new(
-        roe_backbone::Backbone::load(&gguf, None)
-            .with_context(|| format!("loading the backbone from {}", gguf.display()))?,
-    );
+    let backbone = Arc::new(models::load_backbone(models_dir, a.backbone.as_deref())?);
     let encoder: Arc<dyn roe_expert_library::embedding::Encoder> =
         Arc::new(models::load_encoder(models_dir, enc)?);
     let work = tempfile::tempdir()?;
@@ -347,14 +335,7 @@ fn answer_bench(
     a: AnswerArgs,
     rt: &tokio::runtime::Runtime,
 ) -> Result<()> {
-    let gguf = a
-        .backbone
-        .clone()
-        .unwrap_or_else(|| models::backbone_path(models_dir));
-    let backbone = Arc::new(
-        roe_backbone::Backbone::load(&gguf, None)
-            .with_context(|| format!("loading the backbone from {}", gguf.display()))?,
-    );
+    let backbone = Arc::new(models::load_backbone(models_dir, a.backbone.as_deref())?);
     // Registration embeds through the cache; Route requests embed their queries for real
     // (the serving encoder batches concurrent requests).
     let cached = models::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
@@ -409,7 +390,7 @@ fn split(json: &Path) -> (PathBuf, String) {
 }
 
 /// Writes a single-report benchmark (with the machine it ran on) as JSON and Markdown.
-fn save_report(json: &Path, report: &impl serde::Serialize, md: &str) -> Result<()> {
+pub(crate) fn save_report(json: &Path, report: &impl serde::Serialize, md: &str) -> Result<()> {
     let (dir, name) = split(json);
     write_results(
         &dir,

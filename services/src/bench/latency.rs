@@ -8,7 +8,7 @@ use roe_expert_library::library::ExpertLibrary;
 use serde::Serialize;
 
 use crate::proto::{self, router_client::RouterClient};
-use crate::server::{serve, ServeOptions};
+use crate::server::ServeOptions;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyReport {
@@ -29,13 +29,8 @@ pub async fn route_latency(
     clients: usize,
     per_client: usize,
 ) -> Result<LatencyReport> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, library, ServeOptions::default(), async {
-        let _ = stop_rx.await;
-    }));
-    let url = format!("http://{addr}");
+    let server = super::BenchServer::start(library, ServeOptions::default()).await?;
+    let url = server.url.clone();
     let sets = Arc::new(query_sets);
     let q = sets.first().map(|s| s.len()).unwrap_or(0);
     // Warm-up: one request per client connection.
@@ -68,8 +63,7 @@ pub async fn route_latency(
         all.extend(h.await??);
     }
     let wall = started.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    server.stop().await;
     all.sort_by(|a, b| a.total_cmp(b));
     Ok(LatencyReport {
         clients,

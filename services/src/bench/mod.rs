@@ -90,3 +90,49 @@ pub fn peer_python(explicit: Option<&Path>) -> Option<std::path::PathBuf> {
         p.exists().then_some(p)
     })
 }
+
+/// A real gRPC server on 127.0.0.1 (an ephemeral port) for the benchmarks' clients.
+pub struct BenchServer {
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl BenchServer {
+    pub async fn start(
+        library: std::sync::Arc<roe_expert_library::library::ExpertLibrary>,
+        options: crate::server::ServeOptions,
+    ) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(crate::server::serve(listener, library, options, async {
+            let _ = stop_rx.await;
+        }));
+        Ok(Self { url, stop, task })
+    }
+
+    /// Serves `library` with the inference (and route-and-answer) services on `backbone`.
+    pub async fn with_inference(
+        library: std::sync::Arc<roe_expert_library::library::ExpertLibrary>,
+        backbone: std::sync::Arc<roe_backbone::Backbone>,
+    ) -> anyhow::Result<Self> {
+        let inference = std::sync::Arc::new(crate::inference_service::InferenceService::new(
+            backbone,
+            library.clone(),
+        ));
+        Self::start(
+            library,
+            crate::server::ServeOptions {
+                inference: Some(inference),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}

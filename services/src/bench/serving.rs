@@ -18,9 +18,7 @@ use roe_expert_library::PeftAdapter;
 use serde::Serialize;
 
 use super::percentile;
-use crate::inference_service::InferenceService;
 use crate::proto::{self, inference_client::InferenceClient};
-use crate::server::{serve, ServeOptions};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
@@ -170,22 +168,8 @@ pub async fn run(
         })
         .await??;
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let inference = Arc::new(InferenceService::new(backbone, library.clone()));
-    let server = tokio::spawn(serve(
-        listener,
-        library,
-        ServeOptions {
-            inference: Some(inference),
-            ..ServeOptions::default()
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let url = format!("http://{addr}");
+    let server = super::BenchServer::with_inference(library, backbone).await?;
+    let url = server.url.clone();
     let mut client = InferenceClient::connect(url.clone()).await?;
 
     // Cold load: the first request of every expert loads it; the same request again is warm.
@@ -269,8 +253,7 @@ pub async fn run(
             "mixed_vs_one_at_a_time": rates[0] / rates[2],
         }));
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    server.stop().await;
     Ok(ServingReport {
         concurrency: rows.len(),
         rounds: setup.rounds,
