@@ -176,7 +176,8 @@ pub async fn run(
     let mut cold_load = Vec::new();
     for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
         let (mut loads, mut colds, mut warms) = (Vec::new(), Vec::new(), Vec::new());
-        for task in setup.tasks {
+        // Classification tasks only: Score needs choices.
+        for task in setup.tasks.iter().filter(|t| t.info.format != "generation") {
             let Some(row) = task.test.first() else {
                 continue;
             };
