@@ -13,7 +13,8 @@ roe=./target/release/roe
 addr="${ROE_DEMO_ADDR:-127.0.0.1:50051}"
 export ROE_SERVER="http://$addr"
 data="$(mktemp -d)"
-"$roe" serve --addr "$addr" --data-dir "$data/library" &
+# The server logs warnings only, so that its lines do not interleave with the tables.
+RUST_LOG="${RUST_LOG:-warn}" "$roe" serve --addr "$addr" --data-dir "$data/library" &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
 
