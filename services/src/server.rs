@@ -35,6 +35,28 @@ pub struct ServeOptions {
     pub route_client: Option<Arc<dyn RouteClient>>,
 }
 
+/// gRPC reflection over roe's and the health service's descriptors.
+fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid")
+}
+
+/// `roe.v1.Answerer` over `inference`, routing through `router`.
+fn answerer(
+    inference: Arc<InferenceService>,
+    router: Arc<dyn RouteClient>,
+    fallback_expert: String,
+) -> AnswererServer<AnswerService> {
+    AnswererServer::new(AnswerService::new(inference, router, fallback_expert))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
 /// Serves on an already bound listener until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -57,11 +79,7 @@ pub async fn serve(
             .set_serving::<AnswererServer<AnswerService>>()
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the embedded descriptor sets are valid");
+    let reflection = reflection();
     let library_api = ExpertLibraryServer::new(LibraryService::new(library.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -72,13 +90,7 @@ pub async fn serve(
                 options.route_defaults.clone(),
             ))
         });
-        AnswererServer::new(AnswerService::new(
-            svc.clone(),
-            router,
-            options.fallback_expert.clone(),
-        ))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        answerer(svc.clone(), router, options.fallback_expert.clone())
     });
     let router_api = RouterServer::new(RouterService::new(library, options.route_defaults))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -114,25 +126,15 @@ pub async fn serve_inference(
     health_reporter
         .set_serving::<InferenceServer<InferenceService>>()
         .await;
-    let answer_api = options.route_client.map(|router| {
-        AnswererServer::new(AnswerService::new(
-            inference.clone(),
-            router,
-            options.fallback_expert,
-        ))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-    });
+    let answer_api = options
+        .route_client
+        .map(|router| answerer(inference.clone(), router, options.fallback_expert));
     if answer_api.is_some() {
         health_reporter
             .set_serving::<AnswererServer<AnswerService>>()
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the embedded descriptor sets are valid");
+    let reflection = reflection();
     let inference_api = InferenceServer::from_arc(inference)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
