@@ -1,9 +1,10 @@
 //! Acknowledged writes survive a crash: a real `roe serve` process is killed with SIGKILL
 //! right after registrations return, restarted on the same data directory, and must still
 //! hold (and route to) every acknowledged expert.
+mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use roe_expert_library::tasks::{sample, Task};
@@ -11,15 +12,7 @@ use roe_services::proto::{
     self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
 };
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("ROE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models"))
-}
+use common::{models_dir, repo};
 
 /// Starts `roe serve` on a free port and waits for its "listening" line.
 fn start(data: &Path) -> (Child, String) {
@@ -52,30 +45,7 @@ fn start(data: &Path) -> (Child, String) {
 }
 
 fn request(id: &str, task: &Task, kind: &str) -> proto::RegisterExpertRequest {
-    let dir = repo()
-        .join("assets/experts/smollm2-135m")
-        .join(kind)
-        .join(task.name());
-    proto::RegisterExpertRequest {
-        id: id.into(),
-        name: id.into(),
-        description: String::new(),
-        backbone: String::new(),
-        adapter: Some(proto::PeftAdapter {
-            adapter_config_json: std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
-            adapter_model_safetensors: std::fs::read(dir.join("adapter_model.safetensors"))
-                .unwrap(),
-        }),
-        instances: sample(&task.train, 10, 0)
-            .into_iter()
-            .map(|i| proto::Instance {
-                input: i.input,
-                target: i.target,
-                choices: i.choices,
-            })
-            .collect(),
-        new_version: false,
-    }
+    common::register_request(id, kind, task, 10, false)
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! and a real `roe serve --role inference` process (backbone, experts over gRPC from the
 //! router) give the same answers as the single-process `roe serve`, and an unknown expert is
 //! NOT_FOUND through the remote path too.
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,15 +16,7 @@ use roe_services::proto::{
 use tonic::transport::Channel;
 use tonic::Code;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("ROE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models"))
-}
+use common::{models_dir, repo};
 
 fn backbone_path() -> PathBuf {
     std::env::var_os("ROE_BACKBONE")
@@ -84,30 +77,7 @@ fn ready(stdout: ChildStdout) {
 }
 
 fn register(id: &str, kind: &str, task: &Task, new_version: bool) -> proto::RegisterExpertRequest {
-    let dir = repo()
-        .join("assets/experts/smollm2-135m")
-        .join(kind)
-        .join(task.name());
-    proto::RegisterExpertRequest {
-        id: id.into(),
-        name: id.into(),
-        description: String::new(),
-        backbone: String::new(),
-        adapter: Some(proto::PeftAdapter {
-            adapter_config_json: std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
-            adapter_model_safetensors: std::fs::read(dir.join("adapter_model.safetensors"))
-                .unwrap(),
-        }),
-        instances: sample(&task.train, 8, 0)
-            .into_iter()
-            .map(|i| proto::Instance {
-                input: i.input,
-                target: i.target,
-                choices: i.choices,
-            })
-            .collect(),
-        new_version,
-    }
+    common::register_request(id, kind, task, 8, new_version)
 }
 
 async fn library(url: &str) -> ExpertLibraryClient<Channel> {
