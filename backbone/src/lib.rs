@@ -14,10 +14,9 @@ pub mod ensemble;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
-#[doc(hidden)]
-pub mod q4;
 pub mod score;
 pub mod tokenizer;
 

@@ -16,6 +16,8 @@ use crate::error::{BackboneError, Result};
 use crate::experts::{ExpertSpec, Lora, LoraTarget, SoftPrompt};
 use crate::tokenizer::TextTokenizer;
 
+mod decode;
+
 /// Additive mask value for masked attention slots (finite so that a fully masked padded row
 /// never produces NaN).
 const MASK_VALUE: f32 = -1e30;
@@ -43,8 +45,8 @@ pub enum QuantKernel {
     Ggml,
 }
 
-/// Up to this many activation rows, Q4_1 weights run through the direct block kernel
-/// instead of being expanded to f32.
+/// Up to this many activation rows, Q4_1 and Q8_0 weights run through the block kernels
+/// ([`crate::kernels`]) instead of being expanded to f32.
 const SMALL_BATCH_ROWS: usize = 4;
 
 /// A linear layer `x W^T`.
@@ -62,14 +64,15 @@ impl Linear {
             Linear::Mm(m) => m.forward(x),
             Linear::OnTheFly(q) => {
                 let rows = x.elem_count() / x.dim(D::Minus1)?;
-                if rows <= SMALL_BATCH_ROWS && q.dtype() == GgmlDType::Q4_1 {
-                    let (n, k) = q.shape().dims2()?;
+                if rows <= SMALL_BATCH_ROWS
+                    && matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0)
+                {
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                    let data = q.data()?;
-                    let y = crate::q4::matmul_q4_1(&data, n, k, &xs, rows);
+                    let y = decode::linear_rows(self, &xs, rows)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                     let mut dims = x.dims().to_vec();
                     if let Some(last) = dims.last_mut() {
-                        *last = n;
+                        *last = q.shape().dims2()?.0;
                     }
                     return Tensor::from_vec(y, dims, &Device::Cpu);
                 }
@@ -107,6 +110,9 @@ pub struct Backbone {
     layers: Vec<Layer>,
     final_norm: Tensor,
     lm_head: QMatMul,
+    /// The tied output matrix in its GGUF blocks when they are Q8_0: for a few rows (decode)
+    /// reading 1 byte per weight beats the f32 copy's 4, with the same values.
+    lm_head_blocks: Option<std::sync::Arc<QTensor>>,
     /// [max_pos, head_dim / 2].
     cos: Tensor,
     sin: Tensor,
@@ -216,6 +222,7 @@ impl Backbone {
             )));
         }
         let tok_embeddings = tok_q.dequantize(&device)?;
+        let mut lm_head_blocks = None;
         let final_norm = get("output_norm.weight")?.dequantize(&device)?;
         let lm_head = match get("output.weight") {
             Ok(t) => plain_matmul(t, dq, &device)?,
@@ -224,11 +231,10 @@ impl Backbone {
                 if dq {
                     QMatMul::Tensor(tok_embeddings.clone())
                 } else {
-                    if std::env::var("ROE_Q_HEAD").is_ok() {
-                        plain_matmul(tok_q, false, &device)?
-                    } else {
-                        QMatMul::Tensor(tok_embeddings.clone())
+                    if tok_q.dtype() == GgmlDType::Q8_0 {
+                        lm_head_blocks = Some(std::sync::Arc::new(tok_q));
                     }
+                    QMatMul::Tensor(tok_embeddings.clone())
                 }
             }
         };
@@ -301,6 +307,7 @@ impl Backbone {
             layers,
             final_norm,
             lm_head,
+            lm_head_blocks,
             cos,
             sin,
             tokenizer,
@@ -477,6 +484,9 @@ impl Backbone {
                 )));
             }
         }
+        if t == 1 && b <= decode::MAX_STEP_ROWS && self.device.is_cpu() {
+            return self.forward_step(embeds, lens, cache, loras);
+        }
         // Rotary tables for each (row, position).
         let mut pos = Vec::with_capacity(b * t);
         for (i, &l) in lens.iter().enumerate() {
@@ -614,6 +624,16 @@ impl Backbone {
 
     /// Logits [n, vocab] of normalised hidden states [n, hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (n, h) = hidden.dims2()?;
+        if let Some(q) = &self.lm_head_blocks {
+            if n <= decode::MAX_STEP_ROWS {
+                let x = hidden.flatten_all()?.to_vec1::<f32>()?;
+                let y = decode::linear_rows(&Linear::OnTheFly(q.clone()), &x, n)?;
+                let vocab = y.len() / n.max(1);
+                debug_assert_eq!(x.len(), n * h);
+                return Ok(Tensor::from_vec(y, (n, vocab), &self.device)?);
+            }
+        }
         Ok(self.lm_head.forward(&hidden.contiguous()?)?)
     }
 
@@ -834,12 +854,18 @@ impl KvCache {
             let nk = Tensor::zeros((b, nkv, cap, hd), DType::F32, &Device::Cpu)?;
             let nv = Tensor::zeros((b, nkv, cap, hd), DType::F32, &Device::Cpu)?;
             nk.slice_set(
-                &self.k[li].narrow(2, 0, self.len)?.index_select(&idx, 0)?,
+                &self.k[li]
+                    .narrow(2, 0, self.len)?
+                    .contiguous()?
+                    .index_select(&idx, 0)?,
                 2,
                 0,
             )?;
             nv.slice_set(
-                &self.v[li].narrow(2, 0, self.len)?.index_select(&idx, 0)?,
+                &self.v[li]
+                    .narrow(2, 0, self.len)?
+                    .contiguous()?
+                    .index_select(&idx, 0)?,
                 2,
                 0,
             )?;
