@@ -5,13 +5,28 @@
 //! `hnsw_threshold` live vectors an HNSW graph (hnsw_rs) answers instead. Insertion is
 //! continual; deletion is a tombstone honoured at once by filtered search, and `compact`
 //! drops tombstoned rows and rebuilds the graph once they pile up.
+//!
+//! A graph can be written to disk with hnsw_rs's own `file_dump` ([`VectorIndex::dump_graph`])
+//! and loaded back with `HnswIo` ([`VectorIndex::load_graph`]) instead of being rebuilt;
+//! [`crate::persist`] decides when a dump may be trusted.
 
 use std::collections::{HashMap, HashSet};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
 
 use hnsw_rs::anndists::dist::Distance;
+use hnsw_rs::api::AnnT;
 use hnsw_rs::hnsw::Hnsw;
+use hnsw_rs::hnswio::HnswIo;
 
 use crate::error::{LibraryError, Result};
+
+/// Layers of every graph. hnsw_rs only dumps graphs allocated with its maximum (16), and with
+/// M >= 2 the levels sampled never come near it, so it changes nothing but the dump.
+const GRAPH_LAYERS: usize = 16;
+
+/// Head of a row table file (see [`VectorIndex::dump_graph`]).
+const ROWS_MAGIC: &[u8; 8] = b"ROEROWS1";
 
 /// `1 - dot`, clamped at 0: rounding can push the dot of unit vectors above 1, which the
 /// stock `DistDot` rejects with a panic.
@@ -62,6 +77,8 @@ pub struct VectorIndex {
     row_of: HashMap<u64, usize>,
     deleted: HashSet<usize>,
     hnsw: Option<Hnsw<'static, f32, ClampedDotDistance>>,
+    /// Compactions so far (a compaction replaces the graph, so a dump of it goes stale).
+    compactions: u64,
 }
 
 impl VectorIndex {
@@ -74,7 +91,24 @@ impl VectorIndex {
             row_of: HashMap::new(),
             deleted: HashSet::new(),
             hnsw: None,
+            compactions: 0,
         }
+    }
+
+    pub fn config(&self) -> &IndexConfig {
+        &self.config
+    }
+
+    /// How many times [`Self::compact`] has dropped tombstoned rows.
+    pub fn compactions(&self) -> u64 {
+        self.compactions
+    }
+
+    /// Live (not deleted) point ids, in row order.
+    pub fn live_points(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.points.len())
+            .filter(|r| !self.deleted.contains(r))
+            .map(|r| self.points[r])
     }
 
     pub fn dim(&self) -> usize {
@@ -164,6 +198,7 @@ impl VectorIndex {
         self.points = points;
         self.deleted.clear();
         self.hnsw = None;
+        self.compactions += 1;
         if self.len() >= self.config.hnsw_threshold {
             self.build_hnsw();
         }
@@ -171,11 +206,10 @@ impl VectorIndex {
 
     fn build_hnsw(&mut self) {
         let n = self.points.len();
-        let layers = 16.min(((n.max(2) as f32).ln().ceil() as usize).max(1));
         let h = Hnsw::new(
             self.config.max_connections,
             n.max(1024),
-            layers,
+            GRAPH_LAYERS,
             self.config.ef_construction,
             ClampedDotDistance,
         );
@@ -237,6 +271,156 @@ impl VectorIndex {
         hits
     }
 
+    /// Writes the graph into `dir` with hnsw_rs's `file_dump` (`<basename>.hnsw.graph` and
+    /// `<basename>.hnsw.data`) plus the row table `<basename>.rows` (the point id of every
+    /// graph row and whether it is tombstoned: graph ids are rows). Returns the files written,
+    /// or `None` when there is no graph (or an empty one) to write.
+    pub fn dump_graph(&self, dir: &Path, basename: &str) -> Result<Option<Vec<PathBuf>>> {
+        let Some(h) = &self.hnsw else {
+            return Ok(None);
+        };
+        if h.get_nb_point() == 0 {
+            return Ok(None);
+        }
+        // hnsw_rs panics where it cannot create its files: keep that an error.
+        let dumped =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.file_dump(dir, basename)))
+                .map_err(|_| {
+                    LibraryError::Index(format!("hnsw_rs panicked dumping into {}", dir.display()))
+                })?
+                .map_err(|e| {
+                    LibraryError::Index(format!("dumping the graph into {}: {e:#}", dir.display()))
+                })?;
+        if dumped != basename {
+            return Err(LibraryError::Index(format!(
+                "hnsw_rs dumped under {dumped:?} instead of {basename:?}"
+            )));
+        }
+        let rows_path = dir.join(format!("{basename}.rows"));
+        let write_rows = || -> std::io::Result<()> {
+            let mut out = BufWriter::new(std::fs::File::create(&rows_path)?);
+            out.write_all(ROWS_MAGIC)?;
+            out.write_all(&(self.points.len() as u64).to_le_bytes())?;
+            out.write_all(&(self.dim as u64).to_le_bytes())?;
+            for (r, pid) in self.points.iter().enumerate() {
+                out.write_all(&pid.to_le_bytes())?;
+                out.write_all(&[self.deleted.contains(&r) as u8])?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()
+        };
+        write_rows().map_err(|e| LibraryError::io(&rows_path, e))?;
+        Ok(Some(vec![
+            dir.join(format!("{basename}.hnsw.graph")),
+            dir.join(format!("{basename}.hnsw.data")),
+            rows_path,
+        ]))
+    }
+
+    /// Loads a graph written by [`Self::dump_graph`]. The vectors of live rows come from
+    /// `stored` (the store is the source of truth) and must equal the graph's own copies bit
+    /// for bit; every live point of `stored` must have a row, and nothing else may. The files
+    /// must be the ones that were written (checksums are the caller's job): hnsw_rs's loader
+    /// trusts its input, and its panics are turned into errors here.
+    pub fn load_graph(
+        dim: usize,
+        config: IndexConfig,
+        dir: &Path,
+        basename: &str,
+        stored: &HashMap<u64, &[f32]>,
+    ) -> Result<Self> {
+        let bad = |m: String| LibraryError::Index(format!("graph {basename}: {m}"));
+        let rows_path = dir.join(format!("{basename}.rows"));
+        let (points, deleted) = read_rows(&rows_path, dim).map_err(bad)?;
+        let n = points.len();
+        let mut data = vec![0.0f32; n * dim];
+        let mut row_of = HashMap::with_capacity(n - deleted.len());
+        for (r, pid) in points.iter().enumerate() {
+            if deleted.contains(&r) {
+                continue;
+            }
+            let v = stored
+                .get(pid)
+                .ok_or_else(|| bad(format!("point {pid} is not in the store")))?;
+            if v.len() != dim {
+                return Err(bad(format!("point {pid} has {} dimensions", v.len())));
+            }
+            data[r * dim..(r + 1) * dim].copy_from_slice(v);
+            if row_of.insert(*pid, r).is_some() {
+                return Err(bad(format!("point {pid} is live in two rows")));
+            }
+        }
+        if row_of.len() != stored.len() {
+            return Err(bad(format!(
+                "{} live rows, the store holds {} points",
+                row_of.len(),
+                stored.len()
+            )));
+        }
+        // `load_hnsw_with_dist` ties the graph's lifetime to the loader (for memory-mapped
+        // data, which roe does not use: every vector is copied in). Leaking the loader, a few
+        // hundred bytes once per load, gives the 'static graph the index holds.
+        let io: &'static HnswIo = Box::leak(Box::new(HnswIo::new(dir, basename)));
+        let mut h: Hnsw<'static, f32, ClampedDotDistance> =
+            std::panic::catch_unwind(|| io.load_hnsw_with_dist(ClampedDotDistance))
+                .map_err(|_| bad("hnsw_rs panicked loading it".into()))?
+                .map_err(|e| bad(format!("hnsw_rs could not load it: {e:#}")))?;
+        if h.get_nb_point() != n {
+            return Err(bad(format!(
+                "{} graph points for {n} rows",
+                h.get_nb_point()
+            )));
+        }
+        if h.get_max_nb_connection() as usize != config.max_connections
+            || h.get_ef_construction() != config.ef_construction
+        {
+            return Err(bad(format!(
+                "built with M={} ef_construction={}, configured M={} ef_construction={}",
+                h.get_max_nb_connection(),
+                h.get_ef_construction(),
+                config.max_connections,
+                config.ef_construction
+            )));
+        }
+        // Every row exactly once, and the graph's vectors are the stored ones.
+        let mut seen = vec![false; n];
+        let indexation = h.get_point_indexation();
+        for layer in 0..GRAPH_LAYERS {
+            for p in indexation.get_layer_iterator(layer) {
+                let r = p.get_origin_id();
+                if r >= n || std::mem::replace(&mut seen[r], true) {
+                    return Err(bad(format!("graph row {r} is out of range or repeated")));
+                }
+                if deleted.contains(&r) {
+                    continue;
+                }
+                let v = p.get_v();
+                let want = &data[r * dim..(r + 1) * dim];
+                if v.len() != dim || v.iter().zip(want).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                    return Err(bad(format!(
+                        "the graph's vector of point {} differs from the stored one",
+                        points[r]
+                    )));
+                }
+            }
+        }
+        if seen.iter().any(|s| !s) {
+            return Err(bad("some rows are missing from the graph".into()));
+        }
+        // As built here: later insertions behave like insertions into a built graph.
+        h.set_extend_candidates(false);
+        h.set_searching_mode(true);
+        Ok(Self {
+            dim,
+            config,
+            data,
+            points,
+            row_of,
+            deleted,
+            hnsw: Some(h),
+            compactions: 0,
+        })
+    }
+
     /// Bytes held by vectors and bookkeeping (the graph is estimated by its edge count).
     pub fn approx_memory_bytes(&self) -> usize {
         let vectors = self.data.len() * 4;
@@ -250,6 +434,44 @@ impl VectorIndex {
         };
         vectors + book + graph
     }
+}
+
+/// Reads a row table: the point id of each row and the tombstoned rows.
+fn read_rows(path: &Path, dim: usize) -> std::result::Result<(Vec<u64>, HashSet<usize>), String> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let head = bytes.get(..24).ok_or("row table too short")?;
+    if &head[..8] != ROWS_MAGIC {
+        return Err("not a row table".into());
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap_or([0; 8]));
+    let (n, file_dim) = (u64_at(8), u64_at(16));
+    if file_dim != dim as u64 {
+        return Err(format!(
+            "row table for {file_dim} dimensions, the index has {dim}"
+        ));
+    }
+    let body = &bytes[24..];
+    if n.checked_mul(9) != Some(body.len() as u64) {
+        return Err(format!("row table of {n} rows has {} bytes", body.len()));
+    }
+    let mut points = Vec::with_capacity(n as usize);
+    let mut deleted = HashSet::new();
+    for (r, row) in body.chunks_exact(9).enumerate() {
+        let mut pid = [0u8; 8];
+        pid.copy_from_slice(&row[..8]);
+        points.push(u64::from_le_bytes(pid));
+        match row[8] {
+            0 => {}
+            1 => {
+                deleted.insert(r);
+            }
+            f => return Err(format!("row {r} has flag {f}")),
+        }
+    }
+    Ok((points, deleted))
 }
 
 fn cmp_hits(a: &Hit, b: &Hit) -> std::cmp::Ordering {
@@ -343,5 +565,111 @@ mod tests {
                 .all(|h| h.point_id >= 1000));
         }
         assert_eq!(idx.search(&vs[1234], 1, &|_| true)[0].point_id, 1234);
+    }
+
+    /// 1200 points (ids 1000..), the first 100 tombstoned, in an HNSW index.
+    fn graph_index(dim: usize) -> (VectorIndex, Vec<Vec<f32>>) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let vs: Vec<Vec<f32>> = (0..1200).map(|_| random_unit(&mut rng, dim)).collect();
+        let cfg = IndexConfig {
+            hnsw_threshold: 500,
+            ef_construction: 64,
+            ..Default::default()
+        };
+        let mut idx = VectorIndex::new(dim, cfg);
+        let items: Vec<(u64, &[f32])> = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (1000 + i as u64, v.as_slice()))
+            .collect();
+        idx.insert(&items).unwrap();
+        idx.remove(&(1000..1100).collect::<Vec<_>>());
+        assert!(idx.uses_hnsw() && idx.len() == 1100);
+        (idx, vs)
+    }
+
+    fn stored(vs: &[Vec<f32>]) -> HashMap<u64, &[f32]> {
+        vs.iter()
+            .enumerate()
+            .skip(100)
+            .map(|(i, v)| (1000 + i as u64, v.as_slice()))
+            .collect()
+    }
+
+    #[test]
+    fn a_dumped_graph_loads_back_and_searches_identically() {
+        let dim = 24;
+        let (idx, vs) = graph_index(dim);
+        let tmp = tempfile::tempdir().unwrap();
+        let files = idx.dump_graph(tmp.path(), "g").unwrap().unwrap();
+        assert_eq!(files.len(), 3);
+        let mut loaded =
+            VectorIndex::load_graph(dim, idx.config.clone(), tmp.path(), "g", &stored(&vs))
+                .unwrap();
+        assert!(loaded.uses_hnsw());
+        assert_eq!(loaded.len(), idx.len());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for _ in 0..50 {
+            let q = random_unit(&mut rng, dim);
+            let allow = |p: u64| p % 3 < 2;
+            assert_eq!(idx.search(&q, 10, &allow), loaded.search(&q, 10, &allow));
+        }
+        // Tombstones stay tombstoned; the loaded graph takes insertions and deletions.
+        assert!(loaded
+            .search(&vs[5], 10, &|_| true)
+            .iter()
+            .all(|h| h.point_id >= 1100));
+        let extra = random_unit(&mut rng, dim);
+        loaded.insert(&[(7, extra.as_slice())]).unwrap();
+        assert_eq!(loaded.search(&extra, 1, &|_| true)[0].point_id, 7);
+        loaded.remove(&[7]);
+        assert_ne!(loaded.search(&extra, 1, &|_| true)[0].point_id, 7);
+    }
+
+    #[test]
+    fn loading_refuses_graphs_that_do_not_match_the_store() {
+        let dim = 24;
+        let (idx, vs) = graph_index(dim);
+        let tmp = tempfile::tempdir().unwrap();
+        idx.dump_graph(tmp.path(), "g").unwrap().unwrap();
+        let cfg = idx.config.clone();
+        let load = |stored: &HashMap<u64, &[f32]>| {
+            VectorIndex::load_graph(dim, cfg.clone(), tmp.path(), "g", stored)
+        };
+        // A stored point the graph lacks, a graph point the store lacks.
+        let mut more = stored(&vs);
+        more.insert(1, vs[0].as_slice());
+        assert!(load(&more).is_err());
+        let mut fewer = stored(&vs);
+        fewer.remove(&1500);
+        assert!(load(&fewer).is_err());
+        // A stored vector that differs from the graph's copy.
+        let changed: Vec<f32> = vs[500].iter().map(|x| x * 0.5).collect();
+        let mut other = stored(&vs);
+        other.insert(1500, changed.as_slice());
+        let err = load(&other).err().unwrap().to_string();
+        assert!(err.contains("differs"), "{err}");
+        // Other settings than the graph was built with.
+        let m8 = IndexConfig {
+            max_connections: 8,
+            ..cfg.clone()
+        };
+        assert!(VectorIndex::load_graph(dim, m8, tmp.path(), "g", &stored(&vs)).is_err());
+        // A truncated graph file makes hnsw_rs panic: an error here, not a crash.
+        let graph = tmp.path().join("g.hnsw.graph");
+        let len = std::fs::metadata(&graph).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&graph)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        assert!(load(&stored(&vs)).is_err());
+        // A bad row table.
+        std::fs::write(tmp.path().join("g.rows"), b"ROEROWS1 short").unwrap();
+        assert!(load(&stored(&vs)).is_err());
+        // No graph at all: nothing to dump.
+        let small = VectorIndex::new(dim, IndexConfig::default());
+        assert!(small.dump_graph(tmp.path(), "s").unwrap().is_none());
     }
 }

@@ -10,6 +10,7 @@ pub mod index;
 pub mod lexical;
 pub mod library;
 pub mod merge;
+pub mod persist;
 pub mod retrieval;
 pub mod store;
 pub mod tasks;

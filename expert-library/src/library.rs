@@ -3,7 +3,8 @@
 //! flushed to sled, and only then made visible to routing.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,7 @@ use crate::expert::{
 };
 use crate::index::IndexConfig;
 use crate::merge::{merge_adapters, normalise_weights, MergeRequest, MAX_MERGE_SOURCES};
+use crate::persist::{IndexLoad, PersistReport, RebuildReason, StoredVectors};
 use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
 use crate::store::{ExpertStore, StoredInstance};
 
@@ -47,6 +49,9 @@ pub struct LibraryConfig {
     pub limits: Limits,
     /// Backbones experts may be registered for; the first is the default.
     pub backbones: Vec<BackboneSpec>,
+    /// Persist the index graphs when the library is dropped, if they changed since they were
+    /// loaded or last persisted (see [`ExpertLibrary::persist_index`]).
+    pub persist_index_on_drop: bool,
 }
 
 impl Default for LibraryConfig {
@@ -55,6 +60,7 @@ impl Default for LibraryConfig {
             index: IndexConfig::default(),
             limits: Limits::default(),
             backbones: vec![BackboneSpec::smollm2_135m()],
+            persist_index_on_drop: true,
         }
     }
 }
@@ -78,6 +84,10 @@ pub struct ExpertLibrary {
     /// Serialises writes so that read-check-write sequences (ALREADY_EXISTS) are atomic.
     writes: Mutex<()>,
     config: LibraryConfig,
+    /// The library directory (sled's files, and the persisted index in `roe-index/`).
+    dir: PathBuf,
+    /// The index changed since it was loaded or last persisted.
+    index_dirty: AtomicBool,
 }
 
 /// How long opening took and what it loaded, for logs and the start-up benchmark.
@@ -86,10 +96,17 @@ pub struct OpenReport {
     pub experts: usize,
     pub vectors: usize,
     pub seconds: f64,
+    /// Whether the index graphs were reloaded from disk or rebuilt (and why).
+    pub index: IndexLoad,
+    /// Of `seconds`, the time spent loading or building the index.
+    pub index_seconds: f64,
 }
 
 impl ExpertLibrary {
-    /// Opens (or creates) the library in `dir` and rebuilds the routing state from it.
+    /// Opens (or creates) the library in `dir` and restores the routing state from it: the
+    /// index graphs are reloaded from the last [`Self::persist_index`] when that dump matches
+    /// the store exactly, and rebuilt from the stored vectors otherwise (see
+    /// [`crate::persist`]). A bad dump never fails opening.
     pub fn open(
         dir: impl AsRef<Path>,
         encoder: Arc<dyn Encoder>,
@@ -99,31 +116,87 @@ impl ExpertLibrary {
         if config.backbones.is_empty() {
             return Err(LibraryError::invalid("backbones", "at least one is needed"));
         }
-        let store = ExpertStore::open(dir)?;
+        let dir = dir.as_ref().to_path_buf();
+        let store = ExpertStore::open(&dir)?;
         store.check_encoder(encoder.id())?;
-        let mut state = RoutingState::new(encoder.dim(), config.index.clone());
+        let dim = encoder.dim();
         let mut by_expert: HashMap<String, Vec<StoredInstance>> = HashMap::new();
         for si in store.all_instances() {
             let si = si?;
             by_expert.entry(si.expert_id.clone()).or_default().push(si);
         }
         let metas = store.list(None, usize::MAX)?;
-        for meta in &metas {
-            let rows = by_expert.remove(&meta.id).unwrap_or_default();
-            state.add(&meta.id, meta.kind, &vectors_of(&rows))?;
+        // Instances of experts that exist (a committed write keeps both in step).
+        let experts: Vec<(&ExpertMeta, Vec<StoredInstance>)> = metas
+            .iter()
+            .map(|m| (m, by_expert.remove(&m.id).unwrap_or_default()))
+            .collect();
+        drop(by_expert);
+        let index_started = Instant::now();
+        let loaded = {
+            let mut stored: HashMap<TextFormat, StoredVectors<'_>> = HashMap::new();
+            let (mut plain, mut choice) = (HashMap::new(), HashMap::new());
+            for r in experts.iter().flat_map(|(_, rows)| rows) {
+                plain.insert(r.point_id, r.embedding.as_slice());
+                if let Some(c) = &r.choice_embedding {
+                    choice.insert(r.point_id, c.as_slice());
+                }
+            }
+            stored.insert(TextFormat::Instance, plain);
+            stored.insert(TextFormat::ChoiceInstance, choice);
+            crate::persist::load(&dir, dim, &config.index, &stored)
+        };
+        let (state, index) = match loaded {
+            Ok(indexes) => {
+                let mut state = RoutingState::with_indexes(dim, indexes)?;
+                for (meta, rows) in &experts {
+                    state.add_loaded(&meta.id, meta.kind, &vectors_of(rows))?;
+                }
+                (state, IndexLoad::Reloaded)
+            }
+            Err(reason) => {
+                let mut state = RoutingState::new(dim, config.index.clone());
+                for (meta, rows) in &experts {
+                    state.add(&meta.id, meta.kind, &vectors_of(rows))?;
+                }
+                (state, IndexLoad::Rebuilt(reason))
+            }
+        };
+        let index_seconds = index_started.elapsed().as_secs_f64();
+        match &index {
+            IndexLoad::Reloaded => tracing::info!(
+                seconds = index_seconds,
+                "index graphs reloaded from {}",
+                crate::persist::index_dir(&dir).display()
+            ),
+            // Expected for new and small libraries: nothing to warn about.
+            IndexLoad::Rebuilt(RebuildReason::Missing) => tracing::info!(
+                seconds = index_seconds,
+                hnsw = state.uses_hnsw(),
+                "index built from the store: no persisted index"
+            ),
+            IndexLoad::Rebuilt(reason) => tracing::warn!(
+                seconds = index_seconds,
+                hnsw = state.uses_hnsw(),
+                "index rebuilt from the store: {reason}"
+            ),
         }
         let report = OpenReport {
             experts: metas.len(),
             vectors: state.num_vectors(),
             seconds: started.elapsed().as_secs_f64(),
+            index_seconds,
+            index: index.clone(),
         };
         tracing::info!(
             experts = report.experts,
             vectors = report.vectors,
             seconds = report.seconds,
             hnsw = state.uses_hnsw(),
+            reloaded = index.is_reloaded(),
             "expert library opened"
         );
+        drop(experts);
         Ok((
             Self {
                 store,
@@ -131,9 +204,55 @@ impl ExpertLibrary {
                 state: RwLock::new(state),
                 writes: Mutex::new(()),
                 config,
+                dir,
+                // A rebuilt graph is worth persisting; a reloaded one is on disk already.
+                index_dirty: AtomicBool::new(!index.is_reloaded()),
             },
             report,
         ))
+    }
+
+    /// Writes the index graphs next to the store (`<dir>/roe-index/`, see [`crate::persist`])
+    /// so that the next open reloads them instead of rebuilding, when they changed since they
+    /// were loaded or last persisted; `None` when they had not. Writes wait for it; routing
+    /// does not. At a million vectors it writes a few GB (the graph and its vectors).
+    pub fn persist_index(&self) -> Result<Option<PersistReport>> {
+        let _w = self.writes.lock();
+        self.persist_locked()
+    }
+
+    /// [`Self::persist_index`] for a caller holding the write lock.
+    fn persist_locked(&self) -> Result<Option<PersistReport>> {
+        if !self.index_dirty.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let state = self.state.read();
+        let report = crate::persist::persist(
+            &self.dir,
+            self.encoder.dim(),
+            &self.config.index,
+            &state.indexes(),
+        )?;
+        self.index_dirty.store(false, Ordering::SeqCst);
+        tracing::info!(
+            graphs = report.graphs,
+            bytes = report.bytes,
+            seconds = report.seconds,
+            vectors = state.num_vectors(),
+            "index persisted"
+        );
+        Ok(Some(report))
+    }
+
+    /// Marks the index changed; a compaction (which rebuilt a graph) is persisted at once, as
+    /// the dump is cheap next to the rebuild it saves. Called with the write lock held.
+    fn index_changed(&self, compactions_before: u64) {
+        self.index_dirty.store(true, Ordering::SeqCst);
+        if self.state.read().compactions() != compactions_before {
+            if let Err(e) = self.persist_locked() {
+                tracing::warn!("could not persist the index after compaction: {e}");
+            }
+        }
     }
 
     pub fn encoder(&self) -> &Arc<dyn Encoder> {
@@ -300,11 +419,13 @@ impl ExpertLibrary {
             adapter: summary,
         };
         let replaced = self.store.put_expert(&meta, &new.adapter, &rows)?;
-        let mut state = self.state.write();
-        if existing.is_some() {
-            state.remove(&meta.id, &replaced);
-        }
-        state.add(&meta.id, meta.kind, &vectors_of(&rows))?;
+        let compactions = self.apply(|state| {
+            if existing.is_some() {
+                state.remove(&meta.id, &replaced);
+            }
+            state.add(&meta.id, meta.kind, &vectors_of(&rows))
+        })?;
+        self.index_changed(compactions);
         tracing::info!(
             id = %meta.id,
             version = meta.version,
@@ -448,11 +569,13 @@ impl ExpertLibrary {
             adapter: merged.summary,
         };
         let replaced = self.store.put_expert(&meta, &merged.adapter, &rows)?;
-        let mut state = self.state.write();
-        if existing.is_some() {
-            state.remove(&meta.id, &replaced);
-        }
-        state.add(&meta.id, meta.kind, &vectors_of(&rows))?;
+        let compactions = self.apply(|state| {
+            if existing.is_some() {
+                state.remove(&meta.id, &replaced);
+            }
+            state.add(&meta.id, meta.kind, &vectors_of(&rows))
+        })?;
+        self.index_changed(compactions);
         tracing::info!(
             id = %meta.id,
             version = meta.version,
@@ -506,7 +629,11 @@ impl ExpertLibrary {
         let _w = self.writes.lock();
         let meta = self.get(id)?;
         let points = self.store.delete(id)?.ok_or_else(|| not_found(id))?;
-        self.state.write().remove(id, &points);
+        let compactions = self.apply(|state| {
+            state.remove(id, &points);
+            Ok(())
+        })?;
+        self.index_changed(compactions);
         tracing::info!(id, "expert deleted");
         Ok(meta)
     }
@@ -532,7 +659,8 @@ impl ExpertLibrary {
         }
         meta.num_instances += rows.len();
         self.store.append_instances(&meta, &rows)?;
-        self.state.write().add(id, meta.kind, &vectors_of(&rows))?;
+        let compactions = self.apply(|state| state.add(id, meta.kind, &vectors_of(&rows)))?;
+        self.index_changed(compactions);
         Ok(meta)
     }
 
@@ -597,6 +725,32 @@ impl ExpertLibrary {
     /// Read access to the routing state (benchmarks compare HNSW with exact search).
     pub fn with_state<T>(&self, f: impl FnOnce(&RoutingState) -> T) -> T {
         f(&self.state.read())
+    }
+
+    /// Applies a committed write to the routing state; returns the compaction count from
+    /// before it (see [`Self::index_changed`]). The index is marked changed even when `f`
+    /// fails half way.
+    fn apply(&self, f: impl FnOnce(&mut RoutingState) -> Result<()>) -> Result<u64> {
+        let mut state = self.state.write();
+        let before = state.compactions();
+        let result = f(&mut state);
+        if result.is_err() {
+            self.index_dirty.store(true, Ordering::SeqCst);
+        }
+        result.map(|()| before)
+    }
+}
+
+impl Drop for ExpertLibrary {
+    /// Persists a changed index (see [`LibraryConfig::persist_index_on_drop`]); failures are
+    /// logged: sled holds everything, so the next open rebuilds.
+    fn drop(&mut self) {
+        if !self.config.persist_index_on_drop || std::thread::panicking() {
+            return;
+        }
+        if let Err(e) = self.persist_index() {
+            tracing::warn!("could not persist the index on close: {e}");
+        }
     }
 }
 

@@ -212,7 +212,8 @@ pub struct RoutingState {
     with_choices: std::collections::HashSet<u64>,
 }
 
-const FORMATS: [TextFormat; 2] = [TextFormat::Instance, TextFormat::ChoiceInstance];
+/// The text formats with an index of their own.
+pub const FORMATS: [TextFormat; 2] = [TextFormat::Instance, TextFormat::ChoiceInstance];
 
 /// One instance's vectors as the routing state takes them.
 pub struct InstanceVectors<'a> {
@@ -243,6 +244,37 @@ impl RoutingState {
         }
     }
 
+    /// A state over indexes loaded from disk (one per format of [`FORMATS`]); experts are
+    /// then added with [`Self::add_loaded`], which leaves the indexes alone.
+    pub fn with_indexes(dim: usize, indexes: HashMap<TextFormat, VectorIndex>) -> Result<Self> {
+        if let Some(f) = FORMATS.iter().find(|f| !indexes.contains_key(f)) {
+            return Err(LibraryError::Index(format!("no {} index", f.as_str())));
+        }
+        Ok(Self {
+            dim,
+            indexes,
+            point_expert: HashMap::new(),
+            expert_kind: HashMap::new(),
+            centroid_sums: HashMap::new(),
+            lexical: LexicalIndex::default(),
+            lexical_targets: LexicalIndex::default(),
+            with_choices: Default::default(),
+        })
+    }
+
+    /// Each format's index, in [`FORMATS`] order.
+    pub fn indexes(&self) -> Vec<(TextFormat, &VectorIndex)> {
+        FORMATS
+            .iter()
+            .filter_map(|f| Some((*f, self.indexes.get(f)?)))
+            .collect()
+    }
+
+    /// Compactions of all indexes so far.
+    pub fn compactions(&self) -> u64 {
+        self.indexes.values().map(|i| i.compactions()).sum()
+    }
+
     pub fn num_vectors(&self) -> usize {
         self.indexes[&TextFormat::Instance].len()
     }
@@ -266,6 +298,27 @@ impl RoutingState {
         kind: ExpertKind,
         items: &[InstanceVectors<'_>],
     ) -> Result<()> {
+        self.add_inner(expert_id, kind, items, true)
+    }
+
+    /// Adds an expert whose instances the indexes already hold (they were loaded from disk):
+    /// everything but the vector indexes.
+    pub fn add_loaded(
+        &mut self,
+        expert_id: &str,
+        kind: ExpertKind,
+        items: &[InstanceVectors<'_>],
+    ) -> Result<()> {
+        self.add_inner(expert_id, kind, items, false)
+    }
+
+    fn add_inner(
+        &mut self,
+        expert_id: &str,
+        kind: ExpertKind,
+        items: &[InstanceVectors<'_>],
+        insert_vectors: bool,
+    ) -> Result<()> {
         let id: Arc<str> = self
             .expert_kind
             .get_key_value(expert_id)
@@ -285,18 +338,20 @@ impl RoutingState {
                 .collect();
             // The choice_instance index holds only the instances that have choices (the others'
             // two texts are the same): at scale one graph, not two, per vector.
-            let indexed: Vec<(u64, &[f32])> = match f {
-                TextFormat::Instance => batch.clone(),
-                TextFormat::ChoiceInstance => items
-                    .iter()
-                    .filter(|it| it.has_choices)
-                    .map(|it| (it.point_id, it.choice_instance))
-                    .collect(),
-            };
-            self.indexes
-                .get_mut(&f)
-                .ok_or_else(|| LibraryError::Index("missing format index".into()))?
-                .insert(&indexed)?;
+            if insert_vectors {
+                let indexed: Vec<(u64, &[f32])> = match f {
+                    TextFormat::Instance => batch.clone(),
+                    TextFormat::ChoiceInstance => items
+                        .iter()
+                        .filter(|it| it.has_choices)
+                        .map(|it| (it.point_id, it.choice_instance))
+                        .collect(),
+                };
+                self.indexes
+                    .get_mut(&f)
+                    .ok_or_else(|| LibraryError::Index("missing format index".into()))?
+                    .insert(&indexed)?;
+            }
             let entry = self
                 .centroid_sums
                 .entry((id.clone(), f))

@@ -389,6 +389,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         experts = report.experts,
         vectors = report.vectors,
         seconds = report.seconds,
+        index_reloaded = report.index.is_reloaded(),
         "library loaded"
     );
     let library = Arc::new(library);

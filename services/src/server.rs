@@ -92,6 +92,7 @@ pub async fn serve(
         });
         answerer(svc.clone(), router, options.fallback_expert.clone())
     });
+    let persisted = library.clone();
     let router_api = RouterServer::new(RouterService::new(library, options.route_defaults))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let inference_api = options.inference.map(|svc| {
@@ -101,7 +102,7 @@ pub async fn serve(
     });
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving");
-    Server::builder()
+    let served = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(library_api)
@@ -109,7 +110,16 @@ pub async fn serve(
         .add_optional_service(inference_api)
         .add_optional_service(answer_api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .await;
+    // Graceful shutdown: keep the index graphs so that the next start reloads them instead of
+    // rebuilding (a no-op when they did not change). Sled holds everything, so a failure only
+    // costs the next start a rebuild.
+    match tokio::task::spawn_blocking(move || persisted.persist_index()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("could not persist the index at shutdown: {e}"),
+        Err(e) => tracing::warn!("persisting the index at shutdown failed: {e}"),
+    }
+    served
 }
 
 /// Serves inference only (`roe serve --role inference`): `roe.v1.Inference` over `inference`

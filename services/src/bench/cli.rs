@@ -28,7 +28,8 @@ pub enum BenchCommand {
     Encoder(EncoderArgs),
     /// HNSW at scale on synthetic vectors.
     Hnsw(HnswArgs),
-    /// Library start-up (read vectors from sled, rebuild the index) at scale.
+    /// Library start-up at scale: cold (rebuild the index from sled, then persist it) and
+    /// warm (reload the persisted index), each open in a fresh process.
     Startup(StartupArgs),
     /// Accuracy of the bare backbone and all prompt and LoRA experts on every task's test set
     /// against reference.json, and Score throughput.
@@ -150,6 +151,10 @@ pub struct StartupArgs {
     ef_construction: usize,
     #[arg(long, default_value = "bench/results/startup.json")]
     json: PathBuf,
+    /// Internal: one open of an existing library at --dir in this process (`rebuild`: then
+    /// persist its index; `reload`), its report printed as one JSON line.
+    #[arg(long, hide = true)]
+    phase: Option<String>,
 }
 
 #[derive(Args)]
@@ -731,7 +736,7 @@ fn hnsw_bench(a: HnswArgs) -> Result<()> {
         config,
     );
     let md = format!(
-        "# HNSW at scale\n\n{} synthetic normalised 384-d vectors ({} clusters; queries are perturbed stored points), M={}, ef_construction={}, ef_search={}, {} queries.\nThe start-up rebuild of the index is this build (roe rebuilds the graph from the stored vectors when it opens).\n\n| build s | vectors/s | RSS growth MiB | index estimate MiB | search p50 ms | search p99 ms | exact scan p50 ms | recall@10 |\n|---|---|---|---|---|---|---|---|\n| {:.1} | {:.0} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.4} |\n",
+        "# HNSW at scale\n\n{} synthetic normalised 384-d vectors ({} clusters; queries are perturbed stored points), M={}, ef_construction={}, ef_search={}, {} queries.\nA cold start-up (no persisted index, or one that does not match the store) rebuilds the graph like this; otherwise roe reloads the persisted graph (`roe bench startup`).\n\n| build s | vectors/s | RSS growth MiB | index estimate MiB | search p50 ms | search p99 ms | exact scan p50 ms | recall@10 |\n|---|---|---|---|---|---|---|---|\n| {:.1} | {:.0} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.4} |\n",
         r.vectors, r.clusters, r.max_connections, r.ef_construction, r.ef_search, r.queries, r.build_s, r.build_vectors_per_s,
         r.rss_growth_bytes.map(|b| format!("{:.0}", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into()),
         r.index_estimate_bytes as f64 / 1048576.0, r.search_p50_ms, r.search_p99_ms, r.exact_scan_p50_ms, r.recall_at_10
@@ -742,24 +747,63 @@ fn hnsw_bench(a: HnswArgs) -> Result<()> {
 }
 
 fn startup_bench(a: StartupArgs) -> Result<()> {
-    let _ = std::fs::remove_dir_all(&a.dir);
-    std::fs::create_dir_all(&a.dir)?;
     let index = IndexConfig {
         max_connections: a.m,
         ef_construction: a.ef_construction,
         ..IndexConfig::default()
     };
+    if let Some(phase) = &a.phase {
+        let persist = match phase.as_str() {
+            "rebuild" => true,
+            "reload" => false,
+            o => anyhow::bail!("unknown phase {o:?} (rebuild or reload)"),
+        };
+        let r = super::startup::open_phase(&a.dir, index, persist)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir)?;
     eprintln!(
-        "writing {} synthetic vectors through the store, then opening the library ...",
+        "writing {} synthetic vectors through the store, then opening the library twice ...",
         a.n
     );
-    let r = super::startup::run(a.n, &a.dir, index.clone())?;
+    let r = super::startup::run(a.n, &a.dir, index.clone());
     let _ = std::fs::remove_dir_all(&a.dir);
+    let r = r?;
+    let mib = |b: u64| format!("{:.0}", b as f64 / 1048576.0);
+    let opt_mib = |b: Option<u64>| b.map(mib).unwrap_or_else(|| "n/a".into());
+    let row = |name: &str, p: &super::startup::OpenPhase| {
+        format!(
+            "| {name} | {} | {:.1} | {:.1} | {} | {} |\n",
+            p.index,
+            p.open_s,
+            p.index_s,
+            opt_mib(p.rss_after_open_bytes),
+            opt_mib(p.peak_rss_bytes)
+        )
+    };
     let md = format!(
-        "# Library start-up at scale\n\n{} stored vectors in {} experts (synthetic, 384-d), written through the real sled store; opening reads them all back and rebuilds the index (HNSW: {}, M={}, ef_construction={}).\n\n| write s | open (start-up) s | store MiB | RSS after open MiB |\n|---|---|---|---|\n| {:.1} | {:.1} | {:.0} | {} |\n",
-        r.vectors, r.experts, r.hnsw, index.max_connections, index.ef_construction, r.write_s, r.open_s,
-        r.store_bytes as f64 / 1048576.0,
-        r.rss_after_open_bytes.map(|b| format!("{:.0}", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into())
+        "# Library start-up at scale\n\n\
+         {} stored vectors in {} experts (synthetic, 384-d), written through the real sled store \
+         in {:.1} s ({} MiB). The library is then opened twice, each time in a fresh process: \
+         cold, with no persisted index, reading every vector from sled and rebuilding the index \
+         (HNSW: {}, M={}, ef_construction={}), then persisting the graphs (hnsw_rs file_dump \
+         into roe-index/ in the library directory: {:.1} s, {} MiB on disk); and warm, reading \
+         the vectors again and reloading the persisted graphs.\n\n\
+         | open | index | open s | of which index s | RSS after open MiB | peak RSS MiB |\n\
+         |---|---|---|---|---|---|\n{}{}",
+        r.vectors,
+        r.experts,
+        r.write_s,
+        mib(r.store_bytes),
+        r.cold.hnsw,
+        index.max_connections,
+        index.ef_construction,
+        r.cold.persist_s.unwrap_or(f64::NAN),
+        mib(r.cold.dump_bytes),
+        row("cold (rebuild)", &r.cold),
+        row("warm (reload)", &r.warm),
     );
     println!("{md}");
     save_report(&a.json, &r, &md)?;

@@ -1,18 +1,21 @@
 //! Start-up at scale: a library of `n` stored vectors (synthetic experts of 1,000 instances,
-//! written through the real store) is opened, which reads every vector from sled and rebuilds
-//! the index (HNSW past its threshold).
+//! written through the real store) is opened twice, each time in a fresh process so that the
+//! memory figures are its own: first cold, with no persisted index, which reads every vector
+//! from sled and rebuilds the index (HNSW past its threshold) and then persists the graphs;
+//! then warm, which reloads them.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use roe_expert_library::embedding::{normalize, Encoder};
 use roe_expert_library::expert::{BackboneSpec, ExpertMeta, Instance};
 use roe_expert_library::index::IndexConfig;
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
+use roe_expert_library::persist::{dump_bytes, IndexLoad};
 use roe_expert_library::store::{ExpertStore, StoredInstance};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::routing_accuracy::routing_only_adapter;
 
@@ -47,10 +50,40 @@ pub struct StartupReport {
     pub vectors: usize,
     pub experts: usize,
     pub write_s: f64,
+    /// sled's files, before any index is persisted.
+    pub store_bytes: u64,
+    /// First open: no persisted index, the graphs are rebuilt (then persisted).
+    pub cold: OpenPhase,
+    /// Second open: the persisted graphs are reloaded.
+    pub warm: OpenPhase,
+}
+
+/// One open of the library, in a process of its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenPhase {
+    pub vectors: usize,
+    pub experts: usize,
     pub open_s: f64,
+    /// Of `open_s`, loading or building the index (the rest reads sled).
+    pub index_s: f64,
+    pub reloaded: bool,
+    /// `reloaded`, or why the index was rebuilt.
+    pub index: String,
     pub hnsw: bool,
     pub rss_after_open_bytes: Option<u64>,
-    pub store_bytes: u64,
+    pub peak_rss_bytes: Option<u64>,
+    /// Persisting the index after opening (cold phase only).
+    pub persist_s: Option<f64>,
+    /// The persisted index on disk after this phase.
+    pub dump_bytes: u64,
+}
+
+/// Peak resident memory of this process in bytes (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -70,7 +103,8 @@ fn dir_size(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn run(n: usize, dir: &Path, index: IndexConfig) -> Result<StartupReport> {
+/// Writes `n` synthetic vectors through the store into `dir`; returns (experts, seconds).
+fn write_store(n: usize, dir: &Path) -> Result<(usize, f64)> {
     let per_expert = 1000;
     let experts = n.div_ceil(per_expert);
     let spec = BackboneSpec::smollm2_135m();
@@ -117,25 +151,97 @@ pub fn run(n: usize, dir: &Path, index: IndexConfig) -> Result<StartupReport> {
             store.put_expert(&meta, &adapter, &rows)?;
         }
     }
-    let write_s = t.elapsed().as_secs_f64();
+    Ok((experts, t.elapsed().as_secs_f64()))
+}
+
+/// Opens the library in `dir` in this process; with `persist`, persists its index after.
+pub fn open_phase(dir: &Path, index: IndexConfig, persist: bool) -> Result<OpenPhase> {
     let t = Instant::now();
     let (library, report) = ExpertLibrary::open(
         dir,
         Arc::new(SyntheticEncoder),
         LibraryConfig {
             index,
+            persist_index_on_drop: false,
             ..Default::default()
         },
     )?;
     let open_s = t.elapsed().as_secs_f64();
-    let hnsw = library.with_state(|s| s.uses_hnsw());
-    Ok(StartupReport {
+    let rss_after_open_bytes = super::rss_bytes();
+    let persist_s = if persist {
+        let t = Instant::now();
+        library.persist_index()?;
+        Some(t.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    Ok(OpenPhase {
         vectors: report.vectors,
         experts: report.experts,
-        write_s,
         open_s,
-        hnsw,
-        rss_after_open_bytes: super::rss_bytes(),
-        store_bytes: dir_size(dir),
+        index_s: report.index_seconds,
+        reloaded: report.index.is_reloaded(),
+        index: match &report.index {
+            IndexLoad::Reloaded => "reloaded".into(),
+            IndexLoad::Rebuilt(reason) => format!("rebuilt: {reason}"),
+        },
+        hnsw: library.with_state(|s| s.uses_hnsw()),
+        rss_after_open_bytes,
+        peak_rss_bytes: peak_rss_bytes(),
+        persist_s,
+        dump_bytes: dump_bytes(dir),
+    })
+}
+
+/// Runs `roe bench startup --phase <phase>` on `dir` in a fresh process and reads its report.
+fn open_in_child(dir: &Path, index: &IndexConfig, phase: &str) -> Result<OpenPhase> {
+    let exe = std::env::current_exe().context("locating the roe binary")?;
+    let out = std::process::Command::new(&exe)
+        .args(["bench", "startup", "--phase", phase, "--dir"])
+        .arg(dir)
+        .args(["--m", &index.max_connections.to_string()])
+        .args(["--ef-construction", &index.ef_construction.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        bail!("the {phase} open failed ({})", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no report from the {phase} open"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing the {phase} open's report"))
+}
+
+pub fn run(n: usize, dir: &Path, index: IndexConfig) -> Result<StartupReport> {
+    let (experts, write_s) = write_store(n, dir)?;
+    let store_bytes = dir_size(dir);
+    eprintln!("wrote {n} vectors in {write_s:.1} s; cold open (rebuild, then persist) ...");
+    let cold = open_in_child(dir, &index, "rebuild")?;
+    if cold.reloaded {
+        bail!("the cold open reloaded an index: the directory was not fresh");
+    }
+    eprintln!(
+        "cold open {:.1} s, persist {:.1} s; warm open (reload) ...",
+        cold.open_s,
+        cold.persist_s.unwrap_or(f64::NAN)
+    );
+    let warm = open_in_child(dir, &index, "reload")?;
+    if cold.hnsw && !warm.reloaded {
+        bail!(
+            "the warm open did not reload the persisted index: {}",
+            warm.index
+        );
+    }
+    Ok(StartupReport {
+        vectors: warm.vectors,
+        experts,
+        write_s,
+        store_bytes,
+        cold,
+        warm,
     })
 }
