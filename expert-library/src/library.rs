@@ -246,6 +246,26 @@ impl ExpertLibrary {
 
     /// Marks the index changed; a compaction (which rebuilt a graph) is persisted at once, as
     /// the dump is cheap next to the rebuild it saves. Called with the write lock held.
+    /// Writes an expert (durably, replacing an older version when `replacing`) and makes it
+    /// routable: the old version's instances leave the index, the new ones enter it.
+    fn store_and_index(
+        &self,
+        meta: &ExpertMeta,
+        adapter: &PeftAdapter,
+        rows: &[StoredInstance],
+        replacing: bool,
+    ) -> Result<()> {
+        let replaced = self.store.put_expert(meta, adapter, rows)?;
+        let compactions = self.apply(|state| {
+            if replacing {
+                state.remove(&meta.id, &replaced);
+            }
+            state.add(&meta.id, meta.kind, &vectors_of(rows))
+        })?;
+        self.index_changed(compactions);
+        Ok(())
+    }
+
     fn index_changed(&self, compactions_before: u64) {
         self.index_dirty.store(true, Ordering::SeqCst);
         if self.state.read().compactions() != compactions_before {
@@ -418,14 +438,7 @@ impl ExpertLibrary {
             weights_bytes: new.adapter.safetensors.len(),
             adapter: summary,
         };
-        let replaced = self.store.put_expert(&meta, &new.adapter, &rows)?;
-        let compactions = self.apply(|state| {
-            if existing.is_some() {
-                state.remove(&meta.id, &replaced);
-            }
-            state.add(&meta.id, meta.kind, &vectors_of(&rows))
-        })?;
-        self.index_changed(compactions);
+        self.store_and_index(&meta, &new.adapter, &rows, existing.is_some())?;
         tracing::info!(
             id = %meta.id,
             version = meta.version,
@@ -568,14 +581,7 @@ impl ExpertLibrary {
             weights_bytes: merged.adapter.safetensors.len(),
             adapter: merged.summary,
         };
-        let replaced = self.store.put_expert(&meta, &merged.adapter, &rows)?;
-        let compactions = self.apply(|state| {
-            if existing.is_some() {
-                state.remove(&meta.id, &replaced);
-            }
-            state.add(&meta.id, meta.kind, &vectors_of(&rows))
-        })?;
-        self.index_changed(compactions);
+        self.store_and_index(&meta, &merged.adapter, &rows, existing.is_some())?;
         tracing::info!(
             id = %meta.id,
             version = meta.version,
