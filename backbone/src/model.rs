@@ -41,7 +41,8 @@ pub enum QuantKernel {
     #[default]
     DequantizeOnTheFly,
     /// candle's ggml kernels (activations rounded to 8 bits per block of 32). candle has no
-    /// SIMD kernel for Q4_1, which makes this mode slow on x86.
+    /// SIMD kernel for Q4_1, which makes this mode slow on x86. Decode steps (one position)
+    /// use [`crate::kernels`] in every mode.
     Ggml,
 }
 

@@ -85,9 +85,8 @@ impl CustomOp1 for FastGelu {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// Query, key and value projections fused into one [3·hidden, hidden] matmul.
+    qkv: Linear,
     attn_out: Linear,
     attn_norm: LayerNorm,
     intermediate: Linear,
@@ -131,10 +130,21 @@ impl BertEncoderModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
+                let parts = ["query", "key", "value"]
+                    .map(|n| linear(h, h, l.pp(format!("attention.self.{n}"))));
+                let [q, k, v] = parts;
+                let (q, k, v) = (q?, k?, v?);
+                let bias = |x: &Linear| {
+                    x.bias()
+                        .cloned()
+                        .ok_or_else(|| candle_core::Error::Msg("linear without bias".into()))
+                };
+                let qkv = Linear::new(
+                    Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?,
+                    Some(Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?),
+                );
                 Ok(Layer {
-                    query: linear(h, h, l.pp("attention.self.query"))?,
-                    key: linear(h, h, l.pp("attention.self.key"))?,
-                    value: linear(h, h, l.pp("attention.self.value"))?,
+                    qkv,
                     attn_out: linear(h, h, l.pp("attention.output.dense"))?,
                     attn_norm: ln(l.pp("attention.output.LayerNorm"))?,
                     intermediate: linear(h, cfg.intermediate_size, l.pp("intermediate.dense"))?,
@@ -174,15 +184,19 @@ impl BertEncoderModel {
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?.reshape((b, 1, 1, len))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         for l in &self.layers {
-            let split = |t: Tensor| -> candle_core::Result<Tensor> {
-                t.reshape((b, len, self.heads, self.head_dim))?
+            // [b, len, 3, heads, head_dim] -> q, k, v as [b, heads, len, head_dim].
+            let qkv = l
+                .qkv
+                .forward(&x)?
+                .reshape((b, len, 3, self.heads, self.head_dim))?;
+            let part = |i: usize| -> candle_core::Result<Tensor> {
+                qkv.narrow(2, i, 1)?
+                    .squeeze(2)?
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = split(l.query.forward(&x)?)?;
-            let k = split(l.key.forward(&x)?)?;
-            let v = split(l.value.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let (q, k, v) = ((part(0)? * scale)?, part(1)?, part(2)?);
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let ctx =
                 probs

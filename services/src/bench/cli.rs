@@ -711,11 +711,16 @@ fn encoder_bench(models_dir: &Path, enc: Option<&Path>, a: EncoderArgs) -> Resul
         );
     }
     let md = format!(
-        "# Encoder benchmark\n\n{} texts (test inputs of the dev suite), batch {}, same machine, same run.\n\n| engine | sentences/s |\n|---|---|\n| roe (candle, all-MiniLM-L6-v2) | {:.1} |\n| sentence-transformers | {} |\n\nratio roe / sentence-transformers: {}\n\nmin cosine between the two engines' vectors: {}\n",
+        "# Encoder benchmark\n\n{} texts (test inputs of the dev suite), batch {}, same machine, same run.\n\n| engine | sentences/s |\n|---|---|\n| roe (candle, all-MiniLM-L6-v2) | {:.1} |\n| sentence-transformers | {} |\n\nratio roe / sentence-transformers: {}\n\nmin cosine between the two engines' vectors: {}\n\nroe's allocator: {}\n",
         r.texts, r.batch_size, r.roe_sentences_per_s,
         r.peer_sentences_per_s.map(|p| format!("{p:.1}")).unwrap_or_else(|| "not run".into()),
         r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "n/a".into()),
         r.min_cosine_vs_peer.map(|x| format!("{x:.6}")).unwrap_or_else(|| "n/a".into()),
+        if std::env::var_os("ROE_DEFAULT_MALLOC").is_some() {
+            "glibc defaults (ROE_DEFAULT_MALLOC set)"
+        } else {
+            "glibc keeping freed memory (roe's default, see services/src/main.rs)"
+        },
     );
     save_report(&a.json, &r, &md)?;
     Ok(())
