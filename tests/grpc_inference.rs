@@ -125,6 +125,10 @@ async fn experts_beat_bare_and_batching_matches_sequential() {
     }
     let stats = server.inference.as_ref().unwrap().stats();
     let batches_before = stats.score_batches.load(Relaxed);
+    // The sequential pass loaded each of the two experts once; from then on they are cached.
+    let loads_before = stats.expert_loads.load(Relaxed);
+    assert_eq!(loads_before, 2, "each expert is loaded once");
+    assert!(stats.expert_load_micros.load(Relaxed) > 0);
     for (t, seq) in tasks.into_iter().zip(&sequential) {
         let conc = t.await.unwrap();
         assert!(
@@ -132,6 +136,11 @@ async fn experts_beat_bare_and_batching_matches_sequential() {
             "concurrent {conc:?} != sequential {seq:?}"
         );
     }
+    assert_eq!(
+        stats.expert_loads.load(Relaxed),
+        loads_before,
+        "cached experts were loaded again"
+    );
     let batches = stats.score_batches.load(Relaxed) - batches_before;
     println!(
         "{} concurrent requests ran in {batches} batches (largest {})",

@@ -131,6 +131,10 @@ pub struct InferenceStats {
     pub generated_tokens: AtomicU64,
     /// Generate streams still producing tokens.
     pub active_generations: AtomicU64,
+    /// Expert cache misses served: weights read from the library, parsed and checked.
+    pub expert_loads: AtomicU64,
+    /// Time those loads took, in microseconds (all of them together).
+    pub expert_load_micros: AtomicU64,
 }
 
 struct Inner {
@@ -184,12 +188,17 @@ impl Inner {
         }
         // The metadata that comes with the weights keys the cache: a version registered in
         // between must not be cached under the older version's key.
+        let load_started = std::time::Instant::now();
         let (meta, adapter) = self.experts.adapter(id).await?;
         self.check_backbone(&meta)?;
         let adapter_bytes = adapter.safetensors.len();
         let inner = self.clone();
         let (kind, name) = (meta.kind, id.to_string());
         let expert = blocking(move || inner.load(&name, kind, &adapter).map(Arc::new)).await?;
+        self.stats.expert_loads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .expert_load_micros
+            .fetch_add(load_started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.cache.lock().put(
             id.to_string(),
             CacheEntry {

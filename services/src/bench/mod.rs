@@ -94,6 +94,8 @@ pub fn peer_python(explicit: Option<&Path>) -> Option<std::path::PathBuf> {
 /// A real gRPC server on 127.0.0.1 (an ephemeral port) for the benchmarks' clients.
 pub struct BenchServer {
     pub url: String,
+    /// The inference service, when the server runs one (its counters time expert loads).
+    pub inference: Option<std::sync::Arc<crate::inference_service::InferenceService>>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -106,10 +108,16 @@ impl BenchServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let inference = options.inference.clone();
         let task = tokio::spawn(crate::server::serve(listener, library, options, async {
             let _ = stop_rx.await;
         }));
-        Ok(Self { url, stop, task })
+        Ok(Self {
+            url,
+            inference,
+            stop,
+            task,
+        })
     }
 
     /// Serves `library` with the inference (and route-and-answer) services on `backbone`.

@@ -6,6 +6,7 @@
 //! request names differs, so the ratios isolate the cost of mixing experts in one batch.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -172,7 +173,13 @@ pub async fn run(
     let url = server.url.clone();
     let mut client = InferenceClient::connect(url.clone()).await?;
 
-    // Cold load: the first request of every expert loads it; the same request again is warm.
+    // Cold load: the first request of every expert loads it (the service times the load:
+    // library read, parse, checks); the same request again is warm.
+    let stats = server
+        .inference
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the bench server runs no inference service"))?;
+    let load_micros = || stats.stats().expert_load_micros.load(Ordering::Relaxed);
     let mut cold_load = Vec::new();
     for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
         let (mut loads, mut colds, mut warms) = (Vec::new(), Vec::new(), Vec::new());
@@ -182,9 +189,10 @@ pub async fn run(
                 continue;
             };
             let id = expert_id(kind, task.name());
+            let before = load_micros();
             let cold = score(&mut client, &id, row).await?;
+            loads.push((load_micros() - before) as f64 / 1000.0);
             let warm = score(&mut client, &id, row).await?;
-            loads.push(cold - warm);
             colds.push(cold);
             warms.push(warm);
         }
@@ -288,7 +296,7 @@ pub fn markdown(r: &ServingReport) -> String {
             x["mixed_vs_one_at_a_time"].as_f64().unwrap_or(f64::NAN)
         ));
     }
-    md.push_str("\n## Expert cold load\n\nFirst Score request of an expert (read from sled, parsed, validated, cached) minus the same request again.\n\n| kind | experts | median load ms | max load ms | median cold request ms | median warm request ms |\n|---|---|---|---|---|---|\n");
+    md.push_str("\n## Expert cold load\n\nLoad = the time the inference service spends on a cache miss (weights read from the sled library, parsed, checked against the backbone), timed inside the service on the first Score request of each expert; the same request again is warm.\n\n| kind | experts | median load ms | max load ms | median cold request ms | median warm request ms |\n|---|---|---|---|---|---|\n");
     for c in &r.cold_load {
         md.push_str(&format!(
             "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
