@@ -149,16 +149,22 @@ impl ExpertLibrary {
         let (state, index) = match loaded {
             Ok(indexes) => {
                 let mut state = RoutingState::with_indexes(dim, indexes)?;
-                for (meta, rows) in &experts {
-                    state.add_loaded(&meta.id, meta.kind, &vectors_of(rows))?;
-                }
+                state.add_all(
+                    experts
+                        .iter()
+                        .map(|(meta, rows)| (meta.id.as_str(), meta.kind, vectors_of(rows))),
+                    true,
+                )?;
                 (state, IndexLoad::Reloaded)
             }
             Err(reason) => {
                 let mut state = RoutingState::new(dim, config.index.clone());
-                for (meta, rows) in &experts {
-                    state.add(&meta.id, meta.kind, &vectors_of(rows))?;
-                }
+                state.add_all(
+                    experts
+                        .iter()
+                        .map(|(meta, rows)| (meta.id.as_str(), meta.kind, vectors_of(rows))),
+                    false,
+                )?;
                 (state, IndexLoad::Rebuilt(reason))
             }
         };

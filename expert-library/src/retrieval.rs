@@ -245,7 +245,7 @@ impl RoutingState {
     }
 
     /// A state over indexes loaded from disk (one per format of [`FORMATS`]); experts are
-    /// then added with [`Self::add_loaded`], which leaves the indexes alone.
+    /// then added with [`Self::add_all`] (`indexed`), which leaves the indexes alone.
     pub fn with_indexes(dim: usize, indexes: HashMap<TextFormat, VectorIndex>) -> Result<Self> {
         if let Some(f) = FORMATS.iter().find(|f| !indexes.contains_key(f)) {
             return Err(LibraryError::Index(format!("no {} index", f.as_str())));
@@ -298,18 +298,30 @@ impl RoutingState {
         kind: ExpertKind,
         items: &[InstanceVectors<'_>],
     ) -> Result<()> {
-        self.add_inner(expert_id, kind, items, true)
+        self.add_inner(expert_id, kind, items, true)?;
+        self.refresh_lexical();
+        Ok(())
     }
 
-    /// Adds an expert whose instances the indexes already hold (they were loaded from disk):
-    /// everything but the vector indexes.
-    pub fn add_loaded(
+    /// Adds many experts at once (start-up). `indexed`: the vector indexes already hold
+    /// their instances (they were reloaded from disk), so only the rest is built. The lexical
+    /// norms depend on every expert, so they are computed once at the end: refreshing after
+    /// each expert made opening a library of E experts cost O(E²) (minutes at 1,000).
+    pub fn add_all<'a>(
         &mut self,
-        expert_id: &str,
-        kind: ExpertKind,
-        items: &[InstanceVectors<'_>],
+        experts: impl IntoIterator<Item = (&'a str, ExpertKind, Vec<InstanceVectors<'a>>)>,
+        indexed: bool,
     ) -> Result<()> {
-        self.add_inner(expert_id, kind, items, false)
+        for (id, kind, items) in experts {
+            self.add_inner(id, kind, &items, !indexed)?;
+        }
+        self.refresh_lexical();
+        Ok(())
+    }
+
+    fn refresh_lexical(&mut self) {
+        self.lexical.refresh();
+        self.lexical_targets.refresh();
     }
 
     fn add_inner(
@@ -380,9 +392,7 @@ impl RoutingState {
             }
         }
         self.lexical.set_profile(expert_id, profile);
-        self.lexical.refresh();
         self.lexical_targets.set_profile(expert_id, targets);
-        self.lexical_targets.refresh();
         Ok(())
     }
 
