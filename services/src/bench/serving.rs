@@ -81,46 +81,44 @@ async fn score(
     Ok(t.elapsed().as_secs_f64() * 1000.0)
 }
 
-/// Runs `rounds` rounds (after one warm-up round) of the requests `(expert, row)`: all at once
-/// on separate connections, or one after another.
-async fn scenario(
+/// Opens one connection per job.
+async fn connect_all(
     url: &str,
-    jobs: &[(String, Instance)],
-    concurrent: bool,
-    rounds: usize,
-) -> Result<(f64, Vec<f64>)> {
-    let mut clients = Vec::new();
-    for _ in 0..jobs.len() {
+    n: usize,
+) -> Result<Vec<InferenceClient<tonic::transport::Channel>>> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
         clients.push(InferenceClient::connect(url.to_string()).await?);
     }
-    let mut latencies = Vec::new();
-    let mut wall = 0.0;
-    for round in 0..=rounds {
-        let t = Instant::now();
-        let mut times = Vec::new();
-        if concurrent {
-            let mut handles = Vec::new();
-            for ((expert, row), client) in jobs.iter().zip(clients.iter()) {
-                let (expert, row, mut client) = (expert.clone(), row.clone(), client.clone());
-                handles.push(tokio::spawn(async move {
-                    score(&mut client, &expert, &row).await
-                }));
-            }
-            for h in handles {
-                times.push(h.await??);
-            }
-        } else {
-            for ((expert, row), client) in jobs.iter().zip(clients.iter_mut()) {
-                times.push(score(client, expert, row).await?);
-            }
+    Ok(clients)
+}
+
+/// One round of the requests `(expert, row)`: all at once on separate connections, or one
+/// after another. Returns the wall time (s) and each request's latency (ms).
+async fn round(
+    clients: &mut [InferenceClient<tonic::transport::Channel>],
+    jobs: &[(String, Instance)],
+    concurrent: bool,
+) -> Result<(f64, Vec<f64>)> {
+    let t = Instant::now();
+    let mut times = Vec::new();
+    if concurrent {
+        let mut handles = Vec::new();
+        for ((expert, row), client) in jobs.iter().zip(clients.iter()) {
+            let (expert, row, mut client) = (expert.clone(), row.clone(), client.clone());
+            handles.push(tokio::spawn(async move {
+                score(&mut client, &expert, &row).await
+            }));
         }
-        if round > 0 {
-            wall += t.elapsed().as_secs_f64();
-            latencies.extend(times);
+        for h in handles {
+            times.push(h.await??);
+        }
+    } else {
+        for ((expert, row), client) in jobs.iter().zip(clients.iter_mut()) {
+            times.push(score(client, expert, row).await?);
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    Ok((wall, latencies))
+    Ok((t.elapsed().as_secs_f64(), times))
 }
 
 fn register_all(library: &ExpertLibrary, setup: &ServingSetup<'_>) -> Result<()> {
@@ -217,7 +215,7 @@ pub async fn run(
         .take(setup.concurrency)
         .collect();
     let rows: Vec<Instance> = tasks.iter().map(|t| t.test[0].clone()).collect();
-    let mut scenarios = Vec::new();
+    let mut scenarios_out = Vec::new();
     let mut ratios = Vec::new();
     for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
         let own: Vec<(String, Instance)> = tasks
@@ -229,8 +227,7 @@ pub async fn run(
             .iter()
             .map(|r| (expert_id(kind, tasks[0].name()), r.clone()))
             .collect();
-        let mut rates = Vec::new();
-        for (name, jobs, concurrent) in [
+        let scenarios = [
             (
                 format!("{} concurrent, {} experts", own.len(), own.len()),
                 &own,
@@ -238,23 +235,43 @@ pub async fn run(
             ),
             (format!("{} concurrent, one expert", one.len()), &one, true),
             (format!("one at a time, {} experts", own.len()), &own, false),
-        ] {
-            let (wall, lat) = scenario(&url, jobs, concurrent, setup.rounds).await?;
+        ];
+        let mut clients = Vec::new();
+        for (_, jobs, _) in &scenarios {
+            clients.push(connect_all(&url, jobs.len()).await?);
+        }
+        // Rounds interleave the scenarios (A B C, A B C, ...), so that the machine's speed,
+        // which drifts by 10-20% over minutes on this shared host, weighs on each alike.
+        let mut wall = [0.0f64; 3];
+        let mut lat: [Vec<f64>; 3] = Default::default();
+        for r in 0..=setup.rounds {
+            for (i, (_, jobs, concurrent)) in scenarios.iter().enumerate() {
+                let (w, times) = round(&mut clients[i], jobs, *concurrent).await?;
+                if r > 0 {
+                    wall[i] += w;
+                    lat[i].extend(times);
+                }
+            }
+        }
+        let mut rates = Vec::new();
+        for (i, (name, _, _)) in scenarios.iter().enumerate() {
+            let lat = &mut lat[i];
+            lat.sort_by(f64::total_cmp);
             let r = ScenarioResult {
                 kind: kind.as_str().into(),
-                scenario: name,
+                scenario: name.clone(),
                 requests: lat.len(),
-                seconds: wall,
-                requests_per_s: lat.len() as f64 / wall.max(1e-9),
-                p50_ms: percentile(&lat, 0.5),
-                p99_ms: percentile(&lat, 0.99),
+                seconds: wall[i],
+                requests_per_s: lat.len() as f64 / wall[i].max(1e-9),
+                p50_ms: percentile(lat, 0.5),
+                p99_ms: percentile(lat, 0.99),
             };
             eprintln!(
                 "{} / {}: {:.2} req/s, p50 {:.0} ms",
                 r.kind, r.scenario, r.requests_per_s, r.p50_ms
             );
             rates.push(r.requests_per_s);
-            scenarios.push(r);
+            scenarios_out.push(r);
         }
         ratios.push(serde_json::json!({
             "kind": kind.as_str(),
@@ -266,7 +283,7 @@ pub async fn run(
     Ok(ServingReport {
         concurrency: rows.len(),
         rounds: setup.rounds,
-        scenarios,
+        scenarios: scenarios_out,
         ratios,
         cold_load,
     })
@@ -276,7 +293,8 @@ pub fn markdown(r: &ServingReport) -> String {
     let mut md = format!(
         "# Inference serving (`roe bench serving`)\n\nScore requests through gRPC on loopback \
          (one test row each of {n} classification tasks, all choices scored), {rounds} rounds \
-         after a warm-up round. The scenarios score the same inputs; only the experts differ.\n\n\
+         after a warm-up round, the scenarios' rounds interleaved (the host's speed drifts). The \
+         scenarios score the same inputs; only the experts differ.\n\n\
          | kind | scenario | requests/s | p50 ms | p99 ms |\n|---|---|---|---|---|\n",
         n = r.concurrency,
         rounds = r.rounds
