@@ -2,7 +2,25 @@
 //! a padded batch whose rows carry a LoRA, a soft prompt or nothing.
 mod common;
 
-use roe_backbone::{KvCache, Lora, LoraBatch, SoftPrompt};
+use candle_core::Tensor;
+use roe_backbone::{Backbone, KvCache, Lora, LoraBatch, SoftPrompt};
+
+/// Next-token log-probs after (row, position) of a forward's hidden states.
+fn log_probs(bb: &Backbone, hidden: &Tensor, row: usize, pos: usize) -> Vec<f32> {
+    bb.log_probs_at(hidden, &[(row, pos)])
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
 
 #[test]
 fn batched_decode_steps_equal_full_forwards_of_each_row() {
@@ -43,8 +61,7 @@ fn batched_decode_steps_equal_full_forwards_of_each_row() {
             .unwrap();
         let h = bb.forward(&e, &[1, 1, 1], &mut cache, &loras).unwrap();
         for (row, out) in stepped.iter_mut().enumerate() {
-            let lp = bb.log_probs_at(&h, &[(row, 0)]).unwrap();
-            out.push(lp.squeeze(0).unwrap().to_vec1().unwrap());
+            out.push(log_probs(&bb, &h, row, 0));
         }
     }
 
@@ -58,19 +75,7 @@ fn batched_decode_steps_equal_full_forwards_of_each_row() {
         let h = bb.forward(&e, &l, &mut KvCache::new(), &loras).unwrap();
         let offset = soft[row].map(|s| s.num_virtual_tokens()).unwrap_or(0) + prompts[row].len();
         for (j, got) in stepped[row].iter().enumerate() {
-            let want: Vec<f32> = bb
-                .log_probs_at(&h, &[(0, offset + j)])
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let diff = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            worst = worst.max(diff);
+            worst = worst.max(max_abs_diff(got, &log_probs(&bb, &h, 0, offset + j)));
         }
     }
     eprintln!("decode steps vs full forward: max |log-prob diff| = {worst:e}");
@@ -98,30 +103,13 @@ fn a_row_without_a_new_token_leaves_the_others_unchanged() {
         .forward(&e, &[1, 0], &mut cache, &LoraBatch::none())
         .unwrap();
     assert_eq!(cache.positions(), &[a.len() + 1, b.len()]);
-    let got: Vec<f32> = bb
-        .log_probs_at(&h, &[(0, 0)])
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let got = log_probs(&bb, &h, 0, 0);
     let mut ids = a.clone();
     ids.push(next);
     let (e, l) = bb.embed_rows(&[(None, ids.as_slice())]).unwrap();
     let h = bb
         .forward(&e, &l, &mut KvCache::new(), &LoraBatch::none())
         .unwrap();
-    let want: Vec<f32> = bb
-        .log_probs_at(&h, &[(0, a.len())])
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let diff = got
-        .iter()
-        .zip(&want)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff(&got, &log_probs(&bb, &h, 0, a.len()));
     assert!(diff < 2e-3, "row 0 changed by {diff}");
 }
