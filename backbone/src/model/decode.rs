@@ -167,6 +167,15 @@ impl Backbone {
         let max_pos = self.cos.dim(0)?;
         // Each row's rotary position (a row without a new token repeats its last position).
         let pos: Vec<usize> = (0..b).map(|i| cache.next_pos[i].min(max_pos - 1)).collect();
+        // Each row's rotary (cos, sin) at its position, read once for all layers.
+        let at = |table: &Tensor| -> Result<Vec<Vec<f32>>> {
+            with_f32(table, |t| {
+                pos.iter()
+                    .map(|&p| t[p * half..(p + 1) * half].to_vec())
+                    .collect()
+            })
+        };
+        let (cos, sin) = (at(&self.cos)?, at(&self.sin)?);
         let old_len = cache.len;
         let kv_len = old_len + 1;
         cache.reserve(1)?;
@@ -208,21 +217,13 @@ impl Backbone {
                 }
             }
             // Rotary on q and k; q pre-scaled.
-            with_f32(&self.cos, |cos| {
-                with_f32(&self.sin, |sin| {
-                    for (row, &p) in pos.iter().enumerate() {
-                        let (c, s) = (
-                            &cos[p * half..(p + 1) * half],
-                            &sin[p * half..(p + 1) * half],
-                        );
-                        let r = &mut qkv_out[row * w..row * w + qd + kvd];
-                        for head in r.chunks_exact_mut(hd) {
-                            rope(head, c, s);
-                        }
-                        r[..qd].iter_mut().for_each(|v| *v *= scale);
-                    }
-                })
-            })??;
+            for row in 0..b {
+                let r = &mut qkv_out[row * w..row * w + qd + kvd];
+                for head in r.chunks_exact_mut(hd) {
+                    rope(head, &cos[row], &sin[row]);
+                }
+                r[..qd].iter_mut().for_each(|v| *v *= scale);
+            }
             // Append k and v: [b, nkv, 1, hd].
             let mut k_new = Vec::with_capacity(b * kvd);
             let mut v_new = Vec::with_capacity(b * kvd);
