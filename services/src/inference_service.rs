@@ -127,6 +127,8 @@ pub struct InferenceStats {
     pub scored_requests: AtomicU64,
     /// The largest batch so far.
     pub max_score_batch: AtomicU64,
+    /// Time those calls spent in the backbone, in microseconds (all of them together).
+    pub score_batch_micros: AtomicU64,
     /// Tokens produced by Generate (all streams).
     pub generated_tokens: AtomicU64,
     /// Generate streams still producing tokens.
@@ -305,7 +307,12 @@ fn run_batch(backbone: &Backbone, stats: &InferenceStats, jobs: Vec<ScoreJob>) {
                 .unwrap_or_default(),
         })
         .collect();
-    match backbone.score_batch_with(&reqs, &render) {
+    let started = std::time::Instant::now();
+    let scored = backbone.score_batch_with(&reqs, &render);
+    stats
+        .score_batch_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    match scored {
         Ok(outs) if outs.len() == jobs.len() => {
             drop(reqs);
             for (job, out) in jobs.into_iter().zip(outs) {

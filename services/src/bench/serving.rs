@@ -30,6 +30,11 @@ pub struct ScenarioResult {
     pub requests_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// `score_batch` calls the scheduler made per round (1 = every request in one batch).
+    pub batches_per_round: f64,
+    /// Seconds per round the service spent inside the backbone's `score_batch` (the rest of
+    /// a round's wall time is gRPC, scheduling and waiting).
+    pub backbone_s_per_round: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -178,6 +183,8 @@ pub async fn run(
         .clone()
         .ok_or_else(|| anyhow::anyhow!("the bench server runs no inference service"))?;
     let load_micros = || stats.stats().expert_load_micros.load(Ordering::Relaxed);
+    let score_batches = || stats.stats().score_batches.load(Ordering::Relaxed);
+    let score_micros = || stats.stats().score_batch_micros.load(Ordering::Relaxed);
     let mut cold_load = Vec::new();
     for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
         let (mut loads, mut colds, mut warms) = (Vec::new(), Vec::new(), Vec::new());
@@ -240,17 +247,37 @@ pub async fn run(
         for (_, jobs, _) in &scenarios {
             clients.push(connect_all(&url, jobs.len()).await?);
         }
-        // Rounds interleave the scenarios (A B C, A B C, ...), so that the machine's speed,
-        // which drifts by 10-20% over minutes on this shared host, weighs on each alike.
+        // Rounds interleave the scenarios and rotate their order (A B C, B C A, C A B, ...), so
+        // that the machine's speed, which drifts by 10-20% over minutes on this shared host,
+        // weighs on each alike, and no scenario always follows the same one.
         let mut wall = [0.0f64; 3];
         let mut lat: [Vec<f64>; 3] = Default::default();
+        let mut batches = [0u64; 3];
+        let mut backbone_micros = [0u64; 3];
+        // Per timed round: [16 experts / one expert, 16 experts / one at a time] in requests/s.
+        let mut round_ratios: Vec<[f64; 2]> = Vec::new();
         for r in 0..=setup.rounds {
-            for (i, (_, jobs, concurrent)) in scenarios.iter().enumerate() {
+            let mut round_wall = [0.0f64; 3];
+            for step in 0..scenarios.len() {
+                let i = (r + step) % scenarios.len();
+                let (_, jobs, concurrent) = &scenarios[i];
+                let (before, micros_before) = (score_batches(), score_micros());
                 let (w, times) = round(&mut clients[i], jobs, *concurrent).await?;
+                round_wall[i] = w;
                 if r > 0 {
                     wall[i] += w;
                     lat[i].extend(times);
+                    batches[i] += score_batches() - before;
+                    backbone_micros[i] += score_micros() - micros_before;
                 }
+            }
+            if r > 0 {
+                // Same number of requests in each scenario: the rate ratio is the inverse
+                // wall-time ratio.
+                round_ratios.push([
+                    round_wall[1] / round_wall[0].max(1e-9),
+                    round_wall[2] / round_wall[0].max(1e-9),
+                ]);
             }
         }
         let mut rates = Vec::new();
@@ -265,18 +292,36 @@ pub async fn run(
                 requests_per_s: lat.len() as f64 / wall[i].max(1e-9),
                 p50_ms: percentile(lat, 0.5),
                 p99_ms: percentile(lat, 0.99),
+                batches_per_round: batches[i] as f64 / setup.rounds.max(1) as f64,
+                backbone_s_per_round: backbone_micros[i] as f64 / 1e6 / setup.rounds.max(1) as f64,
             };
             eprintln!(
-                "{} / {}: {:.2} req/s, p50 {:.0} ms",
-                r.kind, r.scenario, r.requests_per_s, r.p50_ms
+                "{} / {}: {:.2} req/s, p50 {:.0} ms, {:.1} batches and {:.2} s in the backbone per round",
+                r.kind,
+                r.scenario,
+                r.requests_per_s,
+                r.p50_ms,
+                r.batches_per_round,
+                r.backbone_s_per_round
             );
             rates.push(r.requests_per_s);
             scenarios_out.push(r);
         }
+        let per_round = |k: usize| {
+            let mut v: Vec<f64> = round_ratios.iter().map(|r| r[k]).collect();
+            v.sort_by(f64::total_cmp);
+            serde_json::json!({
+                "median": percentile(&v, 0.5),
+                "min": v.first().copied().unwrap_or(f64::NAN),
+                "max": v.last().copied().unwrap_or(f64::NAN),
+            })
+        };
         ratios.push(serde_json::json!({
             "kind": kind.as_str(),
             "mixed_vs_one_expert": rates[0] / rates[1],
             "mixed_vs_one_at_a_time": rates[0] / rates[2],
+            "mixed_vs_one_expert_per_round": per_round(0),
+            "mixed_vs_one_at_a_time_per_round": per_round(1),
         }));
     }
     server.stop().await;
@@ -293,25 +338,47 @@ pub fn markdown(r: &ServingReport) -> String {
     let mut md = format!(
         "# Inference serving (`roe bench serving`)\n\nScore requests through gRPC on loopback \
          (one test row each of {n} classification tasks, all choices scored), {rounds} rounds \
-         after a warm-up round, the scenarios' rounds interleaved (the host's speed drifts). The \
+         after a warm-up round, the scenarios' rounds interleaved in rotating order (the host's speed drifts). The \
          scenarios score the same inputs; only the experts differ.\n\n\
-         | kind | scenario | requests/s | p50 ms | p99 ms |\n|---|---|---|---|---|\n",
+         | kind | scenario | requests/s | p50 ms | p99 ms | scoring batches per round | s in the backbone per round |\n|---|---|---|---|---|---|---|\n",
         n = r.concurrency,
         rounds = r.rounds
     );
     for s in &r.scenarios {
         md.push_str(&format!(
-            "| {} | {} | {:.2} | {:.0} | {:.0} |\n",
-            s.kind, s.scenario, s.requests_per_s, s.p50_ms, s.p99_ms
+            "| {} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {:.2} |\n",
+            s.kind,
+            s.scenario,
+            s.requests_per_s,
+            s.p50_ms,
+            s.p99_ms,
+            s.batches_per_round,
+            s.backbone_s_per_round
         ));
     }
-    md.push_str("\n| kind | 16 experts / one expert (goal ≥ 0.9) | 16 experts / one at a time (goal ≥ 3) |\n|---|---|---|\n");
+    md.push_str(
+        "\nThroughput ratios: over all rounds, and the median (min–max) of the rounds' own \
+         ratios (each round runs the scenarios back to back, so drift weighs less on it).\n\n\
+         | kind | 16 experts / one expert (goal ≥ 0.9) | per round | 16 experts / one at a time (goal ≥ 3) | per round |\n\
+         |---|---|---|---|---|\n",
+    );
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let spread = |v: &serde_json::Value| {
+        format!(
+            "{:.2} ({:.2}–{:.2})",
+            num(&v["median"]),
+            num(&v["min"]),
+            num(&v["max"])
+        )
+    };
     for x in &r.ratios {
         md.push_str(&format!(
-            "| {} | {:.2} | {:.2} |\n",
+            "| {} | {:.2} | {} | {:.2} | {} |\n",
             x["kind"].as_str().unwrap_or(""),
-            x["mixed_vs_one_expert"].as_f64().unwrap_or(f64::NAN),
-            x["mixed_vs_one_at_a_time"].as_f64().unwrap_or(f64::NAN)
+            num(&x["mixed_vs_one_expert"]),
+            spread(&x["mixed_vs_one_expert_per_round"]),
+            num(&x["mixed_vs_one_at_a_time"]),
+            spread(&x["mixed_vs_one_at_a_time_per_round"]),
         ));
     }
     md.push_str("\n## Expert cold load\n\nLoad = the time the inference service spends on a cache miss (weights read from the sled library, parsed, checked against the backbone), timed inside the service on the first Score request of each expert; the same request again is warm.\n\n| kind | experts | median load ms | max load ms | median cold request ms | median warm request ms |\n|---|---|---|---|---|---|\n");
