@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
@@ -389,14 +390,18 @@ impl SoftPrompt {
 // LoRA
 // ---------------------------------------------------------------------------------------------
 
-/// One adapted projection: `delta(x) = x · a_t · b_t` with the scale folded into `b_t`.
+/// One adapted projection: `delta(x) = b_t^T (a x)` with the scale folded into `b_t`.
+/// Plain shared slices: a batch clones them per row for free, and the per-row kernel
+/// ([`crate::model`]'s LoRA module) reads them directly.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
-    /// [in, r] f32 (A transposed), contiguous.
-    pub(crate) a_t: Tensor,
-    /// [r, out] f32 (scale · B transposed, rows permuted to GGUF layout for q/k), contiguous.
-    pub(crate) b_t: Tensor,
+    /// [r, in] f32, row-major (PEFT's lora_A as stored): each rank's input vector contiguous.
+    pub(crate) a: Arc<[f32]>,
+    /// [r, out] f32 (scale · B transposed, rows permuted to GGUF layout for q/k), row-major.
+    pub(crate) b_t: Arc<[f32]>,
     pub(crate) rank: usize,
+    pub(crate) fin: usize,
+    pub(crate) fout: usize,
 }
 
 /// A PEFT LoRA expert, applied unmerged: `W x + (alpha/r) · B (A x)`.
@@ -657,13 +662,8 @@ impl Lora {
             if w.a.iter().chain(w.b.iter()).any(|x| !x.is_finite()) {
                 return Err(ExpertError::NonFinite { name: label });
             }
-            // a_t [in, r]
-            let mut a_t = vec![0f32; fin * rank];
-            for r in 0..rank {
-                for i in 0..fin {
-                    a_t[i * rank + r] = w.a[r * fin + i];
-                }
-            }
+            // a [r, in]: PEFT's layout.
+            let a: Arc<[f32]> = w.a.as_slice().into();
             // b_t [r, out], rows of B permuted to GGUF layout for q/k, scaled.
             let perm = match w.target {
                 LoraTarget::QProj => Some(hf_to_gguf_rows(spec.num_heads, spec.head_dim)),
@@ -677,13 +677,18 @@ impl Lora {
                     b_t[r * fout + o] = (w.b[src * rank + r] as f64 * scale) as f32;
                 }
             }
-            let a_t = Tensor::from_vec(a_t, (fin, rank), &Device::Cpu).map_err(candle_err)?;
-            let b_t = Tensor::from_vec(b_t, (rank, fout), &Device::Cpu).map_err(candle_err)?;
+            let b_t: Arc<[f32]> = b_t.into();
             let slot = &mut layers[w.layer][w.target.index()];
             if slot.is_some() {
                 return Err(ExpertError::Invalid(format!("{label}: given twice")));
             }
-            *slot = Some(LoraPair { a_t, b_t, rank });
+            *slot = Some(LoraPair {
+                a,
+                b_t,
+                rank,
+                fin,
+                fout,
+            });
             targets.insert(w.target);
         }
         Ok(Self {

@@ -72,12 +72,110 @@ pub fn matmul(w: WeightRef<'_>, n: usize, k: usize, x: &[f32], m: usize) -> Vec<
     y
 }
 
+/// Output rows per parallel task when weights are expanded to f32 for [`matmul_expanded`].
+const EXPAND_CHUNK: usize = 64;
+
+thread_local! {
+    /// The calling thread's f32 copy of the weight being multiplied (grows to the largest
+    /// weight, ~7 MB for SmolLM2's fused gate/up, and is reused: no allocation, no zeroing).
+    static EXPANDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// y [m, n] (row-major) = x [m, k] · W^T for many activation rows (prefill).
+///
+/// W's blocks are expanded to f32 into the calling thread's scratch matrix, split over
+/// candle's pool, then one f32 GEMM (the `gemm` crate, as candle's own matmul, on the same
+/// rayon pool) writes y without zeroing it first. Same values as multiplying by the
+/// dequantized weight; what it saves over candle's `dequantize` + `matmul` is their serial
+/// parts: a fresh zeroed weight buffer expanded by one thread, and a zeroed output.
+/// Panics if the slices do not have the stated sizes.
+pub fn matmul_expanded(w: WeightRef<'_>, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x is not [m, k]");
+    match w {
+        WeightRef::Q4_1(b) => assert_eq!(b.len(), n * k / BLOCK * Q4_1_BLOCK_BYTES),
+        WeightRef::Q8_0(b) => assert_eq!(b.len(), n * k / BLOCK * Q8_0_BLOCK_BYTES),
+        WeightRef::F32(f) => assert_eq!(f.len(), n * k),
+    }
+    assert!(
+        matches!(w, WeightRef::F32(_)) || k.is_multiple_of(BLOCK),
+        "k not a multiple of 32"
+    );
+    EXPANDED.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let wf: &[f32] = match w {
+            WeightRef::F32(f) => f,
+            _ => {
+                if scratch.len() < n * k {
+                    scratch.resize(n * k, 0.0);
+                }
+                let out = SharedOut(scratch.as_mut_ptr());
+                candle_core::utils::barrier_pool().execute_chunked(
+                    n.div_ceil(EXPAND_CHUNK),
+                    |chunks| {
+                        for ci in chunks {
+                            for r in ci * EXPAND_CHUNK..n.min((ci + 1) * EXPAND_CHUNK) {
+                                // SAFETY: chunks are disjoint row ranges of `scratch`, which
+                                // holds at least n * k values and outlives the call.
+                                let row =
+                                    unsafe { std::slice::from_raw_parts_mut(out.at(r * k), k) };
+                                dequantize_row(w, k, r, row);
+                            }
+                        }
+                    },
+                );
+                &scratch[..n * k]
+            }
+        };
+        gemm_into_new(wf, n, k, x, m)
+    })
+}
+
+/// y [m, n] = x [m, k] · wf^T with wf [n, k] f32, both row-major.
+fn gemm_into_new(wf: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: x is [m, k] and wf is [n, k] (checked by the caller); y has room for m * n
+    // values, and with `read_dst = false` gemm writes every one of them without reading any
+    // (dst := beta · lhs · rhs), so they are initialised when the length is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            wf.as_ptr(),
+            // rhs = wf^T [k, n]: its column j is wf's row j.
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        y.set_len(m * n);
+    }
+    y
+}
+
 /// The output buffer, written by several workers at disjoint offsets.
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: only used to hand disjoint sub-slices to the pool's workers.
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
-    fn at(&self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(&self, offset: usize) -> *mut f32 {
         // SAFETY: callers stay within the buffer.
         unsafe { self.0.add(offset) }
     }
@@ -115,27 +213,39 @@ fn avx2() -> bool {
     })
 }
 
-/// Weight row `r` dequantized into `buf` (length k).
+/// Weight row `r` dequantized into `buf` (length k). Written block by block over fixed-size
+/// arrays so that the compiler vectorises it (prefill expands every weight once per forward).
 fn dequantize_row(w: WeightRef<'_>, k: usize, r: usize, buf: &mut [f32]) {
     let nb = k / BLOCK;
     match w {
         WeightRef::Q4_1(b) => {
-            for bi in 0..nb {
-                let blk = &b[(r * nb + bi) * Q4_1_BLOCK_BYTES..][..Q4_1_BLOCK_BYTES];
+            let blocks = &b[r * nb * Q4_1_BLOCK_BYTES..(r + 1) * nb * Q4_1_BLOCK_BYTES];
+            for (blk, out) in blocks
+                .chunks_exact(Q4_1_BLOCK_BYTES)
+                .zip(buf.chunks_exact_mut(BLOCK))
+            {
                 let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
                 let mn = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-                for j in 0..16 {
-                    buf[bi * BLOCK + j] = d * (blk[4 + j] & 0x0F) as f32 + mn;
-                    buf[bi * BLOCK + 16 + j] = d * (blk[4 + j] >> 4) as f32 + mn;
+                let qs: &[u8; 16] = blk[4..]
+                    .try_into()
+                    .expect("a Q4_1 block holds 16 bytes of nibbles");
+                let (lo, hi) = out.split_at_mut(BLOCK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(qs) {
+                    *l = d * (q & 0x0F) as f32 + mn;
+                    *h = d * (q >> 4) as f32 + mn;
                 }
             }
         }
         WeightRef::Q8_0(b) => {
-            for bi in 0..nb {
-                let blk = &b[(r * nb + bi) * Q8_0_BLOCK_BYTES..][..Q8_0_BLOCK_BYTES];
+            let blocks = &b[r * nb * Q8_0_BLOCK_BYTES..(r + 1) * nb * Q8_0_BLOCK_BYTES];
+            for (blk, out) in blocks
+                .chunks_exact(Q8_0_BLOCK_BYTES)
+                .zip(buf.chunks_exact_mut(BLOCK))
+            {
                 let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                for j in 0..BLOCK {
-                    buf[bi * BLOCK + j] = d * (blk[2 + j] as i8) as f32;
+                let qs: &[u8; 32] = blk[2..].try_into().expect("a Q8_0 block holds 32 bytes");
+                for (o, &q) in out.iter_mut().zip(qs) {
+                    *o = d * (q as i8) as f32;
                 }
             }
         }
@@ -375,6 +485,53 @@ mod tests {
             .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.05)
             .collect();
         check(WeightRef::F32(&w), &w, n, k);
+    }
+
+    #[test]
+    fn expanded_matmul_matches_dequantized_weights() {
+        // Enough rows and columns for several expansion chunks and gemm's parallel split.
+        let (n, k, m) = (150, 96, 37);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+            .collect();
+        let (q4, q4_deq) = q4_1_matrix(n, k);
+        let (q8, q8_deq) = q8_0_matrix(n, k);
+        for (w, deq) in [
+            (WeightRef::Q4_1(&q4), &q4_deq),
+            (WeightRef::Q8_0(&q8), &q8_deq),
+            (WeightRef::F32(&q4_deq), &q4_deq),
+        ] {
+            // Twice: the second call reuses the thread's scratch matrix.
+            for _ in 0..2 {
+                let y = matmul_expanded(w, n, k, &x, m);
+                for mi in 0..m {
+                    for ni in 0..n {
+                        let want: f32 = (0..k).map(|j| x[mi * k + j] * deq[ni * k + j]).sum();
+                        let got = y[mi * n + ni];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "({mi}, {ni}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        // A smaller weight after a larger one uses the front of the same scratch.
+        let y = matmul_expanded(
+            WeightRef::Q8_0(&q8[..10 * k / BLOCK * Q8_0_BLOCK_BYTES]),
+            10,
+            k,
+            &x,
+            m,
+        );
+        assert!(
+            (y[3 * 10 + 4]
+                - (0..k)
+                    .map(|j| x[3 * k + j] * q8_deq[4 * k + j])
+                    .sum::<f32>())
+            .abs()
+                < 1e-3
+        );
     }
 
     #[test]

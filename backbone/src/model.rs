@@ -17,6 +17,9 @@ use crate::experts::{ExpertSpec, Lora, LoraTarget, SoftPrompt};
 use crate::tokenizer::TextTokenizer;
 
 mod decode;
+mod lora;
+
+pub use lora::LoraBatch;
 
 /// Additive mask value for masked attention slots (finite so that a fully masked padded row
 /// never produces NaN).
@@ -74,6 +77,16 @@ impl Linear {
                     let mut dims = x.dims().to_vec();
                     if let Some(last) = dims.last_mut() {
                         *last = q.shape().dims2()?.0;
+                    }
+                    return Tensor::from_vec(y, dims, &Device::Cpu);
+                }
+                if matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+                    let n = q.shape().dims2()?.0;
+                    let y = decode::linear_rows_expanded(q, &x.contiguous()?, rows)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    let mut dims = x.dims().to_vec();
+                    if let Some(last) = dims.last_mut() {
+                        *last = n;
                     }
                     return Tensor::from_vec(y, dims, &Device::Cpu);
                 }
@@ -358,7 +371,11 @@ impl Backbone {
             for t in LoraTarget::ALL {
                 if let Some(p) = lora.pair(l, t) {
                     let (fin, fout) = t.dims(&self.expert_spec());
-                    if p.a_t.dims() != [fin, p.rank] || p.b_t.dims() != [p.rank, fout] {
+                    if p.fin != fin
+                        || p.fout != fout
+                        || p.a.len() != p.rank * fin
+                        || p.b_t.len() != p.rank * fout
+                    {
                         return Err(crate::error::ExpertError::Invalid(format!(
                             "LoRA layer {l} {} does not match the backbone",
                             t.name()
@@ -470,10 +487,10 @@ impl Backbone {
             return Err(BackboneError::InvalidInput("empty chunk".into()));
         }
         cache.prepare(b, &self.config)?;
-        if !loras.is_none() && loras.batch != b {
+        if !loras.is_none() && loras.batch() != b {
             return Err(BackboneError::InvalidInput(format!(
                 "LoRA batch built for {} rows, forward has {b}",
-                loras.batch
+                loras.batch()
             )));
         }
         let max_pos = self.cos.dim(0)?;
@@ -875,133 +892,5 @@ impl KvCache {
         }
         out.cap = cap;
         Ok(out)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Per-row LoRA
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-enum LoraSlot {
-    /// Every row uses the same adapter: a_t [in, r], b_t [r, out].
-    Shared(Tensor, Tensor),
-    /// Row-stacked adapters (zeros for rows without one): a [b, in, r], b [b, r, out].
-    Stacked(Tensor, Tensor),
-}
-
-/// The LoRA of each row of a batch, stacked once per batch so that one forward applies a
-/// different (or no) LoRA to every row, unmerged.
-#[derive(Debug, Clone, Default)]
-pub struct LoraBatch {
-    /// slots[layer][target].
-    slots: Vec<[Option<LoraSlot>; 7]>,
-    batch: usize,
-}
-
-impl LoraBatch {
-    /// No LoRA on any row.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    pub fn is_none(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    /// Build for the rows of a batch (`None`: the bare backbone for that row).
-    pub fn new(rows: &[Option<&Lora>]) -> Result<Self> {
-        let b = rows.len();
-        let present: Vec<&Lora> = rows.iter().flatten().copied().collect();
-        if present.is_empty() {
-            return Ok(Self::none());
-        }
-        let num_layers = present.iter().map(|l| l.num_layers()).max().unwrap_or(0);
-        let all_same = present.len() == b && present.iter().all(|l| std::ptr::eq(*l, present[0]));
-        let mut slots: Vec<[Option<LoraSlot>; 7]> =
-            (0..num_layers).map(|_| Default::default()).collect();
-        for (li, layer_slots) in slots.iter_mut().enumerate() {
-            for target in LoraTarget::ALL {
-                let pairs: Vec<Option<&crate::experts::LoraPair>> = rows
-                    .iter()
-                    .map(|r| r.and_then(|l| l.pair(li, target)))
-                    .collect();
-                if pairs.iter().all(|p| p.is_none()) {
-                    continue;
-                }
-                if all_same {
-                    if let Some(p) = pairs[0] {
-                        layer_slots[target.index()] =
-                            Some(LoraSlot::Shared(p.a_t.clone(), p.b_t.clone()));
-                    }
-                    continue;
-                }
-                let some = pairs.iter().flatten().next().copied();
-                let Some(first) = some else { continue };
-                let (fin, _) = first.a_t.dims2()?;
-                let (_, fout) = first.b_t.dims2()?;
-                let r_max = pairs.iter().flatten().map(|p| p.rank).max().unwrap_or(1);
-                let mut a_rows = Vec::with_capacity(b);
-                let mut b_rows = Vec::with_capacity(b);
-                for p in &pairs {
-                    match p {
-                        Some(p) if p.rank == r_max => {
-                            a_rows.push(p.a_t.clone());
-                            b_rows.push(p.b_t.clone());
-                        }
-                        Some(p) => {
-                            let pad = r_max - p.rank;
-                            a_rows.push(Tensor::cat(
-                                &[
-                                    p.a_t.clone(),
-                                    Tensor::zeros((fin, pad), DType::F32, &Device::Cpu)?,
-                                ],
-                                1,
-                            )?);
-                            b_rows.push(Tensor::cat(
-                                &[
-                                    p.b_t.clone(),
-                                    Tensor::zeros((pad, fout), DType::F32, &Device::Cpu)?,
-                                ],
-                                0,
-                            )?);
-                        }
-                        None => {
-                            a_rows.push(Tensor::zeros((fin, r_max), DType::F32, &Device::Cpu)?);
-                            b_rows.push(Tensor::zeros((r_max, fout), DType::F32, &Device::Cpu)?);
-                        }
-                    }
-                }
-                layer_slots[target.index()] = Some(LoraSlot::Stacked(
-                    Tensor::stack(&a_rows, 0)?,
-                    Tensor::stack(&b_rows, 0)?,
-                ));
-            }
-        }
-        Ok(Self { slots, batch: b })
-    }
-
-    /// `scale · B(A x)` for x [b, t, in], or None when no row adapts this projection.
-    fn delta(&self, layer: usize, target: LoraTarget, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(slot) = self
-            .slots
-            .get(layer)
-            .and_then(|s| s[target.index()].as_ref())
-        else {
-            return Ok(None);
-        };
-        let (b, t, fin) = x.dims3()?;
-        let x = x.contiguous()?;
-        let d = match slot {
-            LoraSlot::Shared(a, bm) => {
-                let fout = bm.dim(1)?;
-                x.reshape((b * t, fin))?
-                    .matmul(a)?
-                    .matmul(bm)?
-                    .reshape((b, t, fout))?
-            }
-            LoraSlot::Stacked(a, bm) => x.matmul(a)?.matmul(bm)?,
-        };
-        Ok(Some(d))
     }
 }

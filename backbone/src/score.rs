@@ -99,6 +99,48 @@ fn argmax(xs: impl Iterator<Item = f32>) -> usize {
 const PROMPT_TOKEN_BUDGET: usize = 2048;
 /// Continuation rows per batch.
 const CHOICE_ROW_BUDGET: usize = 96;
+/// What one more group costs beyond its padded tokens, in tokens: each group runs two
+/// forwards, and each forward expands every weight to f32 and synchronises the workers per
+/// op whatever its size.
+const GROUP_OVERHEAD_TOKENS: usize = 64;
+
+/// Splits requests sorted by prompt length (`lens`, ascending; `rows`: continuation rows of
+/// each) into consecutive groups, one batch each, with the least work: padded prompt tokens
+/// plus [`GROUP_OVERHEAD_TOKENS`] per group, within [`PROMPT_TOKEN_BUDGET`] and
+/// [`CHOICE_ROW_BUDGET`] (a request alone always makes a group). Padding every row to the
+/// longest of a batch made short prompts next to a long one cost several times their
+/// length; one group per request pays the fixed cost of a forward each time.
+fn length_groups(lens: &[usize], rows: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let n = lens.len();
+    // best[j]: least cost of the first j requests; from[j]: where its last group starts.
+    let mut best = vec![usize::MAX; n + 1];
+    let mut from = vec![0usize; n + 1];
+    best[0] = 0;
+    for j in 1..=n {
+        let mut choice_rows = 0;
+        for i in (0..j).rev() {
+            choice_rows += rows[i];
+            let size = j - i;
+            let padded = lens[j - 1] * size;
+            if size > 1 && (padded > PROMPT_TOKEN_BUDGET || choice_rows > CHOICE_ROW_BUDGET) {
+                break;
+            }
+            let cost = best[i].saturating_add(padded + GROUP_OVERHEAD_TOKENS);
+            if cost < best[j] {
+                best[j] = cost;
+                from[j] = i;
+            }
+        }
+    }
+    let mut groups = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        groups.push(from[j]..j);
+        j = from[j];
+    }
+    groups.reverse();
+    groups
+}
 
 impl Backbone {
     /// Prompt ids of the canonical rendering: tokens of `input + suffix`, last N kept.
@@ -173,27 +215,16 @@ impl Backbone {
         let mut order: Vec<usize> = (0..reqs.len()).collect();
         order.sort_by_key(|&i| prompt_len(&reqs[i]));
         let mut results: Vec<Option<ScoreOutput>> = vec![None; reqs.len()];
-        let mut start = 0;
-        while start < order.len() {
-            let mut end = start + 1;
-            let mut rows = reqs[order[start]].continuations.len();
-            while end < order.len() {
-                let r = &reqs[order[end]];
-                let padded = prompt_len(r) * (end - start + 1);
-                if padded > PROMPT_TOKEN_BUDGET || rows + r.continuations.len() > CHOICE_ROW_BUDGET
-                {
-                    break;
-                }
-                rows += r.continuations.len();
-                end += 1;
-            }
+        let lens: Vec<usize> = order.iter().map(|&i| prompt_len(&reqs[i])).collect();
+        let rows: Vec<usize> = order.iter().map(|&i| reqs[i].continuations.len()).collect();
+        for range in length_groups(&lens, &rows) {
+            let (start, end) = (range.start, range.end);
             let group: Vec<&ScoreIdsRequest<'_>> =
                 order[start..end].iter().map(|&i| &reqs[i]).collect();
             let outs = self.score_group(&group)?;
             for (&i, o) in order[start..end].iter().zip(outs) {
                 results[i] = Some(o);
             }
-            start = end;
         }
         results
             .into_iter()
@@ -379,4 +410,53 @@ fn gather_lp(lp: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
     let picked = lp.index_select(&r, 0)?; // [K, V]
     let t = Tensor::new(targets, dev)?.unsqueeze(1)?;
     Ok(picked.gather(&t, 1)?.squeeze(1)?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{length_groups, CHOICE_ROW_BUDGET, PROMPT_TOKEN_BUDGET};
+
+    fn padded(lens: &[usize], groups: &[std::ops::Range<usize>]) -> usize {
+        groups.iter().map(|g| lens[g.end - 1] * g.len()).sum()
+    }
+
+    #[test]
+    fn groups_cover_every_request_once_in_order() {
+        let lens = [
+            16, 22, 22, 24, 24, 26, 27, 31, 32, 42, 70, 77, 78, 113, 113, 385,
+        ];
+        let groups = length_groups(&lens, &[2; 16]);
+        let mut next = 0;
+        for g in &groups {
+            assert_eq!(g.start, next);
+            assert!(g.end > g.start);
+            next = g.end;
+        }
+        assert_eq!(next, lens.len());
+        // The 16 prompts of the serving benchmark: one batch padded to 113 tokens (as the
+        // old greedy grouping did) is 2.4x their real length; the groups stay close to it.
+        let real: usize = lens.iter().sum();
+        assert!(padded(&lens, &groups) * 10 <= real * 12, "{groups:?}");
+        assert!(
+            groups.len() < lens.len(),
+            "short prompts still share batches: {groups:?}"
+        );
+        // The long prompt goes alone.
+        assert_eq!(groups.last(), Some(&(15..16)));
+    }
+
+    #[test]
+    fn equal_lengths_fill_batches_up_to_the_budgets() {
+        let groups = length_groups(&[100; 50], &[1; 50]);
+        let per = PROMPT_TOKEN_BUDGET / 100;
+        assert_eq!(groups.len(), 50usize.div_ceil(per));
+        assert!(groups.iter().all(|g| g.len() <= per));
+        // Continuation rows bound a batch too.
+        let groups = length_groups(&[10; 8], &[CHOICE_ROW_BUDGET / 2; 8]);
+        assert!(groups.iter().all(|g| g.len() == 2), "{groups:?}");
+        // A request over both budgets still runs, alone.
+        let groups = length_groups(&[5, PROMPT_TOKEN_BUDGET * 2], &[1, CHOICE_ROW_BUDGET * 2]);
+        assert_eq!(groups.len(), 2);
+        assert!(length_groups(&[], &[]).is_empty());
+    }
 }

@@ -7,9 +7,10 @@
 //! the KV cache stays the candle tensors that prefill writes, so both paths share it.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
-use super::{Backbone, KvCache, Layer, Linear, LoraBatch, LoraSlot};
+use super::lora::add_lora;
+use super::{Backbone, KvCache, Layer, Linear, LoraBatch};
 use crate::error::{BackboneError, Result};
 use crate::experts::LoraTarget;
 use crate::kernels::{self, WeightRef};
@@ -40,6 +41,23 @@ fn q_matmul(q: &QTensor, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
         GgmlDType::Q8_0 => Some(kernels::matmul(WeightRef::Q8_0(&data), n, k, x, m)),
         _ => None,
     })
+}
+
+/// x [m, k] · W^T for many rows of x (a contiguous tensor) and a Q4_1 / Q8_0 weight:
+/// [`kernels::matmul_expanded`].
+pub(super) fn linear_rows_expanded(q: &QTensor, x: &Tensor, m: usize) -> Result<Vec<f32>> {
+    let (n, k) = q.shape().dims2()?;
+    let data = q.data()?;
+    let w = match q.dtype() {
+        GgmlDType::Q4_1 => WeightRef::Q4_1(&data),
+        GgmlDType::Q8_0 => WeightRef::Q8_0(&data),
+        other => {
+            return Err(BackboneError::InvalidInput(format!(
+                "no expanded kernel for {other:?} weights"
+            )))
+        }
+    };
+    with_f32(x, |xs| kernels::matmul_expanded(w, n, k, xs, m))
 }
 
 /// x [m, k] · W^T for any linear layer: the block kernels when the weight is Q4_1, Q8_0 or
@@ -76,53 +94,8 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `out[row] += scale·B(A x[row])` for the rows of x [b, fin] (scale is folded into B).
-fn add_lora(slot: &LoraSlot, x: &[f32], b: usize, out: &mut [f32]) -> Result<()> {
-    let (a, bm, stacked) = match slot {
-        LoraSlot::Shared(a, bm) => (a, bm, false),
-        LoraSlot::Stacked(a, bm) => (a, bm, true),
-    };
-    let (fin, r) = (a.dim(D::Minus2)?, a.dim(D::Minus1)?);
-    let fout = bm.dim(D::Minus1)?;
-    with_f32(a, |a| {
-        with_f32(bm, |bm| {
-            let mut t = vec![0f32; r];
-            for row in 0..b {
-                let (ar, br) = if stacked {
-                    (
-                        &a[row * fin * r..][..fin * r],
-                        &bm[row * r * fout..][..r * fout],
-                    )
-                } else {
-                    (&a[..fin * r], &bm[..r * fout])
-                };
-                t.iter_mut().for_each(|v| *v = 0.0);
-                for (j, &xv) in x[row * fin..(row + 1) * fin].iter().enumerate() {
-                    for (tv, &av) in t.iter_mut().zip(&ar[j * r..(j + 1) * r]) {
-                        *tv += xv * av;
-                    }
-                }
-                let o = &mut out[row * fout..(row + 1) * fout];
-                for (c, &tv) in t.iter().enumerate() {
-                    for (ov, &bv) in o.iter_mut().zip(&br[c * fout..(c + 1) * fout]) {
-                        *ov += tv * bv;
-                    }
-                }
-            }
-        })
-    })??;
-    Ok(())
-}
-
-fn lora_slot(loras: &LoraBatch, layer: usize, target: LoraTarget) -> Option<&LoraSlot> {
-    loras
-        .slots
-        .get(layer)
-        .and_then(|s| s[target.index()].as_ref())
-}
-
 /// Dot product in 8 lanes (a plain `zip().sum()` is not vectorised: float addition order).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
@@ -203,9 +176,9 @@ impl Backbone {
                 (LoraTarget::KProj, qd, kvd),
                 (LoraTarget::VProj, qd + kvd, kvd),
             ] {
-                if let Some(slot) = lora_slot(loras, li, target) {
+                if let Some(rows) = loras.rows(li, target) {
                     let mut d = vec![0f32; b * len];
-                    add_lora(slot, &xn, b, &mut d)?;
+                    add_lora(rows, &xn, 1, &mut d)?;
                     for row in 0..b {
                         for (o, dv) in qkv_out[row * w + off..row * w + off + len]
                             .iter_mut()
@@ -276,8 +249,8 @@ impl Backbone {
                 })
             })??;
             let mut attn = linear_rows(wo, &y, b)?;
-            if let Some(slot) = lora_slot(loras, li, LoraTarget::OProj) {
-                add_lora(slot, &y, b, &mut attn)?;
+            if let Some(rows) = loras.rows(li, LoraTarget::OProj) {
+                add_lora(rows, &y, 1, &mut attn)?;
             }
             x.iter_mut().zip(&attn).for_each(|(xv, a)| *xv += a);
             // MLP.
@@ -291,11 +264,11 @@ impl Backbone {
                 up[row * ffn..(row + 1) * ffn]
                     .copy_from_slice(&gu[row * 2 * ffn + ffn..(row + 1) * 2 * ffn]);
             }
-            if let Some(slot) = lora_slot(loras, li, LoraTarget::GateProj) {
-                add_lora(slot, &xn, b, &mut gate)?;
+            if let Some(rows) = loras.rows(li, LoraTarget::GateProj) {
+                add_lora(rows, &xn, 1, &mut gate)?;
             }
-            if let Some(slot) = lora_slot(loras, li, LoraTarget::UpProj) {
-                add_lora(slot, &xn, b, &mut up)?;
+            if let Some(rows) = loras.rows(li, LoraTarget::UpProj) {
+                add_lora(rows, &xn, 1, &mut up)?;
             }
             let hmid: Vec<f32> = gate
                 .iter()
@@ -303,8 +276,8 @@ impl Backbone {
                 .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
                 .collect();
             let mut out = linear_rows(down, &hmid, b)?;
-            if let Some(slot) = lora_slot(loras, li, LoraTarget::DownProj) {
-                add_lora(slot, &hmid, b, &mut out)?;
+            if let Some(rows) = loras.rows(li, LoraTarget::DownProj) {
+                add_lora(rows, &hmid, 1, &mut out)?;
             }
             x.iter_mut().zip(&out).for_each(|(xv, o)| *xv += o);
         }
