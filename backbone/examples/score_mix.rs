@@ -70,20 +70,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect()
     };
-    let lens: Vec<usize> = inputs
-        .iter()
-        .map(|(i, c)| bb.encode(i).map(|v| (v.len(), c.len())))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .map(|(l, c)| l * 1000 + c)
-        .collect();
-    println!("prompt tokens*1000 + choices: {lens:?}");
+    // The work: every prompt position and every fed continuation position goes through the
+    // 30 layers (2 · 106.2M multiply-adds of weights per position); the LM head (2 · 28.3M)
+    // runs at each scored position. Attention and norms are left out (a few % here).
+    let (mut layer_positions, mut head_positions) = (0usize, 0usize);
+    for (i, (input, choices)) in inputs.iter().enumerate() {
+        let virtual_tokens = if kind == "prompt" {
+            prompts[i].num_virtual_tokens()
+        } else {
+            0
+        };
+        layer_positions += virtual_tokens + bb.encode(&format!("{input}\nAnswer:"))?.len();
+        for c in choices {
+            let n = bb.encode(&format!(" {c}"))?.len() + 1; // + EOS
+            layer_positions += n - 1;
+            head_positions += n;
+        }
+    }
+    let gflop = (2.0 * 106.2e6 * layer_positions as f64 + 2.0 * 28.3e6 * head_positions as f64) / 1e9;
+    // What one f32 GEMM of prefill's shape reaches on this machine (candle's matmul).
+    let a = candle_core::Tensor::randn(0f32, 1.0, (2048, 576), &candle_core::Device::Cpu)?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (576, 3072), &candle_core::Device::Cpu)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let _ = a.matmul(&w)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let peak = 2.0 * 2048.0 * 576.0 * 3072.0 / best / 1e9;
+    println!(
+        "{layer_positions} positions through the layers, {head_positions} through the LM head: \
+         {gflop:.0} GFLOP; one [2048x576]x[576x3072] f32 GEMM runs at {peak:.0} GFLOP/s, so \
+         these requests need at least {:.2} s",
+        gflop / peak
+    );
     // Rounds rotate which scenario goes first (the host's speed drifts, and a scenario can
     // leave the allocator or caches in a state the next one inherits).
     for round in 0..6 {
         let mut took = [0f64; 3];
+        let only: Option<usize> = std::env::args().nth(2).and_then(|s| s.parse().ok());
         for step in 0..3 {
             let which = (round + step) % 3;
+            if only.is_some_and(|o| o != which) {
+                continue;
+            }
             let t = Instant::now();
             match which {
                 0 => {
@@ -101,8 +131,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             took[which] = t.elapsed().as_secs_f64();
         }
         println!(
-            "round {round}: batch 16 experts {:.2}s, batch one expert {:.2}s, one at a time {:.2}s",
-            took[0], took[1], took[2]
+            "round {round}: batch 16 experts {:.2}s, batch one expert {:.2}s, one at a time {:.2}s \
+             ({:.0} / {:.0} / {:.0} GFLOP/s)",
+            took[0],
+            took[1],
+            took[2],
+            gflop / took[0],
+            gflop / took[1],
+            gflop / took[2]
         );
     }
     Ok(())

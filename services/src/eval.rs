@@ -174,7 +174,12 @@ impl Evaluator<'_> {
         };
         let t = Instant::now();
         let out = if a.generation {
-            Outcome::F1(generation_f1(self.bb, &a.rows, adapters)?)
+            Outcome::F1(
+                generation_f1(self.bb, &a.rows, adapters)?
+                    .into_iter()
+                    .map(|(_, f1)| f1)
+                    .collect(),
+            )
         } else {
             Outcome::Scores(
                 score_rows(self.bb, &a.rows, adapters, &both_ends(), self.setup.batch)?

@@ -108,8 +108,12 @@ pub fn both_ends() -> RenderOptions {
     }
 }
 
-/// Token F1 of greedy answers (at most [`GENERATION_TOKENS`]) against the targets.
-pub fn generation_f1(bb: &Backbone, rows: &[Instance], adapters: Adapters<'_>) -> Result<Vec<f64>> {
+/// Greedy answers (at most [`GENERATION_TOKENS`]) and their token F1 against the targets.
+pub fn generation_f1(
+    bb: &Backbone,
+    rows: &[Instance],
+    adapters: Adapters<'_>,
+) -> Result<Vec<(String, f64)>> {
     let opts = RenderOptions::default();
     rows.iter()
         .map(|r| {
@@ -120,7 +124,8 @@ pub fn generation_f1(bb: &Backbone, rows: &[Instance], adapters: Adapters<'_>) -
                 GenerateParams::greedy(GENERATION_TOKENS),
                 |_| true,
             )?;
-            Ok(token_f1(&g.text, r.target.as_deref().unwrap_or("")))
+            let f1 = token_f1(&g.text, r.target.as_deref().unwrap_or(""));
+            Ok((g.text, f1))
         })
         .collect()
 }
@@ -150,6 +155,9 @@ pub struct ConfigResult {
     pub reference: Option<f64>,
     pub rows: usize,
     pub seconds: f64,
+    /// Generation tasks: each row's greedy answer, in row order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -226,9 +234,11 @@ pub fn run(bb: &Backbone, tasks: &[Task], setup: &ScoreBenchSetup<'_>) -> Result
             ("lora", "lora", Adapters::lora(&lora)),
         ] {
             let t0 = Instant::now();
+            let mut answers = Vec::new();
             let (end2, end1) = if generation {
                 let f1 = generation_f1(bb, &rows, adapters)?;
-                let mean = f1.iter().sum::<f64>() / f1.len().max(1) as f64;
+                let mean = f1.iter().map(|(_, f)| f).sum::<f64>() / f1.len().max(1) as f64;
+                answers = f1.into_iter().map(|(a, _)| a).collect();
                 (mean, mean)
             } else {
                 let outs = score_rows(bb, &rows, adapters, &both_ends(), setup.batch)?;
@@ -247,6 +257,7 @@ pub fn run(bb: &Backbone, tasks: &[Task], setup: &ScoreBenchSetup<'_>) -> Result
                 reference: reference_of(&setup.reference, &name, key),
                 rows: rows.len(),
                 seconds,
+                answers,
             });
         }
         let cell = |c: &ConfigResult| {
