@@ -87,7 +87,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             head_positions += n;
         }
     }
-    let gflop = (2.0 * 106.2e6 * layer_positions as f64 + 2.0 * 28.3e6 * head_positions as f64) / 1e9;
+    let gflop =
+        (2.0 * 106.2e6 * layer_positions as f64 + 2.0 * 28.3e6 * head_positions as f64) / 1e9;
     // What one f32 GEMM of prefill's shape reaches on this machine (candle's matmul).
     let a = candle_core::Tensor::randn(0f32, 1.0, (2048, 576), &candle_core::Device::Cpu)?;
     let w = candle_core::Tensor::randn(0f32, 1.0, (576, 3072), &candle_core::Device::Cpu)?;
