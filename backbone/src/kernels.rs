@@ -28,9 +28,8 @@ const MAX_M: usize = 4;
 /// Output rows per parallel task.
 const CHUNK: usize = 32;
 
-/// y [m, n] (row-major) = x [m, k] · W^T. Panics if the slices do not have the stated sizes
-/// (callers check shapes when the weights are loaded).
-pub fn matmul(w: WeightRef<'_>, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+/// Panics unless x is [m, k] and W [n, k] with k a multiple of the block size.
+fn assert_sizes(w: WeightRef<'_>, n: usize, k: usize, x: &[f32], m: usize) {
     assert_eq!(x.len(), m * k, "x is not [m, k]");
     match w {
         WeightRef::Q4_1(b) => assert_eq!(b.len(), n * k / BLOCK * Q4_1_BLOCK_BYTES),
@@ -41,6 +40,12 @@ pub fn matmul(w: WeightRef<'_>, n: usize, k: usize, x: &[f32], m: usize) -> Vec<
         matches!(w, WeightRef::F32(_)) || k.is_multiple_of(BLOCK),
         "k not a multiple of 32"
     );
+}
+
+/// y [m, n] (row-major) = x [m, k] · W^T. Panics if the slices do not have the stated sizes
+/// (callers check shapes when the weights are loaded).
+pub fn matmul(w: WeightRef<'_>, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    assert_sizes(w, n, k, x, m);
     let mut y = vec![0f32; m * n];
     let nb = k / BLOCK;
     // Groups of at most MAX_M activation rows; within a group the output is [n, mg].
@@ -90,16 +95,7 @@ thread_local! {
 /// parts: a fresh zeroed weight buffer expanded by one thread, and a zeroed output.
 /// Panics if the slices do not have the stated sizes.
 pub fn matmul_expanded(w: WeightRef<'_>, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
-    assert_eq!(x.len(), m * k, "x is not [m, k]");
-    match w {
-        WeightRef::Q4_1(b) => assert_eq!(b.len(), n * k / BLOCK * Q4_1_BLOCK_BYTES),
-        WeightRef::Q8_0(b) => assert_eq!(b.len(), n * k / BLOCK * Q8_0_BLOCK_BYTES),
-        WeightRef::F32(f) => assert_eq!(f.len(), n * k),
-    }
-    assert!(
-        matches!(w, WeightRef::F32(_)) || k.is_multiple_of(BLOCK),
-        "k not a multiple of 32"
-    );
+    assert_sizes(w, n, k, x, m);
     EXPANDED.with(|cell| {
         let mut scratch = cell.borrow_mut();
         let wf: &[f32] = match w {
@@ -439,21 +435,30 @@ mod tests {
         (w, deq)
     }
 
+    /// y [m, n] equals x [m, k] · deq^T (deq: the dequantized weight [n, k]).
+    fn assert_product(y: &[f32], x: &[f32], deq: &[f32], m: usize, n: usize, k: usize) {
+        for mi in 0..m {
+            for ni in 0..n {
+                let want: f32 = (0..k).map(|j| x[mi * k + j] * deq[ni * k + j]).sum();
+                let got = y[mi * n + ni];
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "m={m} ({mi}, {ni}): {got} vs {want}"
+                );
+            }
+        }
+    }
+
     fn check(w: WeightRef<'_>, deq: &[f32], n: usize, k: usize) {
         // m = 1..=6 covers one group, a full group and a partial second group.
         for m in 1..=6 {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
                 .collect();
-            let y = matmul(w, n, k, &x, m);
+            assert_product(&matmul(w, n, k, &x, m), &x, deq, m, n, k);
             for mi in 0..m {
                 for ni in 0..n {
                     let want: f32 = (0..k).map(|j| x[mi * k + j] * deq[ni * k + j]).sum();
-                    let got = y[mi * n + ni];
-                    assert!(
-                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                        "m={m} ({mi}, {ni}): {got} vs {want}"
-                    );
                     // The portable path agrees too.
                     let mut out = vec![0f32; 1];
                     let xr = &x[mi * k..(mi + 1) * k];
@@ -503,17 +508,7 @@ mod tests {
         ] {
             // Twice: the second call reuses the thread's scratch matrix.
             for _ in 0..2 {
-                let y = matmul_expanded(w, n, k, &x, m);
-                for mi in 0..m {
-                    for ni in 0..n {
-                        let want: f32 = (0..k).map(|j| x[mi * k + j] * deq[ni * k + j]).sum();
-                        let got = y[mi * n + ni];
-                        assert!(
-                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "({mi}, {ni}): {got} vs {want}"
-                        );
-                    }
-                }
+                assert_product(&matmul_expanded(w, n, k, &x, m), &x, deq, m, n, k);
             }
         }
         // A smaller weight after a larger one uses the front of the same scratch.
