@@ -85,11 +85,8 @@ pub struct Generation {
     pub prompt_tokens: usize,
 }
 
-/// Iterator over generated tokens. The prompt is run when the generator is created.
-pub struct Generator<'a> {
-    bb: &'a Backbone,
-    cache: KvCache,
-    loras: LoraBatch,
+/// The decoding state of one sequence: sampling, stop handling and released text.
+struct Row {
     params: GenerateParams,
     rng: StdRng,
     ids: Vec<u32>,
@@ -102,6 +99,33 @@ pub struct Generator<'a> {
     scratch: Vec<(f32, u32)>,
 }
 
+/// One generation request of a batch.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest<'a> {
+    pub prompt_ids: Vec<u32>,
+    pub adapters: Adapters<'a>,
+    pub params: GenerateParams,
+}
+
+/// Several sequences decoded together: each step runs one forward for every row still
+/// generating (each with its own soft prompt, LoRA, sampling parameters and stops), so
+/// concurrent requests for different experts share the weights' passes. Rows that finish, or
+/// that [`BatchGenerator::stop_row`] ends, take no further part (at most
+/// [`MAX_GENERATE_BATCH`] rows).
+pub struct BatchGenerator<'a> {
+    bb: &'a Backbone,
+    cache: KvCache,
+    loras: LoraBatch,
+    rows: Vec<Row>,
+}
+
+/// Most rows of one [`BatchGenerator`]: the rows a decode step runs over plain slices.
+pub const MAX_GENERATE_BATCH: usize = crate::model::MAX_STEP_ROWS;
+
+/// Iterator over generated tokens of one sequence. The prompt is run when the generator is
+/// created.
+pub struct Generator<'a>(BatchGenerator<'a>);
+
 impl Backbone {
     /// Start generating after `prompt_ids` (with the row's soft prompt and/or LoRA).
     pub fn generator<'a>(
@@ -110,36 +134,73 @@ impl Backbone {
         adapters: Adapters<'_>,
         params: GenerateParams,
     ) -> Result<Generator<'a>> {
-        if prompt_ids.is_empty() && adapters.prompt.is_none() {
-            return Err(BackboneError::InvalidInput("empty prompt".into()));
-        }
-        if !(params.top_p > 0.0 && params.top_p <= 1.0 && params.temperature.is_finite()) {
+        self.batch_generator(&[GenerateRequest {
+            prompt_ids: prompt_ids.to_vec(),
+            adapters,
+            params,
+        }])
+        .map(Generator)
+    }
+
+    /// Start generating for several requests at once: their prompts run as one padded batch,
+    /// then every [`BatchGenerator::step`] decodes one token of each row still generating.
+    pub fn batch_generator<'a>(
+        &'a self,
+        reqs: &[GenerateRequest<'_>],
+    ) -> Result<BatchGenerator<'a>> {
+        if reqs.is_empty() || reqs.len() > MAX_GENERATE_BATCH {
             return Err(BackboneError::InvalidInput(format!(
-                "invalid sampling parameters: temperature {}, top_p {}",
-                params.temperature, params.top_p
+                "a generation batch holds 1 to {MAX_GENERATE_BATCH} requests, not {}",
+                reqs.len()
             )));
         }
-        if params.stop.iter().any(|s| s.is_empty()) {
-            return Err(BackboneError::InvalidInput("empty stop string".into()));
+        for r in reqs {
+            let params = &r.params;
+            if r.prompt_ids.is_empty() && r.adapters.prompt.is_none() {
+                return Err(BackboneError::InvalidInput("empty prompt".into()));
+            }
+            if !(params.top_p > 0.0 && params.top_p <= 1.0 && params.temperature.is_finite()) {
+                return Err(BackboneError::InvalidInput(format!(
+                    "invalid sampling parameters: temperature {}, top_p {}",
+                    params.temperature, params.top_p
+                )));
+            }
+            if params.stop.iter().any(|s| s.is_empty()) {
+                return Err(BackboneError::InvalidInput("empty stop string".into()));
+            }
         }
-        let (embeds, lens) = self.embed_rows(&[(adapters.prompt, prompt_ids)])?;
-        let loras = LoraBatch::new(&[adapters.lora])?;
-        let mut cache = KvCache::with_capacity(params.max_new_tokens + 1);
+        let rows: Vec<_> = reqs
+            .iter()
+            .map(|r| (r.adapters.prompt, r.prompt_ids.as_slice()))
+            .collect();
+        let (embeds, lens) = self.embed_rows(&rows)?;
+        let loras = LoraBatch::new(&reqs.iter().map(|r| r.adapters.lora).collect::<Vec<_>>())?;
+        let most_new = reqs.iter().map(|r| r.params.max_new_tokens).max().unwrap_or(0);
+        let mut cache = KvCache::with_capacity(most_new + 1);
         let hidden = self.forward(&embeds, &lens, &mut cache, &loras)?;
-        let logits = self.last_logits(&hidden, lens[0] - 1)?;
-        Ok(Generator {
+        let last: Vec<(usize, usize)> = lens.iter().enumerate().map(|(i, &l)| (i, l - 1)).collect();
+        let logits = self.logits(&self.gather_positions(&hidden, &last)?)?.to_vec2::<f32>()?;
+        let rows = reqs
+            .iter()
+            .zip(logits)
+            .zip(&lens)
+            .map(|((r, logits), &prompt_tokens)| Row {
+                rng: StdRng::seed_from_u64(r.params.seed),
+                params: r.params.clone(),
+                ids: Vec::new(),
+                logits,
+                text: String::new(),
+                emitted: 0,
+                finished: None,
+                prompt_tokens,
+                scratch: Vec::new(),
+            })
+            .collect();
+        Ok(BatchGenerator {
             bb: self,
             cache,
             loras,
-            rng: StdRng::seed_from_u64(params.seed),
-            params,
-            ids: Vec::new(),
-            logits,
-            text: String::new(),
-            emitted: 0,
-            finished: None,
-            prompt_tokens: lens[0],
-            scratch: Vec::new(),
+            rows,
         })
     }
 
@@ -168,7 +229,7 @@ impl Backbone {
             text: g.text().to_string(),
             ids: g.ids().to_vec(),
             finish_reason: g.finish_reason().unwrap_or(reason),
-            prompt_tokens: g.prompt_tokens,
+            prompt_tokens: g.prompt_tokens(),
         })
     }
 
@@ -186,11 +247,6 @@ impl Backbone {
         }
         ids
     }
-
-    fn last_logits(&self, hidden: &Tensor, pos: usize) -> Result<Vec<f32>> {
-        let h = self.gather_positions(hidden, &[(0, pos)])?;
-        Ok(self.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?)
-    }
 }
 
 fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
@@ -199,20 +255,7 @@ fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
     (logits[id] - max) - sum.ln() as f32
 }
 
-impl<'a> Generator<'a> {
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
-    }
-    pub fn finish_reason(&self) -> Option<FinishReason> {
-        self.finished
-    }
-    pub fn prompt_tokens(&self) -> usize {
-        self.prompt_tokens
-    }
-
+impl Row {
     fn sample(&mut self) -> u32 {
         let logits = &self.logits;
         let greedy = self.params.temperature <= 0.0;
@@ -305,10 +348,12 @@ impl<'a> Generator<'a> {
         out
     }
 
-    fn step(&mut self) -> Result<GeneratedToken> {
+    /// The next token from the current logits, with its released text; `finish` is set when
+    /// the row ends here (otherwise the caller runs the token through the model).
+    fn next_token(&mut self, bb: &Backbone) -> Result<GeneratedToken> {
         let id = self.sample();
         let logprob = log_softmax_at(&self.logits, id as usize);
-        let is_end = (self.params.stop_at_eos && self.bb.end_token_ids().contains(&id))
+        let is_end = (self.params.stop_at_eos && bb.end_token_ids().contains(&id))
             || self.params.stop_token_ids.contains(&id);
         if is_end {
             self.finished = Some(FinishReason::Eos);
@@ -321,7 +366,7 @@ impl<'a> Generator<'a> {
             });
         }
         self.ids.push(id);
-        self.text = self.bb.decode(&self.ids)?;
+        self.text = bb.decode(&self.ids)?;
         // Stop strings.
         if !self.params.stop.is_empty() {
             let from = self
@@ -362,12 +407,6 @@ impl<'a> Generator<'a> {
         }
         let upto = self.safe_end();
         let text = self.release(upto);
-        // Run the new token.
-        let embeds = self.bb.embed_ids(&[id])?.unsqueeze(0)?;
-        let hidden = self
-            .bb
-            .forward(&embeds, &[1], &mut self.cache, &self.loras)?;
-        self.logits = self.bb.last_logits(&hidden, 0)?;
         Ok(GeneratedToken {
             id,
             text,
@@ -377,21 +416,110 @@ impl<'a> Generator<'a> {
     }
 }
 
+impl<'a> BatchGenerator<'a> {
+    /// Rows of the batch (finished ones included).
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+    /// True when every row has finished.
+    pub fn is_done(&self) -> bool {
+        self.rows.iter().all(|r| r.finished.is_some())
+    }
+    pub fn text(&self, row: usize) -> &str {
+        &self.rows[row].text
+    }
+    pub fn ids(&self, row: usize) -> &[u32] {
+        &self.rows[row].ids
+    }
+    pub fn finish_reason(&self, row: usize) -> Option<FinishReason> {
+        self.rows[row].finished
+    }
+    pub fn prompt_tokens(&self, row: usize) -> usize {
+        self.rows[row].prompt_tokens
+    }
+
+    /// Ends a row early (its client went away): it takes no part in later steps.
+    pub fn stop_row(&mut self, row: usize) {
+        if let Some(r) = self.rows.get_mut(row) {
+            r.finished.get_or_insert(FinishReason::Stop);
+        }
+    }
+
+    /// One token for every row still generating (None for the others), then one forward for
+    /// the rows that go on. A row with `max_new_tokens` 0 finishes without a token.
+    pub fn step(&mut self) -> Result<Vec<Option<GeneratedToken>>> {
+        let bb = self.bb;
+        let mut out = Vec::with_capacity(self.rows.len());
+        let mut fed = Vec::with_capacity(self.rows.len());
+        for row in &mut self.rows {
+            if row.finished.is_none() && row.params.max_new_tokens == 0 {
+                row.finished = Some(FinishReason::Length);
+            }
+            if row.finished.is_some() {
+                out.push(None);
+                fed.push(None);
+                continue;
+            }
+            let token = row.next_token(bb).inspect_err(|_| {
+                row.finished = Some(FinishReason::Length);
+            })?;
+            fed.push(token.finish.is_none().then_some(token.id));
+            out.push(Some(token));
+        }
+        if fed.iter().any(Option::is_some) {
+            // Rows that do not go on get no position this step (length 0).
+            let h = bb.config().hidden_size;
+            let zeros = Tensor::zeros((1, h), candle_core::DType::F32, bb.device())?;
+            let embeds = fed
+                .iter()
+                .map(|id| match id {
+                    Some(id) => bb.embed_ids(&[*id]),
+                    None => Ok(zeros.clone()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let embeds = Tensor::stack(&embeds, 0)?;
+            let lens: Vec<usize> = fed.iter().map(|id| usize::from(id.is_some())).collect();
+            let hidden = bb.forward(&embeds, &lens, &mut self.cache, &self.loras)?;
+            let at: Vec<(usize, usize)> = fed
+                .iter()
+                .enumerate()
+                .filter(|(_, id)| id.is_some())
+                .map(|(i, _)| (i, 0))
+                .collect();
+            let logits = bb.logits(&bb.gather_positions(&hidden, &at)?)?.to_vec2::<f32>()?;
+            for (&(i, _), l) in at.iter().zip(logits) {
+                self.rows[i].logits = l;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Generator<'_> {
+    pub fn text(&self) -> &str {
+        self.0.text(0)
+    }
+    pub fn ids(&self) -> &[u32] {
+        self.0.ids(0)
+    }
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.0.finish_reason(0)
+    }
+    pub fn prompt_tokens(&self) -> usize {
+        self.0.prompt_tokens(0)
+    }
+}
+
 impl Iterator for Generator<'_> {
     type Item = Result<GeneratedToken>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.finished.is_some() {
-            return None;
+        match self.0.step() {
+            Ok(mut tokens) => tokens.pop().flatten().map(Ok),
+            Err(e) => Some(Err(e)),
         }
-        if self.params.max_new_tokens == 0 {
-            self.finished = Some(FinishReason::Length);
-            return None;
-        }
-        let r = self.step();
-        if r.is_err() {
-            self.finished = Some(FinishReason::Length);
-        }
-        Some(r)
     }
 }

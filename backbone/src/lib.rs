@@ -24,7 +24,10 @@ pub use config::BackboneConfig;
 pub use ensemble::{ensemble_vote, EnsembleVote};
 pub use error::{BackboneError, ExpertError, Result};
 pub use experts::{Adapters, ExpertSpec, Lora, LoraTarget, LoraWeights, SoftPrompt};
-pub use generate::{FinishReason, GenerateParams, GeneratedToken, Generation, Generator};
+pub use generate::{
+    BatchGenerator, FinishReason, GenerateParams, GenerateRequest, GeneratedToken, Generation,
+    Generator, MAX_GENERATE_BATCH,
+};
 pub use model::{Backbone, BackboneOptions, KvCache, LoraBatch, QuantKernel};
 pub use score::{ChoiceScore, RenderOptions, ScoreIdsRequest, ScoreOutput, ScoreRequest};
 pub use tokenizer::TextTokenizer;

@@ -17,6 +17,7 @@ use crate::experts::{ExpertSpec, Lora, LoraTarget, SoftPrompt};
 use crate::tokenizer::TextTokenizer;
 
 mod decode;
+pub(crate) use decode::MAX_STEP_ROWS;
 mod lora;
 
 pub use lora::LoraBatch;

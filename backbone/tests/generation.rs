@@ -1,7 +1,9 @@
 //! Generation: greedy consistency with the KV cache, sampling, stop strings, streaming.
 mod common;
 
-use roe_backbone::{Adapters, FinishReason, GenerateParams, KvCache, LoraBatch, RenderOptions};
+use roe_backbone::{
+    Adapters, FinishReason, GenerateParams, GenerateRequest, KvCache, LoraBatch, RenderOptions,
+};
 
 #[test]
 fn greedy_generation_matches_full_forward() {
@@ -144,4 +146,100 @@ fn generation_with_experts() {
         eprintln!("{:?} -> {:?}", rows[0].target, g.text);
         assert!(g.ids.len() <= 24);
     }
+}
+
+/// Several requests decoded as one batch — each with its own expert, length, sampling and
+/// stops — produce what each produces alone, and a stopped row leaves the others unchanged.
+#[test]
+fn batched_generation_equals_each_request_alone() {
+    if common::skip() || !common::experts_dir().exists() {
+        return;
+    }
+    let bb = common::quantized();
+    let d = common::experts_dir();
+    let sp = roe_backbone::SoftPrompt::from_peft_dir(d.join("prompt/reddit_qa")).unwrap();
+    let lora = roe_backbone::Lora::from_peft_dir(d.join("lora/sms_spam")).unwrap();
+    let rows = common::load_rows("reddit_qa", 2);
+    let render = |s: &str| bb.render_prompt(s, &RenderOptions::default()).unwrap();
+    let reqs = vec![
+        GenerateRequest {
+            prompt_ids: render(&rows[0].input),
+            adapters: Adapters::prompt(&sp),
+            params: GenerateParams::greedy(12),
+        },
+        GenerateRequest {
+            prompt_ids: bb
+                .encode("The capital of France is Paris. The capital of Germany is")
+                .unwrap(),
+            adapters: Adapters::none(),
+            params: GenerateParams {
+                max_new_tokens: 20,
+                stop: vec![".".into()],
+                ..GenerateParams::default()
+            },
+        },
+        GenerateRequest {
+            prompt_ids: render("Free entry! Text WIN to claim your prize"),
+            adapters: Adapters::lora(&lora),
+            params: GenerateParams {
+                max_new_tokens: 8,
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 7,
+                ..GenerateParams::default()
+            },
+        },
+        GenerateRequest {
+            prompt_ids: render(&rows[1].input),
+            adapters: Adapters::none(),
+            params: GenerateParams::greedy(16),
+        },
+    ];
+    let alone: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            bb.generate(&r.prompt_ids, r.adapters, r.params.clone(), |_| true)
+                .unwrap()
+        })
+        .collect();
+    let mut batch = bb.batch_generator(&reqs).unwrap();
+    let mut streamed = vec![String::new(); reqs.len()];
+    let mut steps = 0;
+    while !batch.is_done() {
+        let tokens = batch.step().unwrap();
+        assert_eq!(tokens.len(), reqs.len());
+        for (s, t) in streamed.iter_mut().zip(&tokens) {
+            if let Some(t) = t {
+                s.push_str(&t.text);
+            }
+        }
+        steps += 1;
+        assert!(steps <= 21, "the batch must end with its longest row");
+    }
+    for (i, a) in alone.iter().enumerate() {
+        eprintln!("row {i}: {:?} ({:?})", a.text, a.finish_reason);
+        assert_eq!(batch.ids(i), a.ids.as_slice(), "row {i}");
+        assert_eq!(batch.text(i), a.text, "row {i}");
+        assert_eq!(streamed[i], a.text, "row {i}: streamed deltas");
+        assert_eq!(batch.finish_reason(i), Some(a.finish_reason), "row {i}");
+        assert_eq!(batch.prompt_tokens(i), a.prompt_tokens, "row {i}");
+    }
+    assert_eq!(batch.finish_reason(1), Some(FinishReason::Stop));
+
+    // Stopping one row (its client went away) leaves the others as they were.
+    let mut batch = bb.batch_generator(&reqs).unwrap();
+    batch.step().unwrap();
+    batch.stop_row(3);
+    while !batch.is_done() {
+        let tokens = batch.step().unwrap();
+        assert!(tokens[3].is_none(), "a stopped row gets no more tokens");
+    }
+    assert_eq!(batch.ids(3).len(), 1);
+    for i in 0..3 {
+        assert_eq!(batch.ids(i), alone[i].ids.as_slice(), "row {i} after a stop");
+    }
+    // Batch limits.
+    assert!(bb.batch_generator(&[]).is_err());
+    let many = vec![reqs[1].clone(); roe_backbone::MAX_GENERATE_BATCH + 1];
+    assert!(bb.batch_generator(&many).is_err());
 }

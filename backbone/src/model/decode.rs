@@ -17,7 +17,7 @@ use crate::kernels::{self, WeightRef};
 
 /// Up to this many rows a step runs here; larger batches use the general path, where one
 /// GEMM over the dequantized weight wins.
-pub(super) const MAX_STEP_ROWS: usize = 16;
+pub(crate) const MAX_STEP_ROWS: usize = 16;
 
 /// Calls `f` with the contiguous f32 data of a CPU tensor.
 pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
