@@ -439,6 +439,75 @@ async fn bad_requests_get_clear_statuses() {
     server.stop().await;
 }
 
+/// Concurrent Generate requests for different experts share decode steps (one batch) and
+/// each streams what it streams alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_generations_share_batches_and_match_one_at_a_time() {
+    let server = start().await;
+    let mut c = server.inference().await;
+    let reqs: Vec<proto::GenerateRequest> = [
+        (
+            PROMPT,
+            "Free entry! Text WIN to 80085 to claim your prize",
+            6,
+            0.0,
+        ),
+        (LORA, "are we still on for lunch?", 8, 0.0),
+        (
+            "",
+            "The capital of France is Paris. The capital of Germany is",
+            10,
+            0.0,
+        ),
+        (LORA, "URGENT! Your mobile number has won a prize", 7, 0.9),
+    ]
+    .into_iter()
+    .map(|(expert, input, n, temperature)| proto::GenerateRequest {
+        expert_id: expert.to_string(),
+        input: input.to_string(),
+        max_new_tokens: n,
+        temperature,
+        seed: Some(3),
+        ..Default::default()
+    })
+    .collect();
+    let mut alone = Vec::new();
+    for r in &reqs {
+        alone.push(generate(&mut c, r.clone()).await.expect("generate alone"));
+    }
+    let stats = server.inference.as_ref().unwrap().stats();
+    let batches_before = stats.generate_batches.load(Relaxed);
+    let mut tasks = Vec::new();
+    for r in reqs.clone() {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move { generate(&mut c, r).await }));
+    }
+    for (t, a) in tasks.into_iter().zip(&alone) {
+        let together = t.await.unwrap().expect("concurrent generate");
+        let ids = |m: &[proto::GenerateResponse]| m.iter().map(|m| m.token_id).collect::<Vec<_>>();
+        assert_eq!(ids(&together), ids(a));
+        let text =
+            |m: &[proto::GenerateResponse]| m.iter().map(|m| m.text.clone()).collect::<String>();
+        assert_eq!(text(&together), text(a));
+        assert_eq!(
+            together.last().map(|m| m.finish_reason.clone()),
+            a.last().map(|m| m.finish_reason.clone())
+        );
+    }
+    let batches = stats.generate_batches.load(Relaxed) - batches_before;
+    println!(
+        "{} concurrent generations ran in {batches} batches (largest {})",
+        reqs.len(),
+        stats.max_generate_batch.load(Relaxed)
+    );
+    assert!(
+        stats.max_generate_batch.load(Relaxed) > 1,
+        "concurrent generations never shared a batch"
+    );
+    assert_eq!(stats.active_generations.load(Relaxed), 0);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_stops_when_the_client_goes_away() {
     let server = start().await;

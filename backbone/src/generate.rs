@@ -175,11 +175,17 @@ impl Backbone {
             .collect();
         let (embeds, lens) = self.embed_rows(&rows)?;
         let loras = LoraBatch::new(&reqs.iter().map(|r| r.adapters.lora).collect::<Vec<_>>())?;
-        let most_new = reqs.iter().map(|r| r.params.max_new_tokens).max().unwrap_or(0);
+        let most_new = reqs
+            .iter()
+            .map(|r| r.params.max_new_tokens)
+            .max()
+            .unwrap_or(0);
         let mut cache = KvCache::with_capacity(most_new + 1);
         let hidden = self.forward(&embeds, &lens, &mut cache, &loras)?;
         let last: Vec<(usize, usize)> = lens.iter().enumerate().map(|(i, &l)| (i, l - 1)).collect();
-        let logits = self.logits(&self.gather_positions(&hidden, &last)?)?.to_vec2::<f32>()?;
+        let logits = self
+            .logits(&self.gather_positions(&hidden, &last)?)?
+            .to_vec2::<f32>()?;
         let rows = reqs
             .iter()
             .zip(logits)
@@ -489,7 +495,9 @@ impl<'a> BatchGenerator<'a> {
                 .filter(|(_, id)| id.is_some())
                 .map(|(i, _)| (i, 0))
                 .collect();
-            let logits = bb.logits(&bb.gather_positions(&hidden, &at)?)?.to_vec2::<f32>()?;
+            let logits = bb
+                .logits(&bb.gather_positions(&hidden, &at)?)?
+                .to_vec2::<f32>()?;
             for (&(i, _), l) in at.iter().zip(logits) {
                 self.rows[i].logits = l;
             }

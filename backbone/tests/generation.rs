@@ -235,8 +235,8 @@ fn batched_generation_equals_each_request_alone() {
         assert!(tokens[3].is_none(), "a stopped row gets no more tokens");
     }
     assert_eq!(batch.ids(3).len(), 1);
-    for i in 0..3 {
-        assert_eq!(batch.ids(i), alone[i].ids.as_slice(), "row {i} after a stop");
+    for (i, a) in alone.iter().enumerate().take(3) {
+        assert_eq!(batch.ids(i), a.ids.as_slice(), "row {i} after a stop");
     }
     // Batch limits.
     assert!(bb.batch_generator(&[]).is_err());

@@ -6,6 +6,10 @@
 //! [`Backbone::score_batch`] call (up to [`MAX_SCORE_BATCH`] requests, waiting at most
 //! [`SCORE_BATCH_WAIT`] for company), so requests for different experts share forward passes.
 //! `ScoreEnsemble` submits its members together, so they always share one batch.
+//! Concurrent `Generate` requests (and the answers `Answer` generates) are merged the same way
+//! into one [`BatchGenerator`] (up to [`MAX_GENERATE_BATCH`], waiting at most
+//! [`GENERATE_BATCH_WAIT`]): each decode step runs one forward for all their rows. Every batch
+//! runs on its own blocking thread, so a long generation never holds back later requests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,14 +18,16 @@ use std::time::Duration;
 use lru::LruCache;
 use parking_lot::Mutex;
 use roe_backbone::{
-    ensemble_vote, Adapters, Backbone, BackboneError, FinishReason, GenerateParams, Lora,
-    RenderOptions, ScoreOutput, SoftPrompt,
+    ensemble_vote, Adapters, Backbone, BackboneError, BatchGenerator, FinishReason, GenerateParams,
+    GenerateRequest, GeneratedToken, Lora, RenderOptions, ScoreOutput, SoftPrompt,
+    MAX_GENERATE_BATCH,
 };
 use roe_expert_library::expert::ExpertKind;
 use roe_expert_library::library::ExpertLibrary;
 use roe_expert_library::PeftAdapter;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::expert_source::{ExpertRef, ExpertSource, LocalExpertSource};
@@ -32,6 +38,9 @@ use crate::proto::{self, inference_server::Inference as Api};
 pub const MAX_SCORE_BATCH: usize = 16;
 /// How long the scheduler waits for more requests after the first one arrives.
 pub const SCORE_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// How long the generation scheduler waits for more Generate requests after the first one
+/// (a generation lasts seconds; sharing its forwards is worth a few milliseconds).
+pub const GENERATE_BATCH_WAIT: Duration = Duration::from_millis(10);
 /// Most choices of one Score request.
 pub const MAX_CHOICES: usize = 64;
 /// Most bytes of input (plus choices, plus stop strings) of one request.
@@ -131,6 +140,10 @@ pub struct InferenceStats {
     pub score_batch_micros: AtomicU64,
     /// Tokens produced by Generate (all streams).
     pub generated_tokens: AtomicU64,
+    /// Generation batches started (each a [`BatchGenerator`] over one or more requests).
+    pub generate_batches: AtomicU64,
+    /// The most requests one generation batch has held.
+    pub max_generate_batch: AtomicU64,
     /// Generate streams still producing tokens.
     pub active_generations: AtomicU64,
     /// Expert cache misses served: weights read from the library, parsed and checked.
@@ -260,6 +273,18 @@ struct ScoreJob {
     choices: Vec<String>,
     expert: Option<Arc<LoadedExpert>>,
     reply: oneshot::Sender<Result<ScoreOutput, Status>>,
+}
+
+/// One Generate request (or an answer to generate) waiting for the generation scheduler.
+struct GenerateJob {
+    input: String,
+    expert: Option<Arc<LoadedExpert>>,
+    params: GenerateParams,
+    /// Told once the prompt has run, or why it could not.
+    started: oneshot::Sender<Result<(), Status>>,
+    /// The tokens as they come; unbounded, so that a slow reader never stalls the rows it
+    /// shares a batch with (at most [`MAX_NEW_TOKENS`] messages per request).
+    tokens: mpsc::UnboundedSender<Result<GeneratedToken, Status>>,
 }
 
 /// The id that scored answers end with: `<|im_start|>` when the backbone's tokenizer has it,
@@ -397,9 +422,151 @@ async fn score_scheduler(
     }
 }
 
+/// Collects concurrent generation jobs into batches and starts each batch on its own blocking
+/// thread (without waiting for earlier batches to finish).
+async fn generate_scheduler(
+    backbone: Arc<Backbone>,
+    stats: Arc<InferenceStats>,
+    mut rx: mpsc::Receiver<GenerateJob>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        let deadline = tokio::time::Instant::now() + GENERATE_BATCH_WAIT;
+        while jobs.len() < MAX_GENERATE_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(job)) => jobs.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        jobs.retain(|j| !j.tokens.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        tracing::debug!(batch = jobs.len(), "generation batch");
+        let (bb, st) = (backbone.clone(), stats.clone());
+        tokio::task::spawn_blocking(move || run_generation(&bb, &st, jobs));
+    }
+}
+
+/// Renders the jobs' prompts and decodes them as one batch; when the batch cannot start, each
+/// job starts alone, so an error reaches only the request that caused it. Blocking.
+fn run_generation(backbone: &Backbone, stats: &InferenceStats, jobs: Vec<GenerateJob>) {
+    let mut ready = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match backbone.render_prompt(&job.input, &RenderOptions::default()) {
+            Ok(ids) => ready.push((job, ids)),
+            Err(e) => {
+                let _ = job.started.send(Err(backbone_status(e)));
+            }
+        }
+    }
+    fn request((job, ids): &(GenerateJob, Vec<u32>)) -> GenerateRequest<'_> {
+        GenerateRequest {
+            prompt_ids: ids.clone(),
+            adapters: job
+                .expert
+                .as_deref()
+                .map(LoadedExpert::adapters)
+                .unwrap_or_default(),
+            params: job.params.clone(),
+        }
+    }
+    let reqs: Vec<GenerateRequest<'_>> = ready.iter().map(request).collect();
+    match backbone.batch_generator(&reqs) {
+        Ok(generator) => {
+            drop(reqs);
+            decode_batch(
+                stats,
+                generator,
+                ready.into_iter().map(|(j, _)| j).collect(),
+            );
+        }
+        Err(_) if ready.len() > 1 => {
+            drop(reqs);
+            for job in ready {
+                let alone = backbone.batch_generator(&[request(&job)]);
+                match alone {
+                    Ok(generator) => decode_batch(stats, generator, vec![job.0]),
+                    Err(e) => {
+                        let _ = job.0.started.send(Err(backbone_status(e)));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            drop(reqs);
+            if let Some((job, _)) = ready.into_iter().next() {
+                let _ = job.started.send(Err(backbone_status(e)));
+            }
+        }
+    }
+}
+
+/// Steps `generator` (row i = `jobs[i]`) until every row has finished, sending each row its
+/// tokens; a row whose reader went away is stopped at the next step.
+fn decode_batch(stats: &InferenceStats, mut generator: BatchGenerator<'_>, jobs: Vec<GenerateJob>) {
+    stats.generate_batches.fetch_add(1, Ordering::Relaxed);
+    stats
+        .max_generate_batch
+        .fetch_max(jobs.len() as u64, Ordering::Relaxed);
+    let mut live = vec![true; jobs.len()];
+    stats
+        .active_generations
+        .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+    let mut senders = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let _ = job.started.send(Ok(()));
+        senders.push(job.tokens);
+    }
+    let finish = |row: usize, live: &mut [bool]| {
+        if std::mem::replace(&mut live[row], false) {
+            stats.active_generations.fetch_sub(1, Ordering::Relaxed);
+        }
+    };
+    while live.iter().any(|&l| l) {
+        for (row, tx) in senders.iter().enumerate() {
+            if live[row] && tx.is_closed() {
+                generator.stop_row(row);
+                finish(row, &mut live);
+            }
+        }
+        if generator.is_done() {
+            break;
+        }
+        match generator.step() {
+            Ok(tokens) => {
+                for (row, token) in tokens.into_iter().enumerate() {
+                    let Some(token) = token else { continue };
+                    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                    let last = token.finish.is_some();
+                    if senders[row].send(Ok(token)).is_err() {
+                        generator.stop_row(row);
+                        finish(row, &mut live);
+                    } else if last {
+                        finish(row, &mut live);
+                    }
+                }
+            }
+            Err(e) => {
+                let status = backbone_status(e);
+                for (row, tx) in senders.iter().enumerate() {
+                    if live[row] {
+                        let _ = tx.send(Err(status.clone()));
+                    }
+                }
+                break;
+            }
+        }
+    }
+    for row in 0..live.len() {
+        finish(row, &mut live);
+    }
+}
+
 pub struct InferenceService {
     inner: Arc<Inner>,
     score_tx: mpsc::Sender<Vec<ScoreJob>>,
+    generate_tx: mpsc::Sender<GenerateJob>,
 }
 
 impl InferenceService {
@@ -436,8 +603,14 @@ impl InferenceService {
         cache_bytes: usize,
     ) -> Self {
         let (score_tx, score_rx) = mpsc::channel(MAX_SCORE_BATCH * 8);
+        let (generate_tx, generate_rx) = mpsc::channel(MAX_GENERATE_BATCH * 8);
         let stats = Arc::new(InferenceStats::default());
         tokio::spawn(score_scheduler(backbone.clone(), stats.clone(), score_rx));
+        tokio::spawn(generate_scheduler(
+            backbone.clone(),
+            stats.clone(),
+            generate_rx,
+        ));
         Self {
             inner: Arc::new(Inner {
                 stats,
@@ -447,6 +620,7 @@ impl InferenceService {
                 cache: Mutex::new(ExpertCache::new(cache_bytes)),
             }),
             score_tx,
+            generate_tx,
         }
     }
 
@@ -501,6 +675,33 @@ impl InferenceService {
         Ok(outs)
     }
 
+    /// Hands `input` to the generation scheduler; resolves once its prompt has run (or with
+    /// the status saying why it could not), returning the tokens as they come. Dropping the
+    /// receiver stops the generation at its next step.
+    async fn submit_generation(
+        &self,
+        expert: Option<Arc<LoadedExpert>>,
+        input: String,
+        params: GenerateParams,
+    ) -> Result<mpsc::UnboundedReceiver<Result<GeneratedToken, Status>>, Status> {
+        let (tokens, rx) = mpsc::unbounded_channel();
+        let (started, started_rx) = oneshot::channel();
+        self.generate_tx
+            .send(GenerateJob {
+                input,
+                expert,
+                params,
+                started,
+                tokens,
+            })
+            .await
+            .map_err(|_| Status::unavailable("the generation scheduler has stopped"))?;
+        started_rx
+            .await
+            .map_err(|_| Status::internal("the generation worker failed"))??;
+        Ok(rx)
+    }
+
     /// Generates the whole answer to `input` (no streaming), as Generate would stream it.
     /// Stops early when the caller goes away (the returned future is dropped).
     pub(crate) async fn generate_text(
@@ -509,38 +710,17 @@ impl InferenceService {
         input: String,
         params: GenerateParams,
     ) -> Result<(String, FinishReason), Status> {
-        let backbone = self.inner.backbone.clone();
-        let stats = self.inner.stats.clone();
-        let (tx, rx) = oneshot::channel();
-        tokio::task::spawn_blocking(move || {
-            let adapters = expert
-                .as_deref()
-                .map(LoadedExpert::adapters)
-                .unwrap_or_default();
-            stats.active_generations.fetch_add(1, Ordering::Relaxed);
-            let run = || -> Result<(String, FinishReason), BackboneError> {
-                let ids = backbone.render_prompt(&input, &RenderOptions::default())?;
-                let mut text = String::new();
-                let mut finish = FinishReason::Length;
-                for step in backbone.generator(&ids, adapters, params)? {
-                    let t = step?;
-                    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                    text.push_str(&t.text);
-                    if let Some(f) = t.finish {
-                        finish = f;
-                    }
-                    if tx.is_closed() {
-                        break;
-                    }
-                }
-                Ok((text, finish))
-            };
-            let result = run().map_err(backbone_status);
-            stats.active_generations.fetch_sub(1, Ordering::Relaxed);
-            let _ = tx.send(result);
-        });
-        rx.await
-            .map_err(|_| Status::internal("the generation worker failed"))?
+        let mut rx = self.submit_generation(expert, input, params).await?;
+        let mut text = String::new();
+        let mut finish = FinishReason::Length;
+        while let Some(token) = rx.recv().await {
+            let token = token?;
+            text.push_str(&token.text);
+            if let Some(f) = token.finish {
+                finish = f;
+            }
+        }
+        Ok((text, finish))
     }
 }
 
@@ -730,7 +910,9 @@ impl Api for InferenceService {
         }))
     }
 
-    type GenerateStream = ReceiverStream<Result<proto::GenerateResponse, Status>>;
+    type GenerateStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::GenerateResponse, Status>> + Send>,
+    >;
 
     async fn generate(
         &self,
@@ -740,53 +922,17 @@ impl Api for InferenceService {
         check_text_input("", &req.input, req.stop.iter().map(String::len).sum())?;
         let params = generate_params(&req)?;
         let expert = self.resolve(req.expert_id.clone()).await?;
-        let backbone = self.inner.backbone.clone();
-        let stats = self.inner.stats.clone();
-        // Render and run the prompt before answering, so that its errors become the status.
-        let (tx, rx) = mpsc::channel(32);
-        let (started_tx, started_rx) = oneshot::channel::<Result<(), Status>>();
-        tokio::task::spawn_blocking(move || {
-            let adapters = expert
-                .as_deref()
-                .map(LoadedExpert::adapters)
-                .unwrap_or_default();
-            let generator = backbone
-                .render_prompt(&req.input, &RenderOptions::default())
-                .and_then(|ids| backbone.generator(&ids, adapters, params));
-            let generator = match generator {
-                Ok(g) => {
-                    let _ = started_tx.send(Ok(()));
-                    g
-                }
-                Err(e) => {
-                    let _ = started_tx.send(Err(backbone_status(e)));
-                    return;
-                }
-            };
-            stats.active_generations.fetch_add(1, Ordering::Relaxed);
-            for step in generator {
-                stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                let msg = match step {
-                    Ok(t) => Ok(proto::GenerateResponse {
-                        text: t.text,
-                        token_id: t.id,
-                        logprob: t.logprob,
-                        finish_reason: t.finish.map(finish_name).unwrap_or_default().to_string(),
-                    }),
-                    Err(e) => Err(backbone_status(e)),
-                };
-                let last = msg.is_err();
-                // The client went away: stop generating.
-                if tx.blocking_send(msg).is_err() || last {
-                    break;
-                }
-            }
-            stats.active_generations.fetch_sub(1, Ordering::Relaxed);
+        // The prompt runs before the answer, so that its errors become the status.
+        let rx = self.submit_generation(expert, req.input, params).await?;
+        let stream = UnboundedReceiverStream::new(rx).map(|token| {
+            token.map(|t| proto::GenerateResponse {
+                text: t.text,
+                token_id: t.id,
+                logprob: t.logprob,
+                finish_reason: t.finish.map(finish_name).unwrap_or_default().to_string(),
+            })
         });
-        started_rx
-            .await
-            .map_err(|_| Status::internal("the generation worker failed"))??;
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
