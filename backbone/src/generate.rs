@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use crate::error::{BackboneError, Result};
 use crate::experts::Adapters;
 use crate::model::{Backbone, KvCache, LoraBatch};
+use crate::score::length_groups;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateParams {
@@ -169,23 +170,64 @@ impl Backbone {
                 return Err(BackboneError::InvalidInput("empty stop string".into()));
             }
         }
-        let rows: Vec<_> = reqs
-            .iter()
-            .map(|r| (r.adapters.prompt, r.prompt_ids.as_slice()))
-            .collect();
-        let (embeds, lens) = self.embed_rows(&rows)?;
-        let loras = LoraBatch::new(&reqs.iter().map(|r| r.adapters.lora).collect::<Vec<_>>())?;
+        // Prompts run in groups of similar length (padding every row to the longest prompt
+        // can cost several times the real tokens); their caches are then joined, in the
+        // requests' order, for the decode steps.
+        let prompt_len = |r: &GenerateRequest<'_>| {
+            r.prompt_ids.len() + r.adapters.prompt.map_or(0, |p| p.num_virtual_tokens())
+        };
+        let mut order: Vec<usize> = (0..reqs.len()).collect();
+        order.sort_by_key(|&i| prompt_len(&reqs[i]));
+        let sorted_lens: Vec<usize> = order.iter().map(|&i| prompt_len(&reqs[i])).collect();
         let most_new = reqs
             .iter()
             .map(|r| r.params.max_new_tokens)
             .max()
             .unwrap_or(0);
-        let mut cache = KvCache::with_capacity(most_new + 1);
-        let hidden = self.forward(&embeds, &lens, &mut cache, &loras)?;
-        let last: Vec<(usize, usize)> = lens.iter().enumerate().map(|(i, &l)| (i, l - 1)).collect();
-        let logits = self
-            .logits(&self.gather_positions(&hidden, &last)?)?
-            .to_vec2::<f32>()?;
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); reqs.len()];
+        let mut lens = vec![0usize; reqs.len()];
+        let mut parts = Vec::new();
+        for group in length_groups(&sorted_lens, &vec![1; reqs.len()]) {
+            let members = &order[group];
+            let rows: Vec<_> = members
+                .iter()
+                .map(|&i| (reqs[i].adapters.prompt, reqs[i].prompt_ids.as_slice()))
+                .collect();
+            let (embeds, group_lens) = self.embed_rows(&rows)?;
+            let loras = LoraBatch::new(
+                &members
+                    .iter()
+                    .map(|&i| reqs[i].adapters.lora)
+                    .collect::<Vec<_>>(),
+            )?;
+            let mut cache = KvCache::with_capacity(most_new + 1);
+            let hidden = self.forward(&embeds, &group_lens, &mut cache, &loras)?;
+            let last: Vec<(usize, usize)> = group_lens
+                .iter()
+                .enumerate()
+                .map(|(r, &l)| (r, l - 1))
+                .collect();
+            let group_logits = self
+                .logits(&self.gather_positions(&hidden, &last)?)?
+                .to_vec2::<f32>()?;
+            for ((&i, l), &len) in members.iter().zip(group_logits).zip(&group_lens) {
+                logits[i] = l;
+                lens[i] = len;
+            }
+            parts.push(cache);
+        }
+        let cache = if parts.len() == 1 && order.iter().enumerate().all(|(k, &i)| k == i) {
+            parts.pop().unwrap_or_default()
+        } else {
+            // Joined in sorted order; then each request's row back at its own index.
+            let joined = KvCache::concat(&parts, most_new + 1)?;
+            let mut at = vec![0usize; reqs.len()];
+            for (k, &i) in order.iter().enumerate() {
+                at[i] = k;
+            }
+            joined.select_rows(&at, most_new + 1)?
+        };
+        let loras = LoraBatch::new(&reqs.iter().map(|r| r.adapters.lora).collect::<Vec<_>>())?;
         let rows = reqs
             .iter()
             .zip(logits)

@@ -834,6 +834,80 @@ impl KvCache {
         self.len += t;
     }
 
+    /// One cache holding the rows of `parts` one after another (e.g. prompts of different
+    /// lengths run as separate batches, then decoded together), with room for `extra` more
+    /// positions. A shorter part's rows get masked slots up to the longest part's length;
+    /// their rotary positions are their own.
+    pub fn concat(parts: &[KvCache], extra: usize) -> Result<KvCache> {
+        let Some(dims) = parts.iter().find_map(|p| p.dims) else {
+            return Err(BackboneError::InvalidInput(
+                "no part of the concatenation has run".into(),
+            ));
+        };
+        if parts.iter().any(|p| p.dims != Some(dims) || p.k.is_empty()) {
+            return Err(BackboneError::InvalidInput(
+                "caches to concatenate must all have run on the same model".into(),
+            ));
+        }
+        let (layers, nkv, hd) = dims;
+        let len = parts.iter().map(|p| p.len).max().unwrap_or(0);
+        let b: usize = parts.iter().map(|p| p.batch).sum();
+        let cap = len + extra.max(1);
+        let mut out = KvCache {
+            k: Vec::with_capacity(layers),
+            v: Vec::with_capacity(layers),
+            cap,
+            len,
+            batch: b,
+            valid: Vec::with_capacity(b),
+            next_pos: Vec::with_capacity(b),
+            extra_capacity: extra,
+            dims: Some(dims),
+        };
+        for p in parts {
+            for (valid, &pos) in p.valid.iter().zip(&p.next_pos) {
+                let mut v = valid.clone();
+                v.resize(len, false);
+                out.valid.push(v);
+                out.next_pos.push(pos);
+            }
+        }
+        for li in 0..layers {
+            let nk = Tensor::zeros((b, nkv, cap, hd), DType::F32, &Device::Cpu)?;
+            let nv = Tensor::zeros((b, nkv, cap, hd), DType::F32, &Device::Cpu)?;
+            let mut row = 0;
+            for p in parts {
+                let place = |dst: &Tensor, src: &Tensor| -> Result<()> {
+                    let part = src.narrow(2, 0, p.len)?.contiguous()?;
+                    // Rows [row, row + p.batch), slots [0, p.len).
+                    let padded = if p.len < cap {
+                        Tensor::cat(
+                            &[
+                                part,
+                                Tensor::zeros(
+                                    (p.batch, nkv, cap - p.len, hd),
+                                    DType::F32,
+                                    &Device::Cpu,
+                                )?,
+                            ],
+                            2,
+                        )?
+                    } else {
+                        part
+                    };
+                    dst.slice_set(&padded, 0, row)?;
+                    Ok(())
+                };
+                place(&nk, &p.k[li])?;
+                place(&nv, &p.v[li])?;
+                row += p.batch;
+            }
+            out.k.push(nk);
+            out.v.push(nv);
+        }
+        Ok(out)
+    }
+
     /// A new cache holding the given rows of this one (rows may repeat), with room for
     /// `extra` more positions. Used to share a prompt's cache across several continuations.
     pub fn select_rows(&self, rows: &[usize], extra: usize) -> Result<KvCache> {

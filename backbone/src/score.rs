@@ -110,7 +110,7 @@ const GROUP_OVERHEAD_TOKENS: usize = 64;
 /// [`CHOICE_ROW_BUDGET`] (a request alone always makes a group). Padding every row to the
 /// longest of a batch made short prompts next to a long one cost several times their
 /// length; one group per request pays the fixed cost of a forward each time.
-fn length_groups(lens: &[usize], rows: &[usize]) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn length_groups(lens: &[usize], rows: &[usize]) -> Vec<std::ops::Range<usize>> {
     let n = lens.len();
     // best[j]: least cost of the first j requests; from[j]: where its last group starts.
     let mut best = vec![usize::MAX; n + 1];

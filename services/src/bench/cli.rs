@@ -81,6 +81,9 @@ pub struct ServingArgs {
     /// Timed rounds per scenario (after one warm-up round).
     #[arg(long, default_value_t = 4)]
     rounds: usize,
+    /// max_new_tokens of the Generate scenarios.
+    #[arg(long, default_value_t = 64)]
+    generate_tokens: u32,
     #[arg(long)]
     backbone: Option<PathBuf>,
     #[arg(long, default_value = "bench/results/serving.json")]
@@ -327,6 +330,7 @@ fn serving_bench(
         tasks: &tasks,
         concurrency: a.concurrency,
         rounds: a.rounds,
+        generate_tokens: a.generate_tokens,
     };
     let report = rt.block_on(serving::run(Arc::new(library), backbone, &setup))?;
     let md = serving::markdown(&report);

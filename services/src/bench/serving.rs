@@ -23,6 +23,8 @@ use crate::proto::{self, inference_client::InferenceClient};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
+    /// "score" or "generate".
+    pub op: String,
     pub kind: String,
     pub scenario: String,
     pub requests: usize,
@@ -32,6 +34,8 @@ pub struct ScenarioResult {
     pub p99_ms: f64,
     /// `score_batch` calls the scheduler made per round (1 = every request in one batch).
     pub batches_per_round: f64,
+    /// Generate: tokens streamed per second (all requests together).
+    pub tokens_per_s: Option<f64>,
     /// Seconds per round the service spent inside the backbone's `score_batch` (the rest of
     /// a round's wall time is gRPC, scheduling and waiting).
     pub backbone_s_per_round: f64,
@@ -52,6 +56,7 @@ pub struct ColdLoad {
 pub struct ServingReport {
     pub concurrency: usize,
     pub rounds: usize,
+    pub generate_tokens: u32,
     pub scenarios: Vec<ScenarioResult>,
     /// Per kind: 16 experts / one expert (goal ≥ 0.9) and 16 experts / one at a time (goal ≥ 3).
     pub ratios: Vec<serde_json::Value>,
@@ -63,10 +68,71 @@ pub struct ServingSetup<'a> {
     pub tasks: &'a [Task],
     pub concurrency: usize,
     pub rounds: usize,
+    /// max_new_tokens of the Generate scenarios.
+    pub generate_tokens: u32,
+}
+
+/// What the scenarios' requests do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// Score every choice of the row.
+    Score,
+    /// Generate greedily after the row's input, streaming up to this many tokens.
+    Generate(u32),
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Score => "score",
+            Op::Generate(_) => "generate",
+        }
+    }
 }
 
 fn expert_id(kind: ExpertKind, task: &str) -> String {
     format!("{}-{task}", kind.as_str())
+}
+
+/// One request; returns its latency (ms) and the tokens it streamed (Generate).
+async fn request(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    expert: &str,
+    row: &Instance,
+    op: Op,
+) -> Result<(f64, usize)> {
+    let t = Instant::now();
+    let tokens = match op {
+        Op::Score => {
+            client
+                .score(proto::ScoreRequest {
+                    expert_id: expert.to_string(),
+                    input: row.input.clone(),
+                    choices: row.choices.clone(),
+                })
+                .await
+                .with_context(|| format!("Score with {expert}"))?;
+            0
+        }
+        Op::Generate(max_new_tokens) => {
+            let mut stream = client
+                .generate(proto::GenerateRequest {
+                    expert_id: expert.to_string(),
+                    input: row.input.clone(),
+                    max_new_tokens,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("Generate with {expert}"))?
+                .into_inner();
+            let mut n = 0;
+            while stream.message().await?.is_some() {
+                n += 1;
+            }
+            n
+        }
+    };
+    Ok((t.elapsed().as_secs_f64() * 1000.0, tokens))
 }
 
 async fn score(
@@ -74,16 +140,7 @@ async fn score(
     expert: &str,
     row: &Instance,
 ) -> Result<f64> {
-    let t = Instant::now();
-    client
-        .score(proto::ScoreRequest {
-            expert_id: expert.to_string(),
-            input: row.input.clone(),
-            choices: row.choices.clone(),
-        })
-        .await
-        .with_context(|| format!("Score with {expert}"))?;
-    Ok(t.elapsed().as_secs_f64() * 1000.0)
+    Ok(request(client, expert, row, Op::Score).await?.0)
 }
 
 /// Opens one connection per job.
@@ -99,31 +156,38 @@ async fn connect_all(
 }
 
 /// One round of the requests `(expert, row)`: all at once on separate connections, or one
-/// after another. Returns the wall time (s) and each request's latency (ms).
+/// after another. Returns the wall time (s), each request's latency (ms) and the tokens
+/// streamed.
 async fn round(
     clients: &mut [InferenceClient<tonic::transport::Channel>],
     jobs: &[(String, Instance)],
     concurrent: bool,
-) -> Result<(f64, Vec<f64>)> {
+    op: Op,
+) -> Result<(f64, Vec<f64>, usize)> {
     let t = Instant::now();
     let mut times = Vec::new();
+    let mut tokens = 0;
     if concurrent {
         let mut handles = Vec::new();
         for ((expert, row), client) in jobs.iter().zip(clients.iter()) {
             let (expert, row, mut client) = (expert.clone(), row.clone(), client.clone());
             handles.push(tokio::spawn(async move {
-                score(&mut client, &expert, &row).await
+                request(&mut client, &expert, &row, op).await
             }));
         }
         for h in handles {
-            times.push(h.await??);
+            let (ms, n) = h.await??;
+            times.push(ms);
+            tokens += n;
         }
     } else {
         for ((expert, row), client) in jobs.iter().zip(clients.iter_mut()) {
-            times.push(score(client, expert, row).await?);
+            let (ms, n) = request(client, expert, row, op).await?;
+            times.push(ms);
+            tokens += n;
         }
     }
-    Ok((t.elapsed().as_secs_f64(), times))
+    Ok((t.elapsed().as_secs_f64(), times, tokens))
 }
 
 fn register_all(library: &ExpertLibrary, setup: &ServingSetup<'_>) -> Result<()> {
@@ -167,6 +231,7 @@ pub async fn run(
                     tasks: &setup_tasks,
                     concurrency: 0,
                     rounds: 0,
+                    generate_tokens: 0,
                 },
             )
         })
@@ -183,7 +248,10 @@ pub async fn run(
         .clone()
         .ok_or_else(|| anyhow::anyhow!("the bench server runs no inference service"))?;
     let load_micros = || stats.stats().expert_load_micros.load(Ordering::Relaxed);
-    let score_batches = || stats.stats().score_batches.load(Ordering::Relaxed);
+    let score_batches = || {
+        stats.stats().score_batches.load(Ordering::Relaxed)
+            + stats.stats().generate_batches.load(Ordering::Relaxed)
+    };
     let score_micros = || stats.stats().score_batch_micros.load(Ordering::Relaxed);
     let mut cold_load = Vec::new();
     for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
@@ -224,7 +292,11 @@ pub async fn run(
     let rows: Vec<Instance> = tasks.iter().map(|t| t.test[0].clone()).collect();
     let mut scenarios_out = Vec::new();
     let mut ratios = Vec::new();
-    for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
+    let ops = [Op::Score, Op::Generate(setup.generate_tokens)];
+    for (op, kind) in ops
+        .into_iter()
+        .flat_map(|op| [ExpertKind::Prompt, ExpertKind::Lora].map(|k| (op, k)))
+    {
         let own: Vec<(String, Instance)> = tasks
             .iter()
             .zip(&rows)
@@ -254,6 +326,7 @@ pub async fn run(
         let mut lat: [Vec<f64>; 3] = Default::default();
         let mut batches = [0u64; 3];
         let mut backbone_micros = [0u64; 3];
+        let mut tokens = [0usize; 3];
         // Per timed round: [16 experts / one expert, 16 experts / one at a time] in requests/s.
         let mut round_ratios: Vec<[f64; 2]> = Vec::new();
         for r in 0..=setup.rounds {
@@ -262,11 +335,12 @@ pub async fn run(
                 let i = (r + step) % scenarios.len();
                 let (_, jobs, concurrent) = &scenarios[i];
                 let (before, micros_before) = (score_batches(), score_micros());
-                let (w, times) = round(&mut clients[i], jobs, *concurrent).await?;
+                let (w, times, n) = round(&mut clients[i], jobs, *concurrent, op).await?;
                 round_wall[i] = w;
                 if r > 0 {
                     wall[i] += w;
                     lat[i].extend(times);
+                    tokens[i] += n;
                     batches[i] += score_batches() - before;
                     backbone_micros[i] += score_micros() - micros_before;
                 }
@@ -285,6 +359,7 @@ pub async fn run(
             let lat = &mut lat[i];
             lat.sort_by(f64::total_cmp);
             let r = ScenarioResult {
+                op: op.name().into(),
                 kind: kind.as_str().into(),
                 scenario: name.clone(),
                 requests: lat.len(),
@@ -294,9 +369,12 @@ pub async fn run(
                 p99_ms: percentile(lat, 0.99),
                 batches_per_round: batches[i] as f64 / setup.rounds.max(1) as f64,
                 backbone_s_per_round: backbone_micros[i] as f64 / 1e6 / setup.rounds.max(1) as f64,
+                tokens_per_s: matches!(op, Op::Generate(_))
+                    .then(|| tokens[i] as f64 / wall[i].max(1e-9)),
             };
             eprintln!(
-                "{} / {}: {:.2} req/s, p50 {:.0} ms, {:.1} batches and {:.2} s in the backbone per round",
+                "{} {} / {}: {:.2} req/s, p50 {:.0} ms, {:.1} batches and {:.2} s in the backbone per round",
+                r.op,
                 r.kind,
                 r.scenario,
                 r.requests_per_s,
@@ -317,6 +395,7 @@ pub async fn run(
             })
         };
         ratios.push(serde_json::json!({
+            "op": op.name(),
             "kind": kind.as_str(),
             "mixed_vs_one_expert": rates[0] / rates[1],
             "mixed_vs_one_at_a_time": rates[0] / rates[2],
@@ -328,6 +407,7 @@ pub async fn run(
     Ok(ServingReport {
         concurrency: rows.len(),
         rounds: setup.rounds,
+        generate_tokens: setup.generate_tokens,
         scenarios: scenarios_out,
         ratios,
         cold_load,
@@ -336,31 +416,42 @@ pub async fn run(
 
 pub fn markdown(r: &ServingReport) -> String {
     let mut md = format!(
-        "# Inference serving (`roe bench serving`)\n\nScore requests through gRPC on loopback \
-         (one test row each of {n} classification tasks, all choices scored), {rounds} rounds \
-         after a warm-up round, the scenarios' rounds interleaved in rotating order (the host's speed drifts). The \
-         scenarios score the same inputs; only the experts differ.\n\n\
-         | kind | scenario | requests/s | p50 ms | p99 ms | scoring batches per round | s in the backbone per round |\n|---|---|---|---|---|---|---|\n",
+        "# Inference serving (`roe bench serving`)\n\nRequests through gRPC on loopback: Score \
+         (one test row each of {n} classification tasks, all choices scored) and Generate (the \
+         same inputs, greedy, at most {tokens} new tokens, streamed), {rounds} rounds after a \
+         warm-up round, the scenarios' rounds interleaved in rotating order (the host's speed \
+         drifts). The scenarios send the same inputs; only the experts differ.\n\n\
+         | op | kind | scenario | requests/s | tokens/s | p50 ms | p99 ms | batches per round | s in the backbone per round |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         n = r.concurrency,
-        rounds = r.rounds
+        rounds = r.rounds,
+        tokens = r.generate_tokens,
     );
     for s in &r.scenarios {
         md.push_str(&format!(
-            "| {} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {:.2} |\n",
+            "| {} | {} | {} | {:.2} | {} | {:.0} | {:.0} | {:.1} | {} |\n",
+            s.op,
             s.kind,
             s.scenario,
             s.requests_per_s,
+            s.tokens_per_s
+                .map(|t| format!("{t:.1}"))
+                .unwrap_or_else(|| "-".into()),
             s.p50_ms,
             s.p99_ms,
             s.batches_per_round,
-            s.backbone_s_per_round
+            if s.op == "score" {
+                format!("{:.2}", s.backbone_s_per_round)
+            } else {
+                "-".into()
+            }
         ));
     }
     md.push_str(
         "\nThroughput ratios: over all rounds, and the median (min–max) of the rounds' own \
          ratios (each round runs the scenarios back to back, so drift weighs less on it).\n\n\
-         | kind | 16 experts / one expert (goal ≥ 0.9) | per round | 16 experts / one at a time (goal ≥ 3) | per round |\n\
-         |---|---|---|---|---|\n",
+         | op | kind | 16 experts / one expert (goal ≥ 0.9) | per round | 16 experts / one at a time (goal ≥ 3) | per round |\n\
+         |---|---|---|---|---|---|\n",
     );
     let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let spread = |v: &serde_json::Value| {
@@ -373,7 +464,8 @@ pub fn markdown(r: &ServingReport) -> String {
     };
     for x in &r.ratios {
         md.push_str(&format!(
-            "| {} | {:.2} | {} | {:.2} | {} |\n",
+            "| {} | {} | {:.2} | {} | {:.2} | {} |\n",
+            x["op"].as_str().unwrap_or(""),
             x["kind"].as_str().unwrap_or(""),
             num(&x["mixed_vs_one_expert"]),
             spread(&x["mixed_vs_one_expert_per_round"]),
