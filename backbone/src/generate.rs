@@ -143,8 +143,9 @@ impl Backbone {
         .map(Generator)
     }
 
-    /// Start generating for several requests at once: their prompts run as one padded batch,
-    /// then every [`BatchGenerator::step`] decodes one token of each row still generating.
+    /// Start generating for several requests at once: their prompts run in batches of similar
+    /// length, then every [`BatchGenerator::step`] decodes one token of each row still
+    /// generating.
     pub fn batch_generator<'a>(
         &'a self,
         reqs: &[GenerateRequest<'_>],
@@ -176,19 +177,16 @@ impl Backbone {
         let prompt_len = |r: &GenerateRequest<'_>| {
             r.prompt_ids.len() + r.adapters.prompt.map_or(0, |p| p.num_virtual_tokens())
         };
-        let mut order: Vec<usize> = (0..reqs.len()).collect();
-        order.sort_by_key(|&i| prompt_len(&reqs[i]));
-        let sorted_lens: Vec<usize> = order.iter().map(|&i| prompt_len(&reqs[i])).collect();
+        let lens: Vec<usize> = reqs.iter().map(prompt_len).collect();
+        let groups = length_groups(&lens, &vec![1; reqs.len()]);
         let most_new = reqs
             .iter()
             .map(|r| r.params.max_new_tokens)
             .max()
             .unwrap_or(0);
         let mut logits: Vec<Vec<f32>> = vec![Vec::new(); reqs.len()];
-        let mut lens = vec![0usize; reqs.len()];
         let mut parts = Vec::new();
-        for group in length_groups(&sorted_lens, &vec![1; reqs.len()]) {
-            let members = &order[group];
+        for members in &groups {
             let rows: Vec<_> = members
                 .iter()
                 .map(|&i| (reqs[i].adapters.prompt, reqs[i].prompt_ids.as_slice()))
@@ -210,16 +208,16 @@ impl Backbone {
             let group_logits = self
                 .logits(&self.gather_positions(&hidden, &last)?)?
                 .to_vec2::<f32>()?;
-            for ((&i, l), &len) in members.iter().zip(group_logits).zip(&group_lens) {
+            for (&i, l) in members.iter().zip(group_logits) {
                 logits[i] = l;
-                lens[i] = len;
             }
             parts.push(cache);
         }
+        let order = groups.concat();
         let cache = if parts.len() == 1 && order.iter().enumerate().all(|(k, &i)| k == i) {
             parts.pop().unwrap_or_default()
         } else {
-            // Joined in sorted order; then each request's row back at its own index.
+            // Joined in group order; then each request's row back at its own index.
             let joined = KvCache::concat(&parts, most_new + 1)?;
             let mut at = vec![0usize; reqs.len()];
             for (k, &i) in order.iter().enumerate() {

@@ -68,26 +68,17 @@ impl Linear {
         match self {
             Linear::Mm(m) => m.forward(x),
             Linear::OnTheFly(q) => {
-                let rows = x.elem_count() / x.dim(D::Minus1)?;
-                if rows <= SMALL_BATCH_ROWS
-                    && matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0)
-                {
-                    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                    let y = decode::linear_rows(self, &xs, rows)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                if matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+                    let rows = x.elem_count() / x.dim(D::Minus1)?;
+                    let y = if rows <= SMALL_BATCH_ROWS {
+                        decode::linear_rows(self, &x.flatten_all()?.to_vec1::<f32>()?, rows)
+                    } else {
+                        decode::linear_rows_expanded(q, &x.contiguous()?, rows)
+                    }
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                     let mut dims = x.dims().to_vec();
                     if let Some(last) = dims.last_mut() {
                         *last = q.shape().dims2()?.0;
-                    }
-                    return Tensor::from_vec(y, dims, &Device::Cpu);
-                }
-                if matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) {
-                    let n = q.shape().dims2()?.0;
-                    let y = decode::linear_rows_expanded(q, &x.contiguous()?, rows)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                    let mut dims = x.dims().to_vec();
-                    if let Some(last) = dims.last_mut() {
-                        *last = n;
                     }
                     return Tensor::from_vec(y, dims, &Device::Cpu);
                 }

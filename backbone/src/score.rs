@@ -104,24 +104,28 @@ const CHOICE_ROW_BUDGET: usize = 96;
 /// op whatever its size.
 const GROUP_OVERHEAD_TOKENS: usize = 64;
 
-/// Splits requests sorted by prompt length (`lens`, ascending; `rows`: continuation rows of
-/// each) into consecutive groups, one batch each, with the least work: padded prompt tokens
-/// plus [`GROUP_OVERHEAD_TOKENS`] per group, within [`PROMPT_TOKEN_BUDGET`] and
+/// Splits requests into batches by prompt length (`lens`; `rows`: continuation rows of each)
+/// and returns each batch's request indices, shortest prompts first. Sorted by length, the
+/// requests are cut into consecutive groups with the least work: padded prompt tokens plus
+/// [`GROUP_OVERHEAD_TOKENS`] per group, within [`PROMPT_TOKEN_BUDGET`] and
 /// [`CHOICE_ROW_BUDGET`] (a request alone always makes a group). Padding every row to the
 /// longest of a batch made short prompts next to a long one cost several times their
 /// length; one group per request pays the fixed cost of a forward each time.
-pub(crate) fn length_groups(lens: &[usize], rows: &[usize]) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn length_groups(lens: &[usize], rows: &[usize]) -> Vec<Vec<usize>> {
     let n = lens.len();
-    // best[j]: least cost of the first j requests; from[j]: where its last group starts.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| lens[i]);
+    // best[j]: least cost of the first j sorted requests; from[j]: where its last group
+    // starts.
     let mut best = vec![usize::MAX; n + 1];
     let mut from = vec![0usize; n + 1];
     best[0] = 0;
     for j in 1..=n {
         let mut choice_rows = 0;
         for i in (0..j).rev() {
-            choice_rows += rows[i];
+            choice_rows += rows[order[i]];
             let size = j - i;
-            let padded = lens[j - 1] * size;
+            let padded = lens[order[j - 1]] * size;
             if size > 1 && (padded > PROMPT_TOKEN_BUDGET || choice_rows > CHOICE_ROW_BUDGET) {
                 break;
             }
@@ -135,7 +139,7 @@ pub(crate) fn length_groups(lens: &[usize], rows: &[usize]) -> Vec<std::ops::Ran
     let mut groups = Vec::new();
     let mut j = n;
     while j > 0 {
-        groups.push(from[j]..j);
+        groups.push(order[from[j]..j].to_vec());
         j = from[j];
     }
     groups.reverse();
@@ -212,17 +216,13 @@ impl Backbone {
         let prompt_len = |r: &ScoreIdsRequest<'_>| {
             r.prompt_ids.len() + r.prompt.map(|p| p.num_virtual_tokens()).unwrap_or(0)
         };
-        let mut order: Vec<usize> = (0..reqs.len()).collect();
-        order.sort_by_key(|&i| prompt_len(&reqs[i]));
         let mut results: Vec<Option<ScoreOutput>> = vec![None; reqs.len()];
-        let lens: Vec<usize> = order.iter().map(|&i| prompt_len(&reqs[i])).collect();
-        let rows: Vec<usize> = order.iter().map(|&i| reqs[i].continuations.len()).collect();
-        for range in length_groups(&lens, &rows) {
-            let (start, end) = (range.start, range.end);
-            let group: Vec<&ScoreIdsRequest<'_>> =
-                order[start..end].iter().map(|&i| &reqs[i]).collect();
-            let outs = self.score_group(&group)?;
-            for (&i, o) in order[start..end].iter().zip(outs) {
+        let lens: Vec<usize> = reqs.iter().map(prompt_len).collect();
+        let rows: Vec<usize> = reqs.iter().map(|r| r.continuations.len()).collect();
+        for group in length_groups(&lens, &rows) {
+            let members: Vec<&ScoreIdsRequest<'_>> = group.iter().map(|&i| &reqs[i]).collect();
+            let outs = self.score_group(&members)?;
+            for (&i, o) in group.iter().zip(outs) {
                 results[i] = Some(o);
             }
         }
@@ -416,8 +416,11 @@ fn gather_lp(lp: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
 mod tests {
     use super::{length_groups, CHOICE_ROW_BUDGET, PROMPT_TOKEN_BUDGET};
 
-    fn padded(lens: &[usize], groups: &[std::ops::Range<usize>]) -> usize {
-        groups.iter().map(|g| lens[g.end - 1] * g.len()).sum()
+    fn padded(lens: &[usize], groups: &[Vec<usize>]) -> usize {
+        groups
+            .iter()
+            .map(|g| g.iter().map(|&i| lens[i]).max().unwrap_or(0) * g.len())
+            .sum()
     }
 
     #[test]
@@ -426,13 +429,8 @@ mod tests {
             16, 22, 22, 24, 24, 26, 27, 31, 32, 42, 70, 77, 78, 113, 113, 385,
         ];
         let groups = length_groups(&lens, &[2; 16]);
-        let mut next = 0;
-        for g in &groups {
-            assert_eq!(g.start, next);
-            assert!(g.end > g.start);
-            next = g.end;
-        }
-        assert_eq!(next, lens.len());
+        assert!(groups.iter().all(|g| !g.is_empty()));
+        assert_eq!(groups.concat(), (0..lens.len()).collect::<Vec<_>>());
         // The 16 prompts of the serving benchmark: one batch padded to 113 tokens (as the
         // old greedy grouping did) is 2.4x their real length; the groups stay close to it.
         let real: usize = lens.iter().sum();
@@ -442,7 +440,16 @@ mod tests {
             "short prompts still share batches: {groups:?}"
         );
         // The long prompt goes alone.
-        assert_eq!(groups.last(), Some(&(15..16)));
+        assert_eq!(groups.last(), Some(&vec![15]));
+        // Unsorted requests come back as indices, shortest prompts first, in the same groups.
+        let shuffled: Vec<usize> = (0..16).map(|k| lens[(k * 7) % 16]).collect();
+        let again = length_groups(&shuffled, &[2; 16]);
+        let as_lens = |gs: &[Vec<usize>], l: &[usize]| -> Vec<Vec<usize>> {
+            gs.iter()
+                .map(|g| g.iter().map(|&i| l[i]).collect())
+                .collect()
+        };
+        assert_eq!(as_lens(&again, &shuffled), as_lens(&groups, &lens));
     }
 
     #[test]

@@ -509,58 +509,61 @@ fn decode_batch(stats: &InferenceStats, mut generator: BatchGenerator<'_>, jobs:
     stats
         .max_generate_batch
         .fetch_max(jobs.len() as u64, Ordering::Relaxed);
-    let mut live = vec![true; jobs.len()];
-    stats
-        .active_generations
-        .fetch_add(jobs.len() as u64, Ordering::Relaxed);
     let mut senders = Vec::with_capacity(jobs.len());
     for job in jobs {
         let _ = job.started.send(Ok(()));
         senders.push(job.tokens);
     }
-    let finish = |row: usize, live: &mut [bool]| {
-        if std::mem::replace(&mut live[row], false) {
-            stats.active_generations.fetch_sub(1, Ordering::Relaxed);
-        }
+    // Which rows are still generating (their number is counted in `active_generations`).
+    let unfinished = |g: &BatchGenerator<'_>| -> Vec<bool> {
+        (0..g.len())
+            .map(|row| g.finish_reason(row).is_none())
+            .collect()
     };
-    while live.iter().any(|&l| l) {
+    let count = |rows: &[bool]| rows.iter().filter(|&&r| r).count() as u64;
+    let mut active = count(&unfinished(&generator));
+    stats
+        .active_generations
+        .fetch_add(active, Ordering::Relaxed);
+    loop {
         for (row, tx) in senders.iter().enumerate() {
-            if live[row] && tx.is_closed() {
+            if tx.is_closed() {
                 generator.stop_row(row);
-                finish(row, &mut live);
             }
         }
         if generator.is_done() {
             break;
         }
+        // Rows in this step: an error reaches each of them (a row the error came from is
+        // marked finished by the step itself).
+        let stepping = unfinished(&generator);
         match generator.step() {
             Ok(tokens) => {
                 for (row, token) in tokens.into_iter().enumerate() {
                     let Some(token) = token else { continue };
                     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                    let last = token.finish.is_some();
                     if senders[row].send(Ok(token)).is_err() {
                         generator.stop_row(row);
-                        finish(row, &mut live);
-                    } else if last {
-                        finish(row, &mut live);
                     }
                 }
             }
             Err(e) => {
                 let status = backbone_status(e);
-                for (row, tx) in senders.iter().enumerate() {
-                    if live[row] {
-                        let _ = tx.send(Err(status.clone()));
-                    }
+                for (tx, _) in senders.iter().zip(&stepping).filter(|(_, &s)| s) {
+                    let _ = tx.send(Err(status.clone()));
                 }
                 break;
             }
         }
+        let now = count(&unfinished(&generator));
+        stats
+            .active_generations
+            .fetch_sub(active - now, Ordering::Relaxed);
+        active = now;
     }
-    for row in 0..live.len() {
-        finish(row, &mut live);
-    }
+    stats
+        .active_generations
+        .fetch_sub(active, Ordering::Relaxed);
 }
 
 pub struct InferenceService {
