@@ -4,6 +4,7 @@
 //! never appears.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -32,6 +33,14 @@ pub struct ExpertStore {
 }
 
 const META_ENCODER: &[u8] = b"encoder";
+
+/// How long `open` waits for sled's file lock (see `open_waiting`).
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// sled 0.34 reports a held lock as an `Other` I/O error with this message.
+fn is_lock_contention(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
 
 fn instance_key(expert_id: &str, point_id: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(expert_id.len() + 9);
@@ -140,11 +149,39 @@ fn tx_err(e: TransactionError<LibraryError>) -> LibraryError {
 
 impl ExpertStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_waiting(path, LOCK_WAIT)
+    }
+
+    /// Opens the store, waiting up to `wait` for sled's file lock. sled 0.34 releases the lock
+    /// from a background thread a moment after the last handle drops (spacejam/sled#1234), so
+    /// reopening a store this process (or a process that just exited) closed can briefly find
+    /// it locked. A store another live process holds stays locked: that fails after `wait`.
+    pub fn open_waiting(path: impl AsRef<Path>, wait: Duration) -> Result<Self> {
         let path = path.as_ref();
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| LibraryError::Storage(format!("open {}: {e}", path.display())))?;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_contention(&e) && started.elapsed() < wait => {
+                    std::thread::sleep(pause.min(wait.saturating_sub(started.elapsed())));
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) if is_lock_contention(&e) => {
+                    return Err(LibraryError::Storage(format!(
+                        "open {}: the store is held by another open library or process (waited {:.1} s): {e}",
+                        path.display(),
+                        started.elapsed().as_secs_f64()
+                    )))
+                }
+                Err(e) => {
+                    return Err(LibraryError::Storage(format!(
+                        "open {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        };
         Ok(Self {
             experts: db.open_tree("experts")?,
             adapters: db.open_tree("adapters")?,
@@ -322,4 +359,49 @@ impl ExpertStore {
 fn point_of_key(k: &[u8]) -> Option<u64> {
     let tail: [u8; 8] = k.get(k.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(tail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_waits_for_a_lock_released_moments_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = ExpertStore::open(dir.path()).unwrap();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        // Without the wait this open fails at once: the first store still holds the lock.
+        let store = ExpertStore::open_waiting(dir.path(), Duration::from_secs(5)).unwrap();
+        releaser.join().unwrap();
+        store.check_encoder("e").unwrap();
+    }
+
+    #[test]
+    fn a_store_held_open_fails_after_the_wait_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = ExpertStore::open(dir.path()).unwrap();
+        let started = Instant::now();
+        let err = match ExpertStore::open_waiting(dir.path(), Duration::from_millis(200)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("opened a store another handle holds"),
+        };
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(
+            err.contains("held by another open library or process"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_open_errors_fail_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let started = Instant::now();
+        assert!(ExpertStore::open_waiting(file.join("db"), Duration::from_secs(5)).is_err());
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
 }
