@@ -14,20 +14,11 @@ use roe_services::proto::{
 
 use common::{models_dir, repo};
 
-/// Starts `roe serve` on a free port and waits for its "listening" line.
+/// Starts `roe serve` on a port the kernel picks (`127.0.0.1:0`, so no other process can take
+/// it between choosing and binding) and waits for its "listening" line, which names the port.
 fn start(data: &Path) -> (Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_roe"))
-        .args([
-            "serve",
-            "--addr",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
+        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .arg("--models-dir")
         .arg(models_dir())
@@ -40,8 +31,11 @@ fn start(data: &Path) -> (Child, String) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert!(line.contains("listening"), "unexpected first line {line:?}");
-    (child, format!("http://127.0.0.1:{port}"))
+    let addr = line
+        .trim()
+        .strip_prefix("roe listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (child, format!("http://{addr}"))
 }
 
 fn request(id: &str, task: &Task, kind: &str) -> proto::RegisterExpertRequest {
