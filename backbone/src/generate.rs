@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{BackboneError, Result};
-use crate::experts::Adapters;
+use crate::experts::{Adapters, Lora};
 use crate::model::{Backbone, KvCache, LoraBatch};
 use crate::score::length_groups;
 
@@ -111,12 +111,17 @@ pub struct GenerateRequest<'a> {
 /// Several sequences decoded together: each step runs one forward for every row still
 /// generating (each with its own soft prompt, LoRA, sampling parameters and stops), so
 /// concurrent requests for different experts share the weights' passes. Rows that finish, or
-/// that [`BatchGenerator::stop_row`] ends, take no further part (at most
-/// [`MAX_GENERATE_BATCH`] rows).
+/// that [`BatchGenerator::stop_row`] ends, take no further part; new requests can join a
+/// running batch between steps ([`BatchGenerator::admit`], continuous batching) once the
+/// finished rows are dropped ([`BatchGenerator::retain_unfinished`]). At most
+/// [`MAX_GENERATE_BATCH`] rows.
 pub struct BatchGenerator<'a> {
     bb: &'a Backbone,
     cache: KvCache,
+    /// The rows' LoRAs as one batch, rebuilt from `row_loras` when rows come or go.
     loras: LoraBatch,
+    /// Each row's LoRA (clones share the weights).
+    row_loras: Vec<Option<Lora>>,
     rows: Vec<Row>,
 }
 
@@ -145,45 +150,41 @@ impl Backbone {
 
     /// Start generating for several requests at once: their prompts run in batches of similar
     /// length, then every [`BatchGenerator::step`] decodes one token of each row still
-    /// generating.
+    /// generating. More requests can join later ([`BatchGenerator::admit`]).
     pub fn batch_generator<'a>(
         &'a self,
         reqs: &[GenerateRequest<'_>],
     ) -> Result<BatchGenerator<'a>> {
-        if reqs.is_empty() || reqs.len() > MAX_GENERATE_BATCH {
+        if reqs.is_empty() {
             return Err(BackboneError::InvalidInput(format!(
-                "a generation batch holds 1 to {MAX_GENERATE_BATCH} requests, not {}",
-                reqs.len()
+                "a generation batch holds 1 to {MAX_GENERATE_BATCH} requests, not 0"
             )));
         }
-        for r in reqs {
-            let params = &r.params;
-            if r.prompt_ids.is_empty() && r.adapters.prompt.is_none() {
-                return Err(BackboneError::InvalidInput("empty prompt".into()));
-            }
-            if !(params.top_p > 0.0 && params.top_p <= 1.0 && params.temperature.is_finite()) {
-                return Err(BackboneError::InvalidInput(format!(
-                    "invalid sampling parameters: temperature {}, top_p {}",
-                    params.temperature, params.top_p
-                )));
-            }
-            if params.stop.iter().any(|s| s.is_empty()) {
-                return Err(BackboneError::InvalidInput("empty stop string".into()));
-            }
-        }
-        // Prompts run in groups of similar length (padding every row to the longest prompt
-        // can cost several times the real tokens); their caches are then joined, in the
-        // requests' order, for the decode steps.
+        let mut g = BatchGenerator {
+            bb: self,
+            cache: KvCache::new(),
+            loras: LoraBatch::none(),
+            row_loras: Vec::new(),
+            rows: Vec::new(),
+        };
+        g.admit(reqs)?;
+        Ok(g)
+    }
+
+    /// Runs the requests' prompts in groups of similar length (padding every row to the
+    /// longest prompt can cost several times the real tokens) and joins their caches in the
+    /// requests' order, with room for `extra` more positions. Returns the joined cache, each
+    /// request's next-token logits and its prompt length.
+    fn prefill_requests(
+        &self,
+        reqs: &[GenerateRequest<'_>],
+        extra: usize,
+    ) -> Result<(KvCache, Vec<Vec<f32>>, Vec<usize>)> {
         let prompt_len = |r: &GenerateRequest<'_>| {
             r.prompt_ids.len() + r.adapters.prompt.map_or(0, |p| p.num_virtual_tokens())
         };
         let lens: Vec<usize> = reqs.iter().map(prompt_len).collect();
         let groups = length_groups(&lens, &vec![1; reqs.len()]);
-        let most_new = reqs
-            .iter()
-            .map(|r| r.params.max_new_tokens)
-            .max()
-            .unwrap_or(0);
         let mut logits: Vec<Vec<f32>> = vec![Vec::new(); reqs.len()];
         let mut parts = Vec::new();
         for members in &groups {
@@ -198,7 +199,7 @@ impl Backbone {
                     .map(|&i| reqs[i].adapters.lora)
                     .collect::<Vec<_>>(),
             )?;
-            let mut cache = KvCache::with_capacity(most_new + 1);
+            let mut cache = KvCache::with_capacity(extra);
             let hidden = self.forward(&embeds, &group_lens, &mut cache, &loras)?;
             let last: Vec<(usize, usize)> = group_lens
                 .iter()
@@ -218,36 +219,14 @@ impl Backbone {
             parts.pop().unwrap_or_default()
         } else {
             // Joined in group order; then each request's row back at its own index.
-            let joined = KvCache::concat(&parts, most_new + 1)?;
+            let joined = KvCache::concat(&parts, extra)?;
             let mut at = vec![0usize; reqs.len()];
             for (k, &i) in order.iter().enumerate() {
                 at[i] = k;
             }
-            joined.select_rows(&at, most_new + 1)?
+            joined.select_rows(&at, extra)?
         };
-        let loras = LoraBatch::new(&reqs.iter().map(|r| r.adapters.lora).collect::<Vec<_>>())?;
-        let rows = reqs
-            .iter()
-            .zip(logits)
-            .zip(&lens)
-            .map(|((r, logits), &prompt_tokens)| Row {
-                rng: StdRng::seed_from_u64(r.params.seed),
-                params: r.params.clone(),
-                ids: Vec::new(),
-                logits,
-                text: String::new(),
-                emitted: 0,
-                finished: None,
-                prompt_tokens,
-                scratch: Vec::new(),
-            })
-            .collect();
-        Ok(BatchGenerator {
-            bb: self,
-            cache,
-            loras,
-            rows,
-        })
+        Ok((cache, logits, lens))
     }
 
     /// Generate to completion, calling `on_token` for every step; returning false from it
@@ -293,6 +272,24 @@ impl Backbone {
         }
         ids
     }
+}
+
+/// What every generation request must satisfy before its prompt runs.
+fn validate_request(r: &GenerateRequest<'_>) -> Result<()> {
+    let params = &r.params;
+    if r.prompt_ids.is_empty() && r.adapters.prompt.is_none() {
+        return Err(BackboneError::InvalidInput("empty prompt".into()));
+    }
+    if !(params.top_p > 0.0 && params.top_p <= 1.0 && params.temperature.is_finite()) {
+        return Err(BackboneError::InvalidInput(format!(
+            "invalid sampling parameters: temperature {}, top_p {}",
+            params.temperature, params.top_p
+        )));
+    }
+    if params.stop.iter().any(|s| s.is_empty()) {
+        return Err(BackboneError::InvalidInput("empty stop string".into()));
+    }
+    Ok(())
 }
 
 fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
@@ -463,6 +460,110 @@ impl Row {
 }
 
 impl<'a> BatchGenerator<'a> {
+    /// Adds requests as new rows at the end of the batch: their prompts run now (in length
+    /// groups), and from the next [`step`](Self::step) they decode with the running rows, each
+    /// row still with its own expert, sampling and stops. The running rows keep their caches;
+    /// what they generate does not change. Fails, changing nothing, when a request is invalid
+    /// or the batch would exceed [`MAX_GENERATE_BATCH`] rows (finished rows count until
+    /// [`retain_unfinished`](Self::retain_unfinished) drops them).
+    pub fn admit(&mut self, reqs: &[GenerateRequest<'_>]) -> Result<()> {
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        if self.rows.len() + reqs.len() > MAX_GENERATE_BATCH {
+            return Err(BackboneError::InvalidInput(format!(
+                "a generation batch holds 1 to {MAX_GENERATE_BATCH} requests, not {}",
+                self.rows.len() + reqs.len()
+            )));
+        }
+        for r in reqs {
+            validate_request(r)?;
+        }
+        let bb = self.bb;
+        // Room for the longest remaining generation, running rows and new ones alike.
+        let extra = self
+            .rows
+            .iter()
+            .filter(|r| r.finished.is_none())
+            .map(|r| r.params.max_new_tokens.saturating_sub(r.ids.len()))
+            .chain(reqs.iter().map(|r| r.params.max_new_tokens))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let (cache, logits, lens) = bb.prefill_requests(reqs, extra)?;
+        self.cache = if self.rows.is_empty() {
+            cache
+        } else {
+            // Rows of different lengths: the shorter ones' slots past their end stay masked.
+            KvCache::concat(&[std::mem::take(&mut self.cache), cache], extra)?
+        };
+        self.rows.extend(
+            reqs.iter()
+                .zip(logits)
+                .zip(lens)
+                .map(|((r, logits), prompt_tokens)| Row {
+                    rng: StdRng::seed_from_u64(r.params.seed),
+                    params: r.params.clone(),
+                    ids: Vec::new(),
+                    logits,
+                    text: String::new(),
+                    emitted: 0,
+                    finished: None,
+                    prompt_tokens,
+                    scratch: Vec::new(),
+                }),
+        );
+        self.row_loras
+            .extend(reqs.iter().map(|r| r.adapters.lora.cloned()));
+        self.rebuild_loras()
+    }
+
+    /// Drops the rows that have finished (their cache, adapters and state) and returns the
+    /// old index of each row kept, in order: row `k` is now what row `kept[k]` was.
+    pub fn retain_unfinished(&mut self) -> Result<Vec<usize>> {
+        let kept: Vec<usize> = (0..self.rows.len())
+            .filter(|&i| self.rows[i].finished.is_none())
+            .collect();
+        if kept.len() == self.rows.len() {
+            return Ok(kept);
+        }
+        if kept.is_empty() {
+            self.cache = KvCache::new();
+        } else {
+            let extra = kept
+                .iter()
+                .map(|&i| {
+                    let r = &self.rows[i];
+                    r.params.max_new_tokens.saturating_sub(r.ids.len())
+                })
+                .max()
+                .unwrap_or(0)
+                + 1;
+            self.cache = self.cache.select_rows(&kept, extra)?;
+        }
+        let rows = std::mem::take(&mut self.rows);
+        let loras = std::mem::take(&mut self.row_loras);
+        for (row, lora) in rows.into_iter().zip(loras) {
+            if row.finished.is_none() {
+                self.rows.push(row);
+                self.row_loras.push(lora);
+            }
+        }
+        self.rebuild_loras()?;
+        Ok(kept)
+    }
+
+    fn rebuild_loras(&mut self) -> Result<()> {
+        self.loras = LoraBatch::new(
+            &self
+                .row_loras
+                .iter()
+                .map(Option::as_ref)
+                .collect::<Vec<_>>(),
+        )?;
+        Ok(())
+    }
+
     /// Rows of the batch (finished ones included).
     pub fn len(&self) -> usize {
         self.rows.len()

@@ -250,3 +250,174 @@ fn batched_generation_equals_each_request_alone() {
     let many = vec![reqs[1].clone(); roe_backbone::MAX_GENERATE_BATCH + 1];
     assert!(bb.batch_generator(&many).is_err());
 }
+
+/// What a request ended with, read from the batch when its row finished.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    ids: Vec<u32>,
+    text: String,
+    streamed: String,
+    finish: FinishReason,
+    prompt_tokens: usize,
+}
+
+/// One step of `batch`; `slots[row]` is the request a row serves. Records each request's
+/// streamed text and, when its row finishes, what it ended with.
+fn step(
+    batch: &mut roe_backbone::BatchGenerator<'_>,
+    slots: &[usize],
+    streamed: &mut [String],
+    outcomes: &mut [Option<Outcome>],
+) {
+    let tokens = batch.step().unwrap();
+    assert_eq!(tokens.len(), slots.len());
+    for (row, t) in tokens.into_iter().enumerate() {
+        let Some(t) = t else { continue };
+        let r = slots[row];
+        streamed[r].push_str(&t.text);
+        if let Some(finish) = t.finish {
+            outcomes[r] = Some(Outcome {
+                ids: batch.ids(row).to_vec(),
+                text: batch.text(row).to_string(),
+                streamed: streamed[r].clone(),
+                finish,
+                prompt_tokens: batch.prompt_tokens(row),
+            });
+        }
+    }
+}
+
+/// Continuous batching: requests that join a running batch between steps (after its finished
+/// rows were dropped) generate what they generate alone, and the rows already running go on
+/// unchanged.
+#[test]
+fn requests_admitted_into_a_running_batch_generate_as_alone() {
+    if common::skip() || !common::experts_dir().exists() {
+        return;
+    }
+    let bb = common::quantized();
+    let d = common::experts_dir();
+    let sp = roe_backbone::SoftPrompt::from_peft_dir(d.join("prompt/reddit_qa")).unwrap();
+    let lora = roe_backbone::Lora::from_peft_dir(d.join("lora/sms_spam")).unwrap();
+    let rows = common::load_rows("reddit_qa", 1);
+    let render = |s: &str| bb.render_prompt(s, &RenderOptions::default()).unwrap();
+    let reqs = [
+        // Runs from the start to the end (no EOS within its first 40 tokens).
+        GenerateRequest {
+            prompt_ids: render("List the numbers from 1 to 100."),
+            adapters: Adapters::none(),
+            params: GenerateParams::greedy(14),
+        },
+        GenerateRequest {
+            prompt_ids: bb.encode("One, two, three, four,").unwrap(),
+            adapters: Adapters::none(),
+            params: GenerateParams::greedy(4),
+        },
+        // Joins after 3 steps: sampled, with a LoRA.
+        GenerateRequest {
+            prompt_ids: render("Free entry! Text WIN to claim your prize"),
+            adapters: Adapters::lora(&lora),
+            params: GenerateParams {
+                max_new_tokens: 8,
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 7,
+                ..GenerateParams::default()
+            },
+        },
+        // Joins after 3 steps too; a prompt far longer than the running rows' caches.
+        GenerateRequest {
+            prompt_ids: render(&"The quick brown fox jumps over the lazy dog. ".repeat(12)),
+            adapters: Adapters::lora(&lora),
+            params: GenerateParams::greedy(5),
+        },
+        // Joins once the second row has finished and was dropped; stops at a stop string.
+        GenerateRequest {
+            prompt_ids: bb
+                .encode("The capital of France is Paris. The capital of Germany is")
+                .unwrap(),
+            adapters: Adapters::none(),
+            params: GenerateParams {
+                max_new_tokens: 20,
+                stop: vec![".".into()],
+                ..GenerateParams::default()
+            },
+        },
+        GenerateRequest {
+            prompt_ids: render(&rows[0].input),
+            adapters: Adapters::prompt(&sp),
+            params: GenerateParams::greedy(6),
+        },
+    ];
+    let alone: Vec<Outcome> = reqs
+        .iter()
+        .map(|r| {
+            let mut streamed = String::new();
+            let g = bb
+                .generate(&r.prompt_ids, r.adapters, r.params.clone(), |t| {
+                    streamed.push_str(&t.text);
+                    true
+                })
+                .unwrap();
+            Outcome {
+                ids: g.ids,
+                text: g.text,
+                streamed,
+                finish: g.finish_reason,
+                prompt_tokens: g.prompt_tokens,
+            }
+        })
+        .collect();
+
+    // slots[row] = the request a batch row serves.
+    let mut slots: Vec<usize> = vec![0, 1];
+    let mut streamed = vec![String::new(); reqs.len()];
+    let mut outcomes: Vec<Option<Outcome>> = (0..reqs.len()).map(|_| None).collect();
+    let mut batch = bb.batch_generator(&reqs[..2]).unwrap();
+    for _ in 0..3 {
+        step(&mut batch, &slots, &mut streamed, &mut outcomes);
+    }
+    // Nothing finished yet: nothing to drop, rows keep their places.
+    assert_eq!(batch.retain_unfinished().unwrap(), vec![0, 1]);
+    batch.admit(&reqs[2..4]).unwrap();
+    slots.extend([2, 3]);
+    assert_eq!(batch.len(), 4);
+    // Invalid or too many requests are refused and change nothing.
+    let mut bad = reqs[4].clone();
+    bad.params.stop = vec![String::new()];
+    assert!(batch.admit(&[bad]).is_err());
+    let many = vec![reqs[5].clone(); roe_backbone::MAX_GENERATE_BATCH - 3];
+    assert!(batch.admit(&many).is_err());
+    assert_eq!(batch.len(), 4);
+    while outcomes[1].is_none() {
+        step(&mut batch, &slots, &mut streamed, &mut outcomes);
+    }
+    let kept = batch.retain_unfinished().unwrap();
+    assert!(!kept.contains(&1), "the finished row is dropped: {kept:?}");
+    slots = kept.iter().map(|&k| slots[k]).collect();
+    assert_eq!(batch.len(), slots.len());
+    batch.admit(&reqs[4..]).unwrap();
+    slots.extend([4, 5]);
+    let mut steps = 0;
+    while !batch.is_done() {
+        step(&mut batch, &slots, &mut streamed, &mut outcomes);
+        steps += 1;
+        assert!(steps <= 21, "the batch must end with its longest row");
+    }
+    for (i, a) in alone.iter().enumerate() {
+        eprintln!("request {i}: {:?} ({:?})", a.text, a.finish);
+        assert_eq!(outcomes[i].as_ref(), Some(a), "request {i}");
+    }
+    assert_eq!(
+        outcomes[4].as_ref().map(|o| o.finish),
+        Some(FinishReason::Stop)
+    );
+    // Everything finished: dropping leaves an empty batch that takes new rows again.
+    assert!(batch.retain_unfinished().unwrap().is_empty());
+    assert!(batch.is_empty());
+    batch.admit(&reqs[1..2]).unwrap();
+    while !batch.is_done() {
+        batch.step().unwrap();
+    }
+    assert_eq!(batch.ids(0), alone[1].ids.as_slice());
+}
