@@ -508,6 +508,81 @@ async fn concurrent_generations_share_batches_and_match_one_at_a_time() {
     server.stop().await;
 }
 
+/// Continuous batching: a Generate request arriving while a long generation runs joins its
+/// batch (no batch of its own), streams what it streams alone, and its stream ends with its
+/// last token, while the long one goes on unchanged. With joining off it runs beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_arriving_mid_batch_joins_it_and_ends_with_its_last_token() {
+    let server = start().await;
+    let mut c = server.inference().await;
+    let long = proto::GenerateRequest {
+        input: "List the numbers from 1 to 100.".into(),
+        max_new_tokens: 80,
+        ..Default::default()
+    };
+    let short = proto::GenerateRequest {
+        expert_id: LORA.into(),
+        input: "are we still on for lunch?".into(),
+        max_new_tokens: 8,
+        temperature: 0.7,
+        seed: Some(5),
+        ..Default::default()
+    };
+    let long_alone = generate(&mut c, long.clone()).await.unwrap();
+    let short_alone = generate(&mut c, short.clone()).await.unwrap();
+    assert_eq!(
+        long_alone.len(),
+        80,
+        "the long request must run to its limit"
+    );
+    let stats = server.inference.as_ref().unwrap().stats();
+    let service = server.inference.as_ref().unwrap();
+    for join in [true, false] {
+        service.set_join_running_generations(join);
+        let (batches, joined) = (
+            stats.generate_batches.load(Relaxed),
+            stats.generate_joined.load(Relaxed),
+        );
+        let mut stream = c.generate(long.clone()).await.unwrap().into_inner();
+        let mut long_msgs = Vec::new();
+        for _ in 0..2 {
+            long_msgs.push(stream.message().await.unwrap().expect("a token"));
+        }
+        let short_msgs = generate(&mut c, short.clone()).await.unwrap();
+        // The short stream has ended; the long generation is still going.
+        assert_eq!(
+            stats.active_generations.load(Relaxed),
+            1,
+            "join {join}: the short stream must end with its own last token"
+        );
+        while let Some(m) = stream.message().await.unwrap() {
+            long_msgs.push(m);
+        }
+        let ids = |m: &[proto::GenerateResponse]| m.iter().map(|m| m.token_id).collect::<Vec<_>>();
+        assert_eq!(ids(&short_msgs), ids(&short_alone), "join {join}");
+        assert_eq!(ids(&long_msgs), ids(&long_alone), "join {join}");
+        let (batches, joined) = (
+            stats.generate_batches.load(Relaxed) - batches,
+            stats.generate_joined.load(Relaxed) - joined,
+        );
+        if join {
+            assert_eq!(
+                (batches, joined),
+                (1, 1),
+                "the short request joins the running batch"
+            );
+        } else {
+            assert_eq!(
+                (batches, joined),
+                (2, 0),
+                "with joining off it runs beside it"
+            );
+        }
+    }
+    assert_eq!(stats.active_generations.load(Relaxed), 0);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_stops_when_the_client_goes_away() {
     let server = start().await;

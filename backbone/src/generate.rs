@@ -160,13 +160,7 @@ impl Backbone {
                 "a generation batch holds 1 to {MAX_GENERATE_BATCH} requests, not 0"
             )));
         }
-        let mut g = BatchGenerator {
-            bb: self,
-            cache: KvCache::new(),
-            loras: LoraBatch::none(),
-            row_loras: Vec::new(),
-            rows: Vec::new(),
-        };
+        let mut g = BatchGenerator::new(self);
         g.admit(reqs)?;
         Ok(g)
     }
@@ -460,6 +454,17 @@ impl Row {
 }
 
 impl<'a> BatchGenerator<'a> {
+    /// A batch with no rows yet (it is done until [`admit`](Self::admit) adds some).
+    pub fn new(bb: &'a Backbone) -> Self {
+        Self {
+            bb,
+            cache: KvCache::new(),
+            loras: LoraBatch::none(),
+            row_loras: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
+
     /// Adds requests as new rows at the end of the batch: their prompts run now (in length
     /// groups), and from the next [`step`](Self::step) they decode with the running rows, each
     /// row still with its own expert, sampling and stops. The running rows keep their caches;

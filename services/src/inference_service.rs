@@ -8,10 +8,12 @@
 //! `ScoreEnsemble` submits its members together, so they always share one batch.
 //! Concurrent `Generate` requests (and the answers `Answer` generates) are merged the same way
 //! into one [`BatchGenerator`] (up to [`MAX_GENERATE_BATCH`], waiting at most
-//! [`GENERATE_BATCH_WAIT`]): each decode step runs one forward for all their rows. Every batch
-//! runs on its own blocking thread, so a long generation never holds back later requests.
+//! [`GENERATE_BATCH_WAIT`]): each decode step runs one forward for all their rows. Requests
+//! that arrive while a batch runs join it between two steps when it has room (continuous
+//! batching), else start a batch of their own on its own blocking thread, so a long
+//! generation never holds back later requests.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,8 +144,10 @@ pub struct InferenceStats {
     pub generated_tokens: AtomicU64,
     /// Generation batches started (each a [`BatchGenerator`] over one or more requests).
     pub generate_batches: AtomicU64,
-    /// The most requests one generation batch has held.
+    /// The most requests one generation batch has held at once.
     pub max_generate_batch: AtomicU64,
+    /// Generate requests that joined a batch already running (continuous batching).
+    pub generate_joined: AtomicU64,
     /// Generate streams still producing tokens.
     pub active_generations: AtomicU64,
     /// Expert cache misses served: weights read from the library, parsed and checked.
@@ -154,6 +158,8 @@ pub struct InferenceStats {
 
 struct Inner {
     stats: Arc<InferenceStats>,
+    /// Whether Generate requests join a running batch (on) or only start their own.
+    join_running: Arc<AtomicBool>,
     backbone: Arc<Backbone>,
     /// The library in this process, or one served by another (`roe serve --role inference`).
     experts: Arc<dyn ExpertSource>,
@@ -422,13 +428,32 @@ async fn score_scheduler(
     }
 }
 
-/// Collects concurrent generation jobs into batches and starts each batch on its own blocking
-/// thread (without waiting for earlier batches to finish).
+/// A running generation batch that later requests may join (continuous batching).
+struct OpenBatch {
+    inbox: Mutex<Inbox>,
+}
+
+struct Inbox {
+    /// False once the batch's thread has ended: jobs must start a batch of their own.
+    open: bool,
+    /// Jobs that join the batch before its next step.
+    jobs: Vec<GenerateJob>,
+    /// Rows still generating plus jobs waiting to join: the batch's room is
+    /// [`MAX_GENERATE_BATCH`] minus this.
+    rows: usize,
+}
+
+/// Collects concurrent generation jobs (waiting [`GENERATE_BATCH_WAIT`] for company) and hands
+/// them to the newest running batch when it has room for all of them (they join between two
+/// of its steps), else starts a batch for them on its own blocking thread. A long generation
+/// never holds back later requests: they join it, or run beside it.
 async fn generate_scheduler(
     backbone: Arc<Backbone>,
     stats: Arc<InferenceStats>,
+    join_running: Arc<AtomicBool>,
     mut rx: mpsc::Receiver<GenerateJob>,
 ) {
+    let mut newest: Option<Arc<OpenBatch>> = None;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + GENERATE_BATCH_WAIT;
@@ -442,15 +467,52 @@ async fn generate_scheduler(
         if jobs.is_empty() {
             continue;
         }
+        if join_running.load(Ordering::Relaxed) {
+            if let Some(batch) = &newest {
+                let mut inbox = batch.inbox.lock();
+                if inbox.open && inbox.rows + jobs.len() <= MAX_GENERATE_BATCH {
+                    tracing::debug!(jobs = jobs.len(), "joining a running generation batch");
+                    inbox.rows += jobs.len();
+                    inbox.jobs.append(&mut jobs);
+                    continue;
+                }
+            }
+        }
         tracing::debug!(batch = jobs.len(), "generation batch");
+        let batch = Arc::new(OpenBatch {
+            inbox: Mutex::new(Inbox {
+                open: true,
+                jobs: Vec::new(),
+                rows: jobs.len(),
+            }),
+        });
+        newest = Some(batch.clone());
         let (bb, st) = (backbone.clone(), stats.clone());
-        tokio::task::spawn_blocking(move || run_generation(&bb, &st, jobs));
+        tokio::task::spawn_blocking(move || run_generation(&bb, &st, &batch, jobs));
     }
 }
 
-/// Renders the jobs' prompts and decodes them as one batch; when the batch cannot start, each
-/// job starts alone, so an error reaches only the request that caused it. Blocking.
-fn run_generation(backbone: &Backbone, stats: &InferenceStats, jobs: Vec<GenerateJob>) {
+/// Renders the jobs' prompts and adds them to `generator` as new rows (after dropping its
+/// finished rows, and their senders with them); when they cannot join together, each tries
+/// alone, so an error reaches only the request that caused it. Blocking.
+fn admit_jobs<'a>(
+    backbone: &'a Backbone,
+    stats: &InferenceStats,
+    generator: &mut BatchGenerator<'a>,
+    senders: &mut Vec<Option<TokenSender>>,
+    jobs: Vec<GenerateJob>,
+    joining: bool,
+) {
+    match generator.retain_unfinished() {
+        Ok(kept) => *senders = kept.iter().map(|&k| senders[k].take()).collect(),
+        Err(e) => {
+            let status = backbone_status(e);
+            for job in jobs {
+                let _ = job.started.send(Err(status.clone()));
+            }
+            return;
+        }
+    }
     let mut ready = Vec::with_capacity(jobs.len());
     for job in jobs {
         match backbone.render_prompt(&job.input, &RenderOptions::default()) {
@@ -471,99 +533,146 @@ fn run_generation(backbone: &Backbone, stats: &InferenceStats, jobs: Vec<Generat
             params: job.params.clone(),
         }
     }
-    let reqs: Vec<GenerateRequest<'_>> = ready.iter().map(request).collect();
-    match backbone.batch_generator(&reqs) {
-        Ok(generator) => {
-            drop(reqs);
-            decode_batch(
-                stats,
-                generator,
-                ready.into_iter().map(|(j, _)| j).collect(),
-            );
+    let together = {
+        let reqs: Vec<GenerateRequest<'_>> = ready.iter().map(request).collect();
+        generator.admit(&reqs)
+    };
+    let mut admitted = 0;
+    match together {
+        Ok(()) => {
+            for (job, _) in ready {
+                let _ = job.started.send(Ok(()));
+                senders.push(Some(job.tokens));
+                admitted += 1;
+            }
         }
-        Err(_) if ready.len() > 1 => {
-            drop(reqs);
+        Err(e) if ready.len() == 1 => {
+            if let Some((job, _)) = ready.into_iter().next() {
+                let _ = job.started.send(Err(backbone_status(e)));
+            }
+        }
+        Err(_) => {
             for job in ready {
-                let alone = backbone.batch_generator(&[request(&job)]);
+                let alone = generator.admit(&[request(&job)]);
                 match alone {
-                    Ok(generator) => decode_batch(stats, generator, vec![job.0]),
+                    Ok(()) => {
+                        let _ = job.0.started.send(Ok(()));
+                        senders.push(Some(job.0.tokens));
+                        admitted += 1;
+                    }
                     Err(e) => {
                         let _ = job.0.started.send(Err(backbone_status(e)));
                     }
                 }
             }
         }
-        Err(e) => {
-            drop(reqs);
-            if let Some((job, _)) = ready.into_iter().next() {
-                let _ = job.started.send(Err(backbone_status(e)));
-            }
-        }
     }
-}
-
-/// Steps `generator` (row i = `jobs[i]`) until every row has finished, sending each row its
-/// tokens; a row whose reader went away is stopped at the next step.
-fn decode_batch(stats: &InferenceStats, mut generator: BatchGenerator<'_>, jobs: Vec<GenerateJob>) {
-    stats.generate_batches.fetch_add(1, Ordering::Relaxed);
+    if joining {
+        stats.generate_joined.fetch_add(admitted, Ordering::Relaxed);
+    }
     stats
         .max_generate_batch
-        .fetch_max(jobs.len() as u64, Ordering::Relaxed);
-    let mut senders = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let _ = job.started.send(Ok(()));
-        senders.push(job.tokens);
-    }
-    // Which rows are still generating (their number is counted in `active_generations`).
+        .fetch_max(generator.len() as u64, Ordering::Relaxed);
+}
+
+type TokenSender = mpsc::UnboundedSender<Result<GeneratedToken, Status>>;
+
+/// Runs one generation batch to its end: admits `jobs`, then steps, sending each row its
+/// tokens, admitting the jobs that arrive in `batch`'s inbox between steps. A row's sender is
+/// dropped with its last token (its stream ends then, not when the batch does); a row whose
+/// reader went away is stopped at the next step. Ends (closing the inbox) when no row is left
+/// generating and no job waits. Blocking.
+fn run_generation(
+    backbone: &Backbone,
+    stats: &InferenceStats,
+    batch: &OpenBatch,
+    jobs: Vec<GenerateJob>,
+) {
+    stats.generate_batches.fetch_add(1, Ordering::Relaxed);
+    let mut generator = BatchGenerator::new(backbone);
+    // Each row's sender while its row generates.
+    let mut senders: Vec<Option<TokenSender>> = Vec::new();
+    // Rows still generating, as counted in `active_generations`.
     let unfinished = |g: &BatchGenerator<'_>| -> Vec<bool> {
         (0..g.len())
             .map(|row| g.finish_reason(row).is_none())
             .collect()
     };
-    let count = |rows: &[bool]| rows.iter().filter(|&&r| r).count() as u64;
-    let mut active = count(&unfinished(&generator));
-    stats
-        .active_generations
-        .fetch_add(active, Ordering::Relaxed);
+    let count = |rows: &[bool]| rows.iter().filter(|&&r| r).count();
+    let mut active = 0usize;
+    let mut sync_active = |g: &BatchGenerator<'_>| {
+        let now = count(&unfinished(g));
+        if now > active {
+            stats
+                .active_generations
+                .fetch_add((now - active) as u64, Ordering::Relaxed);
+        } else {
+            stats
+                .active_generations
+                .fetch_sub((active - now) as u64, Ordering::Relaxed);
+        }
+        active = now;
+        now
+    };
+    let mut pending = jobs;
+    let mut joining = false;
     loop {
-        for (row, tx) in senders.iter().enumerate() {
-            if tx.is_closed() {
+        if !pending.is_empty() {
+            let jobs = std::mem::take(&mut pending);
+            admit_jobs(backbone, stats, &mut generator, &mut senders, jobs, joining);
+        }
+        joining = true;
+        for (row, tx) in senders.iter_mut().enumerate() {
+            if tx.as_ref().is_none_or(|tx| tx.is_closed()) {
                 generator.stop_row(row);
+                *tx = None;
             }
         }
+        sync_active(&generator);
         if generator.is_done() {
-            break;
+            let mut inbox = batch.inbox.lock();
+            if inbox.jobs.is_empty() {
+                inbox.open = false;
+                break;
+            }
+            pending = std::mem::take(&mut inbox.jobs);
+            continue;
         }
         // Rows in this step: an error reaches each of them (a row the error came from is
-        // marked finished by the step itself).
+        // marked finished by the step itself); the batch then stops them all and goes on
+        // with the jobs waiting to join, if any.
         let stepping = unfinished(&generator);
         match generator.step() {
             Ok(tokens) => {
                 for (row, token) in tokens.into_iter().enumerate() {
                     let Some(token) = token else { continue };
                     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                    if senders[row].send(Ok(token)).is_err() {
+                    let last = token.finish.is_some();
+                    let sent = senders[row].as_ref().map(|tx| tx.send(Ok(token)));
+                    if last || !matches!(sent, Some(Ok(()))) {
                         generator.stop_row(row);
+                        senders[row] = None;
                     }
                 }
             }
             Err(e) => {
                 let status = backbone_status(e);
-                for (tx, _) in senders.iter().zip(&stepping).filter(|(_, &s)| s) {
-                    let _ = tx.send(Err(status.clone()));
+                for (row, (tx, &stepped)) in senders.iter_mut().zip(&stepping).enumerate() {
+                    if let (Some(tx), true) = (tx.take(), stepped) {
+                        let _ = tx.send(Err(status.clone()));
+                    }
+                    generator.stop_row(row);
                 }
-                break;
             }
         }
-        let now = count(&unfinished(&generator));
-        stats
-            .active_generations
-            .fetch_sub(active - now, Ordering::Relaxed);
-        active = now;
+        let live = sync_active(&generator);
+        let mut inbox = batch.inbox.lock();
+        pending = std::mem::take(&mut inbox.jobs);
+        inbox.rows = live + pending.len();
     }
     stats
         .active_generations
-        .fetch_sub(active, Ordering::Relaxed);
+        .fetch_sub(active as u64, Ordering::Relaxed);
 }
 
 pub struct InferenceService {
@@ -608,15 +717,18 @@ impl InferenceService {
         let (score_tx, score_rx) = mpsc::channel(MAX_SCORE_BATCH * 8);
         let (generate_tx, generate_rx) = mpsc::channel(MAX_GENERATE_BATCH * 8);
         let stats = Arc::new(InferenceStats::default());
+        let join_running = Arc::new(AtomicBool::new(true));
         tokio::spawn(score_scheduler(backbone.clone(), stats.clone(), score_rx));
         tokio::spawn(generate_scheduler(
             backbone.clone(),
             stats.clone(),
+            join_running.clone(),
             generate_rx,
         ));
         Self {
             inner: Arc::new(Inner {
                 stats,
+                join_running,
                 backbone,
                 experts,
                 backbone_name,
@@ -630,6 +742,13 @@ impl InferenceService {
     /// Counters of the work done so far.
     pub fn stats(&self) -> &InferenceStats {
         &self.inner.stats
+    }
+
+    /// Whether Generate requests may join a generation batch that is already running (on by
+    /// default; off, they only share a batch with requests that arrive together — for
+    /// comparisons).
+    pub fn set_join_running_generations(&self, on: bool) {
+        self.inner.join_running.store(on, Ordering::Relaxed);
     }
 
     pub(crate) async fn resolve(&self, id: String) -> Result<Option<Arc<LoadedExpert>>, Status> {
