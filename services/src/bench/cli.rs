@@ -15,7 +15,9 @@ use roe_expert_library::PeftAdapter;
 use super::routing_accuracy::{
     self, routing_only_adapter, AccuracySetup, SuiteTask, Variant, VariantReport,
 };
-use super::{answer, encoder, generate, hnsw, latency, machine, score, serving, write_results};
+use super::{
+    answer, arrivals, encoder, generate, hnsw, latency, machine, score, serving, write_results,
+};
 use crate::models;
 use crate::proto;
 
@@ -40,6 +42,9 @@ pub enum BenchCommand {
     /// Score throughput through gRPC: 16 concurrent requests on 16 experts vs one expert vs
     /// one at a time, and expert cold-load latency.
     Serving(ServingArgs),
+    /// Generate requests arriving one after another: continuous batching (joining the
+    /// running batch) against a batch per arrival.
+    Arrivals(ArrivalsArgs),
     /// End-to-end route-and-answer latency (Answerer, Q queries + Score) with concurrent clients.
     Answer(AnswerArgs),
 }
@@ -87,6 +92,29 @@ pub struct ServingArgs {
     #[arg(long)]
     backbone: Option<PathBuf>,
     #[arg(long, default_value = "bench/results/serving.json")]
+    json: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ArrivalsArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    /// Requests per round (half on LoRA experts, half on the bare backbone).
+    #[arg(long, default_value_t = 12)]
+    requests: usize,
+    /// Milliseconds between two arrivals.
+    #[arg(long, default_value_t = 250)]
+    gap_ms: u64,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: u32,
+    /// Timed rounds per mode (after one warm-up round of each).
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results/arrivals.json")]
     json: PathBuf,
 }
 
@@ -247,6 +275,7 @@ pub fn run(
         BenchCommand::Score(a) => score_bench(models_dir, a),
         BenchCommand::Generate(a) => generate_bench(models_dir, a),
         BenchCommand::Serving(a) => serving_bench(models_dir, encoder, a, rt),
+        BenchCommand::Arrivals(a) => arrivals_bench(models_dir, encoder, a, rt),
         BenchCommand::Answer(a) => answer_bench(models_dir, encoder, a, rt),
     }
 }
@@ -334,6 +363,32 @@ fn serving_bench(
     };
     let report = rt.block_on(serving::run(Arc::new(library), backbone, &setup))?;
     let md = serving::markdown(&report);
+    println!("{md}");
+    save_report(&a.json, &report, &md)
+}
+
+fn arrivals_bench(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    a: ArrivalsArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let backbone = Arc::new(models::load_backbone(models_dir, a.backbone.as_deref())?);
+    let encoder: Arc<dyn roe_expert_library::embedding::Encoder> =
+        Arc::new(models::load_encoder(models_dir, enc)?);
+    let work = tempfile::tempdir()?;
+    let (library, _) = ExpertLibrary::open(work.path(), encoder, LibraryConfig::default())?;
+    let tasks = load_suite(&a.tasks_dir)?;
+    let setup = arrivals::ArrivalsSetup {
+        experts_dir: &a.experts,
+        tasks: &tasks,
+        requests: a.requests,
+        gap: std::time::Duration::from_millis(a.gap_ms),
+        max_new_tokens: a.max_new_tokens,
+        rounds: a.rounds,
+    };
+    let report = rt.block_on(arrivals::run(Arc::new(library), backbone, &setup))?;
+    let md = arrivals::markdown(&report);
     println!("{md}");
     save_report(&a.json, &report, &md)
 }

@@ -2,6 +2,7 @@
 //! `bench/results/`.
 
 pub mod answer;
+pub mod arrivals;
 pub mod cli;
 pub mod encoder;
 pub mod generate;

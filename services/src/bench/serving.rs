@@ -90,7 +90,7 @@ impl Op {
     }
 }
 
-fn expert_id(kind: ExpertKind, task: &str) -> String {
+pub(super) fn expert_id(kind: ExpertKind, task: &str) -> String {
     format!("{}-{task}", kind.as_str())
 }
 
@@ -190,7 +190,7 @@ async fn round(
     Ok((t.elapsed().as_secs_f64(), times, tokens))
 }
 
-fn register_all(library: &ExpertLibrary, setup: &ServingSetup<'_>) -> Result<()> {
+pub(super) fn register_all(library: &ExpertLibrary, setup: &ServingSetup<'_>) -> Result<()> {
     for task in setup.tasks {
         for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
             let dir = setup.experts_dir.join(kind.as_str()).join(task.name());
