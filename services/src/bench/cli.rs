@@ -105,7 +105,7 @@ pub struct ArrivalsArgs {
     #[arg(long, default_value_t = 12)]
     requests: usize,
     /// Milliseconds between two arrivals.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 400)]
     gap_ms: u64,
     #[arg(long, default_value_t = 48)]
     max_new_tokens: u32,
