@@ -171,7 +171,10 @@ pub async fn run(
         .enumerate()
         .map(|(i, t)| {
             let (expert_id, input) = if i % 2 == 0 {
-                (expert_id(ExpertKind::Lora, t.name()), t.test[0].input.clone())
+                (
+                    expert_id(ExpertKind::Lora, t.name()),
+                    t.test[0].input.clone(),
+                )
             } else {
                 (String::new(), questions[i / 2].to_string())
             };
