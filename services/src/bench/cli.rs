@@ -342,17 +342,32 @@ fn generate_bench(models_dir: &Path, a: GenerateArgs) -> Result<()> {
     save_report(&a.json, &report, &md)
 }
 
+/// What the serving benches run on: the backbone, and an empty library (in a temporary
+/// folder, removed when the returned guard drops) embedding with the plain encoder.
+fn serving_parts(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    backbone: Option<&Path>,
+) -> Result<(
+    Arc<roe_backbone::Backbone>,
+    Arc<ExpertLibrary>,
+    tempfile::TempDir,
+)> {
+    let backbone = Arc::new(models::load_backbone(models_dir, backbone)?);
+    let encoder: Arc<dyn roe_expert_library::embedding::Encoder> =
+        Arc::new(models::load_encoder(models_dir, enc)?);
+    let work = tempfile::tempdir()?;
+    let (library, _) = ExpertLibrary::open(work.path(), encoder, LibraryConfig::default())?;
+    Ok((backbone, Arc::new(library), work))
+}
+
 fn serving_bench(
     models_dir: &Path,
     enc: Option<&Path>,
     a: ServingArgs,
     rt: &tokio::runtime::Runtime,
 ) -> Result<()> {
-    let backbone = Arc::new(models::load_backbone(models_dir, a.backbone.as_deref())?);
-    let encoder: Arc<dyn roe_expert_library::embedding::Encoder> =
-        Arc::new(models::load_encoder(models_dir, enc)?);
-    let work = tempfile::tempdir()?;
-    let (library, _) = ExpertLibrary::open(work.path(), encoder, LibraryConfig::default())?;
+    let (backbone, library, _work) = serving_parts(models_dir, enc, a.backbone.as_deref())?;
     let tasks = load_suite(&a.tasks_dir)?;
     let setup = serving::ServingSetup {
         experts_dir: &a.experts,
@@ -361,7 +376,7 @@ fn serving_bench(
         rounds: a.rounds,
         generate_tokens: a.generate_tokens,
     };
-    let report = rt.block_on(serving::run(Arc::new(library), backbone, &setup))?;
+    let report = rt.block_on(serving::run(library, backbone, &setup))?;
     let md = serving::markdown(&report);
     println!("{md}");
     save_report(&a.json, &report, &md)
@@ -373,11 +388,7 @@ fn arrivals_bench(
     a: ArrivalsArgs,
     rt: &tokio::runtime::Runtime,
 ) -> Result<()> {
-    let backbone = Arc::new(models::load_backbone(models_dir, a.backbone.as_deref())?);
-    let encoder: Arc<dyn roe_expert_library::embedding::Encoder> =
-        Arc::new(models::load_encoder(models_dir, enc)?);
-    let work = tempfile::tempdir()?;
-    let (library, _) = ExpertLibrary::open(work.path(), encoder, LibraryConfig::default())?;
+    let (backbone, library, _work) = serving_parts(models_dir, enc, a.backbone.as_deref())?;
     let tasks = load_suite(&a.tasks_dir)?;
     let setup = arrivals::ArrivalsSetup {
         experts_dir: &a.experts,
@@ -387,7 +398,7 @@ fn arrivals_bench(
         max_new_tokens: a.max_new_tokens,
         rounds: a.rounds,
     };
-    let report = rt.block_on(arrivals::run(Arc::new(library), backbone, &setup))?;
+    let report = rt.block_on(arrivals::run(library, backbone, &setup))?;
     let md = arrivals::markdown(&report);
     println!("{md}");
     save_report(&a.json, &report, &md)
