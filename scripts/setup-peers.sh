@@ -14,7 +14,9 @@
 #   ROE_PEERS_VENV       venv path (default: <repo>/.venv)
 #   PYTHON               interpreter for the venv (default: python3)
 #   ROE_PEERS_FORCE=1    reinstall even if the stamp matches
-#   ROE_PEERS_CMAKE_ARGS extra CMake args for llama.cpp (default: -DGGML_NATIVE=ON)
+#   ROE_PEERS_CMAKE_ARGS CMake args for llama.cpp (default: a portable AVX2/FMA/F16C build,
+#                        the instruction set roe's own kernels use; -DGGML_NATIVE=ON built
+#                        on an AVX-512 host crashed in llama_decode, see bench/peers/README.md)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +30,8 @@ step_start() { t0=$(date +%s.%N); echo "==> $*"; }
 elapsed() { "$python" -c "import sys;print(f'{float(sys.argv[2])-float(sys.argv[1]):.1f}')" "$1" "$(date +%s.%N)"; }
 step_end() { echo "    done in $(elapsed "$t0") s"; }
 
-stamp_want="$(sha256sum "$lock" | cut -d' ' -f1) $("$python" -c 'import sys;print("%d.%d.%d"%sys.version_info[:3])') cmake:${ROE_PEERS_CMAKE_ARGS:-default}"
+cmake_args="${ROE_PEERS_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
+stamp_want="$(sha256sum "$lock" | cut -d' ' -f1) $("$python" -c 'import sys;print("%d.%d.%d"%sys.version_info[:3])') cmake:$cmake_args"
 stamp_file="$venv/.roe-peers-stamp"
 
 check_imports() {
@@ -84,16 +87,15 @@ grep -v '^llama[-_]cpp[-_]python' "$lock" >"$venv/.roe-peers-wheels.txt"
   -r "$venv/.roe-peers-wheels.txt"
 step_end
 
-# 4. llama-cpp-python from its sdist: compiles llama.cpp with CMake (a few minutes on 2 cores;
-#    pip caches the built wheel, so a re-install is fast).
+# 4. llama-cpp-python from its sdist: compiles llama.cpp with CMake (~15 minutes on 2 cores).
 step_start "pip install llama-cpp-python (builds llama.cpp from source)"
-export CMAKE_ARGS="${ROE_PEERS_CMAKE_ARGS:--DGGML_NATIVE=ON}"
+export CMAKE_ARGS="$cmake_args"
 export CMAKE_BUILD_PARALLEL_LEVEL="$jobs"
 echo "    CMAKE_ARGS=$CMAKE_ARGS, $jobs jobs"
 grep '^llama[-_]cpp[-_]python' "$lock" >"$venv/.roe-peers-llama.txt"
-# pip's wheel cache does not key on CMAKE_ARGS: rebuild when custom flags are asked for.
-nocache=()
-[[ -n "${ROE_PEERS_CMAKE_ARGS:-}" ]] && nocache=(--no-cache-dir --force-reinstall)
+# pip's wheel cache does not key on CMAKE_ARGS: always build with the flags asked for (this step
+# only runs when the stamp, which holds them, differs).
+nocache=(--no-cache-dir --force-reinstall)
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${nocache[@]}" \
   -r "$venv/.roe-peers-llama.txt"
 step_end
