@@ -293,6 +293,11 @@ fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
 }
 
 impl Row {
+    /// Tokens this row may still generate.
+    fn tokens_left(&self) -> usize {
+        self.params.max_new_tokens.saturating_sub(self.ids.len())
+    }
+
     fn sample(&mut self) -> u32 {
         let logits = &self.logits;
         let greedy = self.params.temperature <= 0.0;
@@ -490,7 +495,7 @@ impl<'a> BatchGenerator<'a> {
             .rows
             .iter()
             .filter(|r| r.finished.is_none())
-            .map(|r| r.params.max_new_tokens.saturating_sub(r.ids.len()))
+            .map(Row::tokens_left)
             .chain(reqs.iter().map(|r| r.params.max_new_tokens))
             .max()
             .unwrap_or(0)
@@ -500,7 +505,8 @@ impl<'a> BatchGenerator<'a> {
             cache
         } else {
             // Rows of different lengths: the shorter ones' slots past their end stay masked.
-            KvCache::concat(&[std::mem::take(&mut self.cache), cache], extra)?
+            // (A clone shares the tensors; on an error the running cache stays as it was.)
+            KvCache::concat(&[self.cache.clone(), cache], extra)?
         };
         self.rows.extend(
             reqs.iter()
@@ -537,10 +543,7 @@ impl<'a> BatchGenerator<'a> {
         } else {
             let extra = kept
                 .iter()
-                .map(|&i| {
-                    let r = &self.rows[i];
-                    r.params.max_new_tokens.saturating_sub(r.ids.len())
-                })
+                .map(|&i| self.rows[i].tokens_left())
                 .max()
                 .unwrap_or(0)
                 + 1;

@@ -590,45 +590,32 @@ fn run_generation(
 ) {
     stats.generate_batches.fetch_add(1, Ordering::Relaxed);
     let mut generator = BatchGenerator::new(backbone);
-    // Each row's sender while its row generates.
-    let mut senders: Vec<Option<TokenSender>> = Vec::new();
-    // Rows still generating, as counted in `active_generations`.
-    let unfinished = |g: &BatchGenerator<'_>| -> Vec<bool> {
-        (0..g.len())
-            .map(|row| g.finish_reason(row).is_none())
-            .collect()
-    };
-    let count = |rows: &[bool]| rows.iter().filter(|&&r| r).count();
-    let mut active = 0usize;
-    let mut sync_active = |g: &BatchGenerator<'_>| {
-        let now = count(&unfinished(g));
-        if now > active {
-            stats
-                .active_generations
-                .fetch_add((now - active) as u64, Ordering::Relaxed);
-        } else {
-            stats
-                .active_generations
-                .fetch_sub((active - now) as u64, Ordering::Relaxed);
-        }
-        active = now;
-        now
+    let mut streams = RowStreams {
+        senders: Vec::new(),
+        active: 0,
+        stats,
     };
     let mut pending = jobs;
     let mut joining = false;
     loop {
         if !pending.is_empty() {
             let jobs = std::mem::take(&mut pending);
-            admit_jobs(backbone, stats, &mut generator, &mut senders, jobs, joining);
+            admit_jobs(
+                backbone,
+                stats,
+                &mut generator,
+                &mut streams.senders,
+                jobs,
+                joining,
+            );
         }
         joining = true;
-        for (row, tx) in senders.iter_mut().enumerate() {
-            if tx.as_ref().is_none_or(|tx| tx.is_closed()) {
+        for (row, tx) in streams.senders.iter().enumerate() {
+            if tx.as_ref().is_some_and(|tx| tx.is_closed()) {
                 generator.stop_row(row);
-                *tx = None;
             }
         }
-        sync_active(&generator);
+        streams.sync(&generator);
         if generator.is_done() {
             let mut inbox = batch.inbox.lock();
             if inbox.jobs.is_empty() {
@@ -638,41 +625,73 @@ fn run_generation(
             pending = std::mem::take(&mut inbox.jobs);
             continue;
         }
-        // Rows in this step: an error reaches each of them (a row the error came from is
-        // marked finished by the step itself); the batch then stops them all and goes on
-        // with the jobs waiting to join, if any.
-        let stepping = unfinished(&generator);
         match generator.step() {
             Ok(tokens) => {
                 for (row, token) in tokens.into_iter().enumerate() {
                     let Some(token) = token else { continue };
                     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                    let last = token.finish.is_some();
-                    let sent = senders[row].as_ref().map(|tx| tx.send(Ok(token)));
-                    if last || !matches!(sent, Some(Ok(()))) {
+                    let sent = streams.senders[row].as_ref().map(|tx| tx.send(Ok(token)));
+                    if matches!(sent, Some(Err(_))) {
                         generator.stop_row(row);
-                        senders[row] = None;
                     }
                 }
             }
+            // The error reaches every row still generating (a row it came from is marked
+            // finished by the step itself); the batch stops them all and goes on with the
+            // jobs waiting to join, if any.
             Err(e) => {
                 let status = backbone_status(e);
-                for (row, (tx, &stepped)) in senders.iter_mut().zip(&stepping).enumerate() {
-                    if let (Some(tx), true) = (tx.take(), stepped) {
-                        let _ = tx.send(Err(status.clone()));
-                    }
+                let failed: Vec<TokenSender> =
+                    streams.senders.iter_mut().flat_map(Option::take).collect();
+                for row in 0..generator.len() {
                     generator.stop_row(row);
+                }
+                streams.sync(&generator);
+                for tx in failed {
+                    let _ = tx.send(Err(status.clone()));
                 }
             }
         }
-        let live = sync_active(&generator);
+        let live = streams.sync(&generator);
         let mut inbox = batch.inbox.lock();
         pending = std::mem::take(&mut inbox.jobs);
         inbox.rows = live + pending.len();
     }
-    stats
-        .active_generations
-        .fetch_sub(active as u64, Ordering::Relaxed);
+    streams.sync(&generator);
+}
+
+/// The token streams of a generation batch's rows (a row's sender until it finishes) and how
+/// many of them `active_generations` counts.
+struct RowStreams<'s> {
+    senders: Vec<Option<TokenSender>>,
+    active: usize,
+    stats: &'s InferenceStats,
+}
+
+impl RowStreams<'_> {
+    /// Ends the streams of the rows `generator` has finished (dropping a sender ends its
+    /// stream, right after the row's last token) and counts the rows still generating into
+    /// `active_generations` — before dropping, so that a client whose stream has ended never
+    /// finds it still counted. Returns the rows still generating.
+    fn sync(&mut self, generator: &BatchGenerator<'_>) -> usize {
+        let live = |row: usize| generator.finish_reason(row).is_none();
+        let now = (0..self.senders.len())
+            .filter(|&row| self.senders[row].is_some() && live(row))
+            .count();
+        let counter = &self.stats.active_generations;
+        if now > self.active {
+            counter.fetch_add((now - self.active) as u64, Ordering::Relaxed);
+        } else {
+            counter.fetch_sub((self.active - now) as u64, Ordering::Relaxed);
+        }
+        self.active = now;
+        for (row, tx) in self.senders.iter_mut().enumerate() {
+            if !live(row) {
+                *tx = None;
+            }
+        }
+        now
+    }
 }
 
 pub struct InferenceService {
