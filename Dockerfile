@@ -1,6 +1,6 @@
 # roe service image. Models are not baked in: mount the folder filled by
 # scripts/fetch-models.sh at /models (read-only). The expert library lives on /data.
-FROM rust:1.85-bookworm AS build
+FROM rust:1.89-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --bin roe

@@ -463,7 +463,7 @@ async fn health_and_reflection_are_served() {
         .connect()
         .await
         .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["", "roe.v1.ExpertLibrary", "roe.v1.Router"] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {
@@ -478,5 +478,50 @@ async fn health_and_reflection_are_served() {
             "{service}"
         );
     }
+
+    // Reflection: the services a client like grpcurl discovers, and a method's descriptor.
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |message: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let requests = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "roe.v1.Router.Route".into(),
+        )),
+    ];
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = replies.message().await.unwrap().unwrap().message_response;
+    let Some(MessageResponse::ListServicesResponse(listed)) = listed else {
+        panic!("expected a service list, got {listed:?}");
+    };
+    let names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "roe.v1.ExpertLibrary",
+        "roe.v1.Router",
+        "roe.v1.Inference",
+        "roe.v1.Answerer",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not in {names:?}"
+        );
+    }
+    let file = replies.message().await.unwrap().unwrap().message_response;
+    let Some(MessageResponse::FileDescriptorResponse(file)) = file else {
+        panic!("expected the file holding roe.v1.Router.Route, got {file:?}");
+    };
+    assert!(!file.file_descriptor_proto.is_empty());
     server.stop().await;
 }

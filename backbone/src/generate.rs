@@ -346,7 +346,7 @@ impl Row {
             cands.truncate(keep.max(1));
         }
         let total: f32 = cands.iter().map(|c| c.0).sum();
-        let mut u = self.rng.gen::<f32>() * total;
+        let mut u = self.rng.random::<f32>() * total;
         for c in cands.iter() {
             u -= c.0;
             if u <= 0.0 {

@@ -24,9 +24,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn batched_decode_steps_equal_full_forwards_of_each_row() {
-    if common::skip() || !common::experts_dir().exists() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let d = common::experts_dir();
     let lora = Lora::from_peft_dir(d.join("lora").join("sms_spam")).expect("lora");
@@ -84,9 +82,7 @@ fn batched_decode_steps_equal_full_forwards_of_each_row() {
 
 #[test]
 fn a_row_without_a_new_token_leaves_the_others_unchanged() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let a = bb.encode("One two three four").unwrap();
     let b = bb.encode("Alpha beta gamma delta epsilon").unwrap();

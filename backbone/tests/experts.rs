@@ -40,10 +40,6 @@ fn accuracy(bb: &Backbone, rows: &[common::Row], ad: Adapters<'_>) -> f64 {
 #[test]
 fn real_experts_load_and_validate() {
     let d = common::experts_dir();
-    if !d.exists() {
-        eprintln!("SKIPPED: no experts at {}", d.display());
-        return;
-    }
     let (sp, lora) = load_experts("sms_spam");
     assert_eq!(sp.num_virtual_tokens(), 20);
     assert_eq!(sp.embeddings().dims(), &[20, 576]);
@@ -234,9 +230,7 @@ fn bad_expert_files_are_errors() {
 
 #[test]
 fn zero_b_lora_equals_bare() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let spec = bb.expert_spec();
     let weights: Vec<LoraWeights> = (0..30)
@@ -283,9 +277,7 @@ fn zero_b_lora_equals_bare() {
 
 #[test]
 fn mixed_batch_equals_rows_alone() {
-    if common::skip() || !common::experts_dir().exists() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let (sp_spam, lora_spam) = load_experts("sms_spam");
     let (sp_intent, lora_intent) = load_experts("snips_intent");
@@ -346,9 +338,7 @@ fn mixed_batch_equals_rows_alone() {
 
 #[test]
 fn experts_beat_bare_backbone() {
-    if common::skip() || !common::experts_dir().exists() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let reference = common::reference();
     let mut report = HashMap::new();
@@ -383,9 +373,7 @@ fn experts_beat_bare_backbone() {
 /// for one-id and longer continuations, with and without an expert.
 #[test]
 fn alternative_end_ids_equal_separate_passes() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let (sp, lora) = load_experts("sms_spam");
     let choices: Vec<String> = vec!["ham".into(), "spam".into(), "a longer answer here".into()];

@@ -7,9 +7,7 @@ use roe_backbone::{
 
 #[test]
 fn greedy_generation_matches_full_forward() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let prompt = bb
         .encode("The capital of France is Paris. The capital of Germany is")
@@ -40,9 +38,7 @@ fn greedy_generation_matches_full_forward() {
 
 #[test]
 fn sampling_is_seeded_and_stop_strings_cut() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let prompt = bb
         .render_prompt("Write a sentence about the sea.", &RenderOptions::default())
@@ -128,9 +124,7 @@ fn sampling_is_seeded_and_stop_strings_cut() {
 
 #[test]
 fn generation_with_experts() {
-    if common::skip() || !common::experts_dir().exists() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let d = common::experts_dir();
     let sp = roe_backbone::SoftPrompt::from_peft_dir(d.join("prompt/reddit_qa")).unwrap();
@@ -152,9 +146,7 @@ fn generation_with_experts() {
 /// stops — produce what each produces alone, and a stopped row leaves the others unchanged.
 #[test]
 fn batched_generation_equals_each_request_alone() {
-    if common::skip() || !common::experts_dir().exists() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let d = common::experts_dir();
     let sp = roe_backbone::SoftPrompt::from_peft_dir(d.join("prompt/reddit_qa")).unwrap();
@@ -292,9 +284,7 @@ fn step(
 /// unchanged.
 #[test]
 fn requests_admitted_into_a_running_batch_generate_as_alone() {
-    if common::skip() || !common::experts_dir().exists() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let d = common::experts_dir();
     let sp = roe_backbone::SoftPrompt::from_peft_dir(d.join("prompt/reddit_qa")).unwrap();

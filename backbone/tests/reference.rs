@@ -56,9 +56,7 @@ fn check_logits(bb: &Backbone, tol: f32, min_overlap: usize) -> f32 {
 
 #[test]
 fn tokenizer_matches_reference_ids() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     let bb = common::quantized();
     let reference = common::reference();
     for r in reference["reference_logits"].as_array().unwrap() {
@@ -78,18 +76,14 @@ fn tokenizer_matches_reference_ids() {
 
 #[test]
 fn reference_logits_quantized() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     // Q4_1 blocks expanded to f32 per call (the default kernel).
     check_logits(&common::quantized(), 0.15, 5);
 }
 
 #[test]
 fn reference_logits_ggml_kernels() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     // candle's ggml kernels round activations to 8 bits (Q8_1), which reorders the close
     // candidates (within 0.1) of two texts; checked loosely.
     check_logits(&common::ggml_kernels(), 0.25, 4);
@@ -97,8 +91,6 @@ fn reference_logits_ggml_kernels() {
 
 #[test]
 fn reference_logits_dequantized() {
-    if common::skip() {
-        return;
-    }
+    common::require_model();
     check_logits(&common::dequantized(), 0.05, 5);
 }

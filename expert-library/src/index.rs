@@ -491,7 +491,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn random_unit(rng: &mut impl Rng, dim: usize) -> Vec<f32> {
-        let mut v: Vec<f32> = (0..dim).map(|_| rng.gen::<f32>() - 0.5).collect();
+        let mut v: Vec<f32> = (0..dim).map(|_| rng.random::<f32>() - 0.5).collect();
         crate::embedding::normalize(&mut v);
         v
     }

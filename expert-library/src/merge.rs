@@ -641,7 +641,7 @@ mod tests {
                 let (fin, fout) = spec.projection_dims(m).unwrap();
                 for (ab, shape) in [("A", vec![r, fin]), ("B", vec![fout, r])] {
                     let v: Vec<f32> = (0..shape[0] * shape[1])
-                        .map(|_| rng.gen_range(-1.0f32..1.0))
+                        .map(|_| rng.random_range(-1.0f32..1.0))
                         .collect();
                     owned.push((lora_key(layer, m, ab), shape, encode(&v, dtype)));
                 }
@@ -670,7 +670,7 @@ mod tests {
     fn synthetic_prompt(spec: &BackboneSpec, n: usize, seed: u64) -> (PeftAdapter, Vec<f32>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let v: Vec<f32> = (0..n * spec.hidden_size)
-            .map(|_| rng.gen_range(-1.0f32..1.0))
+            .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
         let bytes = f32_bytes(&v);
         let views = vec![(

@@ -24,7 +24,7 @@ fn vector_of(text: &str) -> Vec<f32> {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     });
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v: Vec<f32> = (0..DIM).map(|_| rng.gen::<f32>() - 0.5).collect();
+    let mut v: Vec<f32> = (0..DIM).map(|_| rng.random::<f32>() - 0.5).collect();
     normalize(&mut v);
     v
 }
@@ -104,7 +104,7 @@ fn queries() -> Vec<Vec<f32>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     (0..40)
         .map(|_| {
-            let mut v: Vec<f32> = (0..DIM).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let mut v: Vec<f32> = (0..DIM).map(|_| rng.random::<f32>() - 0.5).collect();
             normalize(&mut v);
             v
         })

@@ -35,7 +35,7 @@ pub fn synthetic_near(data: &[Vec<f32>], n: usize, seed: u64) -> Vec<Vec<f32>> {
     let unit = Normal::new(0.0f32, 1.0).expect("valid normal");
     (0..n)
         .map(|_| {
-            let p = &data[rng.gen_range(0..data.len())];
+            let p = &data[rng.random_range(0..data.len())];
             let mut v: Vec<f32> = p
                 .iter()
                 .map(|x| x + 0.025 * unit.sample(&mut rng))
@@ -58,7 +58,7 @@ pub fn synthetic(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<Vec<f3
         .collect();
     (0..n)
         .map(|_| {
-            let c = &centers[rng.gen_range(0..clusters)];
+            let c = &centers[rng.random_range(0..clusters)];
             let mut v: Vec<f32> = c
                 .iter()
                 .map(|x| x + 0.025 * unit.sample(&mut rng))
