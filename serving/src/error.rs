@@ -1,0 +1,115 @@
+//! The serving core's one error type. Every failure a request can meet is classified here by
+//! what the caller should do about it; the gRPC layer maps [`ErrorKind`] to a status code in
+//! one place (`roe-services`' `status` module) and never looks at messages.
+
+use roe_backbone::BackboneError;
+use roe_expert_library::LibraryError;
+
+/// What kind of failure: the caller's input, the state of an expert, capacity, or ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request itself is wrong; the message names the field.
+    InvalidArgument,
+    /// No such expert.
+    NotFound,
+    /// The expert exists but cannot serve this request (wrong backbone, unusable adapter).
+    FailedPrecondition,
+    /// The request is larger than a limit allows.
+    ResourceExhausted,
+    /// A part of the service is not reachable or has stopped (a remote library, a worker).
+    Unavailable,
+    /// A remote part did not answer in time.
+    DeadlineExceeded,
+    /// A fault of the service: an invariant broke or a worker panicked.
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ServingError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ServingError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+    /// `field: message`, the caller's mistake.
+    pub fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+        Self::new(ErrorKind::InvalidArgument, format!("{field}: {message}"))
+    }
+    /// `field: message`, over a limit.
+    pub fn too_large(field: &str, message: impl std::fmt::Display) -> Self {
+        Self::new(ErrorKind::ResourceExhausted, format!("{field}: {message}"))
+    }
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::FailedPrecondition, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+    /// The same error with `field: ` in front of its message (an ensemble member, an input
+    /// of Answer), keeping its kind.
+    pub fn prefixed(self, field: &str) -> Self {
+        Self {
+            kind: self.kind,
+            message: format!("{field}: {}", self.message),
+        }
+    }
+}
+
+/// A backbone error: the caller's expert → FAILED_PRECONDITION, the caller's input →
+/// INVALID_ARGUMENT, anything else (a tensor computation failing) → INTERNAL.
+impl From<BackboneError> for ServingError {
+    fn from(e: BackboneError) -> Self {
+        let kind = if e.is_expert_error() {
+            ErrorKind::FailedPrecondition
+        } else if e.is_invalid_input() {
+            ErrorKind::InvalidArgument
+        } else {
+            tracing::error!(error = %e, "backbone failed");
+            ErrorKind::Internal
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+impl From<LibraryError> for ServingError {
+    fn from(e: LibraryError) -> Self {
+        let kind = match &e {
+            LibraryError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            LibraryError::NotFound { .. } => ErrorKind::NotFound,
+            LibraryError::FailedPrecondition(_) | LibraryError::AlreadyExists { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            LibraryError::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            LibraryError::Storage(_)
+            | LibraryError::Encoder(_)
+            | LibraryError::Index(_)
+            | LibraryError::Io { .. } => {
+                tracing::error!(error = %e, "library failed");
+                ErrorKind::Internal
+            }
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+pub type Result<T, E = ServingError> = std::result::Result<T, E>;
+
+/// Runs blocking work (sled reads, CPU-bound parsing) off the async workers; a panic in it
+/// becomes INTERNAL instead of taking the caller down.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServingError::internal(format!("a worker failed: {e}")))?
+}

@@ -1,0 +1,278 @@
+//! The inference core: requests for experts on the shared backend, resolved through the
+//! expert cache and run through the Score and generation queues. Transport-free: the gRPC
+//! handlers in `roe-services` convert messages and call these methods.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use roe_backbone::{ensemble_vote, EnsembleVote, FinishReason, ScoreOutput};
+
+use crate::backend::Backend;
+use crate::cache::{ExpertCache, Loaded};
+use crate::config::ServingConfig;
+use crate::error::{blocking, Result, ServingError};
+use crate::experts::{ExpertRef, ExpertSource};
+use crate::generation_queue::{GenerationQueue, GenerationRequest, TokenStream};
+use crate::score_queue::{ScoreItem, ScoreQueue};
+use crate::stats::InferenceStats;
+use crate::validate::GenerateOptions;
+
+/// Score the choices of one input with one expert ("" = the bare backbone).
+#[derive(Debug, Clone, Default)]
+pub struct ScoreRequest {
+    pub expert_id: String,
+    pub input: String,
+    pub choices: Vec<String>,
+}
+
+/// Score one input with several experts and let them vote.
+#[derive(Debug, Clone, Default)]
+pub struct EnsembleRequest {
+    pub expert_ids: Vec<String>,
+    pub input: String,
+    pub choices: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnsembleOutput {
+    /// One per expert, in request order.
+    pub members: Vec<ScoreOutput>,
+    pub vote: EnsembleVote,
+}
+
+/// Generate a continuation of `input` with one expert ("" = the bare backbone).
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub expert_id: String,
+    pub input: String,
+    pub options: GenerateOptions,
+}
+
+pub struct Inference<B: Backend> {
+    backend: Arc<B>,
+    /// The library of this process, or one served by another (`roe serve --role inference`).
+    experts: Arc<dyn ExpertSource>,
+    /// The backbone experts must be registered for.
+    backbone_name: String,
+    cache: ExpertCache<B::Expert>,
+    scores: ScoreQueue<B::Expert>,
+    generations: GenerationQueue<B::Expert>,
+    stats: Arc<InferenceStats>,
+    config: ServingConfig,
+}
+
+impl<B: Backend> Inference<B> {
+    /// Serves `backend` with the experts of `experts` registered for `backbone_name`. Starts
+    /// the queues, so it must be called inside a Tokio runtime.
+    pub fn start(
+        backend: Arc<B>,
+        experts: Arc<dyn ExpertSource>,
+        backbone_name: impl Into<String>,
+        config: ServingConfig,
+    ) -> Self {
+        let config = config.normalised();
+        let stats = Arc::new(InferenceStats::default());
+        Self {
+            scores: ScoreQueue::start(backend.clone(), stats.clone(), &config),
+            generations: GenerationQueue::start(backend.clone(), stats.clone(), &config),
+            cache: ExpertCache::new(config.expert_cache_bytes),
+            backend,
+            experts,
+            backbone_name: backbone_name.into(),
+            stats,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &ServingConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// Counters of the work done so far.
+    pub fn stats(&self) -> &InferenceStats {
+        &self.stats
+    }
+
+    /// True while both queues' schedulers run (health reports NOT_SERVING otherwise).
+    pub fn is_healthy(&self) -> bool {
+        self.scores.is_running() && self.generations.is_running()
+    }
+
+    /// Whether generations may join a batch that is already running (on by default; off,
+    /// they only share a batch with requests that arrive together — for comparisons).
+    pub fn set_join_running_generations(&self, on: bool) {
+        self.generations.set_join_running(on);
+    }
+
+    fn check_backbone(&self, meta: &ExpertRef) -> Result<()> {
+        if meta.backbone != self.backbone_name {
+            return Err(ServingError::precondition(format!(
+                "expert {:?} is for backbone {:?}; this server runs {:?}",
+                meta.id, meta.backbone, self.backbone_name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The loaded expert of `id` (None for "", the bare backbone). The metadata is read on
+    /// every call, so a new version is used at once; the weights only on a cache miss, once
+    /// for all the requests that miss together.
+    pub async fn resolve(&self, id: &str) -> Result<Option<Arc<B::Expert>>> {
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let meta = self.experts.meta(id).await?;
+        self.check_backbone(&meta)?;
+        let expert = self.cache.get_or_load(&meta, self.load(id)).await?;
+        Ok(Some(expert))
+    }
+
+    /// Reads the weights of `id` and loads them on a blocking thread.
+    async fn load(&self, id: &str) -> Result<Loaded<B::Expert>> {
+        let started = std::time::Instant::now();
+        // The metadata that comes with the weights keys the cache: a version registered
+        // since `meta` must not be cached under the older version's key.
+        let (meta, adapter) = self.experts.adapter(id).await?;
+        self.check_backbone(&meta)?;
+        let bytes = meta.weights_bytes.max(adapter.safetensors.len());
+        let (backend, kind, field) = (self.backend.clone(), meta.kind, format!("expert {id:?}"));
+        let expert = blocking(move || {
+            backend
+                .load_expert(kind, &adapter)
+                .map_err(|e| e.prefixed(&field))
+        })
+        .await?;
+        self.stats.expert_loads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .expert_load_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(Loaded {
+            meta,
+            bytes,
+            expert,
+        })
+    }
+
+    /// Checks that expert `id` ("" = bare backbone) exists, fits this backbone and loads
+    /// (e.g. `roe serve --fallback-expert` at start-up).
+    pub async fn check_expert(&self, id: &str) -> Result<()> {
+        self.resolve(id).await.map(|_| ())
+    }
+
+    pub async fn score(&self, req: ScoreRequest) -> Result<ScoreOutput> {
+        self.config
+            .limits
+            .check_score_input("", &req.input, &req.choices)?;
+        let expert = self.resolve(&req.expert_id).await?;
+        self.score_items(vec![ScoreItem {
+            expert,
+            input: req.input,
+            choices: req.choices,
+        }])
+        .await?
+        .pop()
+        .ok_or_else(|| ServingError::internal("scoring returned no result"))
+    }
+
+    pub async fn score_ensemble(&self, req: EnsembleRequest) -> Result<EnsembleOutput> {
+        let n = req.expert_ids.len();
+        let most = self.config.limits.max_ensemble_members;
+        if !(2..=most).contains(&n) {
+            return Err(ServingError::invalid(
+                "expert_ids",
+                format!("an ensemble has 2 to {most} experts, got {n}"),
+            ));
+        }
+        for (i, id) in req.expert_ids.iter().enumerate() {
+            if req.expert_ids[..i].contains(id) {
+                return Err(ServingError::invalid(
+                    &format!("expert_ids[{i}]"),
+                    format!("{id:?} is listed twice"),
+                ));
+            }
+        }
+        self.config
+            .limits
+            .check_score_input("", &req.input, &req.choices)?;
+        let mut items = Vec::with_capacity(n);
+        for (i, id) in req.expert_ids.iter().enumerate() {
+            let expert = self
+                .resolve(id)
+                .await
+                .map_err(|e| e.prefixed(&format!("expert_ids[{i}]")))?;
+            items.push(ScoreItem {
+                expert,
+                input: req.input.clone(),
+                choices: req.choices.clone(),
+            });
+        }
+        // One submission: the members share one batch.
+        let members = self.score_items(items).await?;
+        let vote = ensemble_vote(&members)?;
+        Ok(EnsembleOutput { members, vote })
+    }
+
+    /// Starts a generation; resolves once its prompt has run (or with why it could not).
+    pub async fn generate(&self, req: GenerateRequest) -> Result<TokenStream> {
+        let limits = &self.config.limits;
+        limits.check_text_input("", &req.input, req.options.stop_bytes())?;
+        let params = limits.generate_params(&req.options)?;
+        let expert = self.resolve(&req.expert_id).await?;
+        self.generations
+            .submit(vec![GenerationRequest {
+                expert,
+                input: req.input,
+                params,
+            }])
+            .await
+            .pop()
+            .unwrap_or_else(|| {
+                Err(ServingError::internal(
+                    "the generation queue lost a request",
+                ))
+            })
+    }
+
+    /// Scores `items` through the Score queue, in order.
+    pub(crate) async fn score_items(
+        &self,
+        items: Vec<ScoreItem<B::Expert>>,
+    ) -> Result<Vec<ScoreOutput>> {
+        self.scores.score(items).await
+    }
+
+    /// Generates whole answers to `requests`, submitted together so that they share one
+    /// batch. Stops early when the caller goes away (the future is dropped).
+    pub(crate) async fn generate_texts(
+        &self,
+        requests: Vec<GenerationRequest<B::Expert>>,
+    ) -> Vec<Result<(String, FinishReason)>> {
+        let streams = self.generations.submit(requests).await;
+        let mut texts = Vec::with_capacity(streams.len());
+        for stream in streams {
+            texts.push(match stream {
+                Ok(stream) => collect_text(stream).await,
+                Err(e) => Err(e),
+            });
+        }
+        texts
+    }
+}
+
+/// The whole text of a stream and why it finished.
+async fn collect_text(mut stream: TokenStream) -> Result<(String, FinishReason)> {
+    let mut text = String::new();
+    let mut finish = FinishReason::Length;
+    while let Some(token) = stream.recv().await {
+        let token = token?;
+        text.push_str(&token.text);
+        if let Some(f) = token.finish {
+            finish = f;
+        }
+    }
+    Ok((text, finish))
+}
