@@ -287,7 +287,7 @@ async fn generate_mode_returns_the_generated_text() {
     // reddit_qa rows have no choices: the mode defaults to GENERATE.
     let t = task("reddit_qa");
     let q = queries(&t, 8, 1);
-    let inputs: Vec<proto::AnswerInput> = roe_expert_library::tasks::sample(&t.test, 2, 9)
+    let inputs: Vec<proto::AnswerInput> = roe_task_suite::sample(&t.test, 2, 9)
         .into_iter()
         .map(|i| proto::AnswerInput {
             input: i.input,

@@ -682,7 +682,7 @@ async fn score_ends_answers_with_the_experts_end_token() {
     let server = start().await;
     let mut c = server.inference().await;
     let bb = roe_tests::backbone();
-    assert_eq!(roe_services::inference_service::answer_end_id(&bb), 1);
+    assert_eq!(roe_serving::answer_end_id(&bb), 1);
     let input = "URGENT! You have won a 1 week FREE membership";
     let served = score(&mut c, "", input).await.expect("score");
     let choices = choices();

@@ -4,15 +4,15 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use roe_expert_library::embedding::{BatchingEncoder, BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
+use roe_encoder::{BatchingEncoder, BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
-use roe_expert_library::tasks::{sample, Task};
-use roe_services::inference_service::InferenceService;
 use roe_services::proto::{
     self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
     inference_client::InferenceClient, router_client::RouterClient,
 };
 use roe_services::server::{serve, ServeOptions};
+use roe_serving::{BackboneInference, ServingConfig};
+use roe_task_suite::{sample, Task};
 use tonic::transport::Channel;
 
 pub fn repo() -> PathBuf {
@@ -43,7 +43,7 @@ pub fn encoder() -> Arc<dyn Encoder> {
 pub fn backbone_path() -> PathBuf {
     std::env::var_os("ROE_BACKBONE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| roe_services::models::backbone_path(&models_dir()))
+        .unwrap_or_else(|| roe_cli::models::backbone_path(&models_dir()))
 }
 
 /// The real backbone, loaded once per test binary.
@@ -128,7 +128,7 @@ pub fn register_request(
 pub struct TestServer {
     pub url: String,
     /// The Inference service, when started with it.
-    pub inference: Option<Arc<InferenceService>>,
+    pub inference: Option<Arc<BackboneInference>>,
     pub dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -193,7 +193,11 @@ impl TestServer {
         let library = Arc::new(library);
         let inference = if with_inference {
             let bb = tokio::task::spawn_blocking(backbone).await.unwrap();
-            Some(Arc::new(InferenceService::new(bb, library.clone())))
+            Some(Arc::new(BackboneInference::over_library(
+                bb,
+                library.clone(),
+                ServingConfig::default(),
+            )))
         } else {
             None
         };

@@ -53,10 +53,4 @@ impl From<sled::Error> for LibraryError {
     }
 }
 
-impl From<candle_core::Error> for LibraryError {
-    fn from(e: candle_core::Error) -> Self {
-        Self::Encoder(e.to_string())
-    }
-}
-
 pub type Result<T, E = LibraryError> = std::result::Result<T, E>;

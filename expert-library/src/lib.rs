@@ -1,8 +1,8 @@
-//! Domain core of roe: experts and their durable library, the sentence encoder, the instance
-//! index and Retrieval-of-Experts routing. Nothing here knows about gRPC; the services are
+//! Domain core of roe: experts and their durable library, the instance index and
+//! Retrieval-of-Experts routing over any sentence [`embedding::Encoder`] (the model itself
+//! lives in `roe-encoder`). Nothing here knows about gRPC; the services are
 //! thin adapters around [`library::ExpertLibrary`].
 
-pub mod bert;
 pub mod embedding;
 pub mod error;
 pub mod expert;
@@ -13,7 +13,6 @@ pub mod merge;
 pub mod persist;
 pub mod retrieval;
 pub mod store;
-pub mod tasks;
 
 pub use error::{LibraryError, Result};
 pub use expert::{BackboneSpec, ExpertKind, ExpertMeta, Instance, PeftAdapter, TextFormat};

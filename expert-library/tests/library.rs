@@ -274,7 +274,7 @@ fn hybrid_uses_query_targets_when_given() {
 
 #[test]
 fn batching_encoder_keeps_each_callers_vectors() {
-    use roe_expert_library::embedding::BatchingEncoder;
+    use roe_encoder::BatchingEncoder;
     let inner: Arc<dyn Encoder> = Arc::new(BagOfWords("bow".into()));
     let batching = Arc::new(BatchingEncoder::new(inner.clone(), 64));
     let handles: Vec<_> = (0..8)

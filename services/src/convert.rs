@@ -1,30 +1,18 @@
-//! Conversions between `roe.v1` messages and the domain types, and the one place where
-//! domain errors become gRPC statuses.
+//! Every conversion between `roe.v1` messages and the domain and serving types (errors
+//! become statuses in [`crate::status`]).
 
+use roe_backbone::{FinishReason, ScoreOutput};
 use roe_expert_library::expert::{AdapterSummary, ExpertKind, ExpertMeta, Instance, TextFormat};
-use roe_expert_library::retrieval::{Aggregation, Query, RouteOptions, RouteResult, Strategy};
-use roe_expert_library::LibraryError;
-use tonic::{Code, Status};
+use roe_expert_library::retrieval::{
+    Aggregation, EvidenceHit, ExpertScore, Query, RouteResult, Strategy,
+};
+use roe_serving::{
+    Answer, AnswerInput, AnswerMode, AnswerRequest, Answered, ExpertRef, GenerateOptions,
+    RouteOverrides, ServingError,
+};
+use tonic::Status;
 
 use crate::proto;
-
-pub fn status(e: LibraryError) -> Status {
-    let code = match &e {
-        LibraryError::InvalidArgument { .. } => Code::InvalidArgument,
-        LibraryError::NotFound { .. } => Code::NotFound,
-        LibraryError::AlreadyExists { .. } => Code::AlreadyExists,
-        LibraryError::FailedPrecondition(_) => Code::FailedPrecondition,
-        LibraryError::ResourceExhausted(_) => Code::ResourceExhausted,
-        LibraryError::Storage(_)
-        | LibraryError::Encoder(_)
-        | LibraryError::Index(_)
-        | LibraryError::Io { .. } => {
-            tracing::error!(error = %e, "internal error");
-            Code::Internal
-        }
-    };
-    Status::new(code, e.to_string())
-}
 
 pub fn kind_to_proto(k: ExpertKind) -> proto::ExpertKind {
     match k {
@@ -98,92 +86,115 @@ pub fn query_from_proto(q: proto::Query) -> Query {
     }
 }
 
-/// Request options onto the domain's, starting from the server's defaults.
-pub fn route_options(
-    o: Option<proto::RouteOptions>,
-    defaults: &RouteOptions,
-) -> Result<RouteOptions, Status> {
+/// A request's route options as overrides of the server's defaults (the checks against
+/// limits happen in [`RouteOverrides::resolve`]).
+pub fn route_overrides(o: Option<proto::RouteOptions>) -> Result<RouteOverrides, Status> {
     let Some(o) = o else {
-        return Ok(defaults.clone());
+        return Ok(RouteOverrides::default());
+    };
+    let unknown = |field: &str, v: i32| {
+        Status::invalid_argument(format!("options.{field}: unknown value {v}"))
     };
     let strategy = match proto::Strategy::try_from(o.strategy) {
-        Ok(proto::Strategy::Unspecified) => defaults.strategy,
-        Ok(proto::Strategy::Elm) => Strategy::Elm,
-        Ok(proto::Strategy::Hybrid) => Strategy::Hybrid,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "options.strategy: unknown value {}",
-                o.strategy
-            )))
-        }
-    };
-    // ELM's own defaults when it is asked for by name.
-    let base = if strategy == Strategy::Elm && defaults.strategy != Strategy::Elm {
-        RouteOptions::elm(defaults.text_format)
-    } else {
-        defaults.clone()
+        Ok(proto::Strategy::Unspecified) => None,
+        Ok(proto::Strategy::Elm) => Some(Strategy::Elm),
+        Ok(proto::Strategy::Hybrid) => Some(Strategy::Hybrid),
+        Err(_) => return Err(unknown("strategy", o.strategy)),
     };
     let aggregation = match proto::Aggregation::try_from(o.aggregation) {
-        Ok(proto::Aggregation::Unspecified) => base.aggregation,
-        Ok(proto::Aggregation::Vote) => Aggregation::Vote,
-        Ok(proto::Aggregation::SimilaritySum) => Aggregation::SimilaritySum,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "options.aggregation: unknown value {}",
-                o.aggregation
-            )))
-        }
+        Ok(proto::Aggregation::Unspecified) => None,
+        Ok(proto::Aggregation::Vote) => Some(Aggregation::Vote),
+        Ok(proto::Aggregation::SimilaritySum) => Some(Aggregation::SimilaritySum),
+        Err(_) => return Err(unknown("aggregation", o.aggregation)),
     };
     let text_format = match proto::TextFormat::try_from(o.text_format) {
-        Ok(proto::TextFormat::Unspecified) => base.text_format,
-        Ok(proto::TextFormat::Instance) => TextFormat::Instance,
-        Ok(proto::TextFormat::ChoiceInstance) => TextFormat::ChoiceInstance,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "options.text_format: unknown value {}",
-                o.text_format
-            )))
-        }
+        Ok(proto::TextFormat::Unspecified) => None,
+        Ok(proto::TextFormat::Instance) => Some(TextFormat::Instance),
+        Ok(proto::TextFormat::ChoiceInstance) => Some(TextFormat::ChoiceInstance),
+        Err(_) => return Err(unknown("text_format", o.text_format)),
     };
     let kind = kind_from_proto(o.kind)
         .map_err(|s| Status::invalid_argument(format!("options.{}", s.message())))?;
-    if o.top_k > 1000 {
-        return Err(Status::invalid_argument("options.top_k: at most 1000"));
-    }
-    if o.evidence_per_query > 100 {
-        return Err(Status::invalid_argument(
-            "options.evidence_per_query: at most 100",
-        ));
-    }
-    let abstain_threshold = match o.abstain_threshold {
-        Some(t) if !(0.0..=1.0).contains(&t) => {
-            return Err(Status::invalid_argument(
-                "options.abstain_threshold: must be within [0, 1]",
-            ))
-        }
-        Some(t) => t,
-        None => base.abstain_threshold,
-    };
-    Ok(RouteOptions {
+    Ok(RouteOverrides {
         strategy,
-        top_k: if o.top_k == 0 {
-            base.top_k
-        } else {
-            o.top_k as usize
-        },
+        top_k: (o.top_k != 0).then_some(o.top_k),
         aggregation,
         text_format,
         kind,
         exclude: o.exclude,
-        abstain_threshold,
+        abstain_threshold: o.abstain_threshold,
         exact: o.exact,
-        hybrid: base.hybrid,
-        evidence_per_query: if o.evidence_per_query == 0 {
-            base.evidence_per_query
-        } else {
-            o.evidence_per_query as usize
-        },
+        evidence_per_query: (o.evidence_per_query != 0).then_some(o.evidence_per_query),
     })
+}
+
+/// Overrides as the options of a request to a remote router.
+pub fn route_overrides_to_proto(o: &RouteOverrides) -> proto::RouteOptions {
+    proto::RouteOptions {
+        strategy: match o.strategy {
+            None => proto::Strategy::Unspecified,
+            Some(Strategy::Elm) => proto::Strategy::Elm,
+            Some(Strategy::Hybrid) => proto::Strategy::Hybrid,
+        } as i32,
+        top_k: o.top_k.unwrap_or(0),
+        aggregation: match o.aggregation {
+            None => proto::Aggregation::Unspecified,
+            Some(Aggregation::Vote) => proto::Aggregation::Vote,
+            Some(Aggregation::SimilaritySum) => proto::Aggregation::SimilaritySum,
+        } as i32,
+        text_format: match o.text_format {
+            None => proto::TextFormat::Unspecified,
+            Some(TextFormat::Instance) => proto::TextFormat::Instance,
+            Some(TextFormat::ChoiceInstance) => proto::TextFormat::ChoiceInstance,
+        } as i32,
+        kind: o.kind.map_or(proto::ExpertKind::Unspecified, kind_to_proto) as i32,
+        exclude: o.exclude.clone(),
+        abstain_threshold: o.abstain_threshold,
+        exact: o.exact,
+        evidence_per_query: o.evidence_per_query.unwrap_or(0),
+    }
+}
+
+pub fn query_to_proto(q: Query) -> proto::Query {
+    proto::Query {
+        input: q.input,
+        choices: q.choices,
+        target: q.target,
+    }
+}
+
+/// A remote router's answer as the domain's result.
+pub fn route_result_from_proto(r: proto::RouteResponse) -> RouteResult {
+    RouteResult {
+        ranked: r
+            .ranked
+            .into_iter()
+            .map(|s| ExpertScore {
+                expert_id: s.expert_id,
+                score: s.score,
+                votes: s.votes,
+                share: s.share,
+                mean_similarity: s.mean_similarity,
+                centroid_similarity: s.centroid_similarity,
+                lexical_similarity: s.lexical_similarity,
+            })
+            .collect(),
+        evidence: r
+            .evidence
+            .into_iter()
+            .map(|q| {
+                q.hits
+                    .into_iter()
+                    .map(|h| EvidenceHit {
+                        expert_id: h.expert_id,
+                        point_id: h.point_id,
+                        similarity: h.similarity,
+                    })
+                    .collect()
+            })
+            .collect(),
+        abstain: r.abstain,
+    }
 }
 
 pub fn route_result_to_proto(r: RouteResult) -> proto::RouteResponse {
@@ -218,5 +229,169 @@ pub fn route_result_to_proto(r: RouteResult) -> proto::RouteResponse {
             .collect(),
         abstain: r.abstain,
         expert_id,
+    }
+}
+
+/// A remote library's expert metadata; a response without it, or with a kind this side does
+/// not know, is the library's fault.
+pub fn expert_ref_from_proto(
+    id: &str,
+    e: Option<proto::Expert>,
+) -> Result<ExpertRef, ServingError> {
+    let e = e.ok_or_else(|| {
+        ServingError::internal(format!("the expert library sent no metadata for {id:?}"))
+    })?;
+    let kind = match proto::ExpertKind::try_from(e.kind) {
+        Ok(proto::ExpertKind::Prompt) => ExpertKind::Prompt,
+        Ok(proto::ExpertKind::Lora) => ExpertKind::Lora,
+        _ => {
+            return Err(ServingError::internal(format!(
+                "the expert library sent expert {id:?} with kind {}",
+                e.kind
+            )))
+        }
+    };
+    Ok(ExpertRef {
+        id: e.id,
+        kind,
+        backbone: e.backbone,
+        version: e.version,
+        weights_sha256: e.weights_sha256,
+        weights_bytes: e.weights_bytes as usize,
+    })
+}
+
+pub fn score_response(
+    expert_id: String,
+    choices: &[String],
+    out: &ScoreOutput,
+) -> proto::ScoreResponse {
+    proto::ScoreResponse {
+        choices: choices
+            .iter()
+            .zip(&out.choices)
+            .map(|(choice, s)| proto::ChoiceScore {
+                choice: choice.clone(),
+                sum_logprob: s.sum_logprob,
+                mean_logprob: s.mean_logprob,
+                num_tokens: s.num_tokens as u32,
+            })
+            .collect(),
+        best: out.best as u32,
+        best_by_mean: out.best_by_mean as u32,
+        expert_id,
+    }
+}
+
+pub fn finish_name(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Eos => "eos",
+        FinishReason::Length => "length",
+        FinishReason::Stop => "stop",
+    }
+}
+
+pub fn generate_options(req: &proto::GenerateRequest) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: req.max_new_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+        stop: req.stop.clone(),
+    }
+}
+
+pub fn answer_request(req: proto::AnswerRequest) -> Result<AnswerRequest, Status> {
+    let mode = match proto::AnswerMode::try_from(req.mode) {
+        Ok(proto::AnswerMode::Unspecified) => AnswerMode::Auto,
+        Ok(proto::AnswerMode::Score) => AnswerMode::Score,
+        Ok(proto::AnswerMode::Generate) => AnswerMode::Generate,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "mode: unknown value {}",
+                req.mode
+            )))
+        }
+    };
+    Ok(AnswerRequest {
+        queries: req.queries.into_iter().map(query_from_proto).collect(),
+        inputs: req
+            .inputs
+            .into_iter()
+            .map(|i| AnswerInput {
+                input: i.input,
+                choices: i.choices,
+            })
+            .collect(),
+        mode,
+        route: route_overrides(req.route)?,
+        generate: GenerateOptions {
+            max_new_tokens: req.max_new_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            seed: req.seed,
+            stop: req.stop,
+        },
+    })
+}
+
+pub fn answered_to_proto(a: Answered) -> proto::AnswerResponse {
+    let expert_id = a.expert_id;
+    proto::AnswerResponse {
+        answers: a
+            .answers
+            .into_iter()
+            .map(|answer| proto::Answer {
+                kind: Some(match answer {
+                    Answer::Scored { choices, output } => proto::answer::Kind::Score(
+                        score_response(expert_id.clone(), &choices, &output),
+                    ),
+                    Answer::Generated { text, finish } => {
+                        proto::answer::Kind::Generated(proto::Generated {
+                            text,
+                            finish_reason: finish_name(finish).to_string(),
+                        })
+                    }
+                }),
+            })
+            .collect(),
+        routing: Some(route_result_to_proto(a.routing)),
+        expert_id,
+        fell_back: a.fell_back,
+        fallback_reason: a.fallback_reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_options_round_trip_and_unknown_enums_name_the_field() {
+        let o = proto::RouteOptions {
+            strategy: proto::Strategy::Elm as i32,
+            top_k: 3,
+            text_format: proto::TextFormat::Instance as i32,
+            kind: proto::ExpertKind::Lora as i32,
+            exclude: vec!["a".into()],
+            abstain_threshold: Some(0.25),
+            evidence_per_query: 2,
+            ..Default::default()
+        };
+        let overrides = route_overrides(Some(o.clone())).unwrap();
+        assert_eq!(overrides.top_k, Some(3));
+        assert_eq!(route_overrides_to_proto(&overrides), o);
+        let e = route_overrides(Some(proto::RouteOptions {
+            strategy: 9,
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert!(e.message().starts_with("options.strategy"), "{e:?}");
+        let e = answer_request(proto::AnswerRequest {
+            mode: 7,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.message().starts_with("mode"), "{e:?}");
     }
 }

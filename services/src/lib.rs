@@ -1,17 +1,18 @@
-//! gRPC adapters (package `roe.v1`) around the roe domain core, plus the benchmarks and the
-//! pieces of the `roe` command-line tool.
+//! roe's gRPC layer (package `roe.v1`), as text-embeddings-inference's `router/` and qdrant's
+//! api layer: one handler file per service ([`library_service`], [`router_service`],
+//! [`inference_service`], [`answer_service`]) over the expert library and the serving core
+//! (`roe-serving`); every proto conversion in [`convert`]; every error-to-status mapping in
+//! [`status`]; the clients of another roe process in [`remote`]; server assembly per role,
+//! with health following the workers, in [`server`].
 
 pub mod answer_service;
-pub mod bench;
 pub mod convert;
-pub mod eval;
-pub mod eval_chart;
-pub mod expert_source;
 pub mod inference_service;
 pub mod library_service;
-pub mod models;
+pub mod remote;
 pub mod router_service;
 pub mod server;
+pub mod status;
 
 pub mod proto {
     //! Generated from `proto/roe/v1/roe.proto`.

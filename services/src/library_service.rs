@@ -9,8 +9,9 @@ use roe_expert_library::PeftAdapter;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert::{expert_to_proto, instance_from_proto, instance_to_proto, status};
+use crate::convert::{expert_to_proto, instance_from_proto, instance_to_proto};
 use crate::proto::{self, expert_library_server::ExpertLibrary as Api};
+use crate::status::library_status as status;
 
 pub struct LibraryService {
     library: Arc<ExpertLibrary>,

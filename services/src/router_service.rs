@@ -4,20 +4,22 @@ use std::sync::Arc;
 
 use roe_expert_library::library::ExpertLibrary;
 use roe_expert_library::retrieval::{Query, RouteOptions};
+use roe_serving::{LocalRouter, RouteService};
 use tonic::{Request, Response, Status};
 
-use crate::convert::{query_from_proto, route_options, route_result_to_proto, status};
-use crate::library_service::blocking;
+use crate::convert::{query_from_proto, route_overrides, route_result_to_proto};
 use crate::proto::{self, router_server::Router as Api};
+use crate::status::serving_status;
 
 pub struct RouterService {
-    library: Arc<ExpertLibrary>,
-    defaults: RouteOptions,
+    router: LocalRouter,
 }
 
 impl RouterService {
     pub fn new(library: Arc<ExpertLibrary>, defaults: RouteOptions) -> Self {
-        Self { library, defaults }
+        Self {
+            router: LocalRouter::new(library, defaults),
+        }
     }
 }
 
@@ -28,10 +30,13 @@ impl Api for RouterService {
         request: Request<proto::RouteRequest>,
     ) -> Result<Response<proto::RouteResponse>, Status> {
         let req = request.into_inner();
-        let options = route_options(req.options, &self.defaults)?;
+        let overrides = route_overrides(req.options)?;
         let queries: Vec<Query> = req.queries.into_iter().map(query_from_proto).collect();
-        let library = self.library.clone();
-        let result = blocking(move || library.route(&queries, &options).map_err(status)).await?;
+        let result = self
+            .router
+            .route(queries, overrides)
+            .await
+            .map_err(serving_status)?;
         Ok(Response::new(route_result_to_proto(result)))
     }
 }

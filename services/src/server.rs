@@ -1,16 +1,21 @@
-//! Assembles the gRPC server: library and router services, the inference and answer
-//! services when a backbone is loaded, gRPC health and reflection.
+//! Assembles the gRPC servers of each role: the library and router services, the inference
+//! and answer services when a backbone is loaded, gRPC health (following the workers) and
+//! reflection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use roe_expert_library::library::ExpertLibrary;
 use roe_expert_library::retrieval::RouteOptions;
+use roe_serving::{BackboneAnswerer, BackboneInference, LocalRouter, RouteService};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
-use crate::answer_service::{AnswerService, LocalRouteClient, RouteClient};
+use crate::answer_service::AnswerService;
 use crate::inference_service::InferenceService;
 use crate::library_service::LibraryService;
 use crate::proto::{
@@ -23,16 +28,20 @@ use crate::router_service::RouterService;
 /// larger ones use `RegisterExpertStream`.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// How often health is brought in line with the workers.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
 #[derive(Default)]
 pub struct ServeOptions {
     pub route_defaults: RouteOptions,
-    /// The `roe.v1.Inference` service (None: not served, nor is `roe.v1.Answerer`).
-    pub inference: Option<Arc<InferenceService>>,
+    /// The serving core behind `roe.v1.Inference` (None: not served, nor is
+    /// `roe.v1.Answerer`).
+    pub inference: Option<Arc<BackboneInference>>,
     /// Answers when routing abstains in `roe.v1.Answerer` (empty: the bare backbone). Check
-    /// it with [`InferenceService::check_expert`] before serving.
+    /// it with [`roe_serving::Inference::check_expert`] before serving.
     pub fallback_expert: String,
     /// How `roe.v1.Answerer` routes (None: the local library with `route_defaults`).
-    pub route_client: Option<Arc<dyn RouteClient>>,
+    pub route_client: Option<Arc<dyn RouteService>>,
 }
 
 /// gRPC reflection over roe's and the health service's descriptors.
@@ -46,15 +55,102 @@ fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
         .expect("the embedded descriptor sets are valid")
 }
 
-/// `roe.v1.Answerer` over `inference`, routing through `router`.
-fn answerer(
-    inference: Arc<InferenceService>,
-    router: Arc<dyn RouteClient>,
-    fallback_expert: String,
-) -> AnswererServer<AnswerService> {
-    AnswererServer::new(AnswerService::new(inference, router, fallback_expert))
+fn inference_api(inference: Arc<BackboneInference>) -> InferenceServer<InferenceService> {
+    InferenceServer::new(InferenceService::new(inference))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// `roe.v1.Answerer` over `inference`, routing through `router`.
+fn answer_api(
+    inference: Arc<BackboneInference>,
+    router: Arc<dyn RouteService>,
+    fallback_expert: String,
+) -> AnswererServer<AnswerService> {
+    let answerer = BackboneAnswerer::new(inference, router, fallback_expert);
+    AnswererServer::new(AnswerService::new(Arc::new(answerer)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Which services depend on which workers, for health.
+struct Workers {
+    library: Option<Arc<ExpertLibrary>>,
+    inference: Option<Arc<BackboneInference>>,
+    answerer: bool,
+}
+
+impl Workers {
+    /// Whether the encoder and the backbone's queues are up (true where not used).
+    fn up(&self) -> (bool, bool) {
+        let encoder = self
+            .library
+            .as_ref()
+            .is_none_or(|l| l.encoder().is_healthy());
+        let backbone = self.inference.as_ref().is_none_or(|i| i.is_healthy());
+        (encoder, backbone)
+    }
+
+    /// Sets every service's health from `(encoder, backbone)`: the library's and router's
+    /// services need the encoder, inference's the backbone's queues, the answerer both when
+    /// routing is local; the overall status ("") needs everything.
+    async fn report(&self, reporter: &HealthReporter, (encoder, backbone): (bool, bool)) {
+        let status = |up: bool| {
+            if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
+        };
+        if self.library.is_some() {
+            for service in ["roe.v1.ExpertLibrary", "roe.v1.Router"] {
+                reporter.set_service_status(service, status(encoder)).await;
+            }
+        }
+        if self.inference.is_some() {
+            reporter
+                .set_service_status("roe.v1.Inference", status(backbone))
+                .await;
+        }
+        if self.answerer {
+            reporter
+                .set_service_status("roe.v1.Answerer", status(encoder && backbone))
+                .await;
+        }
+        reporter
+            .set_service_status("", status(encoder && backbone))
+            .await;
+    }
+}
+
+/// Reports the workers' health now, then keeps it in line with them in the background.
+async fn start_health(
+    workers: Workers,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let mut last = workers.up();
+    workers.report(&reporter, last).await;
+    let follow = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(HEALTH_INTERVAL).await;
+            let now = workers.up();
+            if now != last {
+                if !(now.0 && now.1) {
+                    tracing::error!(
+                        encoder_up = now.0,
+                        backbone_up = now.1,
+                        "a worker has stopped"
+                    );
+                }
+                workers.report(&reporter, now).await;
+                last = now;
+            }
+        }
+    });
+    (follow, service)
 }
 
 /// Serves on an already bound listener until `shutdown` resolves.
@@ -64,57 +160,45 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ExpertLibraryServer<LibraryService>>()
-        .await;
-    health_reporter
-        .set_serving::<RouterServer<RouterService>>()
-        .await;
-    if options.inference.is_some() {
-        health_reporter
-            .set_serving::<InferenceServer<InferenceService>>()
-            .await;
-        health_reporter
-            .set_serving::<AnswererServer<AnswerService>>()
-            .await;
-    }
-    let reflection = reflection();
+    let (health, health_service) = start_health(Workers {
+        library: Some(library.clone()),
+        inference: options.inference.clone(),
+        answerer: options.inference.is_some(),
+    })
+    .await;
     let library_api = ExpertLibraryServer::new(LibraryService::new(library.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let answer_api = options.inference.as_ref().map(|svc| {
+    let router_api = RouterServer::new(RouterService::new(
+        library.clone(),
+        options.route_defaults.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let answer = options.inference.clone().map(|inference| {
         let router = options.route_client.clone().unwrap_or_else(|| {
-            Arc::new(LocalRouteClient::new(
+            Arc::new(LocalRouter::new(
                 library.clone(),
                 options.route_defaults.clone(),
             ))
         });
-        answerer(svc.clone(), router, options.fallback_expert.clone())
-    });
-    let persisted = library.clone();
-    let router_api = RouterServer::new(RouterService::new(library, options.route_defaults))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let inference_api = options.inference.map(|svc| {
-        InferenceServer::from_arc(svc)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        answer_api(inference, router, options.fallback_expert.clone())
     });
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving");
     let served = Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection())
         .add_service(library_api)
         .add_service(router_api)
-        .add_optional_service(inference_api)
-        .add_optional_service(answer_api)
+        .add_optional_service(options.inference.map(inference_api))
+        .add_optional_service(answer)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
+    health.abort();
     // Graceful shutdown: keep the index graphs so that the next start reloads them instead of
     // rebuilding (a no-op when they did not change). Sled holds everything, so a failure only
     // costs the next start a rebuild.
-    match tokio::task::spawn_blocking(move || persisted.persist_index()).await {
+    match tokio::task::spawn_blocking(move || library.persist_index()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!("could not persist the index at shutdown: {e}"),
         Err(e) => tracing::warn!("persisting the index at shutdown failed: {e}"),
@@ -128,33 +212,28 @@ pub async fn serve(
 /// health and reflection. `options.inference` and `options.route_defaults` are not used.
 pub async fn serve_inference(
     listener: TcpListener,
-    inference: Arc<InferenceService>,
+    inference: Arc<BackboneInference>,
     options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<InferenceServer<InferenceService>>()
-        .await;
-    let answer_api = options
+    let (health, health_service) = start_health(Workers {
+        library: None,
+        inference: Some(inference.clone()),
+        answerer: options.route_client.is_some(),
+    })
+    .await;
+    let answer = options
         .route_client
-        .map(|router| answerer(inference.clone(), router, options.fallback_expert));
-    if answer_api.is_some() {
-        health_reporter
-            .set_serving::<AnswererServer<AnswerService>>()
-            .await;
-    }
-    let reflection = reflection();
-    let inference_api = InferenceServer::from_arc(inference)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .map(|router| answer_api(inference.clone(), router, options.fallback_expert));
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving inference only");
-    Server::builder()
+    let served = Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(inference_api)
-        .add_optional_service(answer_api)
+        .add_service(reflection())
+        .add_service(inference_api(inference))
+        .add_optional_service(answer)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .await;
+    health.abort();
+    served
 }

@@ -84,6 +84,21 @@ impl<B: Backend> Inference<B> {
         }
     }
 
+    /// Serves `backend` with the experts of the library of this process, registered for the
+    /// library's default backbone.
+    pub fn over_library(
+        backend: Arc<B>,
+        library: Arc<roe_expert_library::ExpertLibrary>,
+        config: ServingConfig,
+    ) -> Self {
+        let backbone_name = library
+            .backbone(None)
+            .map(|b| b.name.clone())
+            .unwrap_or_default();
+        let source = Arc::new(crate::experts::LocalExpertSource::new(library));
+        Self::start(backend, source, backbone_name, config)
+    }
+
     pub fn config(&self) -> &ServingConfig {
         &self.config
     }

@@ -1,5 +1,6 @@
-//! Task suites on disk (`task.json`, `train.jsonl`, `test.jsonl`), as in `shared/tasks`.
-//! Used by the CLI to register experts from a task folder and by the benchmarks.
+//! Task suites on disk (`task.json`, `train.jsonl`, `test.jsonl`), as under `assets/tasks`:
+//! the CLI registers experts from a task folder with them, the benchmarks and tests read
+//! their rows. Kept out of the domain crate, which never reads files of this shape.
 
 use std::path::{Path, PathBuf};
 
@@ -7,9 +8,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Deserialize;
 
-use crate::error::{LibraryError, Result};
-use crate::expert::Instance;
-use crate::retrieval::Query;
+use roe_expert_library::{Instance, LibraryError, Query, Result};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct TaskInfo {

@@ -15,7 +15,7 @@ use roe_backbone::{
     Adapters, Backbone, GenerateParams, Lora, RenderOptions, ScoreOutput, ScoreRequest, SoftPrompt,
 };
 use roe_expert_library::expert::Instance;
-use roe_expert_library::tasks::Task;
+use roe_task_suite::Task;
 use serde::Serialize;
 
 /// The end-of-answer ids compared: the canonical rendering's EOS, and `<|im_start|>`.

@@ -7,8 +7,8 @@ use anyhow::Result;
 use roe_expert_library::library::ExpertLibrary;
 use serde::Serialize;
 
-use crate::proto::{self, router_client::RouterClient};
-use crate::server::ServeOptions;
+use roe_services::proto::{self, router_client::RouterClient};
+use roe_services::server::ServeOptions;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyReport {

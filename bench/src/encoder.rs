@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
-use roe_expert_library::embedding::{dot, BertEncoder, Encoder};
+use roe_encoder::{BertEncoder, Encoder};
+use roe_expert_library::embedding::dot;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -27,7 +28,7 @@ pub fn run(
     peer_script: &Path,
 ) -> Result<EncoderReport> {
     let batch_size = 32;
-    let encoder = BertEncoder::load(encoder_dir, crate::models::ENCODER_MAX_TOKENS)?
+    let encoder = BertEncoder::load(encoder_dir, roe_encoder::ENCODER_MAX_TOKENS)?
         .with_batch_size(batch_size);
     encoder.embed(&texts[..batch_size.min(texts.len())])?; // warm-up
     let t = Instant::now();

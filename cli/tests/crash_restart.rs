@@ -7,10 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use roe_expert_library::tasks::{sample, Task};
 use roe_services::proto::{
     self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
 };
+use roe_task_suite::{sample, Task};
 
 use common::{models_dir, repo};
 

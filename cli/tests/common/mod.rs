@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use roe_expert_library::tasks::{sample, Task};
 use roe_services::proto;
+use roe_task_suite::{sample, Task};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

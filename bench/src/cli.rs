@@ -9,8 +9,8 @@ use roe_expert_library::expert::TextFormat;
 use roe_expert_library::index::IndexConfig;
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert};
 use roe_expert_library::retrieval::RouteOptions;
-use roe_expert_library::tasks::{load_suite, sample};
 use roe_expert_library::PeftAdapter;
+use roe_task_suite::{load_suite, sample};
 
 use super::routing_accuracy::{
     self, routing_only_adapter, AccuracySetup, SuiteTask, Variant, VariantReport,
@@ -18,8 +18,8 @@ use super::routing_accuracy::{
 use super::{
     answer, arrivals, encoder, generate, hnsw, latency, machine, score, serving, write_results,
 };
-use crate::models;
-use crate::proto;
+use roe_cli::models;
+use roe_services::proto;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -413,7 +413,7 @@ fn answer_bench(
     let backbone = Arc::new(models::load_backbone(models_dir, a.backbone.as_deref())?);
     // Registration embeds through the cache; Route requests embed their queries for real
     // (the serving encoder batches concurrent requests).
-    let cached = models::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
+    let cached = crate::caching_encoder::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
     let work = tempfile::tempdir()?;
     {
         let (library, _) = ExpertLibrary::open(work.path(), cached, LibraryConfig::default())?;
@@ -500,7 +500,7 @@ fn routing(
     a: RoutingArgs,
     rt: &tokio::runtime::Runtime,
 ) -> Result<()> {
-    let cached = models::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
+    let cached = crate::caching_encoder::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
     let tasks = load_tasks(&a)?;
     let variants = vec![
         Variant::new(

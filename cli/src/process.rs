@@ -1,13 +1,11 @@
-//! `roe`: serve the Retrieval-of-Experts service, manage experts, route, and benchmark.
+//! Process-wide tuning that `roe` and `roe-bench` apply first thing in `main`.
 
-mod cli;
-
-fn main() -> anyhow::Result<()> {
+/// Applies the tunings below (each can be switched off by its environment variable).
+pub fn tune() {
     fix_thread_count();
     if std::env::var_os("ROE_DEFAULT_MALLOC").is_none() {
         keep_freed_memory();
     }
-    cli::main()
 }
 
 /// glibc returns every large freed block (activations, scratch matrices: megabytes each) to

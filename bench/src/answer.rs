@@ -8,11 +8,11 @@ use std::time::Instant;
 use anyhow::Result;
 use roe_backbone::Backbone;
 use roe_expert_library::library::ExpertLibrary;
-use roe_expert_library::tasks::{sample, Task};
+use roe_task_suite::{sample, Task};
 use serde::Serialize;
 
 use super::percentile;
-use crate::proto::{self, answerer_client::AnswererClient};
+use roe_services::proto::{self, answerer_client::AnswererClient};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AnswerLatencyReport {

@@ -11,8 +11,8 @@ use roe_expert_library::embedding::Encoder;
 use roe_expert_library::index::IndexConfig;
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert};
 use roe_expert_library::retrieval::{Query, RouteOptions};
-use roe_expert_library::tasks::{as_labeled_query, sample, Task};
 use roe_expert_library::PeftAdapter;
+use roe_task_suite::{as_labeled_query, sample, Task};
 use serde::Serialize;
 
 /// One task of the benchmark and the suite it belongs to.

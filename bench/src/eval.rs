@@ -22,11 +22,11 @@ use roe_expert_library::expert::{BackboneSpec, Instance};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert};
 use roe_expert_library::merge::{merge_adapters, PromptMergeMode};
 use roe_expert_library::retrieval::RouteOptions;
-use roe_expert_library::tasks::{as_query, sample, Task};
 use roe_expert_library::PeftAdapter;
+use roe_task_suite::{as_query, sample, Task};
 use serde::Serialize;
 
-use crate::bench::score::{both_ends, generation_f1, score_rows, with_end, END_IDS};
+use crate::score::{both_ends, generation_f1, score_rows, with_end, END_IDS};
 
 /// Abstain thresholds swept for leave-one-out (0: never abstain).
 pub const THRESHOLDS: [f32; 7] = [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
@@ -506,9 +506,9 @@ pub struct EvalArgs {
 
 /// Runs `roe eval`: prints the table and writes JSON, Markdown and PNG.
 pub fn cmd(models_dir: &Path, encoder: Option<&Path>, a: EvalArgs) -> Result<()> {
-    let bb = crate::models::load_backbone(models_dir, a.backbone.as_deref())?;
-    let encoder = crate::models::load_cached_encoder(models_dir, encoder, &a.cache_dir)?;
-    let all = roe_expert_library::tasks::load_suite(&a.tasks_dir)
+    let bb = roe_cli::models::load_backbone(models_dir, a.backbone.as_deref())?;
+    let encoder = crate::caching_encoder::load_cached_encoder(models_dir, encoder, &a.cache_dir)?;
+    let all = roe_task_suite::load_suite(&a.tasks_dir)
         .with_context(|| format!("loading {}", a.tasks_dir.display()))?;
     let setup = EvalSetup {
         experts_dir: a.experts.clone(),
@@ -538,5 +538,5 @@ pub fn cmd(models_dir: &Path, encoder: Option<&Path>, a: EvalArgs) -> Result<()>
     };
     let md = markdown(&report, chart);
     println!("{md}");
-    crate::bench::cli::save_report(&a.json, &report, &md)
+    crate::cli::save_report(&a.json, &report, &md)
 }

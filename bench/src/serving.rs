@@ -14,12 +14,12 @@ use anyhow::{Context, Result};
 use roe_backbone::Backbone;
 use roe_expert_library::expert::{ExpertKind, Instance};
 use roe_expert_library::library::{ExpertLibrary, NewExpert};
-use roe_expert_library::tasks::Task;
 use roe_expert_library::PeftAdapter;
+use roe_task_suite::Task;
 use serde::Serialize;
 
 use super::percentile;
-use crate::proto::{self, inference_client::InferenceClient};
+use roe_services::proto::{self, inference_client::InferenceClient};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {

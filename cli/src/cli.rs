@@ -3,21 +3,20 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::models;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
-use roe_expert_library::tasks::{load_suite, read_instances, sample, Task};
 use roe_expert_library::PeftAdapter;
-use roe_services::answer_service::RemoteRouteClient;
-use roe_services::expert_source::RemoteExpertSource;
-use roe_services::inference_service::InferenceService;
 use roe_services::proto::{
     self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
     inference_client::InferenceClient, router_client::RouterClient,
 };
+use roe_services::remote::{RemoteExpertSource, RemoteRouter, RemoteTimeouts};
 use roe_services::server::{serve, serve_inference, ServeOptions, MAX_MESSAGE_BYTES};
-use roe_services::{bench, models};
+use roe_serving::{BackboneInference, ServingConfig};
+use roe_task_suite::{load_suite, read_instances, sample, Task};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -67,12 +66,20 @@ enum Command {
     /// Route a task by example inputs and answer inputs with the winning expert (or the
     /// server's fallback when routing abstains), in one call.
     Answer(AnswerArgs),
-    /// Benchmarks; results go to bench/results/.
-    #[command(subcommand)]
-    Bench(bench::cli::BenchCommand),
+    /// Benchmarks; results go to bench/results/ (runs `roe-bench`, built beside `roe` by
+    /// `cargo build --release --bin roe-bench`; `roe bench --help` lists them).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// The evaluation report (bare, oracle, routed, merged, ensemble, leave-one-out) under
-    /// bench/results/eval.{md,json,png}.
-    Eval(roe_services::eval::EvalArgs),
+    /// bench/results/eval.{md,json,png} (runs `roe-bench eval`).
+    #[command(disable_help_flag = true)]
+    Eval {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Args)]
@@ -108,6 +115,65 @@ struct ServeArgs {
     /// Router this process uses, e.g. http://127.0.0.1:50052.
     #[arg(long, env = "ROE_LIBRARY_URL")]
     library_url: Option<String>,
+    #[command(flatten)]
+    serving: ServingArgs,
+}
+
+/// The serving core's batching, queues, cache and remote deadlines (`roe serve`).
+#[derive(Args)]
+struct ServingArgs {
+    /// Score requests one backbone pass may merge.
+    #[arg(long, env = "ROE_MAX_SCORE_BATCH", default_value_t = ServingConfig::default().max_score_batch)]
+    max_score_batch: usize,
+    /// How long the Score queue waits for company after a request arrives (ms).
+    #[arg(long, env = "ROE_SCORE_BATCH_WAIT_MS", default_value_t = 5)]
+    score_batch_wait_ms: u64,
+    /// Rows one generation batch may hold (at most 16).
+    #[arg(long, env = "ROE_MAX_GENERATE_BATCH", default_value_t = ServingConfig::default().max_generate_batch)]
+    max_generate_batch: usize,
+    /// How long the generation queue waits for company after a request arrives (ms).
+    #[arg(long, env = "ROE_GENERATE_BATCH_WAIT_MS", default_value_t = 10)]
+    generate_batch_wait_ms: u64,
+    /// Let generations join a batch that is already running (continuous batching).
+    #[arg(long, env = "ROE_JOIN_RUNNING_GENERATIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    join_running_generations: bool,
+    /// Submissions each queue holds before callers wait.
+    #[arg(long, env = "ROE_QUEUE_CAPACITY", default_value_t = ServingConfig::default().queue_capacity)]
+    queue_capacity: usize,
+    /// Memory for loaded experts (MiB of weights).
+    #[arg(long, env = "ROE_EXPERT_CACHE_MB", default_value_t = 512)]
+    expert_cache_mb: u64,
+    /// With --role inference: deadline of each call to the router process (ms).
+    #[arg(long, env = "ROE_REMOTE_TIMEOUT_MS", default_value_t = 30_000)]
+    remote_timeout_ms: u64,
+    /// With --role inference: time to connect to the router process (ms).
+    #[arg(long, env = "ROE_REMOTE_CONNECT_TIMEOUT_MS", default_value_t = 3_000)]
+    remote_connect_timeout_ms: u64,
+}
+
+impl ServingArgs {
+    fn config(&self) -> ServingConfig {
+        use std::time::Duration;
+        ServingConfig {
+            max_score_batch: self.max_score_batch,
+            score_batch_wait: Duration::from_millis(self.score_batch_wait_ms),
+            max_generate_batch: self.max_generate_batch,
+            generate_batch_wait: Duration::from_millis(self.generate_batch_wait_ms),
+            join_running_generations: self.join_running_generations,
+            queue_capacity: self.queue_capacity,
+            expert_cache_bytes: self.expert_cache_mb << 20,
+            ..ServingConfig::default()
+        }
+        .normalised()
+    }
+
+    fn remote_timeouts(&self) -> RemoteTimeouts {
+        use std::time::Duration;
+        RemoteTimeouts {
+            connect: Duration::from_millis(self.remote_connect_timeout_ms),
+            request: Duration::from_millis(self.remote_timeout_ms),
+        }
+    }
 }
 
 /// The processes of a split deployment (`roe serve --role ...`).
@@ -347,17 +413,36 @@ pub fn main() -> Result<()> {
         Command::Score(a) => rt.block_on(cmd_score(&cli.global, a)),
         Command::Generate(a) => rt.block_on(cmd_generate(&cli.global, a)),
         Command::Answer(a) => rt.block_on(cmd_answer(&cli.global, a)),
-        Command::Bench(b) => bench::cli::run(
-            &cli.global.models_dir,
-            cli.global.encoder.as_deref(),
-            &cli.global.server,
-            b,
-            &rt,
-        ),
-        Command::Eval(a) => {
-            roe_services::eval::cmd(&cli.global.models_dir, cli.global.encoder.as_deref(), a)
-        }
+        Command::Bench { args } => run_bench(&cli.global, None, args),
+        Command::Eval { args } => run_bench(&cli.global, Some("eval"), args),
     }
+}
+
+/// Runs the `roe-bench` binary that sits beside this one with the global options, so the
+/// benchmarks (and their plotting and peers) stay out of the `roe` binary.
+fn run_bench(g: &Global, first: Option<&str>, args: Vec<std::ffi::OsString>) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the roe binary")?;
+    let bench = exe.with_file_name(format!("roe-bench{}", std::env::consts::EXE_SUFFIX));
+    if !bench.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release --bin roe-bench`",
+            bench.display()
+        );
+    }
+    let mut cmd = std::process::Command::new(&bench);
+    cmd.arg("--models-dir").arg(&g.models_dir);
+    if let Some(encoder) = &g.encoder {
+        cmd.arg("--encoder").arg(encoder);
+    }
+    cmd.arg("--server").arg(&g.server);
+    cmd.args(first).args(args);
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", bench.display()))?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
 }
 
 async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
@@ -397,9 +482,12 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         None
     } else {
         let backbone = load_backbone(g, &a).await?;
-        Some(Arc::new(InferenceService::new(
+        let config = a.serving.config();
+        tracing::info!(?config, "serving configuration");
+        Some(Arc::new(BackboneInference::over_library(
             Arc::new(backbone),
             library.clone(),
+            config,
         )))
     };
     // A fallback that cannot answer is a configuration error: fail now, not per request.
@@ -408,9 +496,9 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         let Some(svc) = &inference else {
             bail!("--fallback-expert needs the Inference service (drop --no-inference)");
         };
-        svc.check_expert(&fallback_expert).await.map_err(|s| {
-            anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {}", s.message())
-        })?;
+        svc.check_expert(&fallback_expert)
+            .await
+            .map_err(|e| anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {e}"))?;
         tracing::info!(expert = %fallback_expert, "fallback expert checked");
     }
     let listener = tokio::net::TcpListener::bind(&a.addr)
@@ -479,8 +567,9 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
     if a.no_inference {
         bail!("--no-inference contradicts --role inference");
     }
-    let experts = Arc::new(RemoteExpertSource::new(&url)?);
-    let route_client = Arc::new(RemoteRouteClient::new(&url)?);
+    let timeouts = a.serving.remote_timeouts();
+    let experts = Arc::new(RemoteExpertSource::new(&url, timeouts)?);
+    let route_client = Arc::new(RemoteRouter::new(&url, timeouts)?);
     let backbone = load_backbone(g, &a).await?;
     // Experts are registered for the library's default backbone; the router process runs
     // the same default configuration.
@@ -489,17 +578,19 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
         .first()
         .map(|b| b.name.clone())
         .unwrap_or_default();
-    let svc = Arc::new(InferenceService::with_source(
+    let config = a.serving.config();
+    tracing::info!(?config, ?timeouts, "serving configuration");
+    let svc = Arc::new(BackboneInference::start(
         Arc::new(backbone),
         experts,
         backbone_name,
-        roe_services::inference_service::DEFAULT_CACHE_BYTES,
+        config,
     ));
     let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
     if !fallback_expert.is_empty() {
-        svc.check_expert(&fallback_expert).await.map_err(|s| {
-            anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {}", s.message())
-        })?;
+        svc.check_expert(&fallback_expert)
+            .await
+            .map_err(|e| anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {e}"))?;
         tracing::info!(expert = %fallback_expert, "fallback expert checked");
     }
     let listener = tokio::net::TcpListener::bind(&a.addr)

@@ -3,8 +3,11 @@
 
 pub mod answer;
 pub mod arrivals;
+pub mod caching_encoder;
 pub mod cli;
 pub mod encoder;
+pub mod eval;
+pub mod eval_chart;
 pub mod generate;
 pub mod hnsw;
 pub mod latency;
@@ -96,7 +99,7 @@ pub fn peer_python(explicit: Option<&Path>) -> Option<std::path::PathBuf> {
 pub struct BenchServer {
     pub url: String,
     /// The inference service, when the server runs one (its counters time expert loads).
-    pub inference: Option<std::sync::Arc<crate::inference_service::InferenceService>>,
+    pub inference: Option<std::sync::Arc<roe_serving::BackboneInference>>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -104,15 +107,20 @@ pub struct BenchServer {
 impl BenchServer {
     pub async fn start(
         library: std::sync::Arc<roe_expert_library::library::ExpertLibrary>,
-        options: crate::server::ServeOptions,
+        options: roe_services::server::ServeOptions,
     ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let inference = options.inference.clone();
-        let task = tokio::spawn(crate::server::serve(listener, library, options, async {
-            let _ = stop_rx.await;
-        }));
+        let task = tokio::spawn(roe_services::server::serve(
+            listener,
+            library,
+            options,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
         Ok(Self {
             url,
             inference,
@@ -126,13 +134,14 @@ impl BenchServer {
         library: std::sync::Arc<roe_expert_library::library::ExpertLibrary>,
         backbone: std::sync::Arc<roe_backbone::Backbone>,
     ) -> anyhow::Result<Self> {
-        let inference = std::sync::Arc::new(crate::inference_service::InferenceService::new(
+        let inference = std::sync::Arc::new(roe_serving::BackboneInference::over_library(
             backbone,
             library.clone(),
+            roe_serving::ServingConfig::default(),
         ));
         Self::start(
             library,
-            crate::server::ServeOptions {
+            roe_services::server::ServeOptions {
                 inference: Some(inference),
                 ..Default::default()
             },

@@ -18,12 +18,12 @@ use anyhow::{bail, Context, Result};
 use roe_backbone::Backbone;
 use roe_expert_library::expert::ExpertKind;
 use roe_expert_library::library::ExpertLibrary;
-use roe_expert_library::tasks::Task;
+use roe_task_suite::Task;
 use serde::Serialize;
 
 use super::percentile;
 use super::serving::{expert_id, register_all, ServingSetup};
-use crate::proto::{self, inference_client::InferenceClient};
+use roe_services::proto::{self, inference_client::InferenceClient};
 
 pub struct ArrivalsSetup<'a> {
     pub experts_dir: &'a std::path::Path,

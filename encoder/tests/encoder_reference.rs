@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use roe_expert_library::embedding::{dot, BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
+use roe_encoder::{BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
+use roe_expert_library::embedding::dot;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

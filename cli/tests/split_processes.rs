@@ -8,11 +8,11 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 
-use roe_expert_library::tasks::{sample, Task};
 use roe_services::proto::{
     self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
     inference_client::InferenceClient, router_client::RouterClient,
 };
+use roe_task_suite::{sample, Task};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -21,7 +21,7 @@ use common::{models_dir, repo};
 fn backbone_path() -> PathBuf {
     std::env::var_os("ROE_BACKBONE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| roe_services::models::backbone_path(&models_dir()))
+        .unwrap_or_else(|| roe_cli::models::backbone_path(&models_dir()))
 }
 
 /// A `roe serve` child process, killed when dropped (also when an assertion fails).

@@ -1,0 +1,97 @@
+//! The one place where errors become gRPC statuses (and, for the clients of a remote
+//! library or router, where statuses become the serving core's errors again).
+
+use roe_expert_library::LibraryError;
+use roe_serving::{ErrorKind, ServingError};
+use tonic::{Code, Status};
+
+/// Most characters of client text quoted back in a status message.
+const MAX_MESSAGE_CHARS: usize = 1024;
+
+fn message(text: String) -> String {
+    if text.chars().count() <= MAX_MESSAGE_CHARS {
+        return text;
+    }
+    let cut: String = text.chars().take(MAX_MESSAGE_CHARS).collect();
+    format!("{cut}… (truncated)")
+}
+
+/// A library error: the caller's mistake, a missing or existing expert, or ours (INTERNAL,
+/// logged).
+pub fn library_status(e: LibraryError) -> Status {
+    let code = match &e {
+        LibraryError::InvalidArgument { .. } => Code::InvalidArgument,
+        LibraryError::NotFound { .. } => Code::NotFound,
+        LibraryError::AlreadyExists { .. } => Code::AlreadyExists,
+        LibraryError::FailedPrecondition(_) => Code::FailedPrecondition,
+        LibraryError::ResourceExhausted(_) => Code::ResourceExhausted,
+        LibraryError::Storage(_)
+        | LibraryError::Encoder(_)
+        | LibraryError::Index(_)
+        | LibraryError::Io { .. } => {
+            tracing::error!(error = %e, "internal error");
+            Code::Internal
+        }
+    };
+    Status::new(code, message(e.to_string()))
+}
+
+/// A serving-core error, by its kind.
+pub fn serving_status(e: ServingError) -> Status {
+    let code = match e.kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Internal => Code::Internal,
+    };
+    Status::new(code, message(e.message))
+}
+
+/// A status from a remote library or router, as the serving core's error: its code kept
+/// (NOT_FOUND stays NOT_FOUND), a code the core has no kind for becomes INTERNAL.
+pub fn remote_error(what: &str, s: Status) -> ServingError {
+    let kind = match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => ErrorKind::InvalidArgument,
+        Code::NotFound => ErrorKind::NotFound,
+        Code::FailedPrecondition | Code::AlreadyExists => ErrorKind::FailedPrecondition,
+        Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+        Code::Unavailable | Code::Cancelled | Code::Aborted => ErrorKind::Unavailable,
+        Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+        _ => ErrorKind::Internal,
+    };
+    let text = match kind {
+        // The remote side's own words, for the caller's mistakes and missing experts.
+        ErrorKind::InvalidArgument | ErrorKind::NotFound | ErrorKind::ResourceExhausted => {
+            s.message().to_string()
+        }
+        _ => format!("{what}: {}", s.message()),
+    };
+    ServingError::new(kind, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_map_to_codes_and_long_messages_are_truncated() {
+        let s = serving_status(ServingError::invalid("input", "x".repeat(5000)));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().starts_with("input: xxx"));
+        assert!(s.message().ends_with("(truncated)"));
+        assert!(s.message().chars().count() < 1100);
+        assert_eq!(
+            serving_status(ServingError::internal("boom")).code(),
+            Code::Internal
+        );
+        let back = remote_error("the library", Status::not_found("expert not found: a"));
+        assert_eq!(back.kind, ErrorKind::NotFound);
+        assert_eq!(back.message, "expert not found: a");
+        let back = remote_error("the library", Status::unavailable("connection refused"));
+        assert_eq!(back.kind, ErrorKind::Unavailable);
+        assert_eq!(back.message, "the library: connection refused");
+    }
+}
