@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ./scripts/fetch-models.sh
-cargo build --release --bin roe
+cargo build --release --bin roe --bin roe-bench
 ./target/release/roe eval "$@"

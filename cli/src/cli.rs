@@ -490,21 +490,15 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
             config,
         )))
     };
-    // A fallback that cannot answer is a configuration error: fail now, not per request.
     let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
-    if !fallback_expert.is_empty() {
-        let Some(svc) = &inference else {
-            bail!("--fallback-expert needs the Inference service (drop --no-inference)");
-        };
-        svc.check_expert(&fallback_expert)
-            .await
-            .map_err(|e| anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {e}"))?;
-        tracing::info!(expert = %fallback_expert, "fallback expert checked");
+    match &inference {
+        Some(svc) => check_fallback(svc, &fallback_expert).await?,
+        None if !fallback_expert.is_empty() => {
+            bail!("--fallback-expert needs the Inference service (drop --no-inference)")
+        }
+        None => {}
     }
-    let listener = tokio::net::TcpListener::bind(&a.addr)
-        .await
-        .with_context(|| format!("binding {}", a.addr))?;
-    println!("roe listening on {}", listener.local_addr()?);
+    let listener = bind(&a.addr).await?;
     let options = ServeOptions {
         route_defaults: roe_expert_library::RouteOptions {
             abstain_threshold: a.abstain_threshold,
@@ -516,6 +510,28 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     };
     serve(listener, library, options, shutdown_signal()).await?;
     Ok(())
+}
+
+/// A fallback that cannot answer is a configuration error: fail at start, not per request.
+async fn check_fallback(inference: &BackboneInference, fallback_expert: &str) -> Result<()> {
+    if fallback_expert.is_empty() {
+        return Ok(());
+    }
+    inference
+        .check_expert(fallback_expert)
+        .await
+        .map_err(|e| anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {e}"))?;
+    tracing::info!(expert = %fallback_expert, "fallback expert checked");
+    Ok(())
+}
+
+/// Binds the server's address and says where it listens (tests read that line).
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    println!("roe listening on {}", listener.local_addr()?);
+    Ok(listener)
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).
@@ -587,16 +603,8 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
         config,
     ));
     let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
-    if !fallback_expert.is_empty() {
-        svc.check_expert(&fallback_expert)
-            .await
-            .map_err(|e| anyhow::anyhow!("--fallback-expert {fallback_expert:?}: {e}"))?;
-        tracing::info!(expert = %fallback_expert, "fallback expert checked");
-    }
-    let listener = tokio::net::TcpListener::bind(&a.addr)
-        .await
-        .with_context(|| format!("binding {}", a.addr))?;
-    println!("roe listening on {}", listener.local_addr()?);
+    check_fallback(&svc, &fallback_expert).await?;
+    let listener = bind(&a.addr).await?;
     tracing::info!(library = %url, "inference only; experts and routing from the library process");
     let options = ServeOptions {
         fallback_expert,

@@ -15,6 +15,9 @@ pub enum LibraryError {
     /// The expert's files are well formed but do not fit what they must fit (the backbone).
     #[error("expert does not fit: {0}")]
     FailedPrecondition(String),
+    /// Routing needs at least one expert.
+    #[error("the library holds no experts yet")]
+    Empty,
     #[error("request too large: {0}")]
     ResourceExhausted(String),
     #[error("storage error: {0}")]

@@ -727,9 +727,7 @@ impl ExpertLibrary {
     ) -> Result<RouteResult> {
         let state = self.state.read();
         if state.num_experts() == 0 {
-            return Err(LibraryError::FailedPrecondition(
-                "the library holds no experts yet".into(),
-            ));
+            return Err(LibraryError::Empty);
         }
         state.route(queries, vectors, options)
     }

@@ -422,11 +422,19 @@ impl RoutingState {
         query_vectors: &[Vec<f32>],
         options: &RouteOptions,
     ) -> Result<RouteResult> {
-        if query_vectors.is_empty() {
+        if queries.is_empty() {
             return Err(LibraryError::invalid(
                 "queries",
                 "at least one query is needed",
             ));
+        }
+        // Our invariant, not the caller's input: every query was embedded.
+        if query_vectors.len() != queries.len() {
+            return Err(LibraryError::Index(format!(
+                "{} query vectors for {} queries",
+                query_vectors.len(),
+                queries.len()
+            )));
         }
         if options.top_k == 0 || options.top_k > 1000 {
             return Err(LibraryError::invalid("top_k", "must be between 1 and 1000"));

@@ -23,7 +23,7 @@ pub fn library_status(e: LibraryError) -> Status {
         LibraryError::InvalidArgument { .. } => Code::InvalidArgument,
         LibraryError::NotFound { .. } => Code::NotFound,
         LibraryError::AlreadyExists { .. } => Code::AlreadyExists,
-        LibraryError::FailedPrecondition(_) => Code::FailedPrecondition,
+        LibraryError::FailedPrecondition(_) | LibraryError::Empty => Code::FailedPrecondition,
         LibraryError::ResourceExhausted(_) => Code::ResourceExhausted,
         LibraryError::Storage(_)
         | LibraryError::Encoder(_)

@@ -86,9 +86,9 @@ impl From<LibraryError> for ServingError {
         let kind = match &e {
             LibraryError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             LibraryError::NotFound { .. } => ErrorKind::NotFound,
-            LibraryError::FailedPrecondition(_) | LibraryError::AlreadyExists { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            LibraryError::FailedPrecondition(_)
+            | LibraryError::Empty
+            | LibraryError::AlreadyExists { .. } => ErrorKind::FailedPrecondition,
             LibraryError::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
             LibraryError::Storage(_)
             | LibraryError::Encoder(_)

@@ -18,7 +18,7 @@ use crate::backend::{Backend, GenerationBatch, GenerationInput};
 use crate::config::ServingConfig;
 use crate::error::{Result, ServingError};
 use crate::stats::InferenceStats;
-use crate::worker::{panic_message, Liveness, LivenessGuard};
+use crate::worker::{panic_message, Batcher, Liveness, LivenessGuard};
 
 /// One generation to run.
 pub struct GenerationRequest<E> {
@@ -134,31 +134,13 @@ async fn schedule<B: Backend>(
     stats: Arc<InferenceStats>,
     config: ServingConfig,
     join_running: Arc<AtomicBool>,
-    mut rx: mpsc::Receiver<Vec<GenerationJob<B::Expert>>>,
+    rx: mpsc::Receiver<Vec<GenerationJob<B::Expert>>>,
     _alive: LivenessGuard,
 ) {
     let max = config.max_generate_batch;
     let mut newest: Option<Arc<OpenBatch<B::Expert>>> = None;
-    let mut held: Option<Vec<GenerationJob<B::Expert>>> = None;
-    loop {
-        let mut jobs = match held.take() {
-            Some(group) => group,
-            None => match rx.recv().await {
-                Some(group) => group,
-                None => break,
-            },
-        };
-        let deadline = tokio::time::Instant::now() + config.generate_batch_wait;
-        while jobs.len() < max {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(group)) if jobs.len() + group.len() <= max => jobs.extend(group),
-                Ok(Some(group)) => {
-                    held = Some(group);
-                    break;
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
+    let mut batches = Batcher::new(rx, max, config.generate_batch_wait);
+    while let Some(mut jobs) = batches.next().await {
         jobs.retain(|j| !j.tokens.is_closed());
         if jobs.is_empty() {
             continue;

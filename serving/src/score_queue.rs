@@ -14,7 +14,7 @@ use crate::backend::{Backend, ScoreInput};
 use crate::config::ServingConfig;
 use crate::error::{Result, ServingError};
 use crate::stats::InferenceStats;
-use crate::worker::{panic_message, Liveness};
+use crate::worker::{panic_message, Batcher, Liveness};
 
 /// One input to score with one expert.
 pub struct ScoreItem<E> {
@@ -95,31 +95,11 @@ async fn schedule<B: Backend>(
     backend: Arc<B>,
     stats: Arc<InferenceStats>,
     config: ServingConfig,
-    mut rx: mpsc::Receiver<Vec<ScoreJob<B::Expert>>>,
+    rx: mpsc::Receiver<Vec<ScoreJob<B::Expert>>>,
     _alive: crate::worker::LivenessGuard,
 ) {
-    let mut held: Option<Vec<ScoreJob<B::Expert>>> = None;
-    loop {
-        let mut jobs = match held.take() {
-            Some(group) => group,
-            None => match rx.recv().await {
-                Some(group) => group,
-                None => break,
-            },
-        };
-        let deadline = tokio::time::Instant::now() + config.score_batch_wait;
-        while jobs.len() < config.max_score_batch {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(group)) if jobs.len() + group.len() <= config.max_score_batch => {
-                    jobs.extend(group)
-                }
-                Ok(Some(group)) => {
-                    held = Some(group);
-                    break;
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
+    let mut batches = Batcher::new(rx, config.max_score_batch, config.score_batch_wait);
+    while let Some(mut jobs) = batches.next().await {
         // Requests whose clients went away need no work.
         jobs.retain(|j| !j.reply.is_closed());
         if jobs.is_empty() {

@@ -1,7 +1,52 @@
-//! Liveness of the queues' schedulers, and panic messages.
+//! What the queues' schedulers share: collecting submissions into batches, liveness, and
+//! panic messages.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+/// Turns a stream of submissions (each a request's jobs, never split) into batches: the first
+/// submission waiting, then whatever arrives within `wait` while whole submissions fit in
+/// `max`; one that does not fit opens the next batch.
+pub(crate) struct Batcher<T> {
+    rx: mpsc::Receiver<Vec<T>>,
+    held: Option<Vec<T>>,
+    max: usize,
+    wait: Duration,
+}
+
+impl<T> Batcher<T> {
+    pub fn new(rx: mpsc::Receiver<Vec<T>>, max: usize, wait: Duration) -> Self {
+        Self {
+            rx,
+            held: None,
+            max,
+            wait,
+        }
+    }
+
+    /// The next batch; None once every sender is gone and nothing is left.
+    pub async fn next(&mut self) -> Option<Vec<T>> {
+        let mut jobs = match self.held.take() {
+            Some(group) => group,
+            None => self.rx.recv().await?,
+        };
+        let deadline = tokio::time::Instant::now() + self.wait;
+        while jobs.len() < self.max {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(group)) if jobs.len() + group.len() <= self.max => jobs.extend(group),
+                Ok(Some(group)) => {
+                    self.held = Some(group);
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Some(jobs)
+    }
+}
 
 /// Whether a scheduler task is still running: it holds a [`LivenessGuard`], which marks it
 /// dead when dropped (the task ended or panicked).
