@@ -591,14 +591,15 @@ mod tests {
         }
     }
 
-    fn tiny_runtime() -> roe_backbone::ExpertSpec {
-        roe_backbone::ExpertSpec {
+    fn tiny_runtime() -> roe_backbone::ModelShape {
+        roe_backbone::ModelShape {
             hidden_size: 8,
             intermediate_size: 12,
             num_layers: 2,
             num_heads: 2,
             num_kv_heads: 1,
             head_dim: 4,
+            vocab_size: 32,
         }
     }
 

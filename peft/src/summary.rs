@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::PeftType;
+
 /// The facts of an adapter that the library stores and reports. For a LoRA, `alpha` and
 /// `scale` are exactly what the runtime applies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +26,15 @@ pub enum AdapterSummary {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         layers_to_transform: Option<Vec<usize>>,
     },
+}
+
+impl AdapterSummary {
+    pub fn peft_type(&self) -> PeftType {
+        match self {
+            Self::Prompt { .. } => PeftType::PromptTuning,
+            Self::Lora { .. } => PeftType::Lora,
+        }
+    }
 }
 
 /// The stored form, read leniently: records written before the scale was recorded have none,

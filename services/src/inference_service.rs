@@ -239,7 +239,7 @@ impl Inner {
         kind: ExpertKind,
         adapter: &PeftAdapter,
     ) -> Result<LoadedExpert, Status> {
-        let spec = self.backbone.expert_spec();
+        let spec = self.backbone.model_shape();
         Ok(match kind {
             ExpertKind::Prompt => {
                 let p = SoftPrompt::from_peft_bytes_with(
@@ -1090,9 +1090,9 @@ mod tests {
                 SoftPrompt::from_vec(
                     vec![0.0; 4],
                     1,
-                    &roe_backbone::ExpertSpec {
+                    &roe_backbone::ModelShape {
                         hidden_size: 4,
-                        ..Default::default()
+                        ..roe_backbone::ModelShape::smollm2_135m()
                     },
                 )
                 .unwrap(),
