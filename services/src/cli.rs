@@ -375,13 +375,23 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         &g.models_dir,
         g.encoder.as_deref(),
     )?);
-    let config = LibraryConfig {
+    // Loaded first so that registration validates experts against the shape of the model
+    // that will run them, not a built-in one.
+    let backbone = if no_inference {
+        None
+    } else {
+        Some(Arc::new(load_backbone(g, &a).await?))
+    };
+    let mut config = LibraryConfig {
         index: roe_expert_library::index::IndexConfig {
             hnsw_threshold: a.hnsw_threshold,
             ..Default::default()
         },
         ..Default::default()
     };
+    if let Some(bb) = &backbone {
+        config.backbones[0].shape = bb.model_shape();
+    }
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
     let (library, report) = ExpertLibrary::open(&a.data_dir, encoder, config)?;
@@ -393,15 +403,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         "library loaded"
     );
     let library = Arc::new(library);
-    let inference = if no_inference {
-        None
-    } else {
-        let backbone = load_backbone(g, &a).await?;
-        Some(Arc::new(InferenceService::new(
-            Arc::new(backbone),
-            library.clone(),
-        )))
-    };
+    let inference = backbone.map(|bb| Arc::new(InferenceService::new(bb, library.clone())));
     // A fallback that cannot answer is a configuration error: fail now, not per request.
     let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
     if !fallback_expert.is_empty() {
