@@ -239,6 +239,8 @@ fn zero_b_lora_equals_bare() {
     }
     let bb = common::quantized();
     let spec = bb.model_shape();
+    // Read from the GGUF, it is the SmolLM2-135M shape adapters are validated against.
+    assert_eq!(spec, ModelShape::smollm2_135m());
     let weights: Vec<LoraBlock> = (0..30)
         .flat_map(|l| {
             [LoraTarget::QProj, LoraTarget::VProj].map(|t| {
