@@ -289,13 +289,10 @@ fn merge_loras(
             });
         }
     }
+    // Scale 1: alpha = r, the sources' scales and weights are already in B.
     let config = LoraConfig {
-        r: rank,
-        lora_alpha: rank as f64,
-        use_rslora: false,
-        target_modules: targets.into_iter().collect(),
-        layers_to_transform: None,
         origin: sources[0].origin().clone(),
+        ..LoraConfig::new(rank, rank as f64, targets.into_iter().collect())
     };
     let merged = LoraAdapter::new(config, blocks, shape).map_err(|e| peft_error(e, spec))?;
     Ok(merged.to_peft().map_err(|e| peft_error(e, spec))?.into())

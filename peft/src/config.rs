@@ -69,6 +69,19 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// Every layer, no rsLoRA, no origin: what a trainer or a merge starts from. The lists
+    /// are normalised and checked when the adapter is built ([`crate::LoraAdapter::new`]).
+    pub fn new(r: usize, lora_alpha: f64, target_modules: Vec<LoraTarget>) -> Self {
+        Self {
+            r,
+            lora_alpha,
+            use_rslora: false,
+            target_modules,
+            layers_to_transform: None,
+            origin: AdapterOrigin::default(),
+        }
+    }
+
     /// What multiplies `B (A x)`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
         lora_scale(self.lora_alpha, self.r, self.use_rslora)

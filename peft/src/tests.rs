@@ -394,14 +394,7 @@ fn built_loras_are_checked() {
         a: vec![0.0; 2 * fin],
         b: vec![0.0; fout * 2],
     };
-    let config = || LoraConfig {
-        r: 2,
-        lora_alpha: 8.0,
-        use_rslora: false,
-        target_modules: vec![LoraTarget::QProj],
-        layers_to_transform: None,
-        origin: AdapterOrigin::default(),
-    };
+    let config = || LoraConfig::new(2, 8.0, vec![LoraTarget::QProj]);
     LoraAdapter::new(config(), vec![block(0), block(1), block(2)], &TINY).unwrap();
     let e = LoraAdapter::new(config(), vec![block(0), block(1)], &TINY).unwrap_err();
     assert!(matches!(e, PeftError::MissingTensor(_)), "{e:?}");
