@@ -632,14 +632,18 @@ fn tiny_prompt() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn experts_of_another_backbone_fail_precondition() {
-    let tiny = BackboneSpec {
-        name: "tiny".into(),
-        hidden_size: 8,
-        num_layers: 2,
-        num_heads: 2,
-        num_kv_heads: 1,
-        intermediate_size: 16,
-    };
+    let tiny = BackboneSpec::new(
+        "tiny",
+        roe_expert_library::expert::ModelShape {
+            hidden_size: 8,
+            num_layers: 2,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            intermediate_size: 16,
+            vocab_size: 32,
+        },
+    );
     let config = LibraryConfig {
         backbones: vec![BackboneSpec::smollm2_135m(), tiny],
         ..Default::default()

@@ -133,15 +133,16 @@ impl BackboneConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// The shapes experts must match.
-    pub fn expert_spec(&self) -> crate::experts::ExpertSpec {
-        crate::experts::ExpertSpec {
+    /// The shape adapters must have to run on this model (what roe-peft validates against).
+    pub fn model_shape(&self) -> roe_peft::ModelShape {
+        roe_peft::ModelShape {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_layers: self.num_layers,
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
+            vocab_size: self.vocab_size,
         }
     }
 }

@@ -12,29 +12,11 @@ pub enum ExpertError {
         #[source]
         source: std::io::Error,
     },
-    #[error("adapter_config.json: {0}")]
-    Config(String),
-    #[error("unsupported peft_type {found:?} (expected {expected})")]
-    PeftType {
-        found: String,
-        expected: &'static str,
-    },
-    #[error("adapter_model.safetensors: {0}")]
-    Safetensors(String),
-    #[error("missing tensor {0}")]
-    MissingTensor(String),
-    #[error("unexpected tensor {0}")]
-    UnexpectedTensor(String),
-    #[error("tensor {name}: shape {found:?}, expected {expected:?}")]
-    Shape {
-        name: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-    },
-    #[error("tensor {name}: unsupported dtype {dtype} (expected F32, F16 or BF16)")]
-    Dtype { name: String, dtype: String },
-    #[error("tensor {name}: holds non-finite values (NaN or infinity)")]
-    NonFinite { name: String },
+    /// The PEFT files are malformed, unsupported, or made for another model shape; the same
+    /// verdict registration reaches (both read them with roe-peft).
+    #[error(transparent)]
+    Peft(#[from] roe_peft::PeftError),
+    /// Weights handed in directly (not as PEFT files) do not fit the backbone.
     #[error("{0}")]
     Invalid(String),
 }

@@ -7,7 +7,8 @@
 //! - [`Backbone::score_batch`] does rank classification with the canonical rendering;
 //!   [`ensemble_vote`] combines several experts' scores of one input by majority vote.
 //! - [`Backbone::generator`] / [`Backbone::generate`] decode greedily or by sampling.
-//! - [`SoftPrompt`] and [`Lora`] load PEFT experts, validated ([`ExpertError`]).
+//! - [`SoftPrompt`] and [`Lora`] load PEFT experts, read and validated by roe-peft against
+//!   [`Backbone::model_shape`] ([`ExpertError`]).
 
 pub mod config;
 pub mod ensemble;
@@ -23,12 +24,13 @@ pub mod tokenizer;
 pub use config::BackboneConfig;
 pub use ensemble::{ensemble_vote, EnsembleVote};
 pub use error::{BackboneError, ExpertError, Result};
-pub use experts::{Adapters, ExpertSpec, Lora, LoraTarget, LoraWeights, SoftPrompt};
+pub use experts::{Adapters, Lora, LoraBlock, LoraTarget, ModelShape, SoftPrompt};
 pub use generate::{
     BatchGenerator, FinishReason, GenerateParams, GenerateRequest, GeneratedToken, Generation,
     Generator, MAX_GENERATE_BATCH,
 };
 pub use model::{Backbone, BackboneOptions, KvCache, LoraBatch, QuantKernel};
+pub use roe_peft::PeftError;
 pub use score::{ChoiceScore, RenderOptions, ScoreIdsRequest, ScoreOutput, ScoreRequest};
 pub use tokenizer::TextTokenizer;
 

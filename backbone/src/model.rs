@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::BackboneConfig;
 use crate::error::{BackboneError, Result};
-use crate::experts::{ExpertSpec, Lora, LoraTarget, SoftPrompt};
+use crate::experts::{Lora, LoraTarget, ModelShape, SoftPrompt};
 use crate::tokenizer::TextTokenizer;
 
 mod decode;
@@ -332,9 +332,9 @@ impl Backbone {
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
     }
-    /// The shapes an expert must have to run on this backbone.
-    pub fn expert_spec(&self) -> ExpertSpec {
-        self.config.expert_spec()
+    /// The shape an expert must have to run on this backbone, from the loaded GGUF.
+    pub fn model_shape(&self) -> ModelShape {
+        self.config.model_shape()
     }
     pub fn eos_token_id(&self) -> u32 {
         self.config.eos_token_id
@@ -362,7 +362,7 @@ impl Backbone {
         for l in 0..self.config.num_layers {
             for t in LoraTarget::ALL {
                 if let Some(p) = lora.pair(l, t) {
-                    let (fin, fout) = t.dims(&self.expert_spec());
+                    let (fin, fout) = t.dims(&self.model_shape());
                     if p.fin != fin
                         || p.fout != fout
                         || p.a.len() != p.rank * fin

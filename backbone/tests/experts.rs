@@ -4,8 +4,8 @@ mod common;
 use std::collections::HashMap;
 
 use roe_backbone::{
-    Adapters, Backbone, ExpertError, ExpertSpec, Lora, LoraTarget, LoraWeights, RenderOptions,
-    ScoreRequest, SoftPrompt,
+    Adapters, Backbone, ExpertError, Lora, LoraBlock, LoraTarget, ModelShape, PeftError,
+    RenderOptions, ScoreRequest, SoftPrompt,
 };
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -56,11 +56,11 @@ fn real_experts_load_and_validate() {
     let pst = std::fs::read(d.join("prompt/sms_spam/adapter_model.safetensors")).unwrap();
     assert!(matches!(
         Lora::from_peft_bytes(&pcfg, &pst),
-        Err(ExpertError::PeftType { .. })
+        Err(ExpertError::Peft(PeftError::PeftType { .. }))
     ));
     assert!(matches!(
         SoftPrompt::from_peft_bytes(&cfg, &st),
-        Err(ExpertError::PeftType { .. })
+        Err(ExpertError::Peft(PeftError::PeftType { .. }))
     ));
 }
 
@@ -131,33 +131,33 @@ fn bad_expert_files_are_errors() {
     let wrong_dim = st_bytes(&[("prompt_embeddings", vec![20, 512], vec![0.1; 20 * 512])]);
     assert!(matches!(
         SoftPrompt::from_peft_bytes(PROMPT_CFG, &wrong_dim),
-        Err(ExpertError::Shape { .. })
+        Err(ExpertError::Peft(PeftError::Shape { .. }))
     ));
     let wrong_n = st_bytes(&[("prompt_embeddings", vec![10, 576], vec![0.1; 10 * 576])]);
     assert!(matches!(
         SoftPrompt::from_peft_bytes(PROMPT_CFG, &wrong_n),
-        Err(ExpertError::Shape { .. })
+        Err(ExpertError::Peft(PeftError::ConfigField { .. }))
     ));
     let mut nan = vec![0.1; 20 * 576];
     nan[77] = f32::NAN;
     let nan = st_bytes(&[("prompt_embeddings", vec![20, 576], nan)]);
     assert!(matches!(
         SoftPrompt::from_peft_bytes(PROMPT_CFG, &nan),
-        Err(ExpertError::NonFinite { .. })
+        Err(ExpertError::Peft(PeftError::NonFinite { .. }))
     ));
     let missing = st_bytes(&[("something_else", vec![20, 576], vec![0.1; 20 * 576])]);
     assert!(SoftPrompt::from_peft_bytes(PROMPT_CFG, &missing).is_err());
     assert!(matches!(
         SoftPrompt::from_peft_bytes(&PROMPT_CFG.replace("PROMPT_TUNING", "P_TUNING"), &good),
-        Err(ExpertError::PeftType { .. })
+        Err(ExpertError::Peft(PeftError::PeftType { .. }))
     ));
     assert!(matches!(
         SoftPrompt::from_peft_bytes("{not json", &good),
-        Err(ExpertError::Config(_))
+        Err(ExpertError::Peft(PeftError::ConfigJson(_)))
     ));
     assert!(matches!(
         SoftPrompt::from_peft_bytes(PROMPT_CFG, b"garbage"),
-        Err(ExpertError::Safetensors(_))
+        Err(ExpertError::Peft(PeftError::Safetensors(_)))
     ));
     assert!(SoftPrompt::from_peft_bytes(PROMPT_CFG, &[]).is_err());
     assert!(matches!(
@@ -170,24 +170,24 @@ fn bad_expert_files_are_errors() {
     assert!(Lora::from_peft_bytes(LORA_CFG, &lora_bytes(&good)).is_ok());
     assert!(matches!(
         Lora::from_peft_bytes(&LORA_CFG.replace("\"LORA\"", "\"IA3\""), &lora_bytes(&good)),
-        Err(ExpertError::PeftType { .. })
+        Err(ExpertError::Peft(PeftError::PeftType { .. }))
     ));
     let missing_layer = lora_tensors(0.01, Some(7));
     assert!(matches!(
         Lora::from_peft_bytes(LORA_CFG, &lora_bytes(&missing_layer)),
-        Err(ExpertError::MissingTensor(_))
+        Err(ExpertError::Peft(PeftError::MissingTensor(_)))
     ));
     let mut wrong = good.clone();
     wrong[1] = (wrong[1].0.clone(), vec![512, 4], vec![0.0; 512 * 4]);
     assert!(matches!(
         Lora::from_peft_bytes(LORA_CFG, &lora_bytes(&wrong)),
-        Err(ExpertError::Shape { .. })
+        Err(ExpertError::Peft(PeftError::Shape { .. }))
     ));
     let mut nan = good.clone();
     nan[2].2[5] = f32::INFINITY;
     assert!(matches!(
         Lora::from_peft_bytes(LORA_CFG, &lora_bytes(&nan)),
-        Err(ExpertError::NonFinite { .. })
+        Err(ExpertError::Peft(PeftError::NonFinite { .. }))
     ));
     let mut extra = good.clone();
     extra.push((
@@ -197,7 +197,7 @@ fn bad_expert_files_are_errors() {
     ));
     assert!(matches!(
         Lora::from_peft_bytes(LORA_CFG, &lora_bytes(&extra)),
-        Err(ExpertError::UnexpectedTensor(_))
+        Err(ExpertError::Peft(PeftError::UnexpectedTensor { .. }))
     ));
     assert!(Lora::from_peft_bytes(
         &LORA_CFG.replace("\"r\": 4", "\"r\": 8"),
@@ -218,13 +218,13 @@ fn bad_expert_files_are_errors() {
         .collect();
     let _ = a16;
     // A LoRA for another backbone shape.
-    let small = ExpertSpec {
+    let small = ModelShape {
         num_layers: 2,
-        ..ExpertSpec::default()
+        ..ModelShape::smollm2_135m()
     };
     assert!(matches!(
         Lora::from_peft_bytes_with(LORA_CFG, &lora_bytes(&good), &small),
-        Err(ExpertError::UnexpectedTensor(_))
+        Err(ExpertError::Peft(PeftError::LayerOutOfRange { .. }))
     ));
 }
 
@@ -232,12 +232,14 @@ fn bad_expert_files_are_errors() {
 fn zero_b_lora_equals_bare() {
     common::require_model();
     let bb = common::quantized();
-    let spec = bb.expert_spec();
-    let weights: Vec<LoraWeights> = (0..30)
+    let spec = bb.model_shape();
+    // Read from the GGUF, it is the SmolLM2-135M shape adapters are validated against.
+    assert_eq!(spec, ModelShape::smollm2_135m());
+    let weights: Vec<LoraBlock> = (0..30)
         .flat_map(|l| {
             [LoraTarget::QProj, LoraTarget::VProj].map(|t| {
                 let (fin, fout) = t.dims(&spec);
-                LoraWeights {
+                LoraBlock {
                     layer: l,
                     target: t,
                     a: (0..4 * fin).map(|i| (i % 13) as f32 * 0.1).collect(),

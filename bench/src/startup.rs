@@ -139,7 +139,7 @@ fn write_store(n: usize, dir: &Path) -> Result<(usize, f64)> {
                 id: id.clone(),
                 name: id.clone(),
                 description: String::new(),
-                kind: summary.kind(),
+                kind: summary.peft_type().into(),
                 backbone: spec.name.clone(),
                 version: 1,
                 created_at_unix_ms: 0,

@@ -460,13 +460,23 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         &g.models_dir,
         g.encoder.as_deref(),
     )?);
-    let config = LibraryConfig {
+    // Loaded first so that registration validates experts against the shape of the model
+    // that will run them, not a built-in one.
+    let backbone = if no_inference {
+        None
+    } else {
+        Some(Arc::new(load_backbone(g, &a).await?))
+    };
+    let mut config = LibraryConfig {
         index: roe_expert_library::index::IndexConfig {
             hnsw_threshold: a.hnsw_threshold,
             ..Default::default()
         },
         ..Default::default()
     };
+    if let Some(bb) = &backbone {
+        config.backbones[0].shape = bb.model_shape();
+    }
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
     let (library, report) = ExpertLibrary::open(&a.data_dir, encoder, config)?;
@@ -478,18 +488,11 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         "library loaded"
     );
     let library = Arc::new(library);
-    let inference = if no_inference {
-        None
-    } else {
-        let backbone = load_backbone(g, &a).await?;
+    let inference = backbone.map(|bb| {
         let config = a.serving.config();
         tracing::info!(?config, "serving configuration");
-        Some(Arc::new(BackboneInference::over_library(
-            Arc::new(backbone),
-            library.clone(),
-            config,
-        )))
-    };
+        Arc::new(BackboneInference::over_library(bb, library.clone(), config))
+    });
     let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
     match &inference {
         Some(svc) => check_fallback(svc, &fallback_expert).await?,

@@ -1,9 +1,13 @@
 //! What an expert is: metadata, its task instances, and its PEFT adapter (soft prompt or LoRA),
-//! validated against the backbone it claims to fit.
+//! validated against the backbone it claims to fit. The PEFT format itself is roe-peft's: the
+//! same reader the backbone runtime loads experts with, so registration accepts exactly what
+//! inference runs.
 
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
+/// The shape a backbone's adapters must have (roe-peft's).
+pub use roe_peft::ModelShape;
+use roe_peft::{Adapter, PeftError, PeftErrorKind, PeftType};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -28,6 +32,15 @@ impl ExpertKind {
     }
 }
 
+impl From<PeftType> for ExpertKind {
+    fn from(t: PeftType) -> Self {
+        match t {
+            PeftType::PromptTuning => Self::Prompt,
+            PeftType::Lora => Self::Lora,
+        }
+    }
+}
+
 impl std::str::FromStr for ExpertKind {
     type Err = LibraryError;
     fn from_str(s: &str) -> Result<Self> {
@@ -42,45 +55,27 @@ impl std::str::FromStr for ExpertKind {
     }
 }
 
-/// The shapes an adapter must have to fit a backbone. Only what validation needs.
+/// A backbone experts may be registered for: the name experts refer to and the shape their
+/// adapters must fit. The serving backbone's shape comes from the model it loaded
+/// (`roe_backbone::Backbone::model_shape`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackboneSpec {
     /// Short name experts refer to, e.g. `smollm2-135m`.
     pub name: String,
-    pub hidden_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub intermediate_size: usize,
+    pub shape: ModelShape,
 }
 
 impl BackboneSpec {
+    pub fn new(name: impl Into<String>, shape: ModelShape) -> Self {
+        Self {
+            name: name.into(),
+            shape,
+        }
+    }
+
     /// SmolLM2-135M-Instruct, roe's default backbone.
     pub fn smollm2_135m() -> Self {
-        Self {
-            name: "smollm2-135m".to_string(),
-            hidden_size: 576,
-            num_layers: 30,
-            num_heads: 9,
-            num_kv_heads: 3,
-            intermediate_size: 1536,
-        }
-    }
-
-    fn kv_dim(&self) -> usize {
-        self.hidden_size / self.num_heads * self.num_kv_heads
-    }
-
-    /// (in, out) features of a Llama projection that LoRA may target.
-    pub(crate) fn projection_dims(&self, module: &str) -> Option<(usize, usize)> {
-        let h = self.hidden_size;
-        match module {
-            "q_proj" | "o_proj" => Some((h, h)),
-            "k_proj" | "v_proj" => Some((h, self.kv_dim())),
-            "gate_proj" | "up_proj" => Some((h, self.intermediate_size)),
-            "down_proj" => Some((self.intermediate_size, h)),
-            _ => None,
-        }
+        Self::new("smollm2-135m", ModelShape::smollm2_135m())
     }
 }
 
@@ -139,30 +134,8 @@ impl std::str::FromStr for TextFormat {
     }
 }
 
-/// What validation learned about an adapter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum AdapterSummary {
-    Prompt {
-        num_virtual_tokens: usize,
-        token_dim: usize,
-    },
-    Lora {
-        r: usize,
-        alpha: f64,
-        target_modules: Vec<String>,
-        num_layers: usize,
-    },
-}
-
-impl AdapterSummary {
-    pub fn kind(&self) -> ExpertKind {
-        match self {
-            Self::Prompt { .. } => ExpertKind::Prompt,
-            Self::Lora { .. } => ExpertKind::Lora,
-        }
-    }
-}
+/// What validation learned about an adapter (stored with the expert).
+pub use roe_peft::AdapterSummary;
 
 /// An adapter in Hugging Face PEFT's on-disk format, kept as the original bytes so that the
 /// backbone runtime reads exactly what PEFT wrote.
@@ -172,21 +145,8 @@ pub struct PeftAdapter {
     pub safetensors: Vec<u8>,
 }
 
-/// Largest adapter we accept, in bytes: far above a LoRA of a small model, far below memory.
-pub const MAX_ADAPTER_BYTES: usize = 512 * 1024 * 1024;
-
-#[derive(Debug, Deserialize)]
-struct PeftConfig {
-    peft_type: Option<String>,
-    base_model_name_or_path: Option<String>,
-    // prompt tuning
-    num_virtual_tokens: Option<usize>,
-    token_dim: Option<usize>,
-    // LoRA
-    r: Option<usize>,
-    lora_alpha: Option<f64>,
-    target_modules: Option<serde_json::Value>,
-}
+/// Largest adapter weights accepted, in bytes (roe-peft's limit, the runtime's too).
+pub use roe_peft::MAX_ADAPTER_BYTES;
 
 impl PeftAdapter {
     /// Reads `adapter_config.json` and `adapter_model.safetensors` from a PEFT directory.
@@ -221,213 +181,40 @@ impl PeftAdapter {
         hex(&h.finalize())
     }
 
-    /// Checks that the adapter is a well-formed PEFT prompt or LoRA that fits `spec`:
-    /// peft_type, tensor names and shapes, dtype (f32/f16/bf16) and finite values.
+    /// Checks that the adapter is a well-formed PEFT prompt or LoRA that fits `spec`, with
+    /// roe-peft's rules (the runtime's): config fields, tensor names and shapes, dtype
+    /// (f32/f16/bf16), finite values, limits. The summary's alpha and scale are the ones
+    /// inference applies.
     pub fn validate(&self, spec: &BackboneSpec) -> Result<AdapterSummary> {
-        if self.safetensors.len() > MAX_ADAPTER_BYTES {
-            return Err(LibraryError::ResourceExhausted(format!(
-                "adapter weights are {} bytes, the limit is {MAX_ADAPTER_BYTES}",
-                self.safetensors.len()
-            )));
-        }
-        let cfg: PeftConfig = serde_json::from_str(&self.config_json).map_err(|e| {
-            LibraryError::invalid("adapter_config", format!("not valid PEFT JSON: {e}"))
-        })?;
-        let tensors = SafeTensors::deserialize(&self.safetensors).map_err(|e| {
-            LibraryError::invalid("weights", format!("not a valid safetensors file: {e}"))
-        })?;
-        for (name, view) in tensors.tensors() {
-            check_finite(&name, &view)?;
-        }
-        let _ = &cfg.base_model_name_or_path;
-        match cfg.peft_type.as_deref() {
-            Some("PROMPT_TUNING") => validate_prompt(&cfg, &tensors, spec),
-            Some("LORA") => validate_lora(&cfg, &tensors, spec),
-            Some(other) => Err(LibraryError::invalid(
-                "adapter_config.peft_type",
-                format!("{other:?} is not supported (PROMPT_TUNING or LORA)"),
-            )),
-            None => Err(LibraryError::invalid(
-                "adapter_config.peft_type",
-                "missing".to_string(),
-            )),
+        self.parse(spec).map(|a| a.summary())
+    }
+
+    /// [`PeftAdapter::validate`], keeping the decoded adapter.
+    pub fn parse(&self, spec: &BackboneSpec) -> Result<Adapter> {
+        Adapter::from_peft(&self.config_json, &self.safetensors, &spec.shape)
+            .map_err(|e| peft_error(e, spec))
+    }
+}
+
+impl From<roe_peft::PeftFiles> for PeftAdapter {
+    fn from(f: roe_peft::PeftFiles) -> Self {
+        Self {
+            config_json: f.config_json,
+            safetensors: f.safetensors,
         }
     }
 }
 
-fn validate_prompt(
-    cfg: &PeftConfig,
-    tensors: &SafeTensors,
-    spec: &BackboneSpec,
-) -> Result<AdapterSummary> {
-    let t = tensors.tensor("prompt_embeddings").map_err(|_| {
-        LibraryError::invalid("weights", "prompt tuning adapter lacks `prompt_embeddings`")
-    })?;
-    let shape = t.shape();
-    if shape.len() != 2 || shape[1] != spec.hidden_size || shape[0] == 0 {
-        return Err(LibraryError::FailedPrecondition(format!(
-            "prompt_embeddings has shape {shape:?}; backbone {} needs [virtual_tokens, {}]",
-            spec.name, spec.hidden_size
-        )));
-    }
-    if let Some(n) = cfg.num_virtual_tokens {
-        if n != shape[0] {
-            return Err(LibraryError::invalid(
-                "adapter_config.num_virtual_tokens",
-                format!("says {n} but prompt_embeddings has {} rows", shape[0]),
-            ));
+/// A PEFT problem as the library reports it: the client's malformed or unsupported adapter is
+/// INVALID_ARGUMENT on the field, one made for another shape does not fit the backbone.
+pub(crate) fn peft_error(e: PeftError, spec: &BackboneSpec) -> LibraryError {
+    match e.kind() {
+        PeftErrorKind::Invalid => LibraryError::invalid(e.field(), e.to_string()),
+        PeftErrorKind::DoesNotFit => {
+            LibraryError::FailedPrecondition(format!("backbone {}: {e}", spec.name))
         }
+        PeftErrorKind::TooLarge => LibraryError::ResourceExhausted(e.to_string()),
     }
-    if let Some(d) = cfg.token_dim {
-        if d != spec.hidden_size {
-            return Err(LibraryError::FailedPrecondition(format!(
-                "token_dim {d} does not match backbone {} hidden size {}",
-                spec.name, spec.hidden_size
-            )));
-        }
-    }
-    Ok(AdapterSummary::Prompt {
-        num_virtual_tokens: shape[0],
-        token_dim: shape[1],
-    })
-}
-
-fn validate_lora(
-    cfg: &PeftConfig,
-    tensors: &SafeTensors,
-    spec: &BackboneSpec,
-) -> Result<AdapterSummary> {
-    let r = cfg
-        .r
-        .filter(|r| *r > 0)
-        .ok_or_else(|| LibraryError::invalid("adapter_config.r", "missing or zero"))?;
-    let alpha = cfg.lora_alpha.unwrap_or(r as f64);
-    if !alpha.is_finite() {
-        return Err(LibraryError::invalid(
-            "adapter_config.lora_alpha",
-            "not finite",
-        ));
-    }
-    let targets: Vec<String> = match &cfg.target_modules {
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                LibraryError::invalid("adapter_config.target_modules", "must be strings")
-            })?,
-        Some(serde_json::Value::String(s)) => vec![s.clone()],
-        _ => {
-            return Err(LibraryError::invalid(
-                "adapter_config.target_modules",
-                "missing",
-            ))
-        }
-    };
-    let mut targets_sorted = targets.clone();
-    targets_sorted.sort();
-    targets_sorted.dedup();
-    for m in &targets_sorted {
-        if spec.projection_dims(m).is_none() {
-            return Err(LibraryError::FailedPrecondition(format!(
-                "target module {m:?} is not a projection of backbone {}",
-                spec.name
-            )));
-        }
-    }
-    // Every tensor must be a lora_A/lora_B of a targeted module of a real layer, and every
-    // (layer, module) pair must be complete.
-    let mut seen = std::collections::BTreeSet::new();
-    for (name, view) in tensors.tensors() {
-        let (layer, module, ab) = parse_lora_key(&name).ok_or_else(|| {
-            LibraryError::invalid("weights", format!("unexpected tensor {name:?} in a LoRA"))
-        })?;
-        if layer >= spec.num_layers {
-            return Err(LibraryError::FailedPrecondition(format!(
-                "{name}: layer {layer} but backbone {} has {} layers",
-                spec.name, spec.num_layers
-            )));
-        }
-        if !targets_sorted.iter().any(|t| t == module) {
-            return Err(LibraryError::invalid(
-                "weights",
-                format!("{name}: module {module} is not in target_modules"),
-            ));
-        }
-        let (fin, fout) = spec
-            .projection_dims(module)
-            .ok_or_else(|| LibraryError::invalid("weights", format!("{name}: unknown module")))?;
-        let want = if ab == 'A' { [r, fin] } else { [fout, r] };
-        if view.shape() != want {
-            return Err(LibraryError::FailedPrecondition(format!(
-                "{name} has shape {:?}; backbone {} with r={r} needs {want:?}",
-                view.shape(),
-                spec.name
-            )));
-        }
-        seen.insert((layer, module.to_string(), ab));
-    }
-    let expected = spec.num_layers * targets_sorted.len() * 2;
-    if seen.len() != expected {
-        return Err(LibraryError::FailedPrecondition(format!(
-            "LoRA has {} of the {expected} lora_A/lora_B tensors that {} layers x {:?} need",
-            seen.len(),
-            spec.num_layers,
-            targets_sorted
-        )));
-    }
-    Ok(AdapterSummary::Lora {
-        r,
-        alpha,
-        target_modules: targets_sorted,
-        num_layers: spec.num_layers,
-    })
-}
-
-/// `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` -> (N, "q_proj", 'A').
-pub fn parse_lora_key(name: &str) -> Option<(usize, &str, char)> {
-    let rest = name.split_once("layers.")?.1;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let parts: Vec<&str> = rest.split('.').collect();
-    // [self_attn|mlp, module, lora_A|lora_B, weight]
-    if parts.len() != 4 || parts[3] != "weight" {
-        return None;
-    }
-    let ab = match parts[2] {
-        "lora_A" => 'A',
-        "lora_B" => 'B',
-        _ => return None,
-    };
-    Some((layer, parts[1], ab))
-}
-
-fn check_finite(name: &str, view: &safetensors::tensor::TensorView) -> Result<()> {
-    let data = view.data();
-    let bad = match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .any(|c| !half::f16::from_le_bytes([c[0], c[1]]).is_finite()),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .any(|c| !half::bf16::from_le_bytes([c[0], c[1]]).is_finite()),
-        other => {
-            return Err(LibraryError::invalid(
-                "weights",
-                format!("{name}: dtype {other:?} is not supported (f32, f16, bf16)"),
-            ))
-        }
-    };
-    if bad {
-        return Err(LibraryError::invalid(
-            "weights",
-            format!("{name} holds NaN or infinite values"),
-        ));
-    }
-    Ok(())
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -472,23 +259,6 @@ pub fn validate_expert_id(id: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lora_keys_parse() {
-        assert_eq!(
-            parse_lora_key("base_model.model.model.layers.12.self_attn.q_proj.lora_A.weight"),
-            Some((12, "q_proj", 'A'))
-        );
-        assert_eq!(
-            parse_lora_key("base_model.model.model.layers.3.mlp.down_proj.lora_B.weight"),
-            Some((3, "down_proj", 'B'))
-        );
-        assert_eq!(parse_lora_key("prompt_embeddings"), None);
-        assert_eq!(
-            parse_lora_key("base_model.model.model.layers.x.self_attn.q_proj.lora_A.weight"),
-            None
-        );
-    }
 
     #[test]
     fn choice_instance_renders_like_the_paper() {

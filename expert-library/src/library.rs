@@ -435,7 +435,7 @@ impl ExpertLibrary {
                 new.name
             },
             description: new.description,
-            kind: summary.kind(),
+            kind: summary.peft_type().into(),
             backbone: spec.name.clone(),
             version,
             created_at_unix_ms: now_ms(),
@@ -578,7 +578,7 @@ impl ExpertLibrary {
                 req.name
             },
             description,
-            kind: merged.summary.kind(),
+            kind: merged.summary.peft_type().into(),
             backbone: spec.name.clone(),
             version: existing.as_ref().map_or(1, |old| old.version + 1),
             created_at_unix_ms: now_ms(),

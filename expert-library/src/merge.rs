@@ -13,34 +13,32 @@
 //! no rsLoRA). Averaging the A and B matrices separately would not give the average delta
 //! (`mean(B) mean(A) != mean(B A)`); stacking does, at the price of a larger rank. A module or
 //! layer a source does not adapt gets zero blocks there, so one rank fits every module. The
-//! weights are written as f32 under PEFT's key names.
+//! sources are read and the result written by roe-peft (f32 under PEFT's key names), so the
+//! merge scales each source exactly as inference does.
 //!
 //! **Prompt.** [`PromptMergeMode::Average`]: the weighted average of the prompt embeddings
 //! (every source needs the same number of virtual tokens). [`PromptMergeMode::Concat`]: the
 //! prompts one after another in source order (virtual tokens add up; no weights).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
-use serde_json::{json, Map, Value};
+use roe_peft::{
+    Adapter, LoraAdapter, LoraBlock, LoraConfig, LoraTarget, SoftPromptAdapter, MAX_LORA_RANK,
+    MAX_VIRTUAL_TOKENS,
+};
 
 use crate::error::{LibraryError, Result};
 use crate::expert::{
-    parse_lora_key, AdapterSummary, BackboneSpec, ExpertKind, PeftAdapter, MAX_ADAPTER_BYTES,
+    peft_error, AdapterSummary, BackboneSpec, ExpertKind, PeftAdapter, MAX_ADAPTER_BYTES,
 };
 
 /// Most experts one merge may combine.
 pub const MAX_MERGE_SOURCES: usize = 64;
 /// Largest rank a merged LoRA may reach (the sum of the sources' ranks): the most the backbone
-/// runtime loads (`roe_backbone`'s `MAX_LORA_RANK`), so a merge never registers an expert that
-/// inference would refuse.
-pub const MAX_MERGED_LORA_RANK: usize = 256;
-/// Most virtual tokens a concatenated prompt may reach (`roe_backbone`'s `MAX_VIRTUAL_TOKENS`).
-pub const MAX_MERGED_VIRTUAL_TOKENS: usize = 512;
-/// PEFT's `LoraConfig` default, which the backbone runtime also applies when a config leaves
-/// `lora_alpha` out; the merge must scale sources exactly as inference does.
-const PEFT_DEFAULT_LORA_ALPHA: f64 = 8.0;
+/// runtime loads, so a merge never registers an expert that inference would refuse.
+pub const MAX_MERGED_LORA_RANK: usize = MAX_LORA_RANK;
+/// Most virtual tokens a concatenated prompt may reach (what the runtime loads).
+pub const MAX_MERGED_VIRTUAL_TOKENS: usize = MAX_VIRTUAL_TOKENS;
 
 /// How prompt experts are combined. LoRA experts are always merged by their weighted deltas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -154,22 +152,36 @@ pub fn merge_adapters(
             format!("{} sources, at most {MAX_MERGE_SOURCES}", sources.len()),
         ));
     }
-    let summaries = sources
+    let parsed = sources
         .iter()
         .enumerate()
-        .map(|(i, s)| s.validate(spec).map_err(|e| in_source(i, e)))
+        .map(|(i, s)| s.parse(spec).map_err(|e| in_source(i, e)))
         .collect::<Result<Vec<_>>>()?;
-    let kind = summaries[0].kind();
-    if let Some(i) = summaries.iter().position(|s| s.kind() != kind) {
+    let kind = kind_of(&parsed[0]);
+    if let Some(i) = parsed.iter().position(|a| kind_of(a) != kind) {
         return Err(invalid(
             "sources",
             format!(
                 "all sources must be of one kind: sources[0] is {}, sources[{i}] is {}",
                 kind.as_str(),
-                summaries[i].kind().as_str()
+                kind_of(&parsed[i]).as_str()
             ),
         ));
     }
+    let loras: Vec<&LoraAdapter> = parsed
+        .iter()
+        .filter_map(|a| match a {
+            Adapter::Lora(l) => Some(l),
+            Adapter::SoftPrompt(_) => None,
+        })
+        .collect();
+    let prompts: Vec<&SoftPromptAdapter> = parsed
+        .iter()
+        .filter_map(|a| match a {
+            Adapter::SoftPrompt(p) => Some(p),
+            Adapter::Lora(_) => None,
+        })
+        .collect();
     let (adapter, weights) =
         match (kind, prompt_mode) {
             (ExpertKind::Lora, PromptMergeMode::Concat) => return Err(invalid(
@@ -178,11 +190,11 @@ pub fn merge_adapters(
             )),
             (ExpertKind::Lora, PromptMergeMode::Average) => {
                 let w = normalise_weights(sources.len(), weights)?;
-                (merge_loras(sources, &summaries, &w, spec)?, w)
+                (merge_loras(&loras, &w, spec)?, w)
             }
             (ExpertKind::Prompt, PromptMergeMode::Average) => {
                 let w = normalise_weights(sources.len(), weights)?;
-                (merge_prompts(sources, Some(&w), spec)?, w)
+                (merge_prompts(&prompts, Some(&w), spec)?, w)
             }
             (ExpertKind::Prompt, PromptMergeMode::Concat) => {
                 if weights.is_some() {
@@ -191,7 +203,7 @@ pub fn merge_adapters(
                         "weights do not apply to a concatenation of prompts",
                     ));
                 }
-                (merge_prompts(sources, None, spec)?, Vec::new())
+                (merge_prompts(&prompts, None, spec)?, Vec::new())
             }
         };
     // The merge is built to fit; validating it anyway means a bug here can never reach the
@@ -204,185 +216,20 @@ pub fn merge_adapters(
     })
 }
 
-/// Reads a tensor as f32 (validation has already limited dtypes to f32/f16/bf16).
-fn tensor_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
-    let data = view.data();
-    Ok(match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(invalid(
-                "weights",
-                format!("{name}: dtype {other:?} is not supported (f32, f16, bf16)"),
-            ))
-        }
-    })
-}
-
-fn config_object(i: usize, json: &str) -> Result<Map<String, Value>> {
-    match serde_json::from_str::<Value>(json) {
-        Ok(Value::Object(m)) => Ok(m),
-        _ => Err(invalid(
-            format!("sources[{i}].adapter_config"),
-            "not a JSON object",
-        )),
+fn kind_of(adapter: &Adapter) -> ExpertKind {
+    match adapter {
+        Adapter::SoftPrompt(_) => ExpertKind::Prompt,
+        Adapter::Lora(_) => ExpertKind::Lora,
     }
-}
-
-fn config_str(cfg: &Map<String, Value>, key: &str) -> Option<String> {
-    cfg.get(key).and_then(Value::as_str).map(str::to_string)
-}
-
-/// One LoRA source, its blocks keyed by (layer, module): (A r x in, B out x r), row-major.
-struct LoraSource {
-    r: usize,
-    scale: f64,
-    blocks: BTreeMap<(usize, String), (Vec<f32>, Vec<f32>)>,
-}
-
-impl LoraSource {
-    fn parse(i: usize, adapter: &PeftAdapter, r: usize) -> Result<Self> {
-        let field = |k: &str| format!("sources[{i}].adapter_config.{k}");
-        let cfg = config_object(i, &adapter.config_json)?;
-        let flag = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
-        // Variants whose delta is not `scale * B A` cannot be merged this way (and the
-        // backbone runtime does not run them either).
-        for k in ["use_dora", "fan_in_fan_out", "lora_bias"] {
-            if flag(k) {
-                return Err(invalid(field(k), "is not supported by merging"));
-            }
-        }
-        if let Some(b) = cfg.get("bias").and_then(Value::as_str) {
-            if b != "none" {
-                return Err(invalid(field("bias"), format!("{b:?} is not supported")));
-            }
-        }
-        for k in ["rank_pattern", "alpha_pattern"] {
-            if let Some(Value::Object(m)) = cfg.get(k) {
-                if !m.is_empty() {
-                    return Err(invalid(
-                        field(k),
-                        "per-module ranks or alphas are not supported",
-                    ));
-                }
-            }
-        }
-        let alpha = match cfg.get("lora_alpha") {
-            None | Some(Value::Null) => PEFT_DEFAULT_LORA_ALPHA,
-            Some(v) => v
-                .as_f64()
-                .filter(|a| a.is_finite())
-                .ok_or_else(|| invalid(field("lora_alpha"), "must be a finite number"))?,
-        };
-        let scale = if flag("use_rslora") {
-            alpha / (r as f64).sqrt()
-        } else {
-            alpha / r as f64
-        };
-        let st = SafeTensors::deserialize(&adapter.safetensors).map_err(|e| {
-            invalid(
-                format!("sources[{i}].weights"),
-                format!("not a valid safetensors file: {e}"),
-            )
-        })?;
-        let mut a_of = BTreeMap::new();
-        let mut b_of = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let (layer, module, ab) = parse_lora_key(&name).ok_or_else(|| {
-                invalid(
-                    format!("sources[{i}].weights"),
-                    format!("unexpected tensor {name:?} in a LoRA"),
-                )
-            })?;
-            let values = tensor_f32(&name, &view).map_err(|e| in_source(i, e))?;
-            let map = if ab == 'A' { &mut a_of } else { &mut b_of };
-            map.insert((layer, module.to_string()), values);
-        }
-        let mut blocks = BTreeMap::new();
-        for (key, a) in a_of {
-            let b = b_of.remove(&key).ok_or_else(|| {
-                LibraryError::FailedPrecondition(format!(
-                    "sources[{i}]: layer {} {} has lora_A but no lora_B",
-                    key.0, key.1
-                ))
-            })?;
-            blocks.insert(key, (a, b));
-        }
-        if let Some((layer, module)) = b_of.into_keys().next() {
-            return Err(LibraryError::FailedPrecondition(format!(
-                "sources[{i}]: layer {layer} {module} has lora_B but no lora_A"
-            )));
-        }
-        Ok(Self { r, scale, blocks })
-    }
-}
-
-/// Where PEFT puts a Llama projection: attention ones under `self_attn`, the rest under `mlp`.
-fn module_parent(module: &str) -> &'static str {
-    match module {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
-        _ => "mlp",
-    }
-}
-
-/// The PEFT key of a LoRA matrix (`ab` is "A" or "B").
-pub fn lora_key(layer: usize, module: &str, ab: &str) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.{module}.lora_{ab}.weight",
-        module_parent(module)
-    )
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Writes f32 tensors as safetensors with PEFT's `format: pt` metadata.
-fn write_safetensors(tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>> {
-    let views = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| LibraryError::Storage(format!("building tensor {name}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = [("format".to_string(), "pt".to_string())]
-        .into_iter()
-        .collect();
-    safetensors::serialize(views, Some(meta))
-        .map_err(|e| LibraryError::Storage(format!("writing merged weights: {e}")))
 }
 
 fn merge_loras(
-    sources: &[PeftAdapter],
-    summaries: &[AdapterSummary],
+    sources: &[&LoraAdapter],
     weights: &[f64],
     spec: &BackboneSpec,
 ) -> Result<PeftAdapter> {
-    let mut parsed = Vec::with_capacity(sources.len());
-    let mut modules = BTreeSet::new();
-    for (i, (src, summary)) in sources.iter().zip(summaries).enumerate() {
-        let AdapterSummary::Lora {
-            r, target_modules, ..
-        } = summary
-        else {
-            return Err(invalid("sources", format!("sources[{i}] is not a LoRA")));
-        };
-        modules.extend(target_modules.iter().cloned());
-        parsed.push(LoraSource::parse(i, src, *r)?);
-    }
-    let rank: usize = parsed.iter().map(|p| p.r).sum();
+    let shape = &spec.shape;
+    let rank: usize = sources.iter().map(|s| s.rank()).sum();
     if rank > MAX_MERGED_LORA_RANK {
         return Err(invalid(
             "sources",
@@ -392,47 +239,40 @@ fn merge_loras(
             ),
         ));
     }
-    let mut dims = Vec::with_capacity(modules.len());
-    for m in &modules {
-        let (fin, fout) = spec.projection_dims(m).ok_or_else(|| {
-            LibraryError::FailedPrecondition(format!(
-                "target module {m:?} is not a projection of backbone {}",
-                spec.name
-            ))
-        })?;
-        dims.push((m.as_str(), fin, fout));
-    }
-    // Checked before allocating: a merge of many large LoRAs could otherwise take gigabytes.
-    let bytes: usize = dims
+    let targets: BTreeSet<LoraTarget> = sources
         .iter()
-        .map(|(_, fin, fout)| rank * (fin + fout) * 4)
+        .flat_map(|s| s.targets().iter().copied())
+        .collect();
+    // Checked before allocating: a merge of many large LoRAs could otherwise take gigabytes.
+    let bytes: usize = targets
+        .iter()
+        .map(|t| {
+            let (fin, fout) = shape.dims(*t);
+            rank * (fin + fout) * 4
+        })
         .sum::<usize>()
-        * spec.num_layers;
+        * shape.num_layers;
     if bytes > MAX_ADAPTER_BYTES {
         return Err(LibraryError::ResourceExhausted(format!(
             "sources: the merged LoRA would take {bytes} bytes, the limit is {MAX_ADAPTER_BYTES}"
         )));
     }
-    let mut tensors = Vec::with_capacity(spec.num_layers * dims.len() * 2);
-    for layer in 0..spec.num_layers {
-        for &(module, fin, fout) in &dims {
+    let mut blocks = Vec::with_capacity(shape.num_layers * targets.len());
+    for layer in 0..shape.num_layers {
+        for &target in &targets {
+            let (fin, fout) = shape.dims(target);
             let mut a = vec![0f32; rank * fin];
             let mut b = vec![0f32; fout * rank];
             let mut offset = 0;
-            for (src, w) in parsed.iter().zip(weights) {
-                let r = src.r;
-                if let Some((sa, sb)) = src.blocks.get(&(layer, module.to_string())) {
-                    if sa.len() != r * fin || sb.len() != fout * r {
-                        return Err(LibraryError::FailedPrecondition(format!(
-                            "layer {layer} {module}: a source's matrices do not match r={r}"
-                        )));
-                    }
-                    a[offset * fin..(offset + r) * fin].copy_from_slice(sa);
+            for (src, w) in sources.iter().zip(weights) {
+                let r = src.rank();
+                if let Some(block) = src.block(layer, target) {
+                    a[offset * fin..(offset + r) * fin].copy_from_slice(&block.a);
                     // Scale and weight are folded into B (in f64, rounded once) so that the
                     // merged LoRA runs at scale 1.
-                    let k = w * src.scale;
+                    let k = w * src.scale();
                     for o in 0..fout {
-                        let row = &sb[o * r..(o + 1) * r];
+                        let row = &block.b[o * r..(o + 1) * r];
                         let out = &mut b[o * rank + offset..o * rank + offset + r];
                         for (dst, x) in out.iter_mut().zip(row) {
                             *dst = (k * *x as f64) as f32;
@@ -441,92 +281,54 @@ fn merge_loras(
                 }
                 offset += r;
             }
-            tensors.push((lora_key(layer, module, "A"), vec![rank, fin], f32_bytes(&a)));
-            tensors.push((
-                lora_key(layer, module, "B"),
-                vec![fout, rank],
-                f32_bytes(&b),
-            ));
+            blocks.push(LoraBlock {
+                layer,
+                target,
+                a,
+                b,
+            });
         }
     }
-    let first = config_object(0, &sources[0].config_json)?;
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": config_str(&first, "task_type").unwrap_or_else(|| "CAUSAL_LM".into()),
-        "base_model_name_or_path": config_str(&first, "base_model_name_or_path"),
-        "r": rank,
-        "lora_alpha": rank,
-        "use_rslora": false,
-        "target_modules": modules.iter().collect::<Vec<_>>(),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "use_dora": false,
-        "init_lora_weights": true,
-        "inference_mode": true,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "modules_to_save": null,
-        "layers_to_transform": null,
-    });
-    Ok(PeftAdapter {
-        config_json: serde_json::to_string_pretty(&config)
-            .map_err(|e| LibraryError::Storage(format!("writing merged config: {e}")))?,
-        safetensors: write_safetensors(&tensors)?,
-    })
+    // Scale 1: alpha = r, the sources' scales and weights are already in B.
+    let config = LoraConfig {
+        origin: sources[0].origin().clone(),
+        ..LoraConfig::new(rank, rank as f64, targets.into_iter().collect())
+    };
+    let merged = LoraAdapter::new(config, blocks, shape).map_err(|e| peft_error(e, spec))?;
+    Ok(merged.to_peft().map_err(|e| peft_error(e, spec))?.into())
 }
 
 /// Averages (`weights` given) or concatenates (`None`) prompt experts.
 fn merge_prompts(
-    sources: &[PeftAdapter],
+    sources: &[&SoftPromptAdapter],
     weights: Option<&[f64]>,
     spec: &BackboneSpec,
 ) -> Result<PeftAdapter> {
-    let d = spec.hidden_size;
-    let mut prompts = Vec::with_capacity(sources.len());
-    for (i, src) in sources.iter().enumerate() {
-        let st = SafeTensors::deserialize(&src.safetensors).map_err(|e| {
-            invalid(
-                format!("sources[{i}].weights"),
-                format!("not a valid safetensors file: {e}"),
-            )
-        })?;
-        let view = st
-            .tensor("prompt_embeddings")
-            .map_err(|_| invalid(format!("sources[{i}].weights"), "lacks `prompt_embeddings`"))?;
-        let values = tensor_f32("prompt_embeddings", &view).map_err(|e| in_source(i, e))?;
-        if values.is_empty() || values.len() % d != 0 {
-            return Err(LibraryError::FailedPrecondition(format!(
-                "sources[{i}]: prompt_embeddings is not [virtual_tokens, {d}]"
-            )));
-        }
-        prompts.push(values);
-    }
     let merged: Vec<f32> = match weights {
         Some(w) => {
-            let n0 = prompts[0].len() / d;
-            if let Some(i) = prompts.iter().position(|p| p.len() != prompts[0].len()) {
+            let n0 = sources[0].num_virtual_tokens();
+            if let Some(i) = sources.iter().position(|p| p.num_virtual_tokens() != n0) {
                 return Err(invalid(
                     "sources",
                     format!(
                         "averaged prompts need the same number of virtual tokens: sources[0] \
                          has {n0}, sources[{i}] has {}; concatenate them instead",
-                        prompts[i].len() / d
+                        sources[i].num_virtual_tokens()
                     ),
                 ));
             }
-            (0..prompts[0].len())
+            (0..sources[0].embeddings().len())
                 .map(|k| {
-                    prompts
+                    sources
                         .iter()
                         .zip(w)
-                        .map(|(p, w)| w * p[k] as f64)
+                        .map(|(p, w)| w * p.embeddings()[k] as f64)
                         .sum::<f64>() as f32
                 })
                 .collect()
         }
         None => {
-            let total: usize = prompts.iter().map(|p| p.len() / d).sum();
+            let total: usize = sources.iter().map(|p| p.num_virtual_tokens()).sum();
             if total > MAX_MERGED_VIRTUAL_TOKENS {
                 return Err(invalid(
                     "sources",
@@ -536,38 +338,28 @@ fn merge_prompts(
                     ),
                 ));
             }
-            prompts.concat()
+            sources
+                .iter()
+                .flat_map(|p| p.embeddings())
+                .copied()
+                .collect()
         }
     };
-    let n = merged.len() / d;
-    let first = config_object(0, &sources[0].config_json)?;
-    let config = json!({
-        "peft_type": "PROMPT_TUNING",
-        "task_type": config_str(&first, "task_type").unwrap_or_else(|| "CAUSAL_LM".into()),
-        "base_model_name_or_path": config_str(&first, "base_model_name_or_path"),
-        "num_virtual_tokens": n,
-        "token_dim": d,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": spec.num_heads,
-        "num_layers": spec.num_layers,
-        "prompt_tuning_init": "RANDOM",
-        "inference_mode": true,
-    });
-    Ok(PeftAdapter {
-        config_json: serde_json::to_string_pretty(&config)
-            .map_err(|e| LibraryError::Storage(format!("writing merged config: {e}")))?,
-        safetensors: write_safetensors(&[(
-            "prompt_embeddings".to_string(),
-            vec![n, d],
-            f32_bytes(&merged),
-        )])?,
-    })
+    let n = merged.len() / spec.shape.hidden_size.max(1);
+    let prompt = SoftPromptAdapter::new(merged, n, &spec.shape)
+        .map_err(|e| peft_error(e, spec))?
+        .with_origin(sources[0].origin().clone());
+    Ok(prompt.to_peft().map_err(|e| peft_error(e, spec))?.into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+    use roe_peft::{decode_f32, LoraKey, LoraMatrix, ModelShape};
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+    use serde_json::{json, Value};
     use std::path::PathBuf;
 
     fn assets() -> PathBuf {
@@ -581,25 +373,40 @@ mod tests {
     /// 8 wide, 2 layers, 2 heads (head_dim 4), 1 KV head, MLP 12: small enough to check
     /// every module quickly.
     fn tiny() -> BackboneSpec {
-        BackboneSpec {
-            name: "tiny".into(),
-            hidden_size: 8,
-            num_layers: 2,
-            num_heads: 2,
-            num_kv_heads: 1,
-            intermediate_size: 12,
-        }
+        BackboneSpec::new("tiny", tiny_runtime())
     }
 
-    fn tiny_runtime() -> roe_backbone::ExpertSpec {
-        roe_backbone::ExpertSpec {
+    fn tiny_runtime() -> ModelShape {
+        ModelShape {
             hidden_size: 8,
             intermediate_size: 12,
             num_layers: 2,
             num_heads: 2,
             num_kv_heads: 1,
             head_dim: 4,
+            vocab_size: 32,
         }
+    }
+
+    /// The PEFT key of a LoRA matrix (`ab` is "A" or "B").
+    fn lora_key(layer: usize, module: &str, ab: &str) -> String {
+        let target = LoraTarget::from_name(module).expect("a projection");
+        let matrix = if ab == "A" {
+            LoraMatrix::A
+        } else {
+            LoraMatrix::B
+        };
+        LoraKey::new(layer, target, matrix).format()
+    }
+
+    /// (in, out) of a projection on the backbone.
+    fn projection_dims(spec: &BackboneSpec, module: &str) -> (usize, usize) {
+        spec.shape
+            .dims(LoraTarget::from_name(module).expect("a projection"))
+    }
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
     fn field_of(e: &LibraryError) -> &str {
@@ -636,9 +443,9 @@ mod tests {
     ) -> PeftAdapter {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut owned = Vec::new();
-        for layer in 0..spec.num_layers {
+        for layer in 0..spec.shape.num_layers {
             for m in modules {
-                let (fin, fout) = spec.projection_dims(m).unwrap();
+                let (fin, fout) = projection_dims(spec, m);
                 for (ab, shape) in [("A", vec![r, fin]), ("B", vec![fout, r])] {
                     let v: Vec<f32> = (0..shape[0] * shape[1])
                         .map(|_| rng.random_range(-1.0f32..1.0))
@@ -669,16 +476,16 @@ mod tests {
 
     fn synthetic_prompt(spec: &BackboneSpec, n: usize, seed: u64) -> (PeftAdapter, Vec<f32>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..n * spec.hidden_size)
+        let v: Vec<f32> = (0..n * spec.shape.hidden_size)
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
         let bytes = f32_bytes(&v);
         let views = vec![(
             "prompt_embeddings".to_string(),
-            TensorView::new(Dtype::F32, vec![n, spec.hidden_size], &bytes).unwrap(),
+            TensorView::new(Dtype::F32, vec![n, spec.shape.hidden_size], &bytes).unwrap(),
         )];
         let cfg = json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": n,
-                         "token_dim": spec.hidden_size, "base_model_name_or_path": "tiny-base"});
+                         "token_dim": spec.shape.hidden_size, "base_model_name_or_path": "tiny-base"});
         (
             PeftAdapter {
                 config_json: cfg.to_string(),
@@ -692,7 +499,7 @@ mod tests {
     fn values(st: &SafeTensors<'_>, name: &str) -> Option<Vec<f64>> {
         let t = st.tensor(name).ok()?;
         Some(
-            tensor_f32(name, &t)
+            decode_f32(name, &t)
                 .unwrap()
                 .into_iter()
                 .map(f64::from)
@@ -714,7 +521,7 @@ mod tests {
         let st = SafeTensors::deserialize(&a.safetensors).unwrap();
         let am = values(&st, &lora_key(layer, module, "A"))?;
         let bm = values(&st, &lora_key(layer, module, "B")).unwrap();
-        let (fin, fout) = spec.projection_dims(module).unwrap();
+        let (fin, fout) = projection_dims(spec, module);
         let mut out = vec![0f64; fout * fin];
         for o in 0..fout {
             for k in 0..r {
@@ -744,9 +551,9 @@ mod tests {
             .collect();
         let mut worst = 0f64;
         let mut checked = 0;
-        for layer in 0..spec.num_layers {
+        for layer in 0..spec.shape.num_layers {
             for m in &modules {
-                let (fin, fout) = spec.projection_dims(m).unwrap();
+                let (fin, fout) = projection_dims(spec, m);
                 let mut want = vec![0f64; fin * fout];
                 for (s, w) in sources.iter().zip(weights) {
                     if let Some(d) = delta(s, layer, m, spec) {
@@ -762,7 +569,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, spec.num_layers * modules.len());
+        assert_eq!(checked, spec.shape.num_layers * modules.len());
         worst
     }
 
@@ -820,13 +627,16 @@ mod tests {
             let AdapterSummary::Lora {
                 r,
                 alpha,
+                scale,
                 target_modules,
                 num_layers,
+                layers_to_transform,
             } = &m.summary
             else {
                 panic!("merged kind {:?}", m.summary)
             };
-            assert_eq!((*r, *alpha, *num_layers), (12, 12.0, 30));
+            assert_eq!((*r, *alpha, *scale, *num_layers), (12, 12.0, 1.0, 30));
+            assert_eq!(layers_to_transform, &None);
             assert_eq!(target_modules, &["q_proj", "v_proj"]);
             let worst = check_lora_math(&sources, &m.weights, &m.adapter, &spec);
             eprintln!("real LoRAs, weights {weights:?}: max |diff| {worst:e}");
@@ -930,7 +740,7 @@ mod tests {
         let read = |a: &PeftAdapter| {
             let st = SafeTensors::deserialize(&a.safetensors).unwrap();
             let t = st.tensor("prompt_embeddings").unwrap();
-            (t.shape().to_vec(), tensor_f32("", &t).unwrap())
+            (t.shape().to_vec(), decode_f32("", &t).unwrap())
         };
 
         let m = merge_adapters(

@@ -55,7 +55,7 @@ impl Backend for Backbone {
     type Generation<'a> = BackboneGeneration<'a>;
 
     fn load_expert(&self, kind: ExpertKind, adapter: &PeftAdapter) -> Result<LoadedExpert> {
-        let spec = self.expert_spec();
+        let spec = self.model_shape();
         let unusable = |e: &dyn std::fmt::Display| ServingError::precondition(e.to_string());
         Ok(match kind {
             ExpertKind::Prompt => {
