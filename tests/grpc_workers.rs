@@ -79,11 +79,12 @@ async fn a_stopped_router_process_is_unavailable_to_inference() {
     // Reachable: the remote library's own status comes back.
     let e = experts.meta("no-such-expert").await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
-    let routed = routes
+    let e = routes
         .route(vec![query()], RouteOverrides::default())
         .await
-        .unwrap();
-    assert!(routed.ranked.is_empty());
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.message.contains("no experts yet"), "{e}");
     router.stop().await;
 
     // The inference process over the stopped router, served for real.
