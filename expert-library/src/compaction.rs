@@ -19,6 +19,9 @@
 //!    writes made since the snapshot (see [`crate::index`]): the result is the one a
 //!    synchronous compaction would give.
 //!
+//! While a round runs, the old and the new indexes live side by side: memory peaks at about
+//! twice the index (vectors and graphs) for the length of the build.
+//!
 //! Dropping the library cancels a running round (it is polled between chunks and graph
 //! batches) and joins the worker; nothing is lost, as sled holds every write and the old
 //! indexes hold them all too. A worker that fails or panics logs it and leaves the old

@@ -174,6 +174,13 @@ fn exact_view(lib: &ExpertLibrary) -> ExactView {
     ExactView { live, hits, routes }
 }
 
+/// The services share one library across threads: the worker must not change that.
+#[test]
+fn the_library_stays_send_and_sync() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<ExpertLibrary>();
+}
+
 #[test]
 fn routing_keeps_answering_during_a_background_compaction_and_writes_survive_the_swap() {
     let tmp = tempfile::tempdir().unwrap();
