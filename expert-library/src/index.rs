@@ -3,8 +3,23 @@
 //! Vectors are unit length, so inner product = cosine and MIPS = nearest neighbour. Small
 //! libraries are scanned exactly (at ~10k vectors a scan beats a graph); past
 //! `hnsw_threshold` live vectors an HNSW graph (hnsw_rs) answers instead. Insertion is
-//! continual; deletion is a tombstone honoured at once by filtered search, and `compact`
-//! drops tombstoned rows and rebuilds the graph once they pile up.
+//! continual; deletion is a tombstone honoured at once by filtered search. Once tombstones
+//! reach `compact_ratio` of the rows ([`VectorIndex::needs_compaction`]) the index is
+//! compacted: tombstoned rows are dropped and the graph rebuilt.
+//!
+//! Rebuilding a graph of a million vectors takes minutes, so `remove` never compacts: the
+//! library compacts in the background ([`crate::compaction`]) in three steps that each hold
+//! the caller's lock only briefly or not at all:
+//! 1. [`VectorIndex::begin_compaction`] and [`VectorIndex::copy_into`] copy the live rows out,
+//!    a chunk per call (a short read lock each);
+//! 2. [`CompactionSnapshot::build`] builds the new index from the copy, without any lock;
+//! 3. [`VectorIndex::swap_in`] (a short write lock) replays the writes made since the
+//!    snapshot began — rows appended since are inserted into the new index, copied rows
+//!    tombstoned since are removed from it — and replaces the index with it.
+//!
+//! Rows are append-only and never change, and tombstones are never lifted, so the replay
+//! yields exactly the live set a synchronous [`VectorIndex::compact`] (the same three steps
+//! in one go) would, with the same vectors: exact search gives the same hits.
 //!
 //! A graph can be written to disk with hnsw_rs's own `file_dump` ([`VectorIndex::dump_graph`])
 //! and loaded back with `HnswIo` ([`VectorIndex::load_graph`]) instead of being rebuilt;
@@ -27,6 +42,16 @@ const GRAPH_LAYERS: usize = 16;
 
 /// Head of a row table file (see [`VectorIndex::dump_graph`]).
 const ROWS_MAGIC: &[u8; 8] = b"ROEROWS1";
+
+/// Points a graph build inserts between two looks at its cancel flag.
+const GRAPH_BATCH: usize = 4096;
+
+/// Source of [`VectorIndex`] epochs: every index, and every compaction of one, gets its own.
+static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_epoch() -> u64 {
+    NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// `1 - dot`, clamped at 0: rounding can push the dot of unit vectors above 1, which the
 /// stock `DistDot` rejects with a panic.
@@ -79,6 +104,45 @@ pub struct VectorIndex {
     hnsw: Option<Hnsw<'static, f32, ClampedDotDistance>>,
     /// Compactions so far (a compaction replaces the graph, so a dump of it goes stale).
     compactions: u64,
+    /// Identifies this index's rows: a compaction snapshot only swaps into the index (and
+    /// the rows) it was taken from.
+    epoch: u64,
+}
+
+/// The live rows of an index copied out for a background compaction, as of
+/// [`VectorIndex::begin_compaction`] (rows appended later are replayed at the swap).
+pub struct CompactionSnapshot {
+    dim: usize,
+    config: IndexConfig,
+    /// Epoch of the index copied.
+    epoch: u64,
+    /// Rows the index held when the snapshot began.
+    end: usize,
+    /// Next row to look at.
+    next: usize,
+    /// The source row of each copied row, ascending.
+    rows: Vec<usize>,
+    points: Vec<u64>,
+    data: Vec<f32>,
+}
+
+/// A compacted index built from a [`CompactionSnapshot`], private to its builder until
+/// [`VectorIndex::swap_in`]; it can be dumped before ([`Self::index`]).
+pub struct CompactedIndex {
+    index: VectorIndex,
+    source_epoch: u64,
+    source_end: usize,
+    /// Row `i` of `index` is row `source_rows[i]` of the source, ascending.
+    source_rows: Vec<usize>,
+}
+
+/// What [`VectorIndex::swap_in`] replayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SwapReport {
+    /// Rows appended to the source since the snapshot, inserted into the new index.
+    pub inserted: usize,
+    /// Copied rows tombstoned since the snapshot, removed from the new index.
+    pub removed: usize,
 }
 
 impl VectorIndex {
@@ -92,6 +156,7 @@ impl VectorIndex {
             deleted: HashSet::new(),
             hnsw: None,
             compactions: 0,
+            epoch: next_epoch(),
         }
     }
 
@@ -166,45 +231,123 @@ impl VectorIndex {
         Ok(())
     }
 
-    /// Tombstones points; searches skip them from now on.
+    /// Tombstones points; searches skip them from now on. Never compacts (see the module
+    /// docs): the caller checks [`Self::needs_compaction`].
     pub fn remove(&mut self, point_ids: &[u64]) {
         for pid in point_ids {
             if let Some(r) = self.row_of.remove(pid) {
                 self.deleted.insert(r);
             }
         }
-        if !self.points.is_empty()
-            && self.deleted.len() as f32 / self.points.len() as f32 >= self.config.compact_ratio
-        {
-            self.compact();
-        }
     }
 
-    /// Drops tombstoned rows and rebuilds the graph (or drops it when the index got small).
+    /// Tombstoned rows reached `compact_ratio` of all rows.
+    pub fn needs_compaction(&self) -> bool {
+        !self.deleted.is_empty()
+            && self.deleted.len() as f32 / self.points.len() as f32 >= self.config.compact_ratio
+    }
+
+    /// Tombstoned rows, waiting for a compaction.
+    pub fn tombstones(&self) -> usize {
+        self.deleted.len()
+    }
+
+    /// Drops tombstoned rows and rebuilds the graph (or drops it when the index got small),
+    /// synchronously: the background compaction's steps in one go.
     pub fn compact(&mut self) {
         if self.deleted.is_empty() {
             return;
         }
-        let mut data = Vec::with_capacity(self.len() * self.dim);
-        let mut points = Vec::with_capacity(self.len());
-        for r in 0..self.points.len() {
-            if !self.deleted.contains(&r) {
-                data.extend_from_slice(self.row(r));
-                points.push(self.points[r]);
-            }
-        }
-        self.row_of = points.iter().enumerate().map(|(r, p)| (*p, r)).collect();
-        self.data = data;
-        self.points = points;
-        self.deleted.clear();
-        self.hnsw = None;
-        self.compactions += 1;
-        if self.len() >= self.config.hnsw_threshold {
-            self.build_hnsw();
+        let mut snapshot = self.begin_compaction();
+        self.copy_into(&mut snapshot, usize::MAX);
+        let Some(compacted) = snapshot.build(&|| false) else {
+            return;
+        };
+        if let Err(e) = self.swap_in(compacted) {
+            // Not reachable: the snapshot was taken from this index just now.
+            tracing::error!("synchronous compaction could not swap in: {e}");
         }
     }
 
+    /// Starts a compaction snapshot of this index; fill it with [`Self::copy_into`].
+    pub fn begin_compaction(&self) -> CompactionSnapshot {
+        CompactionSnapshot {
+            dim: self.dim,
+            config: self.config.clone(),
+            epoch: self.epoch,
+            end: self.points.len(),
+            next: 0,
+            rows: Vec::with_capacity(self.len()),
+            points: Vec::with_capacity(self.len()),
+            data: Vec::with_capacity(self.len() * self.dim),
+        }
+    }
+
+    /// Copies the live rows among the next `max_rows` rows of `snapshot` into it; true once
+    /// the snapshot is complete. A snapshot of another index (or of this one before a
+    /// compaction replaced its rows) is refused: it reports complete and [`Self::swap_in`]
+    /// will refuse it too.
+    pub fn copy_into(&self, snapshot: &mut CompactionSnapshot, max_rows: usize) -> bool {
+        if snapshot.epoch != self.epoch {
+            return true;
+        }
+        let to = snapshot.next.saturating_add(max_rows).min(snapshot.end);
+        for r in snapshot.next..to {
+            if !self.deleted.contains(&r) {
+                snapshot.rows.push(r);
+                snapshot.points.push(self.points[r]);
+                snapshot.data.extend_from_slice(self.row(r));
+            }
+        }
+        snapshot.next = to;
+        to == snapshot.end
+    }
+
+    /// Replaces this index with `compacted` after replaying the writes made since its
+    /// snapshot began (see the module docs). Refused when `compacted` was not built from
+    /// this index's rows (the index is left as it was).
+    pub fn swap_in(&mut self, compacted: CompactedIndex) -> Result<SwapReport> {
+        let CompactedIndex {
+            index: mut new,
+            source_epoch,
+            source_end,
+            source_rows,
+        } = compacted;
+        if source_epoch != self.epoch || source_end > self.points.len() {
+            return Err(LibraryError::Index(
+                "a compaction was built from other rows than the index holds".into(),
+            ));
+        }
+        let mut report = SwapReport::default();
+        // Copied rows tombstoned since: the same row (and point) of the new index goes.
+        let mut gone: Vec<u64> = Vec::new();
+        for r in self.deleted.iter().filter(|r| **r < source_end) {
+            if let Ok(i) = source_rows.binary_search(r) {
+                gone.push(new.points[i]);
+            }
+        }
+        report.removed = gone.len();
+        new.remove(&gone);
+        // Rows appended since, live ones only, in order (a point appended twice keeps its
+        // last row, as here).
+        let appended: Vec<(u64, &[f32])> = (source_end..self.points.len())
+            .filter(|r| !self.deleted.contains(r))
+            .map(|r| (self.points[r], self.row(r)))
+            .collect();
+        report.inserted = appended.len();
+        new.insert(&appended)?;
+        new.compactions = self.compactions + 1;
+        *self = new;
+        Ok(report)
+    }
+
     fn build_hnsw(&mut self) {
+        self.build_hnsw_unless(&|| false);
+    }
+
+    /// Builds the graph over the live rows, in batches, giving up (and leaving no graph) as
+    /// soon as `cancelled` says so; false when it gave up.
+    fn build_hnsw_unless(&mut self, cancelled: &dyn Fn() -> bool) -> bool {
         let n = self.points.len();
         let h = Hnsw::new(
             self.config.max_connections,
@@ -213,14 +356,18 @@ impl VectorIndex {
             self.config.ef_construction,
             ClampedDotDistance,
         );
-        let batch: Vec<(&[f32], usize)> = (0..n)
-            .filter(|r| !self.deleted.contains(r))
-            .map(|r| (self.row(r), r))
-            .collect();
-        h.parallel_insert_slice(&batch);
+        let live: Vec<usize> = (0..n).filter(|r| !self.deleted.contains(r)).collect();
+        for rows in live.chunks(GRAPH_BATCH) {
+            if cancelled() {
+                return false;
+            }
+            let batch: Vec<(&[f32], usize)> = rows.iter().map(|r| (self.row(*r), *r)).collect();
+            h.parallel_insert_slice(&batch);
+        }
         let mut h = h;
         h.set_searching_mode(true);
         self.hnsw = Some(h);
+        true
     }
 
     /// The `k` live points most similar to `query` among those `allow` accepts, best first,
@@ -418,6 +565,7 @@ impl VectorIndex {
             deleted,
             hnsw: Some(h),
             compactions: 0,
+            epoch: next_epoch(),
         })
     }
 
@@ -433,6 +581,47 @@ impl VectorIndex {
             0
         };
         vectors + book + graph
+    }
+}
+
+impl CompactionSnapshot {
+    /// Live rows copied so far.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Builds the compacted index from the copied rows (needs no lock on the source); `None`
+    /// when `cancelled` said so during the graph build.
+    pub fn build(self, cancelled: &dyn Fn() -> bool) -> Option<CompactedIndex> {
+        let mut index = VectorIndex::new(self.dim, self.config);
+        index.row_of = self
+            .points
+            .iter()
+            .enumerate()
+            .map(|(r, p)| (*p, r))
+            .collect();
+        index.points = self.points;
+        index.data = self.data;
+        if index.len() >= index.config.hnsw_threshold && !index.build_hnsw_unless(cancelled) {
+            return None;
+        }
+        Some(CompactedIndex {
+            index,
+            source_epoch: self.epoch,
+            source_end: self.end,
+            source_rows: self.rows,
+        })
+    }
+}
+
+impl CompactedIndex {
+    /// The new index as built (before any replay), e.g. to dump it while it is private.
+    pub fn index(&self) -> &VectorIndex {
+        &self.index
     }
 }
 
@@ -555,7 +744,11 @@ mod tests {
             "HNSW top-1 agreed with exact search {agree}/100 times"
         );
         let gone: Vec<u64> = (0..1000).collect();
-        idx.remove(&gone); // a third tombstoned: compaction rebuilds the graph
+        idx.remove(&gone); // a third tombstoned: due for compaction, which rebuilds the graph
+        assert!(idx.needs_compaction());
+        idx.compact();
+        assert!(!idx.needs_compaction() && idx.tombstones() == 0);
+        assert_eq!(idx.compactions(), 1);
         assert_eq!(idx.len(), 2000);
         assert!(idx.uses_hnsw());
         for q in [0usize, 500, 999] {
@@ -565,6 +758,90 @@ mod tests {
                 .all(|h| h.point_id >= 1000));
         }
         assert_eq!(idx.search(&vs[1234], 1, &|_| true)[0].point_id, 1234);
+    }
+
+    /// Live points and what an exact search sees, for comparing two indexes.
+    fn exact_view(idx: &VectorIndex, queries: &[Vec<f32>]) -> (Vec<u64>, Vec<Vec<Hit>>) {
+        let mut live: Vec<u64> = idx.live_points().collect();
+        live.sort_unstable();
+        let hits = queries
+            .iter()
+            .map(|q| idx.search_exact(q, 20, &|_| true))
+            .collect();
+        (live, hits)
+    }
+
+    #[test]
+    fn a_background_compaction_replays_the_writes_made_during_it() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let dim = 16;
+        let vs: Vec<Vec<f32>> = (0..2400).map(|_| random_unit(&mut rng, dim)).collect();
+        let cfg = IndexConfig {
+            hnsw_threshold: 600,
+            ef_construction: 64,
+            ..Default::default()
+        };
+        let items = |range: std::ops::Range<usize>| -> Vec<(u64, &[f32])> {
+            range.map(|i| (i as u64, vs[i].as_slice())).collect()
+        };
+        let mut idx = VectorIndex::new(dim, cfg);
+        idx.insert(&items(0..1600)).unwrap();
+        idx.remove(&(0..500).collect::<Vec<_>>());
+        assert!(idx.needs_compaction() && idx.uses_hnsw());
+        // A snapshot copied in chunks, with writes between the chunks and after the copy.
+        let mut snapshot = idx.begin_compaction();
+        assert!(!idx.copy_into(&mut snapshot, 800));
+        idx.remove(&[100, 600, 1500]); // already gone, copied, not copied yet
+        assert!(idx.copy_into(&mut snapshot, 800));
+        assert_eq!(snapshot.len(), 300 + 800 - 1);
+        idx.insert(&items(1600..2000)).unwrap();
+        // Re-inserted points (a new row each): one copied, one appended since.
+        idx.insert(&[(900, vs[2100].as_slice()), (1700, vs[2200].as_slice())])
+            .unwrap();
+        let compacted = snapshot.build(&|| false).unwrap();
+        assert!(compacted.index().uses_hnsw());
+        assert_eq!(compacted.index().len(), 1099);
+        idx.remove(&[1000, 1800, 1601]);
+        idx.insert(&items(2000..2050)).unwrap();
+        // What a synchronous compaction of the same index gives.
+        let mut sync = VectorIndex::new(dim, idx.config.clone());
+        let rows: Vec<(u64, &[f32])> = (0..idx.points.len())
+            .filter(|r| !idx.deleted.contains(r))
+            .map(|r| (idx.points[r], idx.row(r)))
+            .collect();
+        sync.insert(&rows).unwrap();
+        let queries: Vec<Vec<f32>> = (0..30).map(|_| random_unit(&mut rng, dim)).collect();
+        let before = exact_view(&idx, &queries);
+        let report = idx.swap_in(compacted).unwrap();
+        assert_eq!(
+            report,
+            SwapReport {
+                // 1600..2000 less 1601, 1700's first row and 1800; 900 and 1700 again;
+                // 2000..2050.
+                inserted: 397 + 2 + 50,
+                // Copied, then tombstoned: 600, 900's first row, 1000.
+                removed: 3,
+            }
+        );
+        assert_eq!(idx.tombstones(), 3);
+        assert_eq!(exact_view(&idx, &queries), before);
+        assert_eq!(exact_view(&idx, &queries), exact_view(&sync, &queries));
+        assert_eq!(idx.compactions(), 1);
+        // 900 lives on with its new vector, in the graph too.
+        assert_eq!(idx.search(&vs[2100], 1, &|_| true)[0].point_id, 900);
+        assert!(idx.search(&vs[900], 1, &|_| true)[0].score < 0.999);
+        // A compaction built from other rows is refused and changes nothing.
+        let mut other = VectorIndex::new(dim, idx.config.clone());
+        other.insert(&items(0..10)).unwrap();
+        let mut s = other.begin_compaction();
+        other.copy_into(&mut s, usize::MAX);
+        let stale = s.build(&|| false).unwrap();
+        assert!(idx.swap_in(stale).is_err());
+        assert_eq!(exact_view(&idx, &queries), before);
+        // A cancelled build gives nothing.
+        let mut s = idx.begin_compaction();
+        idx.copy_into(&mut s, usize::MAX);
+        assert!(s.build(&|| true).is_none());
     }
 
     /// 1200 points (ids 1000..), the first 100 tombstoned, in an HNSW index.

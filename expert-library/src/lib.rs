@@ -3,6 +3,7 @@
 //! lives in `roe-encoder`). Nothing here knows about gRPC; the services are
 //! thin adapters around [`library::ExpertLibrary`].
 
+pub mod compaction;
 pub mod embedding;
 pub mod error;
 pub mod expert;

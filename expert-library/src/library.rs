@@ -1,15 +1,19 @@
 //! The expert library: the facade the services call. It owns the durable store, the encoder
 //! and the routing state, and keeps them consistent: a write is embedded first, committed and
 //! flushed to sled, and only then made visible to routing.
+//!
+//! Nothing slow happens on the request path: compacting an index (minutes of HNSW rebuild at
+//! a million vectors) and dumping it afterwards run on the library's background worker
+//! ([`crate::compaction`]), so Route and writes keep going meanwhile.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::compaction::{CompactionContext, CompactionHold, Compactor};
 use crate::embedding::Encoder;
 use crate::error::{LibraryError, Result};
 use crate::expert::{
@@ -17,7 +21,7 @@ use crate::expert::{
 };
 use crate::index::IndexConfig;
 use crate::merge::{merge_adapters, normalise_weights, MergeRequest, MAX_MERGE_SOURCES};
-use crate::persist::{IndexLoad, PersistReport, RebuildReason, StoredVectors};
+use crate::persist::{Dumps, IndexLoad, PersistReport, RebuildReason, StoredVectors};
 use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
 use crate::store::{ExpertStore, StoredInstance};
 
@@ -80,14 +84,14 @@ pub struct NewExpert {
 pub struct ExpertLibrary {
     store: ExpertStore,
     encoder: Arc<dyn Encoder>,
-    state: RwLock<RoutingState>,
+    /// Shared with the compaction worker, which swaps compacted indexes in.
+    state: Arc<RwLock<RoutingState>>,
     /// Serialises writes so that read-check-write sequences (ALREADY_EXISTS) are atomic.
-    writes: Mutex<()>,
+    writes: Arc<Mutex<()>>,
     config: LibraryConfig,
-    /// The library directory (sled's files, and the persisted index in `roe-index/`).
-    dir: PathBuf,
-    /// The index changed since it was loaded or last persisted.
-    index_dirty: AtomicBool,
+    /// Whether the dump on disk (`<dir>/roe-index/`) is current; serialises dumps.
+    dumps: Arc<Dumps>,
+    compactor: Compactor,
 }
 
 /// How long opening took and what it loaded, for logs and the start-up benchmark.
@@ -203,16 +207,28 @@ impl ExpertLibrary {
             "expert library opened"
         );
         drop(experts);
+        // A rebuilt graph is worth persisting; a reloaded one is on disk already.
+        let dumps = Arc::new(Dumps::new(&dir, dim, &config.index, index.is_reloaded()));
+        let due = state.needs_compaction();
+        let state = Arc::new(RwLock::new(state));
+        let writes = Arc::new(Mutex::new(()));
+        let compactor = Compactor::spawn(CompactionContext {
+            state: state.clone(),
+            writes: writes.clone(),
+            dumps: dumps.clone(),
+        })?;
+        if due {
+            compactor.request();
+        }
         Ok((
             Self {
                 store,
                 encoder,
-                state: RwLock::new(state),
-                writes: Mutex::new(()),
+                state,
+                writes,
                 config,
-                dir,
-                // A rebuilt graph is worth persisting; a reloaded one is on disk already.
-                index_dirty: AtomicBool::new(!index.is_reloaded()),
+                dumps,
+                compactor,
             },
             report,
         ))
@@ -221,25 +237,19 @@ impl ExpertLibrary {
     /// Writes the index graphs next to the store (`<dir>/roe-index/`, see [`crate::persist`])
     /// so that the next open reloads them instead of rebuilding, when they changed since they
     /// were loaded or last persisted; `None` when they had not. Writes wait for it; routing
-    /// does not. At a million vectors it writes a few GB (the graph and its vectors).
+    /// does not. At a million vectors it writes a few GB (the graph and its vectors). It
+    /// waits for a background dump in progress (after a compaction) and never races it; a
+    /// compaction still being built is not waited for (its result is dumped by the worker).
     pub fn persist_index(&self) -> Result<Option<PersistReport>> {
+        // Lock order: dumps, writes, routing state (the worker never holds two at once).
+        let held = self.dumps.lock();
         let _w = self.writes.lock();
-        self.persist_locked()
-    }
-
-    /// [`Self::persist_index`] for a caller holding the write lock.
-    fn persist_locked(&self) -> Result<Option<PersistReport>> {
-        if !self.index_dirty.load(Ordering::SeqCst) {
+        let state = self.state.read();
+        let version = self.dumps.applied();
+        if self.dumps.is_persisted(&held, version) {
             return Ok(None);
         }
-        let state = self.state.read();
-        let report = crate::persist::persist(
-            &self.dir,
-            self.encoder.dim(),
-            &self.config.index,
-            &state.indexes(),
-        )?;
-        self.index_dirty.store(false, Ordering::SeqCst);
+        let report = self.dumps.write(&held, version, &state.indexes())?;
         tracing::info!(
             graphs = report.graphs,
             bytes = report.bytes,
@@ -250,8 +260,6 @@ impl ExpertLibrary {
         Ok(Some(report))
     }
 
-    /// Marks the index changed; a compaction (which rebuilt a graph) is persisted at once, as
-    /// the dump is cheap next to the rebuild it saves. Called with the write lock held.
     /// Writes an expert (durably, replacing an older version when `replacing`) and makes it
     /// routable: the old version's instances leave the index, the new ones enter it.
     fn store_and_index(
@@ -262,23 +270,12 @@ impl ExpertLibrary {
         replacing: bool,
     ) -> Result<()> {
         let replaced = self.store.put_expert(meta, adapter, rows)?;
-        let compactions = self.apply(|state| {
+        self.apply(|state| {
             if replacing {
                 state.remove(&meta.id, &replaced);
             }
             state.add(&meta.id, meta.kind, &vectors_of(rows))
-        })?;
-        self.index_changed(compactions);
-        Ok(())
-    }
-
-    fn index_changed(&self, compactions_before: u64) {
-        self.index_dirty.store(true, Ordering::SeqCst);
-        if self.state.read().compactions() != compactions_before {
-            if let Err(e) = self.persist_locked() {
-                tracing::warn!("could not persist the index after compaction: {e}");
-            }
-        }
+        })
     }
 
     pub fn encoder(&self) -> &Arc<dyn Encoder> {
@@ -641,11 +638,10 @@ impl ExpertLibrary {
         let _w = self.writes.lock();
         let meta = self.get(id)?;
         let points = self.store.delete(id)?.ok_or_else(|| not_found(id))?;
-        let compactions = self.apply(|state| {
+        self.apply(|state| {
             state.remove(id, &points);
             Ok(())
         })?;
-        self.index_changed(compactions);
         tracing::info!(id, "expert deleted");
         Ok(meta)
     }
@@ -671,8 +667,7 @@ impl ExpertLibrary {
         }
         meta.num_instances += rows.len();
         self.store.append_instances(&meta, &rows)?;
-        let compactions = self.apply(|state| state.add(id, meta.kind, &vectors_of(&rows)))?;
-        self.index_changed(compactions);
+        self.apply(|state| state.add(id, meta.kind, &vectors_of(&rows)))?;
         Ok(meta)
     }
 
@@ -737,24 +732,53 @@ impl ExpertLibrary {
         f(&self.state.read())
     }
 
-    /// Applies a committed write to the routing state; returns the compaction count from
-    /// before it (see [`Self::index_changed`]). The index is marked changed even when `f`
-    /// fails half way.
-    fn apply(&self, f: impl FnOnce(&mut RoutingState) -> Result<()>) -> Result<u64> {
-        let mut state = self.state.write();
-        let before = state.compactions();
-        let result = f(&mut state);
-        if result.is_err() {
-            self.index_dirty.store(true, Ordering::SeqCst);
+    /// Applies a committed write to the routing state and, when it left an index due for
+    /// compaction, wakes the background worker (never compacts inline). The index is marked
+    /// changed even when `f` fails half way.
+    fn apply(&self, f: impl FnOnce(&mut RoutingState) -> Result<()>) -> Result<()> {
+        let (result, due) = {
+            let mut state = self.state.write();
+            let result = f(&mut state);
+            self.dumps.changed();
+            (result, state.needs_compaction())
+        };
+        if due {
+            self.compactor.request();
         }
-        result.map(|()| before)
+        result
+    }
+
+    /// A background compaction is asked for or running.
+    pub fn compaction_running(&self) -> bool {
+        self.compactor.is_busy()
+    }
+
+    /// Background compactions swapped in since the library was opened.
+    pub fn background_compactions(&self) -> u64 {
+        self.compactor.swapped()
+    }
+
+    /// Waits until no background compaction is asked for or running (tests and benchmarks;
+    /// the service never needs to). Never returns while a [`CompactionHold`] is held by a
+    /// round waiting on it.
+    pub fn wait_for_compaction(&self) {
+        self.compactor.wait_idle();
+    }
+
+    /// Makes background compactions stop just before their swap while the hold lives (for
+    /// tests that route and write during a compaction).
+    pub fn hold_compactions(&self) -> CompactionHold {
+        self.compactor.hold()
     }
 }
 
 impl Drop for ExpertLibrary {
-    /// Persists a changed index (see [`LibraryConfig::persist_index_on_drop`]); failures are
-    /// logged: sled holds everything, so the next open rebuilds.
+    /// Cancels a background compaction and joins its worker, then persists a changed index
+    /// (see [`LibraryConfig::persist_index_on_drop`]); failures are logged: sled holds
+    /// everything, so the next open rebuilds.
     fn drop(&mut self) {
+        // A compaction in progress is cancelled: sled and the old index hold every write.
+        self.compactor.shutdown();
         if !self.config.persist_index_on_drop || std::thread::panicking() {
             return;
         }

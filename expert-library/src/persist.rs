@@ -19,10 +19,21 @@
 //! (hnsw_rs's loader trusts its input and panics or exits on bad bytes, so nothing unverified
 //! reaches it), and the loaded graph's vectors equal the stored vectors bit for bit. Anything
 //! else is a [`RebuildReason`] and the index is rebuilt from the store.
+//!
+//! Dumps are written at a graceful [`crate::library::ExpertLibrary::persist_index`] and by
+//! the background worker after a compaction ([`crate::compaction`]), which dumps the new
+//! indexes while they are still private to it, before swapping them in, so that no lock on
+//! the routing state is held for the minutes a dump of a million vectors takes. [`Dumps`]
+//! serialises the two and skips the worker's dump when writes happened since its snapshot:
+//! such a dump could only be stale. A dump that goes stale because writes follow it is
+//! harmless: opening sees the point ids differ and rebuilds.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -457,4 +468,65 @@ pub fn load(
         out.insert(e.format, index);
     }
     Ok(out)
+}
+
+/// Keeps one library's dump in step with its routing state: dumps are serialised (a
+/// graceful [`crate::library::ExpertLibrary::persist_index`] never races the background
+/// dump after a compaction), and version counters say whether the dump on disk reflects the
+/// routing state as it is.
+pub(crate) struct Dumps {
+    lock: Mutex<()>,
+    /// Writes applied to the routing state so far (bumped under its write lock).
+    applied: AtomicU64,
+    /// The `applied` count the dump on disk reflects.
+    persisted: AtomicU64,
+    library_dir: PathBuf,
+    dim: usize,
+    config: IndexConfig,
+}
+
+impl Dumps {
+    /// `current`: the dump on disk reflects the routing state as opened (it was reloaded).
+    pub(crate) fn new(library_dir: &Path, dim: usize, config: &IndexConfig, current: bool) -> Self {
+        Self {
+            lock: Mutex::new(()),
+            applied: AtomicU64::new(u64::from(!current)),
+            persisted: AtomicU64::new(0),
+            library_dir: library_dir.to_path_buf(),
+            dim,
+            config: config.clone(),
+        }
+    }
+
+    /// A write reached the routing state: call with its write lock held.
+    pub(crate) fn changed(&self) {
+        self.applied.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Writes applied so far; stable while the routing state's read lock is held.
+    pub(crate) fn applied(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// One dump at a time: hold this while checking and writing.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock()
+    }
+
+    /// The dump on disk reflects the routing state at `version`.
+    pub(crate) fn is_persisted(&self, _held: &MutexGuard<'_, ()>, version: u64) -> bool {
+        self.persisted.load(Ordering::SeqCst) == version
+    }
+
+    /// Writes `indexes`, which reflect the routing state at `version`, as the current dump.
+    pub(crate) fn write(
+        &self,
+        _held: &MutexGuard<'_, ()>,
+        version: u64,
+        indexes: &[(TextFormat, &VectorIndex)],
+    ) -> Result<PersistReport> {
+        let report = persist(&self.library_dir, self.dim, &self.config, indexes)?;
+        self.persisted.store(version, Ordering::SeqCst);
+        Ok(report)
+    }
 }

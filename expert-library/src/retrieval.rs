@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LibraryError, Result};
 use crate::expert::{ExpertKind, TextFormat};
-use crate::index::{Hit, IndexConfig, VectorIndex};
+use crate::index::{CompactedIndex, CompactionSnapshot, Hit, IndexConfig, SwapReport, VectorIndex};
 use crate::lexical::{LexicalIndex, TermProfile};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -275,6 +275,46 @@ impl RoutingState {
         self.indexes.values().map(|i| i.compactions()).sum()
     }
 
+    /// Some index's tombstones reached its `compact_ratio`. Removing never compacts: the
+    /// library compacts in the background ([`crate::compaction`]).
+    pub fn needs_compaction(&self) -> bool {
+        self.indexes.values().any(|i| i.needs_compaction())
+    }
+
+    /// Starts a compaction snapshot of one format's index (see [`crate::index`]).
+    pub fn begin_compaction(&self, format: TextFormat) -> Result<CompactionSnapshot> {
+        Ok(self.index(format)?.begin_compaction())
+    }
+
+    /// Copies up to `max_rows` more rows of `format`'s index into `snapshot`; true when done.
+    pub fn copy_for_compaction(
+        &self,
+        format: TextFormat,
+        snapshot: &mut CompactionSnapshot,
+        max_rows: usize,
+    ) -> Result<bool> {
+        Ok(self.index(format)?.copy_into(snapshot, max_rows))
+    }
+
+    /// Replaces `format`'s index with a compacted one after replaying the writes made since
+    /// its snapshot (see [`VectorIndex::swap_in`]).
+    pub fn swap_in_compacted(
+        &mut self,
+        format: TextFormat,
+        compacted: CompactedIndex,
+    ) -> Result<SwapReport> {
+        self.indexes
+            .get_mut(&format)
+            .ok_or_else(|| LibraryError::Index(format!("no {} index", format.as_str())))?
+            .swap_in(compacted)
+    }
+
+    fn index(&self, format: TextFormat) -> Result<&VectorIndex> {
+        self.indexes
+            .get(&format)
+            .ok_or_else(|| LibraryError::Index(format!("no {} index", format.as_str())))
+    }
+
     pub fn num_vectors(&self) -> usize {
         self.indexes[&TextFormat::Instance].len()
     }
@@ -396,7 +436,8 @@ impl RoutingState {
         Ok(())
     }
 
-    /// Removes an expert and its points; searches stop seeing them at once.
+    /// Removes an expert and its points; searches stop seeing them at once (tombstones,
+    /// compacted later: see [`Self::needs_compaction`]).
     pub fn remove(&mut self, expert_id: &str, point_ids: &[u64]) {
         for idx in self.indexes.values_mut() {
             idx.remove(point_ids);

@@ -227,6 +227,10 @@ fn reopening_after_persist_reloads_the_graphs_and_searches_identically() {
     // The reloaded graph keeps taking writes; dropping persists them (persist_on_drop).
     lib.register(expert("late", 300), false).unwrap();
     lib.delete("expert0").unwrap();
+    // That left a third of the rows tombstoned: a background compaction swaps a new graph in.
+    assert!(lib.compaction_running());
+    lib.wait_for_compaction();
+    assert_eq!(lib.background_compactions(), 1);
     let late = vector_of("late instance 17");
     let found = |lib: &ExpertLibrary| {
         lib.with_state(|s| {
@@ -385,11 +389,21 @@ fn an_index_never_persisted_is_rebuilt_and_compaction_persists() {
     assert_eq!(report.index, IndexLoad::Rebuilt(RebuildReason::Missing));
     assert_eq!(report.vectors, 3000);
     assert_finds_itself(&lib);
-    // Deleting a third compacts (a new graph) and persists it at once, without a shutdown.
+    // Deleting a third compacts (a new graph) in the background and persists it there,
+    // without a shutdown.
     lib.delete("expert0").unwrap();
+    assert!(!lib.compaction_running());
     assert!(!index_dir(tmp.path()).exists());
     lib.delete("expert2").unwrap();
+    lib.wait_for_compaction();
+    assert_eq!(lib.background_compactions(), 1);
     assert!(index_dir(tmp.path()).join("manifest.json").exists());
+    // The dump is the current state: nothing left to persist.
+    assert_eq!(lib.persist_index().unwrap(), None);
+    lib.with_state(|s| {
+        assert_eq!(s.vector_index(TextFormat::Instance).tombstones(), 0);
+        assert_eq!(s.vector_index(TextFormat::ChoiceInstance).tombstones(), 0);
+    });
     let before = answers(&lib);
     drop(lib);
     let (lib, report) = open(tmp.path(), false);
