@@ -193,11 +193,11 @@ pub fn open_phase(dir: &Path, index: IndexConfig, persist: bool) -> Result<OpenP
     })
 }
 
-/// Runs `roe bench startup --phase <phase>` on `dir` in a fresh process and reads its report.
+/// Runs `roe-bench startup --phase <phase>` on `dir` in a fresh process and reads its report.
 fn open_in_child(dir: &Path, index: &IndexConfig, phase: &str) -> Result<OpenPhase> {
-    let exe = std::env::current_exe().context("locating the roe binary")?;
+    let exe = std::env::current_exe().context("locating the roe-bench binary")?;
     let out = std::process::Command::new(&exe)
-        .args(["bench", "startup", "--phase", phase, "--dir"])
+        .args(["startup", "--phase", phase, "--dir"])
         .arg(dir)
         .args(["--m", &index.max_connections.to_string()])
         .args(["--ef-construction", &index.ef_construction.to_string()])
