@@ -60,6 +60,19 @@ fn md_f64(ct: &Content, key: &str) -> Result<f64> {
 }
 
 impl BackboneConfig {
+    /// The hyper-parameters of a GGUF file, from its header only (no weights are read): what
+    /// a process that registers experts without running the model needs to check them.
+    pub fn read(gguf_path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = gguf_path.as_ref();
+        let file = std::fs::File::open(path).map_err(|source| BackboneError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let ct = Content::read(&mut std::io::BufReader::new(file))
+            .map_err(|e| BackboneError::Gguf(format!("{}: {e}", path.display())))?;
+        Self::from_gguf(&ct)
+    }
+
     pub fn from_gguf(ct: &Content) -> Result<Self> {
         let architecture = md(ct, "general.architecture")?
             .to_string()

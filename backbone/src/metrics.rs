@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 /// Lower-cased whitespace-separated words, punctuation kept: the recipe behind the reference
-/// figures of `../shared/experts/smollm2-135m/reference.json` (their reddit_qa F1 are
+/// figures of `assets/experts/smollm2-135m/reference.json` (their reddit_qa F1 are
 /// reproduced to the third decimal with it; SQuAD's normalisation, which also strips
 /// punctuation and articles, gives 0.02-0.04 more on the same answers).
 fn normalized_words(s: &str) -> Vec<String> {

@@ -474,8 +474,24 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         },
         ..Default::default()
     };
-    if let Some(bb) = &backbone {
-        config.backbones[0].shape = bb.model_shape();
+    match &backbone {
+        Some(bb) => config.backbones[0].shape = bb.model_shape(),
+        // The router role runs no model, but checks registrations against the backbone the
+        // inference processes run: its GGUF header, when the file is here.
+        None => {
+            let path = backbone_file(g, &a);
+            match roe_backbone::BackboneConfig::read(&path) {
+                Ok(c) => config.backbones[0].shape = c.model_shape(),
+                Err(e) if a.backbone.is_some() => {
+                    return Err(e).with_context(|| format!("reading {}", path.display()))
+                }
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "no backbone header to check registrations against; using SmolLM2-135M's shape"
+                ),
+            }
+        }
     }
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
@@ -551,11 +567,15 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn load_backbone(g: &Global, a: &ServeArgs) -> Result<roe_backbone::Backbone> {
-    let path = a
-        .backbone
+/// The backbone GGUF `roe serve` runs (or checks registrations against).
+fn backbone_file(g: &Global, a: &ServeArgs) -> PathBuf {
+    a.backbone
         .clone()
-        .unwrap_or_else(|| models::backbone_path(&g.models_dir));
+        .unwrap_or_else(|| models::backbone_path(&g.models_dir))
+}
+
+async fn load_backbone(g: &Global, a: &ServeArgs) -> Result<roe_backbone::Backbone> {
+    let path = backbone_file(g, a);
     let t = std::time::Instant::now();
     let backbone = tokio::task::spawn_blocking({
         let path = path.clone();

@@ -67,13 +67,24 @@ where
 {
     let mut request = tonic::Request::new(message);
     request.set_timeout(deadline);
-    match tokio::time::timeout(deadline, f(request)).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(remote_error(what, status)),
-        Err(_) => Err(ServingError::new(
+    let started = std::time::Instant::now();
+    let late = || {
+        ServingError::new(
             ErrorKind::DeadlineExceeded,
             format!("{what} did not answer within {deadline:?}"),
-        )),
+        )
+    };
+    match tokio::time::timeout(deadline, f(request)).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        // The peer enforces the deadline it was sent too, and tonic's server answers an
+        // expired one with CANCELLED ("Timeout expired"): still our deadline passing.
+        Ok(Err(status))
+            if status.code() == tonic::Code::Cancelled && started.elapsed() >= deadline =>
+        {
+            Err(late())
+        }
+        Ok(Err(status)) => Err(remote_error(what, status)),
+        Err(_) => Err(late()),
     }
 }
 
