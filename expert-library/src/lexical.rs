@@ -80,18 +80,6 @@ impl TermProfile {
         self.texts += 1;
     }
 
-    pub fn remove(&mut self, input: &str, choices: &[String]) {
-        for t in terms(input, choices) {
-            if let Some(c) = self.counts.get_mut(&t) {
-                *c = c.saturating_sub(1);
-                if *c == 0 {
-                    self.counts.remove(&t);
-                }
-            }
-        }
-        self.texts = self.texts.saturating_sub(1);
-    }
-
     fn rate(&self, term: &str) -> f32 {
         match self.counts.get(term) {
             Some(&c) if self.texts > 0 => c as f32 / self.texts as f32,

@@ -3,18 +3,19 @@
 //! lives in `roe-encoder`). Nothing here knows about gRPC; the services are
 //! thin adapters around [`library::ExpertLibrary`].
 
-pub mod compaction;
+mod compaction;
 pub mod embedding;
-pub mod error;
+mod error;
 pub mod expert;
 pub mod index;
-pub mod lexical;
+mod lexical;
 pub mod library;
 pub mod merge;
 pub mod persist;
 pub mod retrieval;
 pub mod store;
 
+pub use compaction::CompactionHold;
 pub use error::{LibraryError, Result};
 pub use expert::{BackboneSpec, ExpertKind, ExpertMeta, Instance, PeftAdapter, TextFormat};
 pub use library::{ExpertLibrary, LibraryConfig, NewExpert};
