@@ -11,84 +11,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use roe_expert_library::embedding::{normalize, Encoder};
-use roe_expert_library::index::{Hit, IndexConfig};
-use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert};
+use roe_expert_library::embedding::normalize;
+use roe_expert_library::index::Hit;
+use roe_expert_library::library::ExpertLibrary;
 use roe_expert_library::persist::{IndexLoad, RebuildReason};
 use roe_expert_library::retrieval::{Query, RouteOptions, RouteResult};
-use roe_expert_library::{Instance, PeftAdapter, TextFormat};
+use roe_expert_library::TextFormat;
 
-const DIM: usize = 32;
-
-/// A random unit vector per text, seeded by the text.
-struct RandomEncoder;
-
-fn vector_of(text: &str) -> Vec<f32> {
-    let seed = text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v: Vec<f32> = (0..DIM).map(|_| rng.random::<f32>() - 0.5).collect();
-    normalize(&mut v);
-    v
-}
-
-impl Encoder for RandomEncoder {
-    fn id(&self) -> &str {
-        "random-32"
-    }
-    fn dim(&self) -> usize {
-        DIM
-    }
-    fn embed(&self, texts: &[String]) -> roe_expert_library::Result<Vec<Vec<f32>>> {
-        Ok(texts.iter().map(|t| vector_of(t)).collect())
-    }
-}
+mod common;
+use common::{config, expert, instance, vector_of, RandomEncoder, DIM};
 
 fn open(dir: &Path) -> (ExpertLibrary, IndexLoad) {
-    let config = LibraryConfig {
-        index: IndexConfig {
-            hnsw_threshold: 500,
-            max_connections: 16,
-            ef_construction: 64,
-            ef_search: 64,
-            compact_ratio: 0.25,
-        },
-        persist_index_on_drop: false,
-        ..Default::default()
-    };
-    let (lib, report) = ExpertLibrary::open(dir, Arc::new(RandomEncoder), config).unwrap();
+    let (lib, report) = ExpertLibrary::open(dir, Arc::new(RandomEncoder), config(false)).unwrap();
     (lib, report.index)
-}
-
-fn adapter() -> PeftAdapter {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../assets/experts/smollm2-135m/prompt/sms_spam");
-    PeftAdapter::from_dir(dir).unwrap()
-}
-
-fn instance(id: &str, i: usize) -> Instance {
-    Instance {
-        input: format!("{id} instance {i}"),
-        target: Some(format!("label{}", i % 3)),
-        choices: if i.is_multiple_of(2) {
-            vec!["label0".into(), "label1".into(), "label2".into()]
-        } else {
-            vec![]
-        },
-    }
-}
-
-/// `n` instances, every other one with answer choices (so both formats have graphs).
-fn expert(id: &str, n: usize) -> NewExpert {
-    NewExpert {
-        id: id.into(),
-        name: id.into(),
-        description: String::new(),
-        backbone: None,
-        adapter: adapter(),
-        instances: (0..n).map(|i| instance(id, i)).collect(),
-    }
 }
 
 /// Eight experts of 400 instances: 3200 instance vectors, 1600 choice_instance vectors.

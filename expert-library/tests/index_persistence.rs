@@ -7,53 +7,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
-use roe_expert_library::embedding::{normalize, Encoder};
+use roe_expert_library::embedding::normalize;
 use roe_expert_library::index::{Hit, IndexConfig};
-use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert, OpenReport};
+use roe_expert_library::library::{ExpertLibrary, LibraryConfig, OpenReport};
 use roe_expert_library::persist::{IndexLoad, RebuildReason};
 use roe_expert_library::retrieval::{Query, RouteOptions, RouteResult, Strategy};
-use roe_expert_library::{Instance, PeftAdapter, TextFormat};
+use roe_expert_library::{Instance, TextFormat};
 
-const DIM: usize = 32;
-
-/// A random unit vector per text, seeded by the text: synthetic, deterministic vectors.
-struct RandomEncoder;
-
-fn vector_of(text: &str) -> Vec<f32> {
-    let seed = text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v: Vec<f32> = (0..DIM).map(|_| rng.random::<f32>() - 0.5).collect();
-    normalize(&mut v);
-    v
-}
-
-impl Encoder for RandomEncoder {
-    fn id(&self) -> &str {
-        "random-32"
-    }
-    fn dim(&self) -> usize {
-        DIM
-    }
-    fn embed(&self, texts: &[String]) -> roe_expert_library::Result<Vec<Vec<f32>>> {
-        Ok(texts.iter().map(|t| vector_of(t)).collect())
-    }
-}
-
-fn config(persist_on_drop: bool) -> LibraryConfig {
-    LibraryConfig {
-        index: IndexConfig {
-            hnsw_threshold: 500,
-            max_connections: 16,
-            ef_construction: 64,
-            ef_search: 64,
-            compact_ratio: 0.25,
-        },
-        persist_index_on_drop: persist_on_drop,
-        ..Default::default()
-    }
-}
+mod common;
+use common::{config, expert, vector_of, RandomEncoder, DIM};
 
 fn open_with(dir: &Path, config: LibraryConfig) -> (ExpertLibrary, OpenReport) {
     ExpertLibrary::open(dir, Arc::new(RandomEncoder), config).unwrap()
@@ -61,35 +23,6 @@ fn open_with(dir: &Path, config: LibraryConfig) -> (ExpertLibrary, OpenReport) {
 
 fn open(dir: &Path, persist_on_drop: bool) -> (ExpertLibrary, OpenReport) {
     open_with(dir, config(persist_on_drop))
-}
-
-fn adapter() -> PeftAdapter {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../assets/experts/smollm2-135m/prompt/sms_spam");
-    PeftAdapter::from_dir(dir).unwrap()
-}
-
-/// `n` instances; every other one has answer choices (so the choice_instance index is a
-/// graph of its own).
-fn expert(id: &str, n: usize) -> NewExpert {
-    NewExpert {
-        id: id.into(),
-        name: id.into(),
-        description: String::new(),
-        backbone: None,
-        adapter: adapter(),
-        instances: (0..n)
-            .map(|i| Instance {
-                input: format!("{id} instance {i}"),
-                target: Some(format!("label{}", i % 3)),
-                choices: if i % 2 == 0 {
-                    vec!["label0".into(), "label1".into(), "label2".into()]
-                } else {
-                    vec![]
-                },
-            })
-            .collect(),
-    }
 }
 
 /// Six experts of 500 instances: 3000 instance vectors, 1500 choice_instance vectors.
