@@ -164,7 +164,6 @@ impl ServingArgs {
             expert_cache_bytes: self.expert_cache_mb << 20,
             ..ServingConfig::default()
         }
-        .normalised()
     }
 
     fn remote_timeouts(&self) -> RemoteTimeouts {
@@ -505,9 +504,10 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     );
     let library = Arc::new(library);
     let inference = backbone.map(|bb| {
-        let config = a.serving.config();
-        tracing::info!(?config, "serving configuration");
-        Arc::new(BackboneInference::over_library(bb, library.clone(), config))
+        let inference = BackboneInference::over_library(bb, library.clone(), a.serving.config());
+        // The configuration in effect (batch sizes brought within what the queues run).
+        tracing::info!(config = ?inference.config(), "serving configuration");
+        Arc::new(inference)
     });
     let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
     match &inference {
@@ -617,14 +617,13 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
         .first()
         .map(|b| b.name.clone())
         .unwrap_or_default();
-    let config = a.serving.config();
-    tracing::info!(?config, ?timeouts, "serving configuration");
     let svc = Arc::new(BackboneInference::start(
         Arc::new(backbone),
         experts,
         backbone_name,
-        config,
+        a.serving.config(),
     ));
+    tracing::info!(config = ?svc.config(), ?timeouts, "serving configuration");
     let fallback_expert = a.fallback_expert.clone().unwrap_or_default();
     check_fallback(&svc, &fallback_expert).await?;
     let listener = bind(&a.addr).await?;

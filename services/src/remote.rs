@@ -56,15 +56,12 @@ fn channel(url: &str, timeouts: RemoteTimeouts) -> Result<Channel, InvalidUrl> {
 }
 
 /// Runs one remote call under `deadline`, telling the peer the deadline too.
-async fn call<T>(
+async fn call<T, Reply>(
     what: &str,
     deadline: Duration,
     message: T,
-    f: impl AsyncFnOnce(tonic::Request<T>) -> Result<tonic::Response<T::Reply>, tonic::Status>,
-) -> Result<T::Reply, ServingError>
-where
-    T: RemoteRequest,
-{
+    f: impl AsyncFnOnce(tonic::Request<T>) -> Result<tonic::Response<Reply>, tonic::Status>,
+) -> Result<Reply, ServingError> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(deadline);
     let started = std::time::Instant::now();
@@ -86,17 +83,6 @@ where
         Ok(Err(status)) => Err(remote_error(what, status)),
         Err(_) => Err(late()),
     }
-}
-
-/// A request message and the reply it gets.
-trait RemoteRequest {
-    type Reply;
-}
-impl RemoteRequest for proto::GetExpertRequest {
-    type Reply = proto::GetExpertResponse;
-}
-impl RemoteRequest for proto::RouteRequest {
-    type Reply = proto::RouteResponse;
 }
 
 /// The `roe.v1.ExpertLibrary` of another process.

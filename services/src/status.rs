@@ -16,24 +16,9 @@ fn message(text: String) -> String {
     format!("{cut}… (truncated)")
 }
 
-/// A library error: the caller's mistake, a missing or existing expert, or ours (INTERNAL,
-/// logged).
+/// A library error, classified as the serving core classifies it (internal ones logged).
 pub fn library_status(e: LibraryError) -> Status {
-    let code = match &e {
-        LibraryError::InvalidArgument { .. } => Code::InvalidArgument,
-        LibraryError::NotFound { .. } => Code::NotFound,
-        LibraryError::AlreadyExists { .. } => Code::AlreadyExists,
-        LibraryError::FailedPrecondition(_) | LibraryError::Empty => Code::FailedPrecondition,
-        LibraryError::ResourceExhausted(_) => Code::ResourceExhausted,
-        LibraryError::Storage(_)
-        | LibraryError::Encoder(_)
-        | LibraryError::Index(_)
-        | LibraryError::Io { .. } => {
-            tracing::error!(error = %e, "internal error");
-            Code::Internal
-        }
-    };
-    Status::new(code, message(e.to_string()))
+    serving_status(ServingError::from(e))
 }
 
 /// A serving-core error, by its kind.
@@ -41,6 +26,7 @@ pub fn serving_status(e: ServingError) -> Status {
     let code = match e.kind {
         ErrorKind::InvalidArgument => Code::InvalidArgument,
         ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
         ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         ErrorKind::Unavailable => Code::Unavailable,
@@ -56,7 +42,8 @@ pub fn remote_error(what: &str, s: Status) -> ServingError {
     let kind = match s.code() {
         Code::InvalidArgument | Code::OutOfRange => ErrorKind::InvalidArgument,
         Code::NotFound => ErrorKind::NotFound,
-        Code::FailedPrecondition | Code::AlreadyExists => ErrorKind::FailedPrecondition,
+        Code::AlreadyExists => ErrorKind::AlreadyExists,
+        Code::FailedPrecondition => ErrorKind::FailedPrecondition,
         Code::ResourceExhausted => ErrorKind::ResourceExhausted,
         Code::Unavailable | Code::Cancelled | Code::Aborted => ErrorKind::Unavailable,
         Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
@@ -64,9 +51,10 @@ pub fn remote_error(what: &str, s: Status) -> ServingError {
     };
     let text = match kind {
         // The remote side's own words, for the caller's mistakes and missing experts.
-        ErrorKind::InvalidArgument | ErrorKind::NotFound | ErrorKind::ResourceExhausted => {
-            s.message().to_string()
-        }
+        ErrorKind::InvalidArgument
+        | ErrorKind::NotFound
+        | ErrorKind::AlreadyExists
+        | ErrorKind::ResourceExhausted => s.message().to_string(),
         _ => format!("{what}: {}", s.message()),
     };
     ServingError::new(kind, text)

@@ -97,10 +97,6 @@ impl<B: Backend> Answerer<B> {
         }
     }
 
-    pub fn fallback_expert(&self) -> &str {
-        &self.fallback_expert
-    }
-
     pub async fn answer(&self, req: AnswerRequest) -> Result<Answered> {
         let (queries, work) = plan(&self.inference.config().limits, &req)?;
         let req_threshold = req.route.abstain_threshold;

@@ -12,6 +12,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// No such expert.
     NotFound,
+    /// The expert exists already (a write that must not replace it).
+    AlreadyExists,
     /// The expert exists but cannot serve this request (wrong backbone, unusable adapter).
     FailedPrecondition,
     /// The request is larger than a limit allows.

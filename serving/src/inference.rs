@@ -103,10 +103,6 @@ impl<B: Backend> Inference<B> {
         &self.config
     }
 
-    pub fn backend(&self) -> &Arc<B> {
-        &self.backend
-    }
-
     /// Counters of the work done so far.
     pub fn stats(&self) -> &InferenceStats {
         &self.stats
