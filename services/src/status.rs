@@ -75,6 +75,15 @@ mod tests {
             serving_status(ServingError::internal("boom")).code(),
             Code::Internal
         );
+        let exists = library_status(LibraryError::AlreadyExists {
+            id: "a".into(),
+            version: 1,
+        });
+        assert_eq!(exists.code(), Code::AlreadyExists);
+        assert_eq!(
+            library_status(LibraryError::Empty).code(),
+            Code::FailedPrecondition
+        );
         let back = remote_error("the library", Status::not_found("expert not found: a"));
         assert_eq!(back.kind, ErrorKind::NotFound);
         assert_eq!(back.message, "expert not found: a");

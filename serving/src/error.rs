@@ -88,9 +88,10 @@ impl From<LibraryError> for ServingError {
         let kind = match &e {
             LibraryError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             LibraryError::NotFound { .. } => ErrorKind::NotFound,
-            LibraryError::FailedPrecondition(_)
-            | LibraryError::Empty
-            | LibraryError::AlreadyExists { .. } => ErrorKind::FailedPrecondition,
+            LibraryError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            LibraryError::FailedPrecondition(_) | LibraryError::Empty => {
+                ErrorKind::FailedPrecondition
+            }
             LibraryError::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
             LibraryError::Storage(_)
             | LibraryError::Encoder(_)
