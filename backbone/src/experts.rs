@@ -152,7 +152,7 @@ pub struct Lora {
 
 /// Row permutation of llama.cpp's HF -> GGUF conversion for q/k projections:
 /// `reshape(n_head, 2, head_dim/2, in).swap(1, 2)`. Returns, for every GGUF row, its HF row.
-fn hf_to_gguf_rows(n_head: usize, head_dim: usize) -> Vec<usize> {
+pub(crate) fn hf_to_gguf_rows(n_head: usize, head_dim: usize) -> Vec<usize> {
     let half = head_dim / 2;
     let mut src = vec![0usize; n_head * head_dim];
     for h in 0..n_head {

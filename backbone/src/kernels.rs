@@ -96,45 +96,91 @@ thread_local! {
 /// Panics if the slices do not have the stated sizes.
 pub fn matmul_expanded(w: WeightRef<'_>, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert_sizes(w, n, k, x, m);
+    with_expanded(w, n, k, |wf| gemm_into_new(wf, n, k, x, m))
+}
+
+/// x [m, k] (row-major) = g [m, n] · W for many rows: the input gradient of
+/// [`matmul_expanded`]'s product, with W expanded the same way. Training needs it and no
+/// gradient of W (the backbone is frozen). Panics if the slices do not have the stated sizes.
+pub fn matmul_expanded_transposed(
+    w: WeightRef<'_>,
+    n: usize,
+    k: usize,
+    g: &[f32],
+    m: usize,
+) -> Vec<f32> {
+    assert_sizes(w, n, k, &[], 0);
+    assert_eq!(g.len(), m * n, "g is not [m, n]");
+    with_expanded(w, n, k, |wf| {
+        let mut x: Vec<f32> = Vec::with_capacity(m * k);
+        // SAFETY: g is [m, n] (checked above) and wf is [n, k]; x has room for m * k values,
+        // all written by gemm with `read_dst = false`.
+        unsafe {
+            gemm::gemm(
+                m,
+                k,
+                n,
+                x.as_mut_ptr(),
+                1,
+                k as isize,
+                false,
+                g.as_ptr(),
+                1,
+                n as isize,
+                wf.as_ptr(),
+                1,
+                k as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+            x.set_len(m * k);
+        }
+        x
+    })
+}
+
+/// Calls `f` with W as f32 [n, k]: the weight itself, or its blocks expanded into the calling
+/// thread's scratch matrix, split over candle's pool.
+fn with_expanded<R>(w: WeightRef<'_>, n: usize, k: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    if let WeightRef::F32(wf) = w {
+        return f(wf);
+    }
     EXPANDED.with(|cell| {
         let mut scratch = cell.borrow_mut();
-        let wf: &[f32] = match w {
-            WeightRef::F32(f) => f,
-            _ => {
-                if scratch.len() < n * k {
-                    scratch.resize(n * k, 0.0);
+        if scratch.len() < n * k {
+            scratch.resize(n * k, 0.0);
+        }
+        let out = SharedOut(scratch.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(EXPAND_CHUNK), |chunks| {
+            for ci in chunks {
+                for r in ci * EXPAND_CHUNK..n.min((ci + 1) * EXPAND_CHUNK) {
+                    // SAFETY: chunks are disjoint row ranges of `scratch`, which holds at
+                    // least n * k values and outlives the call.
+                    let row = unsafe { std::slice::from_raw_parts_mut(out.at(r * k), k) };
+                    dequantize_row(w, k, r, row);
                 }
-                let out = SharedOut(scratch.as_mut_ptr());
-                candle_core::utils::barrier_pool().execute_chunked(
-                    n.div_ceil(EXPAND_CHUNK),
-                    |chunks| {
-                        for ci in chunks {
-                            for r in ci * EXPAND_CHUNK..n.min((ci + 1) * EXPAND_CHUNK) {
-                                // SAFETY: chunks are disjoint row ranges of `scratch`, which
-                                // holds at least n * k values and outlives the call.
-                                let row =
-                                    unsafe { std::slice::from_raw_parts_mut(out.at(r * k), k) };
-                                dequantize_row(w, k, r, row);
-                            }
-                        }
-                    },
-                );
-                &scratch[..n * k]
             }
-        };
-        gemm_into_new(wf, n, k, x, m)
+        });
+        f(&scratch[..n * k])
     })
+}
+
+fn parallelism() -> gemm::Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
 }
 
 /// y [m, n] = x [m, k] · wf^T with wf [n, k] f32, both row-major.
 fn gemm_into_new(wf: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: x is [m, k] and wf is [n, k] (checked by the caller); y has room for m * n
     // values, and with `read_dst = false` gemm writes every one of them without reading any
     // (dst := beta · lhs · rhs), so they are initialised when the length is set.
@@ -159,7 +205,7 @@ fn gemm_into_new(wf: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32
             false,
             false,
             false,
-            parallelism,
+            parallelism(),
         );
         y.set_len(m * n);
     }

@@ -29,7 +29,10 @@ pub use generate::{
     BatchGenerator, FinishReason, GenerateParams, GenerateRequest, GeneratedToken, Generation,
     Generator, MAX_GENERATE_BATCH,
 };
-pub use model::{Backbone, BackboneOptions, KvCache, LoraBatch, QuantKernel};
+pub use model::{
+    AnswerLoss, AnswerRow, Backbone, BackboneOptions, KvCache, LoraBatch, QuantKernel,
+    TrainAdapter, TrainLora,
+};
 pub use roe_peft::PeftError;
 pub use score::{ChoiceScore, RenderOptions, ScoreIdsRequest, ScoreOutput, ScoreRequest};
 pub use tokenizer::TextTokenizer;

@@ -18,8 +18,11 @@ use crate::tokenizer::TextTokenizer;
 
 mod decode;
 pub(crate) use decode::MAX_STEP_ROWS;
+mod grad;
+mod grad_ops;
 mod lora;
 
+pub use grad::{AnswerLoss, AnswerRow, TrainAdapter, TrainLora};
 pub use lora::LoraBatch;
 
 /// Additive mask value for masked attention slots (finite so that a fully masked padded row
@@ -186,6 +189,33 @@ fn plain_matmul(t: QTensor, dequantize: bool, device: &Device) -> Result<QMatMul
     }
 }
 
+/// Rotary tables [max_pos, head_dim / 2] (interleaved convention, as GGUF stores q/k
+/// permuted).
+fn rotary_tables(config: &BackboneConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = config.head_dim / 2;
+    let max_pos = config.context_length.max(1);
+    let mut cos = Vec::with_capacity(max_pos * half);
+    let mut sin = Vec::with_capacity(max_pos * half);
+    let inv: Vec<f32> = (0..half)
+        .map(|i| {
+            1f32 / config
+                .rope_theta
+                .powf((2 * i) as f32 / config.head_dim as f32)
+        })
+        .collect();
+    for pos in 0..max_pos {
+        for f in &inv {
+            let a = pos as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (max_pos, half), device)?,
+        Tensor::from_vec(sin, (max_pos, half), device)?,
+    ))
+}
+
 impl Backbone {
     /// Load the backbone from a GGUF file, with its tokenizer from the GGUF metadata or from a
     /// `tokenizer.json`. Quantized kernels (see [`BackboneOptions`]).
@@ -275,27 +305,7 @@ impl Backbone {
             });
         }
 
-        // Rotary tables (interleaved convention, as GGUF stores q/k permuted).
-        let half = config.head_dim / 2;
-        let max_pos = config.context_length.max(1);
-        let mut cos = Vec::with_capacity(max_pos * half);
-        let mut sin = Vec::with_capacity(max_pos * half);
-        let inv: Vec<f32> = (0..half)
-            .map(|i| {
-                1f32 / config
-                    .rope_theta
-                    .powf((2 * i) as f32 / config.head_dim as f32)
-            })
-            .collect();
-        for pos in 0..max_pos {
-            for f in &inv {
-                let a = pos as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (max_pos, half), &device)?;
-        let sin = Tensor::from_vec(sin, (max_pos, half), &device)?;
+        let (cos, sin) = rotary_tables(&config, &device)?;
         tracing::info!(
             path = %path.display(),
             layers = config.num_layers,
@@ -314,6 +324,57 @@ impl Backbone {
             final_norm,
             lm_head,
             lm_head_blocks,
+            cos,
+            sin,
+            tokenizer,
+        })
+    }
+
+    /// A backbone of the given hyper-parameters with random f32 weights (seeded), for tests
+    /// that need a model small enough to differentiate numerically or to train in seconds.
+    /// `config.vocab_size` must cover the tokenizer's ids.
+    pub fn random(config: BackboneConfig, tokenizer: TextTokenizer, seed: u64) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let device = Device::Cpu;
+        let mut matrix = |rows: usize, cols: usize, scale: f32| -> Result<Tensor> {
+            let bound = scale / (cols as f32).sqrt();
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            Ok(Tensor::from_vec(v, (rows, cols), &device)?)
+        };
+        let h = config.hidden_size;
+        let f = config.intermediate_size;
+        let qd = config.num_heads * config.head_dim;
+        let kvd = config.kv_dim();
+        let tok_embeddings = matrix(config.vocab_size, h, (h as f32).sqrt())?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        let lin = |t: Tensor| Linear::Mm(QMatMul::Tensor(t));
+        for _ in 0..config.num_layers {
+            layers.push(Layer {
+                attn_norm: (matrix(1, h, 0.2)?.squeeze(0)? + 1.0)?,
+                qkv: lin(matrix(qd + 2 * kvd, h, 1.5)?),
+                wo: lin(matrix(h, qd, 1.0)?),
+                ffn_norm: (matrix(1, h, 0.2)?.squeeze(0)? + 1.0)?,
+                gate_up: lin(matrix(2 * f, h, 1.5)?),
+                down: lin(matrix(h, f, 1.0)?),
+            });
+        }
+        let final_norm = (matrix(1, h, 0.2)?.squeeze(0)? + 1.0)?;
+        let (cos, sin) = rotary_tables(&config, &device)?;
+        Ok(Self {
+            lm_head: QMatMul::Tensor(tok_embeddings.clone()),
+            config,
+            options: BackboneOptions {
+                dequantize: true,
+                kernel: QuantKernel::default(),
+            },
+            device,
+            tok_embeddings,
+            layers,
+            final_norm,
+            lm_head_blocks: None,
             cos,
             sin,
             tokenizer,
