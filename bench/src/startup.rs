@@ -147,6 +147,7 @@ fn write_store(n: usize, dir: &Path) -> Result<(usize, f64)> {
                 weights_sha256: adapter.sha256_hex(),
                 weights_bytes: adapter.safetensors.len(),
                 adapter: summary.clone(),
+                training: None,
             };
             store.put_expert(&meta, &adapter, &rows)?;
         }

@@ -66,6 +66,9 @@ enum Command {
     /// Route a task by example inputs and answer inputs with the winning expert (or the
     /// server's fallback when routing abstains), in one call.
     Answer(AnswerArgs),
+    /// Training jobs: list, follow, cancel (start one with `roe expert train`).
+    #[command(subcommand)]
+    Train(crate::training::TrainCommand),
     /// Benchmarks; results go to bench/results/ (runs `roe-bench`, built beside `roe` by
     /// `cargo build --release --bin roe-bench`; `roe bench --help` lists them).
     #[command(disable_help_flag = true)]
@@ -117,6 +120,16 @@ struct ServeArgs {
     library_url: Option<String>,
     #[command(flatten)]
     serving: ServingArgs,
+    /// Where training jobs keep their rows, state and checkpoints (default:
+    /// <data-dir>/training).
+    #[arg(long, env = "ROE_TRAINING_DIR")]
+    training_dir: Option<PathBuf>,
+    /// Training jobs run at once (each uses every core); others wait in the queue.
+    #[arg(long, env = "ROE_TRAINING_WORKERS", default_value_t = 1)]
+    training_workers: usize,
+    /// Training jobs that may wait beyond the running ones.
+    #[arg(long, env = "ROE_TRAINING_QUEUE", default_value_t = 16)]
+    training_queue: usize,
 }
 
 /// The serving core's batching, queues, cache and remote deadlines (`roe serve`).
@@ -281,6 +294,15 @@ enum ExpertCommand {
     /// Merge experts of one kind into a new expert (LoRA: weighted sum of the deltas, rank =
     /// sum of ranks; prompt: weighted average, or --concat).
     Merge(MergeArgs),
+    /// Train an expert on the frozen backbone (prompt tuning or LoRA) from a task folder or
+    /// labeled rows; it is registered when done. Follows the job with a progress bar.
+    Train(crate::training::TrainArgs),
+    /// Write an expert's PEFT folder (loads in Hugging Face PEFT).
+    Export {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -412,6 +434,7 @@ pub fn main() -> Result<()> {
         Command::Score(a) => rt.block_on(cmd_score(&cli.global, a)),
         Command::Generate(a) => rt.block_on(cmd_generate(&cli.global, a)),
         Command::Answer(a) => rt.block_on(cmd_answer(&cli.global, a)),
+        Command::Train(c) => rt.block_on(crate::training::cmd_train(&cli.global, c)),
         Command::Bench { args } => run_bench(&cli.global, None, args),
         Command::Eval { args } => run_bench(&cli.global, Some("eval"), args),
     }
@@ -503,6 +526,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         "library loaded"
     );
     let library = Arc::new(library);
+    let training_backbone = backbone.clone();
     let inference = backbone.map(|bb| {
         let inference = BackboneInference::over_library(bb, library.clone(), a.serving.config());
         // The configuration in effect (batch sizes brought within what the queues run).
@@ -517,6 +541,28 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         }
         None => {}
     }
+    // Training needs the backbone and the library in this process.
+    let training = match training_backbone {
+        Some(bb) => {
+            let dir = a
+                .training_dir
+                .clone()
+                .unwrap_or_else(|| a.data_dir.join("training"));
+            let jobs = roe_trainer::TrainingJobs::open(
+                &dir,
+                bb,
+                library.backbone(None)?.name.clone(),
+                library.clone(),
+                roe_trainer::JobsConfig {
+                    workers: a.training_workers,
+                    max_queued: a.training_queue,
+                },
+            )
+            .with_context(|| format!("opening the training jobs in {}", dir.display()))?;
+            Some(Arc::new(jobs))
+        }
+        None => None,
+    };
     let listener = bind(&a.addr).await?;
     let options = ServeOptions {
         route_defaults: roe_expert_library::RouteOptions {
@@ -526,6 +572,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         inference,
         fallback_expert,
         route_client: None,
+        training,
     };
     serve(listener, library, options, shutdown_signal()).await?;
     Ok(())
@@ -631,13 +678,14 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
     let options = ServeOptions {
         fallback_expert,
         route_client: Some(route_client),
+        training: None,
         ..ServeOptions::default()
     };
     serve_inference(listener, svc, options, shutdown_signal()).await?;
     Ok(())
 }
 
-async fn library_client(g: &Global) -> Result<ExpertLibraryClient<Channel>> {
+pub(crate) async fn library_client(g: &Global) -> Result<ExpertLibraryClient<Channel>> {
     let c = ExpertLibraryClient::connect(g.server.clone())
         .await
         .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?;
@@ -676,6 +724,8 @@ fn kind_name(k: i32) -> &'static str {
 async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
     let mut client = library_client(g).await?;
     match c {
+        ExpertCommand::Train(a) => crate::training::cmd_expert_train(g, a).await?,
+        ExpertCommand::Export { id, out } => crate::training::cmd_export(g, id, out).await?,
         ExpertCommand::Add(a) => {
             let adapter = PeftAdapter::from_dir(&a.peft)?;
             let (all, task) = load_instances(&a.instances)?;

@@ -1,7 +1,8 @@
 //! The `roe` command line (`roe serve`, `roe expert ...`, `roe route`, `roe score`,
-//! `roe generate`, `roe answer`): a thin client of the gRPC API, and the process that serves
+//! `roe generate`, `roe answer`, `roe expert train|export`, `roe train`): a thin client of the gRPC API, and the process that serves
 //! it. `roe bench` and `roe eval` run the `roe-bench` binary beside it.
 
 pub mod cli;
 pub mod models;
 pub mod process;
+pub mod training;

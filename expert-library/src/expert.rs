@@ -237,6 +237,28 @@ pub struct ExpertMeta {
     pub weights_sha256: String,
     pub weights_bytes: usize,
     pub adapter: AdapterSummary,
+    /// How roe trained the expert (None: registered from a PEFT adapter made elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingRecord>,
+}
+
+/// What an expert trained inside roe keeps of its training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingRecord {
+    pub job_id: String,
+    /// The recipe, as JSON (every hyper-parameter).
+    pub recipe_json: String,
+    pub steps: usize,
+    /// Mean answer loss of the last step.
+    pub final_loss: f64,
+    /// `accuracy` or `token_f1`.
+    pub metric: String,
+    /// The metric on the held-out rows, with the expert and with the bare backbone (None
+    /// when no row was held out).
+    pub held_out_score: Option<f64>,
+    pub held_out_baseline: Option<f64>,
+    pub held_out_rows: usize,
+    pub train_rows: usize,
 }
 
 /// Ids are path- and URL-safe so they can appear in CLI arguments, logs and file names.

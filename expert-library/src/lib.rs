@@ -17,7 +17,10 @@ pub mod store;
 
 pub use compaction::CompactionHold;
 pub use error::{LibraryError, Result};
-pub use expert::{BackboneSpec, ExpertKind, ExpertMeta, Instance, PeftAdapter, TextFormat};
+pub use expert::{
+    validate_expert_id, BackboneSpec, ExpertKind, ExpertMeta, Instance, PeftAdapter, TextFormat,
+    TrainingRecord,
+};
 pub use library::{ExpertLibrary, LibraryConfig, NewExpert};
 pub use merge::{MergeRequest, PromptMergeMode};
 pub use retrieval::{Query, RouteOptions, RouteResult, Strategy};

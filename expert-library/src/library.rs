@@ -17,7 +17,7 @@ use crate::compaction::{CompactionContext, CompactionHold, Compactor};
 use crate::embedding::Encoder;
 use crate::error::{LibraryError, Result};
 use crate::expert::{
-    validate_expert_id, BackboneSpec, ExpertMeta, Instance, PeftAdapter, TextFormat,
+    validate_expert_id, BackboneSpec, ExpertMeta, Instance, PeftAdapter, TextFormat, TrainingRecord,
 };
 use crate::index::IndexConfig;
 use crate::merge::{merge_adapters, normalise_weights, MergeRequest, MAX_MERGE_SOURCES};
@@ -377,6 +377,16 @@ impl ExpertLibrary {
     /// Registers an expert. With `new_version` an existing id is replaced by the next
     /// version; without it an existing id is ALREADY_EXISTS. Durable once it returns.
     pub fn register(&self, new: NewExpert, new_version: bool) -> Result<ExpertMeta> {
+        self.register_trained(new, new_version, None)
+    }
+
+    /// [`Self::register`] for an expert trained inside roe: its metadata keeps `training`.
+    pub fn register_trained(
+        &self,
+        new: NewExpert,
+        new_version: bool,
+        training: Option<TrainingRecord>,
+    ) -> Result<ExpertMeta> {
         validate_expert_id(&new.id)?;
         if new.name.len() > 1024 || new.description.len() > self.config.limits.max_text_bytes {
             return Err(LibraryError::invalid(
@@ -440,6 +450,7 @@ impl ExpertLibrary {
             weights_sha256: new.adapter.sha256_hex(),
             weights_bytes: new.adapter.safetensors.len(),
             adapter: summary,
+            training,
         };
         self.store_and_index(&meta, &new.adapter, &rows, existing.is_some())?;
         tracing::info!(
@@ -583,6 +594,7 @@ impl ExpertLibrary {
             weights_sha256: merged.adapter.sha256_hex(),
             weights_bytes: merged.adapter.safetensors.len(),
             adapter: merged.summary,
+            training: None,
         };
         self.store_and_index(&meta, &merged.adapter, &rows, existing.is_some())?;
         tracing::info!(

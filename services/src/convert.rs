@@ -10,6 +10,7 @@ use roe_serving::{
     Answer, AnswerInput, AnswerMode, AnswerRequest, Answered, ExpertRef, GenerateOptions,
     RouteOverrides, ServingError,
 };
+use roe_trainer::{JobSpec, JobState, JobStatus, PromptInit, Recipe, TaskSpec};
 use tonic::Status;
 
 use crate::proto;
@@ -59,7 +60,124 @@ pub fn expert_to_proto(m: &ExpertMeta) -> proto::Expert {
             e.target_modules = target_modules.clone();
         }
     }
+    e.training = m.training.as_ref().map(|t| proto::TrainingSummary {
+        job_id: t.job_id.clone(),
+        recipe_json: t.recipe_json.clone(),
+        steps: t.steps as u32,
+        final_loss: t.final_loss,
+        metric: t.metric.clone(),
+        held_out_score: t.held_out_score,
+        held_out_baseline: t.held_out_baseline,
+        held_out_rows: t.held_out_rows as u32,
+        train_rows: t.train_rows as u32,
+    });
     e
+}
+
+/// A StartTraining request as the trainer's job spec and rows: unset recipe fields take the
+/// kind's defaults; values are checked by the trainer, which names the field.
+pub fn training_job_from_proto(
+    req: proto::StartTrainingRequest,
+) -> Result<(JobSpec, Vec<Instance>), Status> {
+    let kind = kind_from_proto(req.kind)?
+        .ok_or_else(|| Status::invalid_argument("kind: say prompt or lora"))?;
+    let mut recipe = Recipe::defaults(kind);
+    let r = req.recipe.unwrap_or_default();
+    let usize_of = |v: Option<u32>, d: usize| v.map(|v| v as usize).unwrap_or(d);
+    recipe.steps = usize_of(r.steps, recipe.steps);
+    recipe.batch_size = usize_of(r.batch_size, recipe.batch_size);
+    recipe.learning_rate = r.learning_rate.unwrap_or(recipe.learning_rate);
+    recipe.warmup_steps = usize_of(r.warmup_steps, recipe.warmup_steps.min(recipe.steps));
+    recipe.weight_decay = r.weight_decay.unwrap_or(recipe.weight_decay);
+    recipe.max_grad_norm = r.max_grad_norm.unwrap_or(recipe.max_grad_norm);
+    recipe.seed = r.seed.unwrap_or(recipe.seed);
+    recipe.held_out_fraction = r.held_out_fraction.unwrap_or(recipe.held_out_fraction);
+    recipe.instances = usize_of(r.instances, recipe.instances);
+    recipe.num_virtual_tokens = usize_of(r.num_virtual_tokens, recipe.num_virtual_tokens);
+    recipe.prompt_init =
+        PromptInit::parse(&r.prompt_init, &r.prompt_init_text).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "recipe.prompt_init: {:?} is not class_labels, random, vocab_sample or text",
+                truncate(&r.prompt_init)
+            ))
+        })?;
+    recipe.lora_rank = usize_of(r.lora_rank, recipe.lora_rank);
+    recipe.lora_alpha = r.lora_alpha.unwrap_or(recipe.lora_alpha);
+    if !r.lora_targets.is_empty() {
+        recipe.lora_targets = r
+            .lora_targets
+            .iter()
+            .map(|t| {
+                roe_trainer::recipe::parse_target(t).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "recipe.lora_targets: {:?} is not a projection of the backbone",
+                        truncate(t)
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    recipe.micro_batch_tokens = usize_of(r.micro_batch_tokens, recipe.micro_batch_tokens);
+    recipe.checkpoint_every = usize_of(r.checkpoint_every, recipe.checkpoint_every);
+    recipe.max_eval_rows = usize_of(r.max_eval_rows, recipe.max_eval_rows);
+    Ok((
+        JobSpec {
+            expert_id: req.expert_id,
+            name: req.name,
+            description: req.description,
+            task: TaskSpec {
+                description: req.task_description,
+                labels: req.labels,
+            },
+            recipe,
+            new_version: req.new_version,
+        },
+        req.rows.into_iter().map(instance_from_proto).collect(),
+    ))
+}
+
+/// Client text quoted in a message: at most 64 characters.
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= 64 {
+        return s.to_string();
+    }
+    format!("{}…", s.chars().take(64).collect::<String>())
+}
+
+pub fn training_job_to_proto(j: &JobStatus) -> proto::TrainingJob {
+    let state = match j.state {
+        JobState::Queued => proto::TrainingState::Queued,
+        JobState::Running => proto::TrainingState::Running,
+        JobState::Succeeded => proto::TrainingState::Succeeded,
+        JobState::Failed => proto::TrainingState::Failed,
+        JobState::Cancelled => proto::TrainingState::Cancelled,
+    };
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    proto::TrainingJob {
+        id: j.id.clone(),
+        expert_id: j.expert_id.clone(),
+        kind: kind_to_proto(j.kind) as i32,
+        state: state as i32,
+        phase: j.phase.clone(),
+        queue_position: j.queue_position as u32,
+        step: j.step as u32,
+        total_steps: j.total_steps as u32,
+        loss: finite(j.loss),
+        learning_rate: j.learning_rate,
+        tokens_per_s: finite(j.tokens_per_s),
+        steps_per_s: finite(j.steps_per_s),
+        eta_s: finite(j.eta_s),
+        metric: j.metric.as_str().into(),
+        held_out_score: j.held_out_score,
+        held_out_baseline: j.held_out_baseline,
+        train_rows: j.train_rows as u32,
+        held_out_rows: j.held_out_rows as u32,
+        resumed_from_step: j.resumed_from_step as u32,
+        expert_version: j.expert_version,
+        error: j.error.clone(),
+        created_at_unix_ms: j.created_at_unix_ms,
+        finished_at_unix_ms: j.finished_at_unix_ms,
+    }
 }
 
 pub fn instance_from_proto(i: proto::Instance) -> Instance {

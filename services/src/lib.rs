@@ -1,6 +1,6 @@
 //! roe's gRPC layer (package `roe.v1`), as text-embeddings-inference's `router/` and qdrant's
 //! api layer: one handler file per service ([`library_service`], [`router_service`],
-//! [`inference_service`], [`answer_service`]) over the expert library and the serving core
+//! [`inference_service`], [`answer_service`], [`training_service`]) over the expert library and the serving core
 //! (`roe-serving`); every proto conversion in [`convert`]; every error-to-status mapping in
 //! [`status`]; the clients of another roe process in [`remote`]; server assembly per role,
 //! with health following the workers, in [`server`].
@@ -13,6 +13,7 @@ pub mod remote;
 pub mod router_service;
 pub mod server;
 pub mod status;
+pub mod training_service;
 
 pub mod proto {
     //! Generated from `proto/roe/v1/roe.proto`.

@@ -2,6 +2,8 @@
 //! and answer services when a backbone is loaded, gRPC health (following the workers) and
 //! reflection.
 
+use crate::proto::training_server::TrainingServer;
+use crate::training_service::TrainingService;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,8 @@ pub struct ServeOptions {
     pub fallback_expert: String,
     /// How `roe.v1.Answerer` routes (None: the local library with `route_defaults`).
     pub route_client: Option<Arc<dyn RouteService>>,
+    /// The training queue behind `roe.v1.Training` (None: not served).
+    pub training: Option<Arc<roe_trainer::TrainingJobs>>,
 }
 
 /// gRPC reflection over roe's and the health service's descriptors.
@@ -192,6 +196,11 @@ pub async fn serve(
         .add_service(router_api)
         .add_optional_service(options.inference.map(inference_api))
         .add_optional_service(answer)
+        .add_optional_service(options.training.map(|jobs| {
+            TrainingServer::new(TrainingService::new(jobs))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     health.abort();

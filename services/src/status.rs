@@ -3,6 +3,7 @@
 
 use roe_expert_library::LibraryError;
 use roe_serving::{ErrorKind, ServingError};
+use roe_trainer::TrainError;
 use tonic::{Code, Status};
 
 /// Most characters of client text quoted back in a status message.
@@ -19,6 +20,22 @@ fn message(text: String) -> String {
 /// A library error, classified as the serving core classifies it (internal ones logged).
 pub fn library_status(e: LibraryError) -> Status {
     serving_status(ServingError::from(e))
+}
+
+/// A training error: bad recipes and rows are INVALID_ARGUMENT naming the field.
+pub fn training_status(e: TrainError) -> Status {
+    let code = match &e {
+        TrainError::Invalid { .. } => Code::InvalidArgument,
+        TrainError::JobNotFound(_) => Code::NotFound,
+        TrainError::FailedPrecondition(_) => Code::FailedPrecondition,
+        TrainError::QueueFull(_) => Code::ResourceExhausted,
+        TrainError::Cancelled => Code::Cancelled,
+        _ => {
+            tracing::error!(error = %e, "training failed");
+            Code::Internal
+        }
+    };
+    Status::new(code, message(e.to_string()))
 }
 
 /// A serving-core error, by its kind.

@@ -1,0 +1,104 @@
+//! `roe.v1.Training`: start, watch, list and cancel training jobs.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use roe_trainer::TrainingJobs;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{training_job_from_proto, training_job_to_proto};
+use crate::library_service::blocking;
+use crate::proto::{self, training_server::Training as Api};
+use crate::status::training_status as status;
+
+pub struct TrainingService {
+    jobs: Arc<TrainingJobs>,
+}
+
+impl TrainingService {
+    pub fn new(jobs: Arc<TrainingJobs>) -> Self {
+        Self { jobs }
+    }
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<proto::TrainingJob, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Api for TrainingService {
+    async fn start_training(
+        &self,
+        req: Request<proto::StartTrainingRequest>,
+    ) -> Result<Response<proto::StartTrainingResponse>, Status> {
+        let (spec, rows) = training_job_from_proto(req.into_inner())?;
+        let jobs = self.jobs.clone();
+        // Writing the rows durably is file work: off the async workers.
+        let job = blocking(move || jobs.submit(spec, rows).map_err(status)).await?;
+        Ok(Response::new(proto::StartTrainingResponse {
+            job: Some(training_job_to_proto(&job)),
+        }))
+    }
+
+    async fn get_training_job(
+        &self,
+        req: Request<proto::GetTrainingJobRequest>,
+    ) -> Result<Response<proto::GetTrainingJobResponse>, Status> {
+        let job = self.jobs.get(&req.into_inner().job_id).map_err(status)?;
+        Ok(Response::new(proto::GetTrainingJobResponse {
+            job: Some(training_job_to_proto(&job)),
+        }))
+    }
+
+    type WatchTrainingStream = JobStream;
+
+    async fn watch_training(
+        &self,
+        req: Request<proto::WatchTrainingRequest>,
+    ) -> Result<Response<Self::WatchTrainingStream>, Status> {
+        let mut rx = self.jobs.watch(&req.into_inner().job_id).map_err(status)?;
+        let stream = async_stream(move |tx| async move {
+            loop {
+                let job = rx.borrow_and_update().clone();
+                let done = job.state.is_finished();
+                if tx.send(Ok(training_job_to_proto(&job))).await.is_err() || done {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn list_training_jobs(
+        &self,
+        _req: Request<proto::ListTrainingJobsRequest>,
+    ) -> Result<Response<proto::ListTrainingJobsResponse>, Status> {
+        Ok(Response::new(proto::ListTrainingJobsResponse {
+            jobs: self.jobs.list().iter().map(training_job_to_proto).collect(),
+        }))
+    }
+
+    async fn cancel_training(
+        &self,
+        req: Request<proto::CancelTrainingRequest>,
+    ) -> Result<Response<proto::CancelTrainingResponse>, Status> {
+        let job = self.jobs.cancel(&req.into_inner().job_id).map_err(status)?;
+        Ok(Response::new(proto::CancelTrainingResponse {
+            job: Some(training_job_to_proto(&job)),
+        }))
+    }
+}
+
+/// A stream fed by a task: it ends when the task returns, and the task sees the client go
+/// (its sends fail) and stops.
+fn async_stream<F, Fut>(f: F) -> JobStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<proto::TrainingJob, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

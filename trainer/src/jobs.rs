@@ -1,0 +1,687 @@
+//! Training jobs: a bounded queue in front of a fixed number of worker threads (one by
+//! default: a job uses every core), each job's spec, rows, state and checkpoints kept under
+//! `<dir>/<job id>/`. A job found queued or running when the queue opens (the process
+//! stopped or crashed) resumes from its last checkpoint, or fails with the reason; it is
+//! never silently lost. Watchers get every state change through a `tokio::sync::watch`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+use roe_backbone::Backbone;
+use roe_expert_library::{
+    validate_expert_id, ExpertKind, ExpertLibrary, ExpertMeta, Instance, NewExpert, PeftAdapter,
+    TrainingRecord,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::checkpoint;
+use crate::data::{self, EvalMetric, TaskSpec};
+use crate::error::{Result, TrainError};
+use crate::params::Params;
+use crate::recipe::Recipe;
+use crate::train::{self, RunnableAdapter, TrainState};
+
+/// What a client asks to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub expert_id: String,
+    pub name: String,
+    pub description: String,
+    pub task: TaskSpec,
+    pub recipe: Recipe,
+    /// Register as the next version when the id exists (else the job is refused).
+    pub new_version: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// A job as watchers and lists see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub id: String,
+    pub expert_id: String,
+    pub kind: ExpertKind,
+    pub state: JobState,
+    /// `queued`, `training`, `evaluating`, `registering` or `done`.
+    pub phase: String,
+    /// 1-based place in the queue while queued (0 otherwise).
+    pub queue_position: usize,
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub tokens_per_s: f64,
+    pub steps_per_s: f64,
+    pub eta_s: f64,
+    pub train_rows: usize,
+    pub held_out_rows: usize,
+    pub metric: EvalMetric,
+    pub held_out_score: Option<f64>,
+    pub held_out_baseline: Option<f64>,
+    /// The step the run continued from after a restart (0 when it never stopped).
+    pub resumed_from_step: usize,
+    /// The registered expert's version (0 until it is registered).
+    pub expert_version: u64,
+    pub error: String,
+    pub created_at_unix_ms: u64,
+    pub finished_at_unix_ms: u64,
+}
+
+/// Where finished experts go: the library (or anything that registers like it).
+pub trait ExpertSink: Send + Sync {
+    /// Refuses a job whose expert could not be registered (bad id, existing id without
+    /// `new_version`), before any training.
+    fn check(&self, expert_id: &str, new_version: bool) -> Result<()>;
+    /// Registers the trained expert; returns its version.
+    fn register(&self, expert: NewExpert, new_version: bool, record: TrainingRecord)
+        -> Result<u64>;
+}
+
+impl ExpertSink for ExpertLibrary {
+    fn check(&self, expert_id: &str, new_version: bool) -> Result<()> {
+        validate_expert_id(expert_id)
+            .map_err(|e| TrainError::invalid("expert_id", e.to_string()))?;
+        match self.get(expert_id) {
+            Ok(meta) if !new_version => Err(TrainError::FailedPrecondition(format!(
+                "expert_id: {expert_id:?} already exists (version {}); set new_version to \
+                 train its next version",
+                meta.version
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn register(
+        &self,
+        expert: NewExpert,
+        new_version: bool,
+        record: TrainingRecord,
+    ) -> Result<u64> {
+        self.register_trained(expert, new_version, Some(record))
+            .map(|m: ExpertMeta| m.version)
+            .map_err(|e| TrainError::Register(e.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct JobsConfig {
+    /// Jobs trained at once.
+    pub workers: usize,
+    /// Jobs waiting beyond the running ones.
+    pub max_queued: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            max_queued: 16,
+        }
+    }
+}
+
+/// The job file: spec and status (rows live beside it in `rows.jsonl`).
+#[derive(Serialize, Deserialize)]
+struct JobFile {
+    spec: JobSpec,
+    status: JobStatus,
+}
+
+struct Job {
+    spec: JobSpec,
+    status: watch::Sender<JobStatus>,
+    cancel: Arc<AtomicBool>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    backbone: Arc<Backbone>,
+    backbone_name: String,
+    sink: Arc<dyn ExpertSink>,
+    config: JobsConfig,
+    jobs: Mutex<BTreeMap<String, Job>>,
+    queue: Mutex<VecDeque<String>>,
+    wake: Condvar,
+    /// Set when the queue is dropped: workers stop at the next step and leave their job
+    /// `running` on disk, so the next start resumes it.
+    shutdown: AtomicBool,
+}
+
+/// The training queue. Dropping it stops the workers within a step.
+pub struct TrainingJobs {
+    inner: Arc<Inner>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn new_job_id() -> String {
+    format!("train-{:x}-{:04x}", now_ms(), rand::random::<u16>())
+}
+
+impl TrainingJobs {
+    /// Opens the queue over `dir` (created if missing) and resumes the jobs left unfinished
+    /// there.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        backbone: Arc<Backbone>,
+        backbone_name: impl Into<String>,
+        sink: Arc<dyn ExpertSink>,
+        config: JobsConfig,
+    ) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        let inner = Arc::new(Inner {
+            dir: dir.clone(),
+            backbone,
+            backbone_name: backbone_name.into(),
+            sink,
+            config: JobsConfig {
+                workers: config.workers.max(1),
+                max_queued: config.max_queued.max(1),
+            },
+            jobs: Mutex::new(BTreeMap::new()),
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+        });
+        inner.recover()?;
+        let workers = (0..inner.config.workers)
+            .map(|i| {
+                let inner = inner.clone();
+                std::thread::Builder::new()
+                    .name(format!("roe-train-{i}"))
+                    .spawn(move || inner.work())
+                    .map_err(|e| TrainError::io(&dir, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { inner, workers })
+    }
+
+    /// Validates and queues a job; returns its first status.
+    pub fn submit(&self, spec: JobSpec, rows: Vec<Instance>) -> Result<JobStatus> {
+        spec.recipe.validate()?;
+        validate_expert_id(&spec.expert_id)
+            .map_err(|e| TrainError::invalid("expert_id", e.to_string()))?;
+        let rows = data::check_rows(&rows, &spec.task)?;
+        if spec.recipe.kind == ExpertKind::Prompt
+            && spec.recipe.prompt_init == crate::recipe::PromptInit::ClassLabels
+            && spec.task.description.trim().is_empty()
+            && spec.task.labels.is_empty()
+        {
+            return Err(TrainError::invalid(
+                "task.description",
+                "class-label init needs a description or labels (or choose another init)",
+            ));
+        }
+        self.inner.sink.check(&spec.expert_id, spec.new_version)?;
+        let (train_rows, held) =
+            data::split(&rows, spec.recipe.held_out_fraction, spec.recipe.seed);
+        let id = new_job_id();
+        let status = JobStatus {
+            id: id.clone(),
+            expert_id: spec.expert_id.clone(),
+            kind: spec.recipe.kind,
+            state: JobState::Queued,
+            phase: "queued".into(),
+            queue_position: 0,
+            step: 0,
+            total_steps: spec.recipe.steps,
+            loss: f64::NAN,
+            learning_rate: 0.0,
+            tokens_per_s: 0.0,
+            steps_per_s: 0.0,
+            eta_s: 0.0,
+            train_rows: train_rows.len(),
+            held_out_rows: held.len().min(spec.recipe.max_eval_rows),
+            metric: data::metric_of(&rows),
+            held_out_score: None,
+            held_out_baseline: None,
+            resumed_from_step: 0,
+            expert_version: 0,
+            error: String::new(),
+            created_at_unix_ms: now_ms(),
+            finished_at_unix_ms: 0,
+        };
+        {
+            let queue = self.inner.queue.lock();
+            if queue.len() >= self.inner.config.max_queued {
+                return Err(TrainError::QueueFull(format!(
+                    "{} training jobs are already waiting (at most {})",
+                    queue.len(),
+                    self.inner.config.max_queued
+                )));
+            }
+        }
+        let job_dir = self.inner.dir.join(&id);
+        std::fs::create_dir_all(&job_dir).map_err(|e| TrainError::io(&job_dir, e))?;
+        let mut lines = String::new();
+        for r in &rows {
+            lines.push_str(
+                &serde_json::to_string(r).map_err(|e| TrainError::Checkpoint(e.to_string()))?,
+            );
+            lines.push('\n');
+        }
+        checkpoint::write_atomically(&job_dir.join("rows.jsonl"), lines.as_bytes())?;
+        let status = self.inner.insert(spec, status)?;
+        self.inner.enqueue(&id);
+        Ok(self.get(&status.id).unwrap_or(status))
+    }
+
+    pub fn get(&self, id: &str) -> Result<JobStatus> {
+        self.inner
+            .jobs
+            .lock()
+            .get(id)
+            .map(|j| j.status.borrow().clone())
+            .ok_or_else(|| TrainError::JobNotFound(id.to_string()))
+    }
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Vec<JobStatus> {
+        let mut v: Vec<JobStatus> = self
+            .inner
+            .jobs
+            .lock()
+            .values()
+            .map(|j| j.status.borrow().clone())
+            .collect();
+        v.sort_by(|a, b| {
+            b.created_at_unix_ms
+                .cmp(&a.created_at_unix_ms)
+                .then(b.id.cmp(&a.id))
+        });
+        v
+    }
+
+    /// Every change of the job's status, the current one first.
+    pub fn watch(&self, id: &str) -> Result<watch::Receiver<JobStatus>> {
+        self.inner
+            .jobs
+            .lock()
+            .get(id)
+            .map(|j| j.status.subscribe())
+            .ok_or_else(|| TrainError::JobNotFound(id.to_string()))
+    }
+
+    /// Cancels a queued job at once, a running one within a step. A finished job is
+    /// FAILED_PRECONDITION.
+    pub fn cancel(&self, id: &str) -> Result<JobStatus> {
+        let status = self.get(id)?;
+        if status.state.is_finished() {
+            return Err(TrainError::FailedPrecondition(format!(
+                "job {id} already {}",
+                status.state.as_str()
+            )));
+        }
+        if let Some(j) = self.inner.jobs.lock().get(id) {
+            j.cancel.store(true, Ordering::SeqCst);
+        }
+        let removed = {
+            let mut q = self.inner.queue.lock();
+            let before = q.len();
+            q.retain(|q| q != id);
+            before != q.len()
+        };
+        if removed {
+            self.inner.finish(
+                id,
+                JobState::Cancelled,
+                "cancelled before it started".into(),
+            )?;
+            self.inner.update_positions();
+        }
+        self.get(id)
+    }
+
+    /// Where the job keeps its rows, state, checkpoint and (once trained) `adapter/`.
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        self.inner.dir.join(id)
+    }
+}
+
+impl Drop for TrainingJobs {
+    fn drop(&mut self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Inner {
+    fn insert(&self, spec: JobSpec, status: JobStatus) -> Result<JobStatus> {
+        let id = status.id.clone();
+        self.persist(&spec, &status)?;
+        let (tx, _) = watch::channel(status.clone());
+        self.jobs.lock().insert(
+            id,
+            Job {
+                spec,
+                status: tx,
+                cancel: Arc::new(AtomicBool::new(false)),
+            },
+        );
+        Ok(status)
+    }
+
+    fn persist(&self, spec: &JobSpec, status: &JobStatus) -> Result<()> {
+        let file = JobFile {
+            spec: spec.clone(),
+            status: status.clone(),
+        };
+        let text =
+            serde_json::to_vec_pretty(&file).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        checkpoint::write_atomically(&self.dir.join(&status.id).join("job.json"), &text)
+    }
+
+    fn enqueue(&self, id: &str) {
+        self.queue.lock().push_back(id.to_string());
+        self.update_positions();
+        self.wake.notify_one();
+    }
+
+    fn update_positions(&self) {
+        let queue = self.queue.lock().clone();
+        let jobs = self.jobs.lock();
+        for (i, id) in queue.iter().enumerate() {
+            if let Some(j) = jobs.get(id) {
+                j.status.send_if_modified(|s| {
+                    let changed = s.queue_position != i + 1;
+                    s.queue_position = i + 1;
+                    changed
+                });
+            }
+        }
+    }
+
+    /// Applies `f` to a job's status, publishes it, and persists it when `durable`.
+    fn update(&self, id: &str, durable: bool, f: impl FnOnce(&mut JobStatus)) -> Result<JobStatus> {
+        let (spec, status) = {
+            let jobs = self.jobs.lock();
+            let j = jobs
+                .get(id)
+                .ok_or_else(|| TrainError::JobNotFound(id.into()))?;
+            j.status.send_modify(f);
+            let s = j.status.borrow().clone();
+            (j.spec.clone(), s)
+        };
+        if durable {
+            self.persist(&spec, &status)?;
+        }
+        Ok(status)
+    }
+
+    fn finish(&self, id: &str, state: JobState, error: String) -> Result<JobStatus> {
+        self.update(id, true, |s| {
+            s.state = state;
+            s.phase = "done".into();
+            s.queue_position = 0;
+            s.error = error;
+            s.finished_at_unix_ms = now_ms();
+        })
+    }
+
+    /// Loads every job under the directory; unfinished ones are queued again (oldest
+    /// first) and will resume from their checkpoints.
+    fn recover(&self) -> Result<()> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
+        let mut pending = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path().join("job.json");
+            let Ok(text) = std::fs::read(&path) else {
+                continue;
+            };
+            let file: JobFile = match serde_json::from_slice(&text) {
+                Ok(f) => f,
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "unreadable training job file");
+                    continue;
+                }
+            };
+            let mut status = file.status;
+            if !status.state.is_finished() {
+                status.state = JobState::Queued;
+                status.phase = "queued".into();
+                pending.push((status.created_at_unix_ms, status.id.clone()));
+            }
+            let (tx, _) = watch::channel(status.clone());
+            self.jobs.lock().insert(
+                status.id.clone(),
+                Job {
+                    spec: file.spec,
+                    status: tx,
+                    cancel: Arc::new(AtomicBool::new(false)),
+                },
+            );
+        }
+        pending.sort();
+        for (_, id) in pending {
+            tracing::info!(job = %id, "resuming a training job left unfinished");
+            self.queue.lock().push_back(id);
+        }
+        self.update_positions();
+        Ok(())
+    }
+
+    fn work(self: Arc<Self>) {
+        loop {
+            let id = {
+                let mut q = self.queue.lock();
+                loop {
+                    if self.shutdown.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(id) = q.pop_front() {
+                        break id;
+                    }
+                    self.wake.wait(&mut q);
+                }
+            };
+            self.update_positions();
+            let outcome = self.run_job(&id);
+            if self.shutdown.load(Ordering::SeqCst) && matches!(outcome, Err(TrainError::Cancelled))
+            {
+                // Stopped by the process going down: left `running` on disk to resume.
+                let cancelled = self
+                    .jobs
+                    .lock()
+                    .get(&id)
+                    .map(|j| j.cancel.load(Ordering::SeqCst))
+                    .unwrap_or(false);
+                if !cancelled {
+                    return;
+                }
+            }
+            let result = match outcome {
+                Ok(()) => Ok(()),
+                Err(TrainError::Cancelled) => self
+                    .finish(&id, JobState::Cancelled, "cancelled by a client".into())
+                    .map(|_| ()),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "training job failed");
+                    self.finish(&id, JobState::Failed, e.to_string())
+                        .map(|_| ())
+                }
+            };
+            if let Err(e) = result {
+                tracing::error!(job = %id, error = %e, "could not record a training job's end");
+            }
+        }
+    }
+
+    fn run_job(&self, id: &str) -> Result<()> {
+        let (spec, cancel) = {
+            let jobs = self.jobs.lock();
+            let j = jobs
+                .get(id)
+                .ok_or_else(|| TrainError::JobNotFound(id.into()))?;
+            (j.spec.clone(), j.cancel.clone())
+        };
+        let cancelled = || cancel.load(Ordering::SeqCst) || self.shutdown.load(Ordering::SeqCst);
+        if cancelled() {
+            return Err(TrainError::Cancelled);
+        }
+        let job_dir = self.dir.join(id);
+        let rows_path = job_dir.join("rows.jsonl");
+        let text =
+            std::fs::read_to_string(&rows_path).map_err(|e| TrainError::io(&rows_path, e))?;
+        let rows: Vec<Instance> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .map_err(|e| TrainError::Checkpoint(format!("rows.jsonl: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let recipe = &spec.recipe;
+        let bb = &self.backbone;
+        let (train_rows, mut held) = data::split(&rows, recipe.held_out_fraction, recipe.seed);
+        held.truncate(recipe.max_eval_rows);
+        let rendered = data::render(bb, &train_rows)?;
+        let mut state = match checkpoint::load(&job_dir)? {
+            Some(s) => s,
+            None => TrainState::new(Params::init(bb, recipe, &spec.task)?),
+        };
+        let resumed = state.step;
+        self.update(id, true, |s| {
+            s.state = JobState::Running;
+            s.phase = "training".into();
+            s.queue_position = 0;
+            s.step = state.step;
+            s.resumed_from_step = resumed;
+            if let Some(&l) = state.losses.last() {
+                s.loss = l;
+            }
+        })?;
+        let every = recipe.checkpoint_every;
+        let outcome = train::run(
+            bb,
+            recipe,
+            &rendered,
+            &mut state,
+            &cancelled,
+            &mut |r, st| {
+                if r.step % every == 0 || r.step == r.total_steps {
+                    checkpoint::save(&job_dir, st)?;
+                }
+                self.update(id, false, |s| {
+                    s.step = r.step;
+                    s.loss = r.loss;
+                    s.learning_rate = r.learning_rate;
+                    s.tokens_per_s = r.tokens_per_s;
+                    s.steps_per_s = r.steps_per_s;
+                    s.eta_s = r.eta_s;
+                })?;
+                Ok(())
+            },
+        );
+        if let Err(e) = outcome {
+            if matches!(e, TrainError::Cancelled) {
+                // Keep what was done: a resumed run continues from here.
+                checkpoint::save(&job_dir, &state)?;
+            }
+            return Err(e);
+        }
+        self.update(id, true, |s| s.phase = "evaluating".into())?;
+        let adapter = state.params.to_peft(bb, &self.backbone_name)?;
+        std::fs::create_dir_all(job_dir.join("adapter"))
+            .map_err(|e| TrainError::io(&job_dir, e))?;
+        checkpoint::write_atomically(
+            &job_dir.join("adapter/adapter_config.json"),
+            adapter.config_json.as_bytes(),
+        )?;
+        checkpoint::write_atomically(
+            &job_dir.join("adapter/adapter_model.safetensors"),
+            &adapter.safetensors,
+        )?;
+        let metric = data::metric_of(&rows);
+        let runnable = RunnableAdapter::from_peft(bb, recipe.kind, &adapter)?;
+        let (score, baseline) = if held.is_empty() {
+            (None, None)
+        } else {
+            let s = train::evaluate(bb, Some(&runnable), &held, metric, &cancelled)?;
+            let b = train::evaluate(bb, None, &held, metric, &cancelled)?;
+            (Some(s), Some(b))
+        };
+        self.update(id, true, |s| {
+            s.held_out_score = score;
+            s.held_out_baseline = baseline;
+            s.phase = "registering".into();
+        })?;
+        if cancelled() {
+            return Err(TrainError::Cancelled);
+        }
+        let final_loss = state.losses.last().copied().unwrap_or(f64::NAN);
+        let record = TrainingRecord {
+            job_id: id.to_string(),
+            recipe_json: serde_json::to_string(recipe)
+                .map_err(|e| TrainError::Checkpoint(e.to_string()))?,
+            steps: state.step,
+            final_loss,
+            metric: metric.as_str().into(),
+            held_out_score: score,
+            held_out_baseline: baseline,
+            held_out_rows: held.len(),
+            train_rows: train_rows.len(),
+        };
+        let instances = data::sample_instances(&train_rows, recipe.instances, recipe.seed);
+        let version = self.sink.register(
+            NewExpert {
+                id: spec.expert_id.clone(),
+                name: spec.name.clone(),
+                description: spec.description.clone(),
+                backbone: None,
+                adapter: PeftAdapter {
+                    config_json: adapter.config_json,
+                    safetensors: adapter.safetensors,
+                },
+                instances,
+            },
+            spec.new_version,
+            record,
+        )?;
+        self.update(id, true, |s| {
+            s.expert_version = version;
+            s.state = JobState::Succeeded;
+            s.phase = "done".into();
+            s.finished_at_unix_ms = now_ms();
+        })?;
+        tracing::info!(job = %id, expert = %spec.expert_id, version, final_loss, ?score, "training job done");
+        Ok(())
+    }
+}
