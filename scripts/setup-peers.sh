@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up the Python peers that roe's benchmarks compare against (see bench/peers/README.md):
-# a virtual environment with sentence-transformers (+ torch) and llama-cpp-python (built from
-# source against the machine's CPU), all pinned by bench/peers/requirements.lock.
+# a virtual environment with sentence-transformers (+ torch), PEFT + gguf (transformers' GGUF
+# loader) and llama-cpp-python (built from source against the machine's CPU), all pinned by
+# bench/peers/requirements.lock.
 #
 #   scripts/setup-peers.sh              # venv at ./.venv, or $ROE_PEERS_VENV
 #   ROE_PEERS_VENV=/tmp/peers scripts/setup-peers.sh
 #
 # Idempotent: when the venv already holds exactly the pinned set (stamp = sha256 of the lock
-# file + the python version) and both libraries import, nothing is done. Every step prints how
+# file + the python version) and the libraries import, nothing is done. Every step prints how
 # long it took. Only PyPI (and Debian, for cmake when it is missing) is used.
 #
 # Environment:
@@ -37,9 +38,10 @@ stamp_file="$venv/.roe-peers-stamp"
 check_imports() {
   "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
-import llama_cpp, sentence_transformers, torch, transformers  # noqa: F401
+import gguf, llama_cpp, peft, sentence_transformers, torch, transformers  # noqa: F401
 print("    " + ", ".join(f"{p} {md.version(p)}" for p in
-      ("sentence-transformers", "torch", "transformers", "tokenizers", "llama_cpp_python", "numpy")))
+      ("sentence-transformers", "torch", "transformers", "tokenizers", "llama_cpp_python", "numpy",
+       "peft", "gguf")))
 PY
 }
 
@@ -77,11 +79,12 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24" wheel
 step_end
 
-# 3. torch + sentence-transformers, binary wheels only. PyPI serves only one Linux x86_64 torch
-#    wheel per version (built with CUDA, with nvidia-* wheels as dependencies); the CPU-only
-#    "+cpu" builds live on another index that is not reachable here, and torch will not import
-#    without the nvidia libraries, so the default set is accepted (see README: ~4.5 GB).
-step_start "pip install sentence-transformers + torch (pinned, wheels only)"
+# 3. torch + sentence-transformers + peft + gguf, binary wheels only. PyPI serves only one
+#    Linux x86_64 torch wheel per version (built with CUDA, with nvidia-* wheels as
+#    dependencies); the CPU-only "+cpu" builds live on another index that is not reachable
+#    here, and torch will not import without the nvidia libraries, so the default set is
+#    accepted (see README: ~4.5 GB).
+step_start "pip install sentence-transformers + torch + peft + gguf (pinned, wheels only)"
 grep -v '^llama[-_]cpp[-_]python' "$lock" >"$venv/.roe-peers-wheels.txt"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary=:all: \
   -r "$venv/.roe-peers-wheels.txt"

@@ -9,6 +9,7 @@ use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
 use roe_services::proto::{
     self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
     inference_client::InferenceClient, router_client::RouterClient,
+    training_client::TrainingClient,
 };
 use roe_services::server::{serve, ServeOptions};
 use roe_serving::{BackboneInference, ServingConfig};
@@ -201,6 +202,26 @@ impl TestServer {
         } else {
             None
         };
+        // With the backbone comes the training queue, beside the library's folder.
+        let training = if with_inference {
+            let jobs_dir = dir.with_file_name("training");
+            let library = library.clone();
+            let jobs = tokio::task::spawn_blocking(move || {
+                roe_trainer::TrainingJobs::open(
+                    jobs_dir,
+                    backbone(),
+                    "smollm2-135m",
+                    library,
+                    roe_trainer::JobsConfig::default(),
+                )
+            })
+            .await
+            .unwrap()
+            .expect("training jobs open");
+            Some(Arc::new(jobs))
+        } else {
+            None
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -212,6 +233,7 @@ impl TestServer {
                 ServeOptions {
                     inference,
                     fallback_expert,
+                    training,
                     ..ServeOptions::default()
                 },
                 async {
@@ -249,6 +271,14 @@ impl TestServer {
 
     pub async fn answerer(&self) -> AnswererClient<Channel> {
         AnswererClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    pub async fn training(&self) -> TrainingClient<Channel> {
+        TrainingClient::connect(self.url.clone())
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
     }
 
     /// Stops the server and waits until the library (and its sled lock) is released.

@@ -47,6 +47,33 @@ pub enum BenchCommand {
     Arrivals(ArrivalsArgs),
     /// End-to-end route-and-answer latency (Answerer, Q queries + Score) with concurrent clients.
     Answer(AnswerArgs),
+    /// Training speed of prompt tuning and LoRA against Hugging Face PEFT on PyTorch CPU
+    /// (same recipe, rows and batches; needs scripts/setup-peers.sh for the peer).
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "assets/tasks/sms_spam")]
+    task: PathBuf,
+    /// Kinds to time, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "prompt,lora")]
+    kinds: Vec<String>,
+    /// Timed steps per kind (after one untimed warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Python with torch and peft (default: .venv/bin/python if present).
+    #[arg(long, env = "ROE_PEERS_PYTHON")]
+    python: Option<PathBuf>,
+    #[arg(long, default_value = "bench/peers/peft_train.py")]
+    peer_script: PathBuf,
+    /// Measure roe alone.
+    #[arg(long)]
+    no_peer: bool,
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results/train.json")]
+    json: PathBuf,
 }
 
 #[derive(Args)]
@@ -277,7 +304,51 @@ pub fn run(
         BenchCommand::Serving(a) => serving_bench(models_dir, encoder, a, rt),
         BenchCommand::Arrivals(a) => arrivals_bench(models_dir, encoder, a, rt),
         BenchCommand::Answer(a) => answer_bench(models_dir, encoder, a, rt),
+        BenchCommand::Train(a) => train_bench(models_dir, a),
     }
+}
+
+fn train_bench(models_dir: &Path, a: TrainArgs) -> Result<()> {
+    let kinds = a
+        .kinds
+        .iter()
+        .map(|k| match k.as_str() {
+            "prompt" => Ok(roe_expert_library::ExpertKind::Prompt),
+            "lora" => Ok(roe_expert_library::ExpertKind::Lora),
+            o => anyhow::bail!("unknown kind {o:?} (prompt or lora)"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let gguf = a
+        .backbone
+        .clone()
+        .unwrap_or_else(|| models::backbone_path(models_dir));
+    let python = if a.no_peer {
+        None
+    } else {
+        crate::peer_python(a.python.as_deref())
+    };
+    let reports = crate::train::run(&crate::train::TrainBenchArgs {
+        gguf: &gguf,
+        task_dir: &a.task,
+        kinds: &kinds,
+        steps: a.steps.max(1),
+        warmup: 1,
+        python,
+        peer_script: &a.peer_script,
+    })?;
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let task = a
+        .task
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let md = crate::train::markdown(&task, &reports, loadavg.trim());
+    println!("{md}");
+    let json = serde_json::json!({"task": task, "machine": machine(), "loadavg": loadavg.trim(), "kinds": reports});
+    let (dir, name) = split(&a.json);
+    write_results(&dir, &name, &json, &md)?;
+    println!("wrote {}/{name}.json and .md", dir.display());
+    Ok(())
 }
 
 fn score_bench(models_dir: &Path, a: ScoreArgs) -> Result<()> {

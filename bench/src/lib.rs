@@ -15,6 +15,7 @@ pub mod routing_accuracy;
 pub mod score;
 pub mod serving;
 pub mod startup;
+pub mod train;
 
 use std::path::Path;
 

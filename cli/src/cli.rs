@@ -296,7 +296,7 @@ enum ExpertCommand {
     Merge(MergeArgs),
     /// Train an expert on the frozen backbone (prompt tuning or LoRA) from a task folder or
     /// labeled rows; it is registered when done. Follows the job with a progress bar.
-    Train(crate::training::TrainArgs),
+    Train(Box<crate::training::TrainArgs>),
     /// Write an expert's PEFT folder (loads in Hugging Face PEFT).
     Export {
         id: String,
@@ -724,7 +724,7 @@ fn kind_name(k: i32) -> &'static str {
 async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
     let mut client = library_client(g).await?;
     match c {
-        ExpertCommand::Train(a) => crate::training::cmd_expert_train(g, a).await?,
+        ExpertCommand::Train(a) => crate::training::cmd_expert_train(g, *a).await?,
         ExpertCommand::Export { id, out } => crate::training::cmd_export(g, id, out).await?,
         ExpertCommand::Add(a) => {
             let adapter = PeftAdapter::from_dir(&a.peft)?;

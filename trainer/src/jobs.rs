@@ -156,7 +156,8 @@ struct JobFile {
 }
 
 struct Job {
-    spec: JobSpec,
+    /// None for a job whose file could not be read (reported failed, kept listed).
+    spec: Option<JobSpec>,
     status: watch::Sender<JobStatus>,
     cancel: Arc<AtomicBool>,
 }
@@ -186,6 +187,35 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The status of a job whose file cannot be read: failed, with the reason.
+fn unreadable_job(id: &str, error: String) -> JobStatus {
+    JobStatus {
+        id: id.to_string(),
+        expert_id: String::new(),
+        kind: ExpertKind::Prompt,
+        state: JobState::Failed,
+        phase: "done".into(),
+        queue_position: 0,
+        step: 0,
+        total_steps: 0,
+        loss: 0.0,
+        learning_rate: 0.0,
+        tokens_per_s: 0.0,
+        steps_per_s: 0.0,
+        eta_s: 0.0,
+        train_rows: 0,
+        held_out_rows: 0,
+        metric: EvalMetric::Accuracy,
+        held_out_score: None,
+        held_out_baseline: None,
+        resumed_from_step: 0,
+        expert_version: 0,
+        error,
+        created_at_unix_ms: 0,
+        finished_at_unix_ms: now_ms(),
+    }
 }
 
 fn new_job_id() -> String {
@@ -260,7 +290,8 @@ impl TrainingJobs {
             queue_position: 0,
             step: 0,
             total_steps: spec.recipe.steps,
-            loss: f64::NAN,
+            // Never NaN: the job file is JSON, which has no NaN.
+            loss: 0.0,
             learning_rate: 0.0,
             tokens_per_s: 0.0,
             steps_per_s: 0.0,
@@ -391,7 +422,7 @@ impl Inner {
         self.jobs.lock().insert(
             id,
             Job {
-                spec,
+                spec: Some(spec),
                 status: tx,
                 cancel: Arc::new(AtomicBool::new(false)),
             },
@@ -440,7 +471,7 @@ impl Inner {
             let s = j.status.borrow().clone();
             (j.spec.clone(), s)
         };
-        if durable {
+        if let (true, Some(spec)) = (durable, spec) {
             self.persist(&spec, &status)?;
         }
         Ok(status)
@@ -463,13 +494,27 @@ impl Inner {
         let mut pending = Vec::new();
         for e in entries.flatten() {
             let path = e.path().join("job.json");
+            // A folder without a job file is a submission that never returned: nothing was
+            // acknowledged for it.
             let Ok(text) = std::fs::read(&path) else {
                 continue;
             };
             let file: JobFile = match serde_json::from_slice(&text) {
                 Ok(f) => f,
                 Err(err) => {
+                    // Listed as failed with the reason rather than dropped.
                     tracing::warn!(path = %path.display(), error = %err, "unreadable training job file");
+                    let id = e.file_name().to_string_lossy().to_string();
+                    let status = unreadable_job(&id, format!("its job file is unreadable: {err}"));
+                    let (tx, _) = watch::channel(status);
+                    self.jobs.lock().insert(
+                        id,
+                        Job {
+                            spec: None,
+                            status: tx,
+                            cancel: Arc::new(AtomicBool::new(false)),
+                        },
+                    );
                     continue;
                 }
             };
@@ -483,7 +528,7 @@ impl Inner {
             self.jobs.lock().insert(
                 status.id.clone(),
                 Job {
-                    spec: file.spec,
+                    spec: Some(file.spec),
                     status: tx,
                     cancel: Arc::new(AtomicBool::new(false)),
                 },
@@ -550,7 +595,11 @@ impl Inner {
             let j = jobs
                 .get(id)
                 .ok_or_else(|| TrainError::JobNotFound(id.into()))?;
-            (j.spec.clone(), j.cancel.clone())
+            let spec = j
+                .spec
+                .clone()
+                .ok_or_else(|| TrainError::Checkpoint(format!("job {id} has no readable spec")))?;
+            (spec, j.cancel.clone())
         };
         let cancelled = || cancel.load(Ordering::SeqCst) || self.shutdown.load(Ordering::SeqCst);
         if cancelled() {

@@ -221,11 +221,13 @@ impl Recipe {
         Ok(())
     }
 
-    /// Learning rate at step `step` (0-based): linear warm-up, then linear decay to 0.
+    /// Learning rate at step `step` (0-based): linear warm-up from 0, then linear decay to 0
+    /// (transformers' `get_linear_schedule_with_warmup`, which the reference experts were
+    /// trained with: step 0 runs at 0 and only feeds AdamW's moments).
     pub fn learning_rate_at(&self, step: usize) -> f64 {
         let s = step as f64;
         if step < self.warmup_steps {
-            return self.learning_rate * (s + 1.0) / self.warmup_steps as f64;
+            return self.learning_rate * s / self.warmup_steps as f64;
         }
         let decay = (self.steps - self.warmup_steps).max(1) as f64;
         self.learning_rate * ((self.steps as f64 - s) / decay).clamp(0.0, 1.0)
@@ -268,7 +270,8 @@ mod tests {
         for kind in [ExpertKind::Prompt, ExpertKind::Lora] {
             Recipe::defaults(kind).validate().unwrap();
         }
-        let cases: Vec<(&str, Box<dyn Fn(&mut Recipe)>)> = vec![
+        type Change = Box<dyn Fn(&mut Recipe)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("recipe.steps", Box::new(|r| r.steps = 0)),
             ("recipe.batch_size", Box::new(|r| r.batch_size = 0)),
             (
@@ -314,9 +317,9 @@ mod tests {
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {
         let r = Recipe::defaults(ExpertKind::Prompt);
-        assert!((r.learning_rate_at(0) - 3e-2 / 20.0).abs() < 1e-12);
-        assert!((r.learning_rate_at(19) - 3e-2).abs() < 1e-12);
-        assert!(r.learning_rate_at(20) <= 3e-2 + 1e-12);
+        assert_eq!(r.learning_rate_at(0), 0.0);
+        assert!((r.learning_rate_at(10) - 3e-2 / 2.0).abs() < 1e-12);
+        assert!((r.learning_rate_at(20) - 3e-2).abs() < 1e-12);
         assert!(r.learning_rate_at(160) < r.learning_rate_at(100));
         assert!(r.learning_rate_at(299) > 0.0);
         assert!(r.learning_rate_at(299) < 3e-2 / 100.0);

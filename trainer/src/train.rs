@@ -74,11 +74,7 @@ pub struct StepReport {
 
 /// Rows of one step cut into micro-batches of similar length, each within `budget` padded
 /// positions (a longer row runs alone).
-fn micro_batches<'a>(
-    rows: Vec<&'a RenderedRow>,
-    budget: usize,
-    extra: usize,
-) -> Vec<Vec<&'a RenderedRow>> {
+fn micro_batches(rows: Vec<&RenderedRow>, budget: usize, extra: usize) -> Vec<Vec<&RenderedRow>> {
     let len = |r: &RenderedRow| r.prompt_ids.len() + r.answer_ids.len() - 1 + extra;
     let mut rows = rows;
     rows.sort_by_key(|r| len(r));

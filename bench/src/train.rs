@@ -1,0 +1,257 @@
+//! `roe bench train`: training speed of roe's prompt tuning and LoRA against Hugging Face PEFT
+//! on PyTorch CPU, same recipe, same rows, same batches, same machine, same run.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use roe_backbone::Backbone;
+use roe_expert_library::ExpertKind;
+use roe_trainer::data::{self, RenderedRow};
+use roe_trainer::{Params, Recipe, TaskSpec, TrainState};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineRun {
+    pub engine: String,
+    pub steps: usize,
+    pub seconds: f64,
+    pub steps_per_s: f64,
+    /// Real tokens (prompt + answer, no virtual tokens, no padding) per second.
+    pub tokens_per_s: f64,
+    pub losses: Vec<f64>,
+    pub peak_rss_mb: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KindReport {
+    pub kind: String,
+    pub batch_size: usize,
+    pub mean_tokens_per_row: f64,
+    pub roe: EngineRun,
+    pub peft: Option<EngineRun>,
+    /// roe steps/s over PEFT's.
+    pub ratio: Option<f64>,
+    pub peer_note: Option<String>,
+}
+
+/// Peak resident memory of this process so far (Linux), MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn real_tokens(rows: &[RenderedRow], batch: &[usize]) -> usize {
+    batch
+        .iter()
+        .map(|&i| rows[i].prompt_ids.len() + rows[i].answer_ids.len() - 1)
+        .sum()
+}
+
+/// Times `steps` steps of `recipe` after `warmup` untimed ones.
+fn time_roe(
+    bb: &Backbone,
+    recipe: &Recipe,
+    task: &TaskSpec,
+    rows: &[RenderedRow],
+    plan: &[Vec<usize>],
+    warmup: usize,
+) -> Result<EngineRun> {
+    let mut state = TrainState::new(Params::init(bb, recipe, task)?);
+    let mut r = recipe.clone();
+    r.steps = warmup;
+    roe_trainer::train::run(bb, &r, rows, &mut state, &|| false, &mut |_, _| Ok(()))?;
+    let started = Instant::now();
+    r.steps = plan.len();
+    roe_trainer::train::run(bb, &r, rows, &mut state, &|| false, &mut |s, _| {
+        eprintln!(
+            "roe {:?} step {}/{} loss {:.4}",
+            recipe.kind, s.step, s.total_steps, s.loss
+        );
+        Ok(())
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let timed = &plan[warmup..];
+    let tokens: usize = timed.iter().map(|b| real_tokens(rows, b)).sum();
+    Ok(EngineRun {
+        engine: "roe (candle, Q4_1 blocks expanded per use)".into(),
+        steps: timed.len(),
+        seconds,
+        steps_per_s: timed.len() as f64 / seconds,
+        tokens_per_s: tokens as f64 / seconds,
+        losses: state.losses.clone(),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_peer(
+    python: &Path,
+    script: &Path,
+    gguf: &Path,
+    recipe: &Recipe,
+    bb: &Backbone,
+    task: &TaskSpec,
+    rows: &[RenderedRow],
+    plan: &[Vec<usize>],
+    warmup: usize,
+) -> Result<EngineRun> {
+    let init = Params::init(bb, recipe, task)?;
+    let init_ids: Vec<u32> = match recipe.kind {
+        ExpertKind::Prompt => {
+            let text = format!("{} {}", task.description.trim(), task.labels.join(" "));
+            let ids = bb.encode(text.trim())?;
+            ids.iter()
+                .copied()
+                .cycle()
+                .take(recipe.num_virtual_tokens)
+                .collect()
+        }
+        ExpertKind::Lora => Vec::new(),
+    };
+    drop(init);
+    let req = serde_json::json!({
+        "gguf": gguf,
+        "kind": match recipe.kind { ExpertKind::Prompt => "prompt", ExpertKind::Lora => "lora" },
+        "examples": rows.iter().map(|r| serde_json::json!({"prompt_ids": r.prompt_ids, "target_ids": r.answer_ids})).collect::<Vec<_>>(),
+        "batches": plan,
+        "lr": recipe.learning_rate,
+        "warmup_steps": recipe.warmup_steps,
+        "total_steps": recipe.steps,
+        "weight_decay": recipe.weight_decay,
+        "max_grad_norm": recipe.max_grad_norm,
+        "num_virtual_tokens": recipe.num_virtual_tokens,
+        "init_ids": init_ids,
+        "lora": {"r": recipe.lora_rank, "alpha": recipe.lora_alpha, "targets": recipe.lora_targets.iter().map(|t| t.name()).collect::<Vec<_>>()},
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        "warmup_batches": warmup,
+    });
+    let reply = crate::run_peer(python, script, &req)?;
+    let f = |k: &str| reply.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    Ok(EngineRun {
+        engine: format!(
+            "PEFT {} (torch {}, CPU)",
+            reply.get("peft").and_then(|v| v.as_str()).unwrap_or("?"),
+            reply.get("torch").and_then(|v| v.as_str()).unwrap_or("?")
+        ),
+        steps: reply.get("steps").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
+        seconds: f("seconds"),
+        steps_per_s: f("steps_per_s"),
+        tokens_per_s: f("tokens_per_s"),
+        losses: reply
+            .get("losses")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default(),
+        peak_rss_mb: reply.get("peak_rss_mb").and_then(|v| v.as_f64()),
+    })
+}
+
+pub struct TrainBenchArgs<'a> {
+    pub gguf: &'a Path,
+    pub task_dir: &'a Path,
+    pub kinds: &'a [ExpertKind],
+    pub steps: usize,
+    pub warmup: usize,
+    pub python: Option<PathBuf>,
+    pub peer_script: &'a Path,
+}
+
+pub fn run(a: &TrainBenchArgs<'_>) -> Result<Vec<KindReport>> {
+    let bb = Backbone::load(a.gguf, None).context("loading the backbone")?;
+    let t = roe_task_suite::Task::load(a.task_dir)?;
+    let task = TaskSpec {
+        description: t.info.description.clone(),
+        labels: t.info.labels.clone(),
+    };
+    let instances = data::check_rows(&t.train, &task)?;
+    let rows = data::render(&bb, &instances)?;
+    let mut out = Vec::new();
+    for &kind in a.kinds {
+        let recipe = Recipe::defaults(kind);
+        let plan = data::batch_plan(
+            rows.len(),
+            recipe.batch_size,
+            a.warmup + a.steps,
+            recipe.seed,
+        );
+        let mean = plan[a.warmup..]
+            .iter()
+            .map(|b| real_tokens(&rows, b) as f64 / b.len() as f64)
+            .sum::<f64>()
+            / a.steps as f64;
+        let roe = time_roe(&bb, &recipe, &task, &rows, &plan, a.warmup)?;
+        let (peft, note) = match &a.python {
+            Some(py) => match run_peer(
+                py,
+                a.peer_script,
+                a.gguf,
+                &recipe,
+                &bb,
+                &task,
+                &rows,
+                &plan,
+                a.warmup,
+            ) {
+                Ok(p) => (Some(p), None),
+                Err(e) => (None, Some(format!("peer failed: {e:#}"))),
+            },
+            None => (
+                None,
+                Some("peer not installed (scripts/setup-peers.sh)".into()),
+            ),
+        };
+        let ratio = peft.as_ref().map(|p| roe.steps_per_s / p.steps_per_s);
+        out.push(KindReport {
+            kind: kind.as_str().into(),
+            batch_size: recipe.batch_size,
+            mean_tokens_per_row: mean,
+            roe,
+            peft,
+            ratio,
+            peer_note: note,
+        });
+    }
+    Ok(out)
+}
+
+pub fn markdown(task: &str, reports: &[KindReport], loadavg: &str) -> String {
+    let mut md = format!(
+        "# Training speed: roe against PEFT\n\nTask `{task}` (its train rows), the default recipe of each kind (batch 16), the same \
+         batches for both engines (roe's seeded plan, sent to the peer), one untimed warm-up step, same machine, same run. \
+         Tokens = real prompt + answer tokens (no virtual tokens, no padding). Load average at the end: {loadavg}.\n\n\
+         | kind | engine | steps | s | steps/s | tokens/s | peak RSS MB | first → last loss |\n|---|---|---|---|---|---|---|---|\n"
+    );
+    for r in reports {
+        for e in std::iter::once(&r.roe).chain(r.peft.as_ref()) {
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {:.3} | {:.0} | {} | {:.3} → {:.3} |\n",
+                r.kind,
+                e.engine,
+                e.steps,
+                e.seconds,
+                e.steps_per_s,
+                e.tokens_per_s,
+                e.peak_rss_mb
+                    .map(|m| format!("{m:.0}"))
+                    .unwrap_or_else(|| "-".into()),
+                e.losses.first().copied().unwrap_or(f64::NAN),
+                e.losses.last().copied().unwrap_or(f64::NAN),
+            ));
+        }
+    }
+    md.push_str("\n| kind | roe / PEFT (steps/s) | note |\n|---|---|---|\n");
+    for r in reports {
+        md.push_str(&format!(
+            "| {} | {} | {} |\n",
+            r.kind,
+            r.ratio
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "n/a".into()),
+            r.peer_note.clone().unwrap_or_default()
+        ));
+    }
+    md
+}
