@@ -210,7 +210,7 @@ impl TestServer {
                 roe_trainer::TrainingJobs::open(
                     jobs_dir,
                     backbone(),
-                    "smollm2-135m",
+                    "HuggingFaceTB/SmolLM2-135M-Instruct",
                     library,
                     roe_trainer::JobsConfig::default(),
                 )

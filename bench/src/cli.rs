@@ -50,6 +50,29 @@ pub enum BenchCommand {
     /// Training speed of prompt tuning and LoRA against Hugging Face PEFT on PyTorch CPU
     /// (same recipe, rows and batches; needs scripts/setup-peers.sh for the peer).
     Train(TrainArgs),
+    /// Parity of roe-trained experts with the reference experts: each task trained with the
+    /// default recipe, measured on its test rows; results accumulate in the JSON (one row
+    /// per kind and task, replaced when run again).
+    TrainParity(TrainParityArgs),
+}
+
+#[derive(Args)]
+pub struct TrainParityArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    /// Tasks to train, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tasks: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "prompt")]
+    kinds: Vec<String>,
+    #[arg(long, default_value = "assets/experts/smollm2-135m/reference.json")]
+    reference: PathBuf,
+    #[arg(long, default_value_t = 60)]
+    generation_rows: usize,
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results/train-parity.json")]
+    json: PathBuf,
 }
 
 #[derive(Args)]
@@ -305,19 +328,64 @@ pub fn run(
         BenchCommand::Arrivals(a) => arrivals_bench(models_dir, encoder, a, rt),
         BenchCommand::Answer(a) => answer_bench(models_dir, encoder, a, rt),
         BenchCommand::Train(a) => train_bench(models_dir, a),
+        BenchCommand::TrainParity(a) => train_parity(models_dir, a),
     }
 }
 
-fn train_bench(models_dir: &Path, a: TrainArgs) -> Result<()> {
-    let kinds = a
-        .kinds
+fn expert_kinds(names: &[String]) -> Result<Vec<roe_expert_library::ExpertKind>> {
+    names
         .iter()
         .map(|k| match k.as_str() {
             "prompt" => Ok(roe_expert_library::ExpertKind::Prompt),
             "lora" => Ok(roe_expert_library::ExpertKind::Lora),
             o => anyhow::bail!("unknown kind {o:?} (prompt or lora)"),
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+fn train_parity(models_dir: &Path, a: TrainParityArgs) -> Result<()> {
+    let kinds = expert_kinds(&a.kinds)?;
+    let bb = models::load_backbone(models_dir, a.backbone.as_deref())?;
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&a.reference)?)?;
+    let mut rows: Vec<crate::train::ParityRow> = std::fs::read_to_string(&a.json)
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| serde_json::from_value(v["rows"].clone()).ok())
+        .unwrap_or_default();
+    for task in &a.tasks {
+        for &kind in &kinds {
+            let r = crate::train::parity_run(
+                &bb,
+                kind,
+                &a.tasks_dir.join(task),
+                &reference,
+                a.generation_rows,
+            )?;
+            println!(
+                "{} {}: roe {:.3}, reference {:.3} ({:+.3}), {:.1} min",
+                r.kind,
+                r.task,
+                r.roe,
+                r.reference,
+                r.roe - r.reference,
+                r.train_seconds / 60.0
+            );
+            rows.retain(|x| !(x.kind == r.kind && x.task == r.task));
+            rows.push(r);
+            rows.sort_by(|x, y| (&x.kind, &x.task).cmp(&(&y.kind, &y.task)));
+            let md = crate::train::parity_markdown(&rows);
+            let json = serde_json::json!({"machine": machine(), "rows": rows});
+            let (dir, name) = split(&a.json);
+            write_results(&dir, &name, &json, &md)?;
+        }
+    }
+    println!("{}", crate::train::parity_markdown(&rows));
+    Ok(())
+}
+
+fn train_bench(models_dir: &Path, a: TrainArgs) -> Result<()> {
+    let kinds = expert_kinds(&a.kinds)?;
     let gguf = a
         .backbone
         .clone()

@@ -551,7 +551,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
             let jobs = roe_trainer::TrainingJobs::open(
                 &dir,
                 bb,
-                library.backbone(None)?.name.clone(),
+                base_model_name(&library.backbone(None)?.name),
                 library.clone(),
                 roe_trainer::JobsConfig {
                     workers: a.training_workers,
@@ -576,6 +576,15 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     };
     serve(listener, library, options, shutdown_signal()).await?;
     Ok(())
+}
+
+/// What trained adapters name as their base model: the Hugging Face id PEFT loads for roe's
+/// default backbone, else the backbone's name in the library.
+fn base_model_name(backbone: &str) -> String {
+    match backbone {
+        "smollm2-135m" => "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+        other => other.into(),
+    }
 }
 
 /// A fallback that cannot answer is a configuration error: fail at start, not per request.
@@ -888,6 +897,16 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
                 );
             } else {
                 println!("prompt:      {} virtual tokens", e.num_virtual_tokens);
+            }
+            if let Some(t) = &e.training {
+                let score =
+                    |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+                println!(
+                    "trained:     job {}, {} steps on {} rows, final loss {:.4}, held-out {} {} (bare {}) on {} rows",
+                    t.job_id, t.steps, t.train_rows, t.final_loss, t.metric,
+                    score(t.held_out_score), score(t.held_out_baseline), t.held_out_rows
+                );
+                println!("recipe:      {}", t.recipe_json);
             }
             for i in r.instances {
                 println!(

@@ -165,7 +165,7 @@ struct Job {
 struct Inner {
     dir: PathBuf,
     backbone: Arc<Backbone>,
-    backbone_name: String,
+    base_model: String,
     sink: Arc<dyn ExpertSink>,
     config: JobsConfig,
     jobs: Mutex<BTreeMap<String, Job>>,
@@ -224,11 +224,11 @@ fn new_job_id() -> String {
 
 impl TrainingJobs {
     /// Opens the queue over `dir` (created if missing) and resumes the jobs left unfinished
-    /// there.
+    /// there. `base_model` is written into trained adapters as `base_model_name_or_path`.
     pub fn open(
         dir: impl AsRef<Path>,
         backbone: Arc<Backbone>,
-        backbone_name: impl Into<String>,
+        base_model: impl Into<String>,
         sink: Arc<dyn ExpertSink>,
         config: JobsConfig,
     ) -> Result<Self> {
@@ -237,7 +237,7 @@ impl TrainingJobs {
         let inner = Arc::new(Inner {
             dir: dir.clone(),
             backbone,
-            backbone_name: backbone_name.into(),
+            base_model: base_model.into(),
             sink,
             config: JobsConfig {
                 workers: config.workers.max(1),
@@ -667,7 +667,7 @@ impl Inner {
             return Err(e);
         }
         self.update(id, true, |s| s.phase = "evaluating".into())?;
-        let adapter = state.params.to_peft(bb, &self.backbone_name)?;
+        let adapter = state.params.to_peft(bb, &self.base_model)?;
         std::fs::create_dir_all(job_dir.join("adapter"))
             .map_err(|e| TrainError::io(&job_dir, e))?;
         checkpoint::write_atomically(

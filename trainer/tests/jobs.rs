@@ -68,7 +68,7 @@ fn open(dir: &Path, lib: &Arc<ExpertLibrary>) -> TrainingJobs {
     TrainingJobs::open(
         dir,
         backbone(),
-        "smollm2-135m",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
         lib.clone(),
         JobsConfig::default(),
     )
