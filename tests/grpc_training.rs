@@ -39,6 +39,7 @@ fn start_request(
             ..Default::default()
         }),
         new_version: false,
+        ensemble_size: 0,
     }
 }
 
@@ -384,4 +385,71 @@ async fn a_running_job_cancels_within_a_step_and_a_queued_one_at_once() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_trains_a_prompt_ensemble_that_score_ensemble_uses() {
+    let server = TestServer::start_with_inference().await;
+    let mut c = server.training().await;
+    let mut req = start_request("spam_ens", "sms_spam", 3, 60);
+    req.ensemble_size = 3;
+    let job = c
+        .start_training(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert_eq!(job.expert_ids, ["spam_ens.1", "spam_ens.2", "spam_ens.3"]);
+    assert_eq!(job.total_steps, 9);
+    let last = follow(&mut c, &job.id).await.pop().unwrap();
+    assert_eq!(
+        last.state,
+        proto::TrainingState::Succeeded as i32,
+        "{last:?}"
+    );
+    assert_eq!(last.step, 9);
+    assert_eq!(last.member_scores.len(), 3);
+    let mut lib = server.library().await;
+    let mut prompts = Vec::new();
+    for id in &job.expert_ids {
+        let e = lib
+            .get_expert(proto::GetExpertRequest {
+                id: id.clone(),
+                include_instances: false,
+                include_adapter: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let t = e.expert.unwrap().training.unwrap();
+        assert_eq!(t.ensemble_members, job.expert_ids);
+        prompts.push(e.adapter.unwrap().adapter_model_safetensors);
+    }
+    // Different seeds, different batches: different prompts.
+    assert_ne!(prompts[0], prompts[1]);
+    let row = &task("sms_spam").test[0];
+    let r = server
+        .inference()
+        .await
+        .score_ensemble(proto::ScoreEnsembleRequest {
+            expert_ids: job.expert_ids.clone(),
+            input: row.input.clone(),
+            choices: row.choices.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.members.len(), 3);
+    assert_eq!(r.votes.iter().sum::<u32>(), 3);
+    // Too many members is refused by field.
+    let mut req = start_request("spam_big", "sms_spam", 3, 60);
+    req.ensemble_size = 9;
+    let err = c.start_training(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("ensemble_size"),
+        "{}",
+        err.message()
+    );
 }

@@ -68,6 +68,10 @@ pub struct TrainArgs {
     /// Train the next version of an existing expert.
     #[arg(long)]
     new_version: bool,
+    /// Train a prompt ensemble of this many members (seeds seed, seed+1, ...), registered
+    /// as <id>.1 ... <id>.N.
+    #[arg(long, default_value_t = 1)]
+    ensemble: u32,
     /// Print the job id and return instead of following the job.
     #[arg(long)]
     detach: bool,
@@ -162,6 +166,7 @@ pub async fn cmd_expert_train(g: &Global, a: TrainArgs) -> Result<()> {
             ..Default::default()
         }),
         new_version: a.new_version,
+        ensemble_size: a.ensemble,
     };
     let mut c = client(g).await?;
     let job = c
@@ -234,6 +239,14 @@ fn print_job(j: &proto::TrainingJob) {
             format!("  error: {}", j.error)
         }
     );
+    if j.expert_ids.len() > 1 {
+        let scores: Vec<String> = j.member_scores.iter().map(|s| format!("{s:.3}")).collect();
+        println!(
+            "  ensemble: {} (members' held-out {}; the score above is their majority vote)",
+            j.expert_ids.join(", "),
+            scores.join(", ")
+        );
+    }
 }
 
 pub async fn cmd_train(g: &Global, c: TrainCommand) -> Result<()> {

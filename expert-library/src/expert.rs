@@ -259,6 +259,10 @@ pub struct TrainingRecord {
     pub held_out_baseline: Option<f64>,
     pub held_out_rows: usize,
     pub train_rows: usize,
+    /// Every member of the prompt ensemble this expert was trained in (empty: trained
+    /// alone). Score them together with ScoreEnsemble.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ensemble_members: Vec<String>,
 }
 
 /// Ids are path- and URL-safe so they can appear in CLI arguments, logs and file names.

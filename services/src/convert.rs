@@ -70,6 +70,7 @@ pub fn expert_to_proto(m: &ExpertMeta) -> proto::Expert {
         held_out_baseline: t.held_out_baseline,
         held_out_rows: t.held_out_rows as u32,
         train_rows: t.train_rows as u32,
+        ensemble_members: t.ensemble_members.clone(),
     });
     e
 }
@@ -131,6 +132,7 @@ pub fn training_job_from_proto(
             },
             recipe,
             new_version: req.new_version,
+            ensemble_size: req.ensemble_size.max(1) as usize,
         },
         req.rows.into_iter().map(instance_from_proto).collect(),
     ))
@@ -177,6 +179,8 @@ pub fn training_job_to_proto(j: &JobStatus) -> proto::TrainingJob {
         error: j.error.clone(),
         created_at_unix_ms: j.created_at_unix_ms,
         finished_at_unix_ms: j.finished_at_unix_ms,
+        expert_ids: j.expert_ids.clone(),
+        member_scores: j.member_scores.clone(),
     }
 }
 

@@ -36,6 +36,31 @@ pub struct JobSpec {
     pub recipe: Recipe,
     /// Register as the next version when the id exists (else the job is refused).
     pub new_version: bool,
+    /// Members of a prompt ensemble (Lester et al. §6): this many experts trained with seeds
+    /// `seed, seed + 1, ...`, registered as `<expert_id>.1` ... `<expert_id>.N` (1: one
+    /// expert, `<expert_id>`).
+    #[serde(default = "one")]
+    pub ensemble_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Most members of one ensemble.
+pub const MAX_ENSEMBLE: usize = 8;
+
+impl JobSpec {
+    /// The ids the job registers.
+    pub fn expert_ids(&self) -> Vec<String> {
+        if self.ensemble_size <= 1 {
+            vec![self.expert_id.clone()]
+        } else {
+            (1..=self.ensemble_size)
+                .map(|k| format!("{}.{k}", self.expert_id))
+                .collect()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +93,9 @@ impl JobState {
 pub struct JobStatus {
     pub id: String,
     pub expert_id: String,
+    /// Every expert the job registers (the ensemble's members, or `expert_id` alone).
+    #[serde(default)]
+    pub expert_ids: Vec<String>,
     pub kind: ExpertKind,
     pub state: JobState,
     /// `queued`, `training`, `evaluating`, `registering` or `done`.
@@ -86,6 +114,9 @@ pub struct JobStatus {
     pub metric: EvalMetric,
     pub held_out_score: Option<f64>,
     pub held_out_baseline: Option<f64>,
+    /// Each ensemble member's held-out score (one entry for a single expert).
+    #[serde(default)]
+    pub member_scores: Vec<f64>,
     /// The step the run continued from after a restart (0 when it never stopped).
     pub resumed_from_step: usize,
     /// The registered expert's version (0 until it is registered).
@@ -194,6 +225,7 @@ fn unreadable_job(id: &str, error: String) -> JobStatus {
     JobStatus {
         id: id.to_string(),
         expert_id: String::new(),
+        expert_ids: Vec::new(),
         kind: ExpertKind::Prompt,
         state: JobState::Failed,
         phase: "done".into(),
@@ -210,6 +242,7 @@ fn unreadable_job(id: &str, error: String) -> JobStatus {
         metric: EvalMetric::Accuracy,
         held_out_score: None,
         held_out_baseline: None,
+        member_scores: Vec::new(),
         resumed_from_step: 0,
         expert_version: 0,
         error,
@@ -277,19 +310,28 @@ impl TrainingJobs {
                 "class-label init needs a description or labels (or choose another init)",
             ));
         }
-        self.inner.sink.check(&spec.expert_id, spec.new_version)?;
+        if spec.ensemble_size == 0 || spec.ensemble_size > MAX_ENSEMBLE {
+            return Err(TrainError::invalid(
+                "ensemble_size",
+                format!("{} is outside 1..={MAX_ENSEMBLE}", spec.ensemble_size),
+            ));
+        }
+        for expert_id in spec.expert_ids() {
+            self.inner.sink.check(&expert_id, spec.new_version)?;
+        }
         let (train_rows, held) =
             data::split(&rows, spec.recipe.held_out_fraction, spec.recipe.seed);
         let id = new_job_id();
         let status = JobStatus {
             id: id.clone(),
             expert_id: spec.expert_id.clone(),
+            expert_ids: spec.expert_ids(),
             kind: spec.recipe.kind,
             state: JobState::Queued,
             phase: "queued".into(),
             queue_position: 0,
             step: 0,
-            total_steps: spec.recipe.steps,
+            total_steps: spec.recipe.steps * spec.ensemble_size.max(1),
             // Never NaN: the job file is JSON, which has no NaN.
             loss: 0.0,
             learning_rate: 0.0,
@@ -301,6 +343,7 @@ impl TrainingJobs {
             metric: data::metric_of(&rows),
             held_out_score: None,
             held_out_baseline: None,
+            member_scores: Vec::new(),
             resumed_from_step: 0,
             expert_version: 0,
             error: String::new(),
@@ -622,115 +665,161 @@ impl Inner {
         let (train_rows, mut held) = data::split(&rows, recipe.held_out_fraction, recipe.seed);
         held.truncate(recipe.max_eval_rows);
         let rendered = data::render(bb, &train_rows)?;
-        let mut state = match checkpoint::load(&job_dir)? {
-            Some(s) => s,
-            None => TrainState::new(Params::init(bb, recipe, &spec.task)?),
-        };
-        let resumed = state.step;
-        self.update(id, true, |s| {
-            s.state = JobState::Running;
-            s.phase = "training".into();
-            s.queue_position = 0;
-            s.step = state.step;
-            s.resumed_from_step = resumed;
-            if let Some(&l) = state.losses.last() {
-                s.loss = l;
-            }
-        })?;
-        let every = recipe.checkpoint_every;
-        let outcome = train::run(
-            bb,
-            recipe,
-            &rendered,
-            &mut state,
-            &cancelled,
-            &mut |r, st| {
-                if r.step % every == 0 || r.step == r.total_steps {
-                    checkpoint::save(&job_dir, st)?;
-                }
-                self.update(id, false, |s| {
-                    s.step = r.step;
-                    s.loss = r.loss;
-                    s.learning_rate = r.learning_rate;
-                    s.tokens_per_s = r.tokens_per_s;
-                    s.steps_per_s = r.steps_per_s;
-                    s.eta_s = r.eta_s;
-                })?;
-                Ok(())
-            },
-        );
-        if let Err(e) = outcome {
-            if matches!(e, TrainError::Cancelled) {
-                // Keep what was done: a resumed run continues from here.
-                checkpoint::save(&job_dir, &state)?;
-            }
-            return Err(e);
+        let ids = spec.expert_ids();
+        let members = ids.len();
+        let mut finished: Vec<(TrainState, PeftAdapter)> = Vec::with_capacity(members);
+        for k in 0..members {
+            // A single expert keeps its checkpoint in the job's folder, members in their own.
+            let dir = if members == 1 {
+                job_dir.clone()
+            } else {
+                job_dir.join(format!("member-{}", k + 1))
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+            let mut recipe_k = recipe.clone();
+            recipe_k.seed = recipe.seed.wrapping_add(k as u64);
+            let state = self.train_member(id, k, &spec, &recipe_k, &rendered, &dir, &cancelled)?;
+            let adapter = state.params.to_peft(bb, &self.base_model)?;
+            let out = dir.join("adapter");
+            std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+            checkpoint::write_atomically(
+                &out.join("adapter_config.json"),
+                adapter.config_json.as_bytes(),
+            )?;
+            checkpoint::write_atomically(
+                &out.join("adapter_model.safetensors"),
+                &adapter.safetensors,
+            )?;
+            finished.push((state, adapter));
         }
         self.update(id, true, |s| s.phase = "evaluating".into())?;
-        let adapter = state.params.to_peft(bb, &self.base_model)?;
-        std::fs::create_dir_all(job_dir.join("adapter"))
-            .map_err(|e| TrainError::io(&job_dir, e))?;
-        checkpoint::write_atomically(
-            &job_dir.join("adapter/adapter_config.json"),
-            adapter.config_json.as_bytes(),
-        )?;
-        checkpoint::write_atomically(
-            &job_dir.join("adapter/adapter_model.safetensors"),
-            &adapter.safetensors,
-        )?;
         let metric = data::metric_of(&rows);
-        let runnable = RunnableAdapter::from_peft(bb, recipe.kind, &adapter)?;
-        let (score, baseline) = if held.is_empty() {
-            (None, None)
+        let runnable = finished
+            .iter()
+            .map(|(_, a)| RunnableAdapter::from_peft(bb, recipe.kind, a))
+            .collect::<Result<Vec<_>>>()?;
+        let (member_scores, score, baseline) = if held.is_empty() {
+            (Vec::new(), None, None)
         } else {
-            let s = train::evaluate(bb, Some(&runnable), &held, metric, &cancelled)?;
+            let (m, s) = train::evaluate_ensemble(bb, &runnable, &held, metric, &cancelled)?;
             let b = train::evaluate(bb, None, &held, metric, &cancelled)?;
-            (Some(s), Some(b))
+            (m, Some(s), Some(b))
         };
         self.update(id, true, |s| {
             s.held_out_score = score;
             s.held_out_baseline = baseline;
+            s.member_scores = member_scores.clone();
             s.phase = "registering".into();
         })?;
         if cancelled() {
             return Err(TrainError::Cancelled);
         }
-        let final_loss = state.losses.last().copied().unwrap_or(f64::NAN);
-        let record = TrainingRecord {
-            job_id: id.to_string(),
-            recipe_json: serde_json::to_string(recipe)
-                .map_err(|e| TrainError::Checkpoint(e.to_string()))?,
-            steps: state.step,
-            final_loss,
-            metric: metric.as_str().into(),
-            held_out_score: score,
-            held_out_baseline: baseline,
-            held_out_rows: held.len(),
-            train_rows: train_rows.len(),
-        };
-        let instances = data::sample_instances(&train_rows, recipe.instances, recipe.seed);
-        let version = self.sink.register(
-            NewExpert {
-                id: spec.expert_id.clone(),
-                name: spec.name.clone(),
-                description: spec.description.clone(),
-                backbone: None,
-                adapter: PeftAdapter {
-                    config_json: adapter.config_json,
-                    safetensors: adapter.safetensors,
+        let recipe_json =
+            serde_json::to_string(recipe).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        let mut version = 0;
+        let mut final_loss = f64::NAN;
+        for (k, ((state, adapter), expert_id)) in finished.into_iter().zip(&ids).enumerate() {
+            final_loss = state.losses.last().copied().unwrap_or(f64::NAN);
+            let record = TrainingRecord {
+                job_id: id.to_string(),
+                recipe_json: recipe_json.clone(),
+                steps: state.step,
+                final_loss,
+                metric: metric.as_str().into(),
+                held_out_score: member_scores.get(k).copied(),
+                held_out_baseline: baseline,
+                held_out_rows: held.len(),
+                train_rows: train_rows.len(),
+                ensemble_members: if members > 1 { ids.clone() } else { Vec::new() },
+            };
+            let instances = data::sample_instances(
+                &train_rows,
+                recipe.instances,
+                recipe.seed.wrapping_add(k as u64),
+            );
+            version = self.sink.register(
+                NewExpert {
+                    id: expert_id.clone(),
+                    name: if spec.name.is_empty() || members == 1 {
+                        spec.name.clone()
+                    } else {
+                        format!("{} ({} of {members})", spec.name, k + 1)
+                    },
+                    description: spec.description.clone(),
+                    backbone: None,
+                    adapter,
+                    instances,
                 },
-                instances,
-            },
-            spec.new_version,
-            record,
-        )?;
+                spec.new_version,
+                record,
+            )?;
+        }
         self.update(id, true, |s| {
             s.expert_version = version;
             s.state = JobState::Succeeded;
             s.phase = "done".into();
             s.finished_at_unix_ms = now_ms();
         })?;
-        tracing::info!(job = %id, expert = %spec.expert_id, version, final_loss, ?score, "training job done");
+        tracing::info!(job = %id, expert = %spec.expert_id, members, version, final_loss, ?score, "training job done");
         Ok(())
+    }
+
+    /// Trains member `k` (0-based) of a job from its checkpoint in `dir` (or from the start),
+    /// publishing progress over the whole job's steps.
+    #[allow(clippy::too_many_arguments)]
+    fn train_member(
+        &self,
+        id: &str,
+        k: usize,
+        spec: &JobSpec,
+        recipe: &Recipe,
+        rendered: &[data::RenderedRow],
+        dir: &Path,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<TrainState> {
+        let bb = &self.backbone;
+        let mut state = match checkpoint::load(dir)? {
+            Some(s) => s,
+            None => TrainState::new(Params::init(bb, recipe, &spec.task)?),
+        };
+        let done_before = k * recipe.steps;
+        let resumed = state.step;
+        self.update(id, true, |s| {
+            s.state = JobState::Running;
+            s.phase = "training".into();
+            s.queue_position = 0;
+            s.step = done_before + state.step;
+            if resumed > 0 && s.resumed_from_step == 0 {
+                s.resumed_from_step = done_before + resumed;
+            }
+            if let Some(&l) = state.losses.last() {
+                s.loss = l;
+            }
+        })?;
+        let every = recipe.checkpoint_every;
+        let members = spec.ensemble_size.max(1);
+        let outcome = train::run(bb, recipe, rendered, &mut state, cancelled, &mut |r, st| {
+            if r.step % every == 0 || r.step == r.total_steps {
+                checkpoint::save(dir, st)?;
+            }
+            let left = (members - k - 1) * recipe.steps;
+            self.update(id, false, |s| {
+                s.step = done_before + r.step;
+                s.loss = r.loss;
+                s.learning_rate = r.learning_rate;
+                s.tokens_per_s = r.tokens_per_s;
+                s.steps_per_s = r.steps_per_s;
+                s.eta_s = r.eta_s + left as f64 / r.steps_per_s.max(1e-9);
+            })?;
+            Ok(())
+        });
+        if let Err(e) = outcome {
+            if matches!(e, TrainError::Cancelled) {
+                // Keep what was done: a resumed run continues from here.
+                checkpoint::save(dir, &state)?;
+            }
+            return Err(e);
+        }
+        Ok(state)
     }
 }

@@ -240,6 +240,57 @@ impl RunnableAdapter {
     }
 }
 
+/// Each member's metric on `rows` and the ensemble's: accuracy of the members' majority vote
+/// (Lester et al.'s prompt ensembles; ties to the highest summed log-probability), or for
+/// token F1, where answers do not vote, the members' mean.
+pub fn evaluate_ensemble(
+    bb: &Backbone,
+    members: &[RunnableAdapter],
+    rows: &[Instance],
+    metric: EvalMetric,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(Vec<f64>, f64)> {
+    let mut scores = Vec::with_capacity(members.len());
+    for m in members {
+        scores.push(evaluate(bb, Some(m), rows, metric, cancelled)?);
+    }
+    if members.len() < 2 || rows.is_empty() || metric == EvalMetric::TokenF1 {
+        let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+        return Ok((scores, mean));
+    }
+    let opts = data::render_options(bb);
+    let mut correct = 0usize;
+    for r in rows {
+        if cancelled() {
+            return Err(TrainError::Cancelled);
+        }
+        let prompt_ids = bb.render_prompt(&r.input, &opts)?;
+        let continuations = r
+            .choices
+            .iter()
+            .map(|c| bb.render_choice(c, &opts))
+            .collect::<roe_backbone::Result<Vec<_>>>()?;
+        let reqs: Vec<ScoreIdsRequest<'_>> = members
+            .iter()
+            .map(|m| {
+                let a = m.adapters();
+                ScoreIdsRequest {
+                    prompt_ids: prompt_ids.clone(),
+                    continuations: continuations.clone(),
+                    prompt: a.prompt,
+                    lora: a.lora,
+                    alt_end_ids: Vec::new(),
+                }
+            })
+            .collect();
+        let vote = roe_backbone::ensemble_vote(&bb.score_ids(&reqs)?)?;
+        if r.target.as_deref() == Some(r.choices[vote.best].as_str()) {
+            correct += 1;
+        }
+    }
+    Ok((scores, correct as f64 / rows.len() as f64))
+}
+
 /// The metric of `adapter` (None: the bare backbone) on `rows`: accuracy of rank
 /// classification among each row's choices, or the mean token F1 of greedy answers.
 pub fn evaluate(

@@ -59,6 +59,7 @@ fn spec(id: &str, steps: usize) -> (JobSpec, Vec<roe_expert_library::Instance>) 
             },
             recipe,
             new_version: false,
+            ensemble_size: 1,
         },
         t.train[..40].to_vec(),
     )
