@@ -32,6 +32,9 @@ pub struct KindReport {
     pub peft: Option<EngineRun>,
     /// roe steps/s over PEFT's.
     pub ratio: Option<f64>,
+    /// roe's trained adapter exported and loaded in PEFT: the largest difference between the
+    /// two engines' log-probabilities of three rows (every position).
+    pub export_max_logprob_diff: Option<f64>,
     pub peer_note: Option<String>,
 }
 
@@ -50,7 +53,8 @@ fn real_tokens(rows: &[RenderedRow], batch: &[usize]) -> usize {
         .sum()
 }
 
-/// Times `steps` steps of `recipe` after `warmup` untimed ones.
+/// Times `steps` steps of `recipe` after `warmup` untimed ones; returns the run and the
+/// trained state.
 fn time_roe(
     bb: &Backbone,
     recipe: &Recipe,
@@ -58,7 +62,7 @@ fn time_roe(
     rows: &[RenderedRow],
     plan: &[Vec<usize>],
     warmup: usize,
-) -> Result<EngineRun> {
+) -> Result<(EngineRun, TrainState)> {
     let mut state = TrainState::new(Params::init(bb, recipe, task)?);
     let mut r = recipe.clone();
     r.steps = warmup;
@@ -75,7 +79,7 @@ fn time_roe(
     let seconds = started.elapsed().as_secs_f64();
     let timed = &plan[warmup..];
     let tokens: usize = timed.iter().map(|b| real_tokens(rows, b)).sum();
-    Ok(EngineRun {
+    let run = EngineRun {
         engine: "roe (candle, Q4_1 blocks expanded per use)".into(),
         steps: timed.len(),
         seconds,
@@ -83,7 +87,68 @@ fn time_roe(
         tokens_per_s: tokens as f64 / seconds,
         losses: state.losses.clone(),
         peak_rss_mb: peak_rss_mb(),
-    })
+    };
+    Ok((run, state))
+}
+
+/// roe's teacher-forced log-probabilities `log p(ids[i+1] | ids[..=i])` with `adapter`.
+fn roe_logprobs(
+    bb: &Backbone,
+    adapter: &roe_trainer::train::RunnableAdapter,
+    ids: &[u32],
+) -> Result<Vec<f64>> {
+    let a = adapter.adapters();
+    let (embeds, lens) = bb.embed_rows(&[(a.prompt, ids)])?;
+    let loras = match a.lora {
+        Some(l) => roe_backbone::LoraBatch::new(&[Some(l)])?,
+        None => roe_backbone::LoraBatch::none(),
+    };
+    let hidden = bb.forward(&embeds, &lens, &mut roe_backbone::KvCache::new(), &loras)?;
+    let nv = a.prompt.map(|p| p.num_virtual_tokens()).unwrap_or(0);
+    let at: Vec<(usize, usize)> = (0..ids.len() - 1).map(|i| (0, nv + i)).collect();
+    let lp = bb.log_probs_at(&hidden, &at)?.to_vec2::<f32>()?;
+    Ok(lp
+        .iter()
+        .zip(&ids[1..])
+        .map(|(row, &next)| row[next as usize] as f64)
+        .collect())
+}
+
+/// Exports the trained adapter as a PEFT folder, loads it in PEFT (peft_logprobs.py) and
+/// returns the largest difference between PEFT's and roe's log-probabilities of the rows.
+fn peft_logprob_check(
+    bb: &Backbone,
+    python: &Path,
+    script: &Path,
+    gguf: &Path,
+    state: &TrainState,
+    rows: &[RenderedRow],
+) -> Result<f64> {
+    let adapter = state.params.to_peft(bb, "HuggingFaceTB/SmolLM2-135M-Instruct")?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("adapter_config.json"), &adapter.config_json)?;
+    std::fs::write(dir.path().join("adapter_model.safetensors"), &adapter.safetensors)?;
+    let runnable = roe_trainer::train::RunnableAdapter::from_peft(bb, state.params.kind, &adapter)?;
+    let seqs: Vec<Vec<u32>> = rows
+        .iter()
+        .take(3)
+        .map(|r| [r.prompt_ids.as_slice(), r.answer_ids.as_slice()].concat())
+        .collect();
+    let reply = crate::run_peer(
+        python,
+        script,
+        &serde_json::json!({"gguf": gguf, "adapter_dir": dir.path(), "sequences": seqs}),
+    )?;
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(reply["logprobs"].clone())?;
+    let mut worst = 0f64;
+    for (seq, t) in seqs.iter().zip(&theirs) {
+        let ours = roe_logprobs(bb, &runnable, seq)?;
+        anyhow::ensure!(ours.len() == t.len(), "PEFT returned {} log-probs, roe {}", t.len(), ours.len());
+        for (a, b) in ours.iter().zip(t) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    Ok(worst)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -182,7 +247,20 @@ pub fn run(a: &TrainBenchArgs<'_>) -> Result<Vec<KindReport>> {
             .map(|b| real_tokens(&rows, b) as f64 / b.len() as f64)
             .sum::<f64>()
             / a.steps as f64;
-        let roe = time_roe(&bb, &recipe, &task, &rows, &plan, a.warmup)?;
+        let (roe, state) = time_roe(&bb, &recipe, &task, &rows, &plan, a.warmup)?;
+        let export_max_logprob_diff = match &a.python {
+            Some(py) => {
+                let script = a.peer_script.with_file_name("peft_logprobs.py");
+                match peft_logprob_check(&bb, py, &script, a.gguf, &state, &rows) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        eprintln!("export check failed: {e:#}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let (peft, note) = match &a.python {
             Some(py) => match run_peer(
                 py,
@@ -211,6 +289,7 @@ pub fn run(a: &TrainBenchArgs<'_>) -> Result<Vec<KindReport>> {
             roe,
             peft,
             ratio,
+            export_max_logprob_diff,
             peer_note: note,
         });
     }
