@@ -111,36 +111,8 @@ pub fn matmul_expanded_transposed(
 ) -> Vec<f32> {
     assert_sizes(w, n, k, &[], 0);
     assert_eq!(g.len(), m * n, "g is not [m, n]");
-    with_expanded(w, n, k, |wf| {
-        let mut x: Vec<f32> = Vec::with_capacity(m * k);
-        // SAFETY: g is [m, n] (checked above) and wf is [n, k]; x has room for m * k values,
-        // all written by gemm with `read_dst = false`.
-        unsafe {
-            gemm::gemm(
-                m,
-                k,
-                n,
-                x.as_mut_ptr(),
-                1,
-                k as isize,
-                false,
-                g.as_ptr(),
-                1,
-                n as isize,
-                wf.as_ptr(),
-                1,
-                k as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                parallelism(),
-            );
-            x.set_len(m * k);
-        }
-        x
-    })
+    // rhs = W [n, k] itself: row step k, column step 1.
+    with_expanded(w, n, k, |wf| gemm_new(g, m, n, wf, k, 1, k as isize))
 }
 
 /// Calls `f` with W as f32 [n, k]: the weight itself, or its blocks expanded into the calling
@@ -180,26 +152,49 @@ fn parallelism() -> gemm::Parallelism {
 
 /// y [m, n] = x [m, k] · wf^T with wf [n, k] f32, both row-major.
 fn gemm_into_new(wf: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: x is [m, k] and wf is [n, k] (checked by the caller); y has room for m * n
-    // values, and with `read_dst = false` gemm writes every one of them without reading any
-    // (dst := beta · lhs · rhs), so they are initialised when the length is set.
+    // rhs = wf^T [k, n]: its column j is wf's row j.
+    gemm_new(x, m, k, wf, n, k as isize, 1)
+}
+
+/// out [m, cols] (row-major) = lhs [m, inner] (row-major) · rhs [inner, cols], rhs read with
+/// the given column and row steps. One f32 GEMM (the `gemm` crate, as candle's own matmul, on
+/// the same rayon pool); the output is written without being zeroed first.
+fn gemm_new(
+    lhs: &[f32],
+    m: usize,
+    inner: usize,
+    rhs: &[f32],
+    cols: usize,
+    rhs_cs: isize,
+    rhs_rs: isize,
+) -> Vec<f32> {
+    assert!(lhs.len() >= m * inner, "lhs is not [m, inner]");
+    let last = (inner.saturating_sub(1) as isize * rhs_rs
+        + cols.saturating_sub(1) as isize * rhs_cs) as usize;
+    assert!(
+        inner == 0 || cols == 0 || last < rhs.len(),
+        "rhs is too small"
+    );
+    let mut out: Vec<f32> = Vec::with_capacity(m * cols);
+    // SAFETY: lhs holds m * inner values and every rhs element read lies within rhs (both
+    // checked above); out has room for m * cols values, and with `read_dst = false` gemm
+    // writes every one of them without reading any (dst := beta · lhs · rhs), so they are
+    // initialised when the length is set.
     unsafe {
         gemm::gemm(
             m,
-            n,
-            k,
-            y.as_mut_ptr(),
+            cols,
+            inner,
+            out.as_mut_ptr(),
             1,
-            n as isize,
+            cols as isize,
             false,
-            x.as_ptr(),
+            lhs.as_ptr(),
             1,
-            k as isize,
-            wf.as_ptr(),
-            // rhs = wf^T [k, n]: its column j is wf's row j.
-            k as isize,
-            1,
+            inner as isize,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
             0.0f32,
             1.0f32,
             false,
@@ -207,9 +202,9 @@ fn gemm_into_new(wf: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32
             false,
             parallelism(),
         );
-        y.set_len(m * n);
+        out.set_len(m * cols);
     }
-    y
+    out
 }
 
 /// The output buffer, written by several workers at disjoint offsets.

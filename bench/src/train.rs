@@ -40,10 +40,7 @@ pub struct KindReport {
 
 /// Peak resident memory of this process so far (Linux), MiB.
 fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    crate::startup::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0))
 }
 
 fn real_tokens(rows: &[RenderedRow], batch: &[usize]) -> usize {
@@ -124,10 +121,15 @@ fn peft_logprob_check(
     state: &TrainState,
     rows: &[RenderedRow],
 ) -> Result<f64> {
-    let adapter = state.params.to_peft(bb, "HuggingFaceTB/SmolLM2-135M-Instruct")?;
+    let adapter = state
+        .params
+        .to_peft(bb, "HuggingFaceTB/SmolLM2-135M-Instruct")?;
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("adapter_config.json"), &adapter.config_json)?;
-    std::fs::write(dir.path().join("adapter_model.safetensors"), &adapter.safetensors)?;
+    std::fs::write(
+        dir.path().join("adapter_model.safetensors"),
+        &adapter.safetensors,
+    )?;
     let runnable = roe_trainer::train::RunnableAdapter::from_peft(bb, state.params.kind, &adapter)?;
     let seqs: Vec<Vec<u32>> = rows
         .iter()
@@ -143,7 +145,12 @@ fn peft_logprob_check(
     let mut worst = 0f64;
     for (seq, t) in seqs.iter().zip(&theirs) {
         let ours = roe_logprobs(bb, &runnable, seq)?;
-        anyhow::ensure!(ours.len() == t.len(), "PEFT returned {} log-probs, roe {}", t.len(), ours.len());
+        anyhow::ensure!(
+            ours.len() == t.len(),
+            "PEFT returned {} log-probs, roe {}",
+            t.len(),
+            ours.len()
+        );
         for (a, b) in ours.iter().zip(t) {
             worst = worst.max((a - b).abs());
         }

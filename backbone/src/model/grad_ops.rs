@@ -91,24 +91,41 @@ impl FrozenWeight {
 /// `y = x W^T` over the last dimension, W frozen; backward gives x's gradient only.
 pub(crate) struct FrozenLinear(pub(crate) FrozenWeight);
 
+/// `x W` or `x W^T` over the last dimension of a contiguous input, for W [n, k].
+fn frozen_product(
+    w: &FrozenWeight,
+    transposed: bool,
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = contiguous(s, l, op)?;
+    let (n, k) = w.dims()?;
+    // x W^T maps k to n; its input gradient g W maps n back to k.
+    let (from, to) = if transposed { (n, k) } else { (k, n) };
+    let mut dims = l.shape().dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == from => *last = to,
+        _ => candle_core::bail!("{op}: input {:?}, weight [{n}, {k}]", l.shape()),
+    }
+    let m = x.len() / from.max(1);
+    let y = w.with_ref(|w| {
+        if transposed {
+            kernels::matmul_expanded_transposed(w, n, k, x, m)
+        } else {
+            kernels::matmul_expanded(w, n, k, x, m)
+        }
+    })?;
+    Ok((CpuStorage::F32(y), Shape::from(dims)))
+}
+
 impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, self.name())?;
-        let (n, k) = self.0.dims()?;
-        let mut dims = l.shape().dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == k => *last = n,
-            _ => candle_core::bail!("frozen-linear: input {:?}, weight [{n}, {k}]", l.shape()),
-        }
-        let m = x.len() / k.max(1);
-        let y = self
-            .0
-            .with_ref(|w| kernels::matmul_expanded(w, n, k, x, m))?;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        frozen_product(&self.0, false, s, l, self.name())
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -127,18 +144,7 @@ impl CustomOp1 for FrozenLinearInputGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = contiguous(s, l, self.name())?;
-        let (n, k) = self.0.dims()?;
-        let mut dims = l.shape().dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == n => *last = k,
-            _ => candle_core::bail!("frozen-linear grad: {:?}, weight [{n}, {k}]", l.shape()),
-        }
-        let m = g.len() / n.max(1);
-        let x = self
-            .0
-            .with_ref(|w| kernels::matmul_expanded_transposed(w, n, k, g, m))?;
-        Ok((CpuStorage::F32(x), Shape::from(dims)))
+        frozen_product(&self.0, true, s, l, self.name())
     }
 }
 
