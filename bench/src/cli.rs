@@ -95,6 +95,11 @@ pub struct TrainArgs {
     no_peer: bool,
     #[arg(long)]
     backbone: Option<PathBuf>,
+    /// Score requests timed idle and while a job trains (0: skip that part).
+    #[arg(long, default_value_t = 60)]
+    serving_requests: usize,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
     #[arg(long, default_value = "bench/results/train.json")]
     json: PathBuf,
 }

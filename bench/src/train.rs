@@ -484,3 +484,117 @@ pub fn parity_markdown(rows: &[ParityRow]) -> String {
     }
     md
 }
+
+/// Score latency on one server process, idle and while a training job runs beside it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServingWhileTraining {
+    pub requests: usize,
+    pub idle_p50_ms: f64,
+    pub idle_p99_ms: f64,
+    pub training_p50_ms: f64,
+    pub training_p99_ms: f64,
+    /// Training steps/s during the measurement (shared cores).
+    pub training_steps_per_s: f64,
+}
+
+fn latencies_ms(
+    rt: &tokio::runtime::Runtime,
+    inference: &roe_serving::BackboneInference,
+    rows: &[roe_expert_library::Instance],
+    n: usize,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    for r in rows.iter().cycle().take(n) {
+        let started = Instant::now();
+        rt.block_on(inference.score(roe_serving::ScoreRequest {
+            expert_id: "sms_spam".into(),
+            input: r.input.clone(),
+            choices: r.choices.clone(),
+        }))?;
+        out.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+/// Score (one client, one request at a time) on the reference sms_spam prompt expert, idle,
+/// then while a prompt-tuning job trains on the same backbone in the same process.
+pub fn serving_while_training(
+    gguf: &Path,
+    encoder_dir: &Path,
+    experts_dir: &Path,
+    task_dir: &Path,
+    requests: usize,
+) -> Result<ServingWhileTraining> {
+    use std::sync::Arc;
+    let rt = tokio::runtime::Runtime::new()?;
+    let tmp = tempfile::tempdir()?;
+    let bb = Arc::new(Backbone::load(gguf, None)?);
+    let encoder = Arc::new(roe_encoder::serving_encoder(encoder_dir)?);
+    let (library, _) = roe_expert_library::library::ExpertLibrary::open(
+        tmp.path().join("library"),
+        encoder,
+        Default::default(),
+    )?;
+    let library = Arc::new(library);
+    let t = roe_task_suite::Task::load(task_dir)?;
+    library.register(
+        roe_expert_library::NewExpert {
+            id: "sms_spam".into(),
+            name: String::new(),
+            description: t.info.description.clone(),
+            backbone: None,
+            adapter: roe_expert_library::PeftAdapter::from_dir(experts_dir.join("prompt/sms_spam"))?,
+            instances: t.train[..20].to_vec(),
+        },
+        false,
+    )?;
+    let inference = rt.block_on(async {
+        roe_serving::BackboneInference::over_library(bb.clone(), library.clone(), Default::default())
+    });
+    let rows = &t.test[..t.test.len().min(50)];
+    latencies_ms(&rt, &inference, rows, 5)?; // warm the expert cache
+    let idle = latencies_ms(&rt, &inference, rows, requests)?;
+    let jobs = roe_trainer::TrainingJobs::open(
+        tmp.path().join("training"),
+        bb,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        library,
+        Default::default(),
+    )?;
+    let mut recipe = Recipe::defaults(ExpertKind::Prompt);
+    recipe.held_out_fraction = 0.0;
+    let job = jobs.submit(
+        roe_trainer::JobSpec {
+            expert_id: "spam_training".into(),
+            name: String::new(),
+            description: String::new(),
+            task: TaskSpec {
+                description: t.info.description.clone(),
+                labels: t.info.labels.clone(),
+            },
+            recipe,
+            new_version: false,
+            ensemble_size: 1,
+        },
+        t.train.clone(),
+    )?;
+    while jobs.get(&job.id)?.step < 1 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let step0 = jobs.get(&job.id)?.step;
+    let started = Instant::now();
+    let training = latencies_ms(&rt, &inference, rows, requests)?;
+    let steps = jobs.get(&job.id)?.step - step0;
+    let secs = started.elapsed().as_secs_f64();
+    jobs.cancel(&job.id)?;
+    let p = |v: &[f64], q: f64| crate::percentile(v, q);
+    Ok(ServingWhileTraining {
+        requests,
+        idle_p50_ms: p(&idle, 0.5),
+        idle_p99_ms: p(&idle, 0.99),
+        training_p50_ms: p(&training, 0.5),
+        training_p99_ms: p(&training, 0.99),
+        training_steps_per_s: steps as f64 / secs,
+    })
+}
