@@ -544,13 +544,19 @@ pub fn serving_while_training(
             name: String::new(),
             description: t.info.description.clone(),
             backbone: None,
-            adapter: roe_expert_library::PeftAdapter::from_dir(experts_dir.join("prompt/sms_spam"))?,
+            adapter: roe_expert_library::PeftAdapter::from_dir(
+                experts_dir.join("prompt/sms_spam"),
+            )?,
             instances: t.train[..20].to_vec(),
         },
         false,
     )?;
     let inference = rt.block_on(async {
-        roe_serving::BackboneInference::over_library(bb.clone(), library.clone(), Default::default())
+        roe_serving::BackboneInference::over_library(
+            bb.clone(),
+            library.clone(),
+            Default::default(),
+        )
     });
     let rows = &t.test[..t.test.len().min(50)];
     latencies_ms(&rt, &inference, rows, 5)?; // warm the expert cache

@@ -109,3 +109,84 @@ async fn sigkill_after_acknowledgement_loses_nothing() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A training job killed with its process (SIGKILL, mid-run) resumes from its last checkpoint
+/// when the server starts again, and registers its expert.
+#[tokio::test]
+async fn sigkill_during_training_resumes_from_the_checkpoint() {
+    use roe_services::proto::training_client::TrainingClient;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("library");
+    let t = Task::load(repo().join("assets/tasks/sms_spam")).unwrap();
+    let (mut child, url) = start(&data);
+    let mut c = TrainingClient::connect(url.clone()).await.unwrap();
+    let job = c
+        .start_training(proto::StartTrainingRequest {
+            expert_id: "spam_trained".into(),
+            kind: proto::ExpertKind::Lora as i32,
+            rows: sample(&t.train, 40, 1)
+                .into_iter()
+                .map(|i| proto::Instance {
+                    input: i.input,
+                    target: i.target,
+                    choices: i.choices,
+                })
+                .collect(),
+            task_description: t.info.description.clone(),
+            labels: t.info.labels.clone(),
+            recipe: Some(proto::TrainingRecipe {
+                steps: Some(8),
+                batch_size: Some(4),
+                warmup_steps: Some(1),
+                checkpoint_every: Some(1),
+                held_out_fraction: Some(0.1),
+                instances: Some(10),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    let mut stream = c
+        .watch_training(proto::WatchTrainingRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(j) = stream.message().await.unwrap() {
+        if j.step >= 3 {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL mid-job: no shutdown path runs
+    child.wait().unwrap();
+
+    let (mut child, url) = start(&data);
+    let mut c = TrainingClient::connect(url.clone()).await.unwrap();
+    let mut stream = c
+        .watch_training(proto::WatchTrainingRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(j) = stream.message().await.unwrap() {
+        last = Some(j);
+    }
+    let last = last.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        last.state,
+        proto::TrainingState::Succeeded as i32,
+        "{last:?}"
+    );
+    assert!(last.resumed_from_step >= 3, "{last:?}");
+    assert_eq!(last.step, 8);
+    assert_eq!(last.expert_version, 1);
+}
