@@ -156,6 +156,13 @@ impl ExpertSink for ExpertLibrary {
         new_version: bool,
         record: TrainingRecord,
     ) -> Result<u64> {
+        // A job resumed after a crash between registering and recording it finds its own
+        // expert already there: that registration stands.
+        if let Ok(meta) = self.get(&expert.id) {
+            if meta.training.as_ref().map(|t| t.job_id.as_str()) == Some(record.job_id.as_str()) {
+                return Ok(meta.version);
+            }
+        }
         self.register_trained(expert, new_version, Some(record))
             .map(|m: ExpertMeta| m.version)
             .map_err(|e| TrainError::Register(e.to_string()))
