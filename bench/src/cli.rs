@@ -415,9 +415,25 @@ fn train_bench(models_dir: &Path, a: TrainArgs) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let md = crate::train::markdown(&task, &reports, loadavg.trim());
+    let mut md = crate::train::markdown(&task, &reports, loadavg.trim());
+    let serving = if a.serving_requests > 0 {
+        let s = crate::train::serving_while_training(
+            &gguf,
+            &models::encoder_dir(models_dir, None),
+            &a.experts,
+            &a.task,
+            a.serving_requests,
+        )?;
+        md.push_str(&format!(
+            "\n## Serving while training\n\nOne process: Score (one client, one request at a time, the reference `sms_spam` prompt expert, {} requests) idle, then while a prompt-tuning job of the default recipe trains beside it on the same backbone and cores.\n\n| | p50 ms | p99 ms |\n|---|---|---|\n| idle | {:.1} | {:.1} |\n| while training | {:.1} | {:.1} |\n\nTraining went on at {:.3} steps/s meanwhile.\n",
+            s.requests, s.idle_p50_ms, s.idle_p99_ms, s.training_p50_ms, s.training_p99_ms, s.training_steps_per_s
+        ));
+        Some(s)
+    } else {
+        None
+    };
     println!("{md}");
-    let json = serde_json::json!({"task": task, "machine": machine(), "loadavg": loadavg.trim(), "kinds": reports});
+    let json = serde_json::json!({"task": task, "machine": machine(), "loadavg": loadavg.trim(), "kinds": reports, "serving_while_training": serving});
     let (dir, name) = split(&a.json);
     write_results(&dir, &name, &json, &md)?;
     println!("wrote {}/{name}.json and .md", dir.display());
