@@ -702,7 +702,7 @@ pub(crate) async fn library_client(g: &Global) -> Result<ExpertLibraryClient<Cha
         .max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-fn to_proto_instances(v: Vec<roe_expert_library::Instance>) -> Vec<proto::Instance> {
+pub(crate) fn to_proto_instances(v: Vec<roe_expert_library::Instance>) -> Vec<proto::Instance> {
     v.into_iter()
         .map(|i| proto::Instance {
             input: i.input,

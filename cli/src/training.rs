@@ -138,14 +138,7 @@ pub async fn cmd_expert_train(g: &Global, a: TrainArgs) -> Result<()> {
             a.description.clone()
         },
         kind: kind as i32,
-        rows: rows
-            .into_iter()
-            .map(|i| proto::Instance {
-                input: i.input,
-                target: i.target,
-                choices: i.choices,
-            })
-            .collect(),
+        rows: crate::cli::to_proto_instances(rows),
         task_description,
         labels,
         recipe: Some(proto::TrainingRecipe {
