@@ -147,6 +147,29 @@ pub(crate) fn length_groups(lens: &[usize], rows: &[usize]) -> Vec<Vec<usize>> {
 }
 
 impl Backbone {
+    /// The id that scored and trained answers end with: `<|im_start|>` when the tokenizer
+    /// has it, else EOS.
+    ///
+    /// The canonical rendering of `assets/experts/README.md` says EOS (id 2 for SmolLM2), but
+    /// the reference experts were trained to end answers with `<|im_start|>` (id 1) and
+    /// `reference.json` was measured that way: with id 1, `roe bench score` reproduces the
+    /// reference accuracies (see bench/results/score.md), with id 2 several move by a few
+    /// points.
+    pub fn answer_end_id(&self) -> u32 {
+        self.tokenizer()
+            .token_to_id("<|im_start|>")
+            .unwrap_or_else(|| self.eos_token_id())
+    }
+
+    /// How Score renders requests, and training renders its rows: the canonical rendering
+    /// with [`Backbone::answer_end_id`].
+    pub fn score_render_options(&self) -> RenderOptions {
+        RenderOptions {
+            eos_id: Some(self.answer_end_id()),
+            ..RenderOptions::default()
+        }
+    }
+
     /// Prompt ids of the canonical rendering: tokens of `input + suffix`, last N kept.
     pub fn render_prompt(&self, input: &str, opts: &RenderOptions) -> Result<Vec<u32>> {
         let mut ids = self.encode(&format!("{input}{}", opts.answer_suffix))?;

@@ -170,20 +170,14 @@ fn run_peer(
     plan: &[Vec<usize>],
     warmup: usize,
 ) -> Result<EngineRun> {
-    let init = Params::init(bb, recipe, task)?;
+    // The same start as roe's (prompt: class-label init; LoRA: PEFT's own A init, B zero).
     let init_ids: Vec<u32> = match recipe.kind {
-        ExpertKind::Prompt => {
-            let text = format!("{} {}", task.description.trim(), task.labels.join(" "));
-            let ids = bb.encode(text.trim())?;
-            ids.iter()
-                .copied()
-                .cycle()
-                .take(recipe.num_virtual_tokens)
-                .collect()
-        }
+        ExpertKind::Prompt => roe_trainer::params::repeat_to(
+            &bb.encode(&roe_trainer::params::class_label_text(task))?,
+            recipe.num_virtual_tokens,
+        ),
         ExpertKind::Lora => Vec::new(),
     };
-    drop(init);
     let req = serde_json::json!({
         "gguf": gguf,
         "kind": match recipe.kind { ExpertKind::Prompt => "prompt", ExpertKind::Lora => "lora" },

@@ -28,26 +28,9 @@ fn adapters(expert: Option<&LoadedExpert>) -> Adapters<'_> {
     expert.map(LoadedExpert::adapters).unwrap_or_default()
 }
 
-/// The id that scored answers end with: `<|im_start|>` when the backbone's tokenizer has it,
-/// else its EOS.
-///
-/// The canonical rendering of `assets/experts/README.md` says EOS (id 2 for SmolLM2), but the
-/// reference experts were trained to end answers with `<|im_start|>` (id 1) and
-/// `reference.json` was measured that way: with id 1, `roe bench score` reproduces the
-/// reference accuracies (see bench/results/score.md), with id 2 several move by a few points.
+/// The id that scored answers end with (see [`Backbone::answer_end_id`]).
 pub fn answer_end_id(backbone: &Backbone) -> u32 {
-    backbone
-        .tokenizer()
-        .token_to_id("<|im_start|>")
-        .unwrap_or_else(|| backbone.eos_token_id())
-}
-
-/// How Score renders requests: the canonical rendering with [`answer_end_id`].
-pub fn score_render_options(backbone: &Backbone) -> RenderOptions {
-    RenderOptions {
-        eos_id: Some(answer_end_id(backbone)),
-        ..RenderOptions::default()
-    }
+    backbone.answer_end_id()
 }
 
 impl Backend for Backbone {
@@ -87,7 +70,7 @@ impl Backend for Backbone {
                 adapters: adapters(i.expert),
             })
             .collect();
-        Ok(self.score_batch_with(&reqs, &score_render_options(self))?)
+        Ok(self.score_batch_with(&reqs, &self.score_render_options())?)
     }
 
     fn generation(&self) -> BackboneGeneration<'_> {

@@ -3,7 +3,7 @@
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use roe_backbone::{Backbone, RenderOptions};
+use roe_backbone::Backbone;
 use roe_expert_library::Instance;
 use serde::{Deserialize, Serialize};
 
@@ -115,24 +115,8 @@ pub struct RenderedRow {
     pub answer_ids: Vec<u32>,
 }
 
-/// The id answers end with: `<|im_start|>` when the vocabulary has it (the reference
-/// experts' convention, which Score uses), else EOS.
-pub fn answer_end_id(bb: &Backbone) -> u32 {
-    bb.tokenizer()
-        .token_to_id("<|im_start|>")
-        .unwrap_or_else(|| bb.eos_token_id())
-}
-
-/// Score's rendering: the canonical one with [`answer_end_id`].
-pub fn render_options(bb: &Backbone) -> RenderOptions {
-    RenderOptions {
-        eos_id: Some(answer_end_id(bb)),
-        ..RenderOptions::default()
-    }
-}
-
 pub fn render(bb: &Backbone, rows: &[Instance]) -> Result<Vec<RenderedRow>> {
-    let opts = render_options(bb);
+    let opts = bb.score_render_options();
     rows.iter()
         .map(|r| {
             Ok(RenderedRow {

@@ -34,8 +34,17 @@ pub struct Params {
     pub lora_alpha: f64,
 }
 
-fn repeat_to(ids: &[u32], n: usize) -> Vec<u32> {
+/// `ids` repeated (or cut) to `n`: how a text fills a prompt of n virtual tokens (PEFT's TEXT
+/// init).
+pub fn repeat_to(ids: &[u32], n: usize) -> Vec<u32> {
     ids.iter().copied().cycle().take(n).collect()
+}
+
+/// The text class-label init starts from: the task's description, then its label words.
+pub fn class_label_text(task: &TaskSpec) -> String {
+    format!("{} {}", task.description.trim(), task.labels.join(" "))
+        .trim()
+        .to_string()
 }
 
 impl Params {
@@ -56,14 +65,14 @@ impl Params {
                 };
                 let values = match &recipe.prompt_init {
                     PromptInit::ClassLabels => {
-                        let text = format!("{} {}", task.description.trim(), task.labels.join(" "));
-                        if text.trim().is_empty() {
+                        let text = class_label_text(task);
+                        if text.is_empty() {
                             return Err(TrainError::invalid(
                                 "task.description",
                                 "class-label init needs a description or labels",
                             ));
                         }
-                        from_text(text.trim(), "task.description")?
+                        from_text(&text, "task.description")?
                     }
                     PromptInit::Text(t) => from_text(t, "recipe.prompt_init_text")?,
                     PromptInit::VocabSample => {

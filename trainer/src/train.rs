@@ -258,7 +258,7 @@ pub fn evaluate_ensemble(
         let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
         return Ok((scores, mean));
     }
-    let opts = data::render_options(bb);
+    let opts = bb.score_render_options();
     let mut correct = 0usize;
     for r in rows {
         if cancelled() {
@@ -304,7 +304,7 @@ pub fn evaluate(
         return Ok(f64::NAN);
     }
     let adapters = adapter.map(RunnableAdapter::adapters).unwrap_or_default();
-    let opts = data::render_options(bb);
+    let opts = bb.score_render_options();
     let mut total = 0.0;
     for chunk in rows.chunks(8) {
         if cancelled() {
