@@ -43,6 +43,16 @@ fn start_request(
     }
 }
 
+/// `req` as StartTrainingStream's messages: the header without rows, then a row each.
+fn chunks(mut req: proto::StartTrainingRequest) -> Vec<proto::StartTrainingChunk> {
+    use proto::start_training_chunk::Part;
+    let rows = std::mem::take(&mut req.rows);
+    std::iter::once(Part::Header(req))
+        .chain(rows.into_iter().map(Part::Row))
+        .map(|part| proto::StartTrainingChunk { part: Some(part) })
+        .collect()
+}
+
 /// Follows a job to its end; returns every status seen.
 async fn follow(c: &mut TrainingClient<Channel>, job_id: &str) -> Vec<proto::TrainingJob> {
     let mut stream = c
@@ -261,6 +271,54 @@ async fn bad_training_requests_name_the_field_and_leave_nothing_behind() {
         );
         assert!(err.message().len() < 1200, "{field}: message not truncated");
     }
+    // Streamed rows are checked as unary ones, counted from the first streamed row; a stream
+    // must open with its header, have one, and stop at the row limit.
+    use proto::start_training_chunk::Part;
+    let mut bad_row = base.clone();
+    bad_row.rows[7].target = None;
+    let row = |input: &str| proto::StartTrainingChunk {
+        part: Some(Part::Row(proto::Instance {
+            input: input.into(),
+            target: Some("spam".into()),
+            ..Default::default()
+        })),
+    };
+    let header = chunks(base.clone()).swap_remove(0);
+    let too_many = std::iter::once(header.clone())
+        .chain((0..=roe_trainer::data::MAX_ROWS).map(|_| row("x")))
+        .collect::<Vec<_>>();
+    let streams: Vec<(Code, &str, Vec<proto::StartTrainingChunk>)> = vec![
+        (Code::InvalidArgument, "rows[7].target", chunks(bad_row)),
+        (Code::InvalidArgument, "stream", vec![]),
+        (
+            Code::InvalidArgument,
+            "stream",
+            vec![row("x"), header.clone()],
+        ),
+        (
+            Code::InvalidArgument,
+            "stream",
+            vec![header.clone(), header.clone()],
+        ),
+        (
+            Code::InvalidArgument,
+            "stream",
+            vec![header.clone(), proto::StartTrainingChunk { part: None }],
+        ),
+        (Code::ResourceExhausted, "rows", too_many),
+    ];
+    for (code, field, messages) in streams {
+        let err = c
+            .start_training_stream(tokio_stream::iter(messages))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: message {:?}",
+            err.message()
+        );
+    }
     let jobs = c
         .list_training_jobs(proto::ListTrainingJobsRequest {})
         .await
@@ -300,13 +358,17 @@ async fn a_running_job_cancels_within_a_step_and_a_queued_one_at_once() {
         .into_inner()
         .job
         .unwrap();
+    // Its rows streamed in, one message each: all 40 arrive.
     let queued = c
-        .start_training(start_request("queued", "sms_spam", 5, 40))
+        .start_training_stream(tokio_stream::iter(chunks(start_request(
+            "queued", "sms_spam", 5, 40,
+        ))))
         .await
         .unwrap()
         .into_inner()
         .job
         .unwrap();
+    assert_eq!(queued.train_rows + queued.held_out_rows, 40, "{queued:?}");
     // One worker: the second job waits, first in line.
     let q = c
         .get_training_job(proto::GetTrainingJobRequest {

@@ -50,10 +50,43 @@ pub enum BenchCommand {
     /// Training speed of prompt tuning and LoRA against Hugging Face PEFT on PyTorch CPU
     /// (same recipe, rows and batches; needs scripts/setup-peers.sh for the peer).
     Train(TrainArgs),
+    /// The whole loop on the full recipe: a task with no expert in the library is trained
+    /// through roe.v1.Training, registered, routed to and answered (results accumulate per
+    /// kind and task).
+    TrainLoop(TrainLoopArgs),
     /// Parity of roe-trained experts with the reference experts: each task trained with the
     /// default recipe, measured on its test rows; results accumulate in the JSON (one row
     /// per kind and task, replaced when run again).
     TrainParity(TrainParityArgs),
+}
+
+#[derive(Args)]
+pub struct TrainLoopArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    /// The new task (classification or multiple choice); the library gets every other task.
+    #[arg(long, default_value = "snips_intent")]
+    task: String,
+    #[arg(long, default_value = "lora")]
+    kind: String,
+    /// Instances per library expert.
+    #[arg(long, default_value_t = 100)]
+    s: usize,
+    #[arg(long, default_value_t = 16)]
+    q: usize,
+    #[arg(long, default_value_t = 20)]
+    route_draws: usize,
+    #[arg(long, default_value_t = 1000)]
+    answer_rows: usize,
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    /// Cache of embedded rows (speeds up reruns; never affects results).
+    #[arg(long, default_value = "bench/cache")]
+    cache_dir: PathBuf,
+    #[arg(long, default_value = "bench/results/train-loop.json")]
+    json: PathBuf,
 }
 
 #[derive(Args)]
@@ -334,6 +367,7 @@ pub fn run(
         BenchCommand::Answer(a) => answer_bench(models_dir, encoder, a, rt),
         BenchCommand::Train(a) => train_bench(models_dir, a),
         BenchCommand::TrainParity(a) => train_parity(models_dir, a),
+        BenchCommand::TrainLoop(a) => train_loop_bench(models_dir, encoder, a, rt),
     }
 }
 
@@ -387,6 +421,72 @@ fn train_parity(models_dir: &Path, a: TrainParityArgs) -> Result<()> {
     }
     println!("{}", crate::train::parity_markdown(&rows));
     Ok(())
+}
+
+fn train_loop_bench(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    a: TrainLoopArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let kind = expert_kinds(std::slice::from_ref(&a.kind))?[0];
+    let backbone = Arc::new(models::load_backbone(models_dir, a.backbone.as_deref())?);
+    let tasks = load_suite(&a.tasks_dir)?;
+    let task = tasks
+        .iter()
+        .find(|t| t.name() == a.task)
+        .with_context(|| format!("no task {:?} in {}", a.task, a.tasks_dir.display()))?;
+    let work = tempfile::tempdir()?;
+    {
+        // The other tasks' experts, embedded through the cache.
+        let cached = crate::caching_encoder::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
+        let (library, _) = ExpertLibrary::open(work.path(), cached, LibraryConfig::default())?;
+        for t in tasks.iter().filter(|t| t.name() != a.task) {
+            let dir = a.experts.join("prompt").join(t.name());
+            if dir.is_dir() {
+                library.register(
+                    NewExpert {
+                        id: format!("{}/prompt", t.name()),
+                        name: t.name().to_string(),
+                        description: t.info.description.clone(),
+                        backbone: None,
+                        adapter: PeftAdapter::from_dir(&dir)?,
+                        instances: sample(&t.train, a.s, 0),
+                    },
+                    false,
+                )?;
+            }
+        }
+    }
+    let serving: Arc<dyn roe_expert_library::embedding::Encoder> =
+        Arc::new(models::load_serving_encoder(models_dir, enc)?);
+    let (library, _) = ExpertLibrary::open(work.path(), serving, LibraryConfig::default())?;
+    let setup = crate::train_loop::LoopSetup {
+        task,
+        kind,
+        q: a.q,
+        route_draws: a.route_draws,
+        answer_rows: a.answer_rows,
+    };
+    let report = rt.block_on(crate::train_loop::run(Arc::new(library), backbone, &setup))?;
+    println!("{}", crate::train_loop::markdown(&report));
+    let mut reports: Vec<crate::train_loop::LoopReport> = std::fs::read_to_string(&a.json)
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| serde_json::from_value(v["runs"].clone()).ok())
+        .unwrap_or_default();
+    reports.retain(|r| !(r.kind == report.kind && r.task == report.task));
+    reports.push(report);
+    reports.sort_by(|x, y| (&x.kind, &x.task).cmp(&(&y.kind, &y.task)));
+    let md = crate::train_loop::TITLE.to_string()
+        + &reports
+            .iter()
+            .map(crate::train_loop::markdown)
+            .collect::<Vec<_>>()
+            .join("\n");
+    let json = serde_json::json!({"machine": machine(), "runs": reports});
+    let (dir, name) = split(&a.json);
+    write_results(&dir, &name, &json, &md)
 }
 
 fn train_bench(models_dir: &Path, a: TrainArgs) -> Result<()> {

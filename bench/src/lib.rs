@@ -16,6 +16,7 @@ pub mod score;
 pub mod serving;
 pub mod startup;
 pub mod train;
+pub mod train_loop;
 
 use std::path::Path;
 

@@ -704,11 +704,7 @@ pub(crate) async fn library_client(g: &Global) -> Result<ExpertLibraryClient<Cha
 
 pub(crate) fn to_proto_instances(v: Vec<roe_expert_library::Instance>) -> Vec<proto::Instance> {
     v.into_iter()
-        .map(|i| proto::Instance {
-            input: i.input,
-            target: i.target,
-            choices: i.choices,
-        })
+        .map(roe_services::convert::instance_to_proto)
         .collect()
 }
 

@@ -163,7 +163,7 @@ pub async fn cmd_expert_train(g: &Global, a: TrainArgs) -> Result<()> {
     };
     let mut c = client(g).await?;
     let job = c
-        .start_training(req)
+        .start_training_stream(streamed(req))
         .await?
         .into_inner()
         .job
@@ -174,6 +174,21 @@ pub async fn cmd_expert_train(g: &Global, a: TrainArgs) -> Result<()> {
     }
     eprintln!("job {} ({} training rows)", job.id, job.train_rows);
     watch(&mut c, &job.id).await
+}
+
+/// The request as StartTrainingStream's messages: the header, then a row per message, so a
+/// row set of any size fits under the message limit.
+fn streamed(
+    mut req: proto::StartTrainingRequest,
+) -> impl tokio_stream::Stream<Item = proto::StartTrainingChunk> {
+    use proto::start_training_chunk::Part;
+    let rows = std::mem::take(&mut req.rows);
+    let header = std::iter::once(Part::Header(req));
+    tokio_stream::iter(
+        header
+            .chain(rows.into_iter().map(Part::Row))
+            .map(|part| proto::StartTrainingChunk { part: Some(part) }),
+    )
 }
 
 async fn watch(c: &mut TrainingClient<Channel>, job_id: &str) -> Result<()> {

@@ -3,40 +3,12 @@
 //! hold (and route to) every acknowledged expert.
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
 use roe_services::proto::{
     self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
 };
 use roe_task_suite::{sample, Task};
 
-use common::{models_dir, repo};
-
-/// Starts `roe serve` on a port the kernel picks (`127.0.0.1:0`, so no other process can take
-/// it between choosing and binding) and waits for its "listening" line, which names the port.
-fn start(data: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roe"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .arg("--models-dir")
-        .arg(models_dir())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("roe binary starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("roe listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (child, format!("http://{addr}"))
-}
+use common::{repo, start_serve as start};
 
 fn request(id: &str, task: &Task, kind: &str) -> proto::RegisterExpertRequest {
     common::register_request(id, kind, task, 10, false)

@@ -3,9 +3,10 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use roe_trainer::data::MAX_ROWS;
 use roe_trainer::TrainingJobs;
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{training_job_from_proto, training_job_to_proto};
 use crate::library_service::blocking;
@@ -20,6 +21,19 @@ impl TrainingService {
     pub fn new(jobs: Arc<TrainingJobs>) -> Self {
         Self { jobs }
     }
+
+    async fn submit(
+        &self,
+        req: proto::StartTrainingRequest,
+    ) -> Result<Response<proto::StartTrainingResponse>, Status> {
+        let (spec, rows) = training_job_from_proto(req)?;
+        let jobs = self.jobs.clone();
+        // Writing the rows durably is file work: off the async workers.
+        let job = blocking(move || jobs.submit(spec, rows).map_err(status)).await?;
+        Ok(Response::new(proto::StartTrainingResponse {
+            job: Some(training_job_to_proto(&job)),
+        }))
+    }
 }
 
 type JobStream = Pin<Box<dyn Stream<Item = Result<proto::TrainingJob, Status>> + Send>>;
@@ -30,13 +44,41 @@ impl Api for TrainingService {
         &self,
         req: Request<proto::StartTrainingRequest>,
     ) -> Result<Response<proto::StartTrainingResponse>, Status> {
-        let (spec, rows) = training_job_from_proto(req.into_inner())?;
-        let jobs = self.jobs.clone();
-        // Writing the rows durably is file work: off the async workers.
-        let job = blocking(move || jobs.submit(spec, rows).map_err(status)).await?;
-        Ok(Response::new(proto::StartTrainingResponse {
-            job: Some(training_job_to_proto(&job)),
-        }))
+        self.submit(req.into_inner()).await
+    }
+
+    async fn start_training_stream(
+        &self,
+        req: Request<Streaming<proto::StartTrainingChunk>>,
+    ) -> Result<Response<proto::StartTrainingResponse>, Status> {
+        use proto::start_training_chunk::Part;
+        let mut stream = req.into_inner();
+        let first = stream.next().await.ok_or_else(|| {
+            Status::invalid_argument("stream: empty; the first message must be the header")
+        })??;
+        let Some(Part::Header(mut header)) = first.part else {
+            return Err(Status::invalid_argument(
+                "stream: the first message must be the header",
+            ));
+        };
+        while let Some(chunk) = stream.next().await {
+            match chunk?.part {
+                Some(Part::Row(row)) => {
+                    // Refused as the limit is passed, before the rest of the stream is read.
+                    if header.rows.len() >= MAX_ROWS {
+                        return Err(Status::resource_exhausted(format!(
+                            "rows: more than {MAX_ROWS} in one job"
+                        )));
+                    }
+                    header.rows.push(row);
+                }
+                Some(Part::Header(_)) => {
+                    return Err(Status::invalid_argument("stream: a second header was sent"))
+                }
+                None => return Err(Status::invalid_argument("stream: a message without a part")),
+            }
+        }
+        self.submit(header).await
     }
 
     async fn get_training_job(

@@ -1,7 +1,9 @@
 //! What the tests that start real `roe` processes share.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use roe_services::proto;
 use roe_task_suite::{sample, Task};
@@ -48,4 +50,28 @@ pub fn register_request(
             .collect(),
         new_version,
     }
+}
+
+/// Starts `roe serve` on a port the kernel picks (`127.0.0.1:0`, so no other process can take
+/// it between choosing and binding) and waits for its "listening" line, which names the port.
+pub fn start_serve(data: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .arg("--models-dir")
+        .arg(models_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("roe binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("roe listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (child, format!("http://{addr}"))
 }
