@@ -168,14 +168,37 @@ impl TestServer {
     pub async fn start_with_fallback(fallback_expert: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("library");
+        let mut s = Self::start_full(
+            dir,
+            LibraryConfig::default(),
+            true,
+            fallback_expert.into(),
+            Default::default(),
+        )
+        .await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// [`Self::start_with_inference`] checking API keys with `auth`.
+    pub async fn start_with_auth(auth: roe_services::auth::AuthLayer) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("library");
         let mut s =
-            Self::start_full(dir, LibraryConfig::default(), true, fallback_expert.into()).await;
+            Self::start_full(dir, LibraryConfig::default(), true, String::new(), auth).await;
         s._tmp = Some(tmp);
         s
     }
 
     async fn start_in_with(dir: PathBuf, config: LibraryConfig, with_inference: bool) -> Self {
-        Self::start_full(dir, config, with_inference, String::new()).await
+        Self::start_full(
+            dir,
+            config,
+            with_inference,
+            String::new(),
+            Default::default(),
+        )
+        .await
     }
 
     async fn start_full(
@@ -183,6 +206,7 @@ impl TestServer {
         config: LibraryConfig,
         with_inference: bool,
         fallback_expert: String,
+        auth: roe_services::auth::AuthLayer,
     ) -> Self {
         let (library, _) = {
             let dir = dir.clone();
@@ -234,6 +258,7 @@ impl TestServer {
                     inference,
                     fallback_expert,
                     training,
+                    auth,
                     ..ServeOptions::default()
                 },
                 async {

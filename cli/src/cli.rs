@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
 use roe_expert_library::PeftAdapter;
+use roe_services::auth::{ApiKeys, AuthLayer, ClientKey, KeyedChannel};
 use roe_services::proto::{
     self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
     inference_client::InferenceClient, router_client::RouterClient,
@@ -17,7 +18,6 @@ use roe_services::remote::{RemoteExpertSource, RemoteRouter, RemoteTimeouts};
 use roe_services::server::{serve, serve_inference, ServeOptions, MAX_MESSAGE_BYTES};
 use roe_serving::{BackboneInference, ServingConfig};
 use roe_task_suite::{load_suite, read_instances, sample, Task};
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +48,9 @@ pub struct Global {
         global = true
     )]
     pub server: String,
+    /// API key sent to the server (`authorization: Bearer <key>`).
+    #[arg(long, env = "ROE_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -130,6 +133,64 @@ struct ServeArgs {
     /// Training jobs that may wait beyond the running ones.
     #[arg(long, env = "ROE_TRAINING_QUEUE", default_value_t = 16)]
     training_queue: usize,
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// Who may call the server (`roe serve`).
+#[derive(Args)]
+struct AccessArgs {
+    /// Keys that may write and read: comma separated, or @FILE with one per line; NAME:KEY
+    /// names a key in the logs. Several at once allow rotation.
+    #[arg(
+        long,
+        env = "ROE_ADMIN_KEYS",
+        default_value = "",
+        hide_env_values = true
+    )]
+    admin_keys: String,
+    /// Keys that may only read (route, score, generate, answer, get, list, watch).
+    #[arg(
+        long,
+        env = "ROE_READ_KEYS",
+        default_value = "",
+        hide_env_values = true
+    )]
+    read_keys: String,
+    /// Reflection needs a read key (default: public, like health).
+    #[arg(long, env = "ROE_PRIVATE_REFLECTION")]
+    private_reflection: bool,
+    /// Serve beyond loopback without API keys: anyone who reaches the port may write.
+    #[arg(long, env = "ROE_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
+}
+
+impl AccessArgs {
+    /// The key check for every service, refusing to expose an open server by accident.
+    async fn layer(&self, addr: &str) -> Result<AuthLayer> {
+        let keys = ApiKeys::parse(&self.admin_keys, &self.read_keys)?;
+        if keys.is_empty() {
+            let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
+                .await
+                .with_context(|| format!("resolving {addr}"))?
+                .collect();
+            let loopback = resolved.iter().all(|a| a.ip().is_loopback());
+            if !loopback && !self.allow_unauthenticated {
+                bail!(
+                    "refusing to serve {addr} without API keys: anyone who reaches it could \
+                     delete the library. Set --admin-keys (and --read-keys), bind to \
+                     127.0.0.1, or pass --allow-unauthenticated"
+                );
+            }
+            tracing::warn!(
+                %addr,
+                "no API keys: every client that reaches the port may read and write"
+            );
+        } else {
+            tracing::info!(keys = keys.len(), "API keys required (health is public)");
+        }
+        Ok(AuthLayer::new(Arc::new(keys), !self.private_reflection))
+    }
 }
 
 /// The serving core's batching, queues, cache and remote deadlines (`roe serve`).
@@ -476,6 +537,8 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         ),
         _ => {}
     }
+    // Keys are checked first: a server that would be exposed fails before loading anything.
+    let auth = a.access.layer(&a.addr).await?;
     // The router role is the library and router of the single process, without the backbone.
     let no_inference = a.no_inference || a.role == ServeRole::Router;
     let encoder = Arc::new(models::load_serving_encoder(
@@ -565,6 +628,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     };
     let listener = bind(&a.addr).await?;
     let options = ServeOptions {
+        auth,
         route_defaults: roe_expert_library::RouteOptions {
             abstain_threshold: a.abstain_threshold,
             ..Default::default()
@@ -662,9 +726,12 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
     if a.no_inference {
         bail!("--no-inference contradicts --role inference");
     }
+    let auth = a.access.layer(&a.addr).await?;
     let timeouts = a.serving.remote_timeouts();
-    let experts = Arc::new(RemoteExpertSource::new(&url, timeouts)?);
-    let route_client = Arc::new(RemoteRouter::new(&url, timeouts)?);
+    // This process's calls to the router process carry --api-key (a read key suffices).
+    let key = ClientKey::new(g.api_key.as_deref())?;
+    let experts = Arc::new(RemoteExpertSource::new(&url, timeouts, key.clone())?);
+    let route_client = Arc::new(RemoteRouter::new(&url, timeouts, key)?);
     let backbone = load_backbone(g, &a).await?;
     // Experts are registered for the library's default backbone; the router process runs
     // the same default configuration.
@@ -685,6 +752,7 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
     let listener = bind(&a.addr).await?;
     tracing::info!(library = %url, "inference only; experts and routing from the library process");
     let options = ServeOptions {
+        auth,
         fallback_expert,
         route_client: Some(route_client),
         training: None,
@@ -694,10 +762,19 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn library_client(g: &Global) -> Result<ExpertLibraryClient<Channel>> {
-    let c = ExpertLibraryClient::connect(g.server.clone())
+/// A connection to --server whose calls carry --api-key.
+pub(crate) async fn channel(g: &Global) -> Result<KeyedChannel> {
+    let key = ClientKey::new(g.api_key.as_deref())?;
+    let channel = tonic::transport::Endpoint::from_shared(g.server.clone())
+        .with_context(|| format!("--server {:?} is not a URL", g.server))?
+        .connect()
         .await
         .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?;
+    Ok(KeyedChannel::new(channel, key))
+}
+
+pub(crate) async fn library_client(g: &Global) -> Result<ExpertLibraryClient<KeyedChannel>> {
+    let c = ExpertLibraryClient::new(channel(g).await?);
     Ok(c.max_encoding_message_size(MAX_MESSAGE_BYTES)
         .max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
@@ -1013,10 +1090,8 @@ fn to_queries(v: &[roe_expert_library::Instance], labeled: bool) -> Vec<proto::Q
 }
 
 async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
-    let mut client = RouterClient::connect(g.server.clone())
-        .await
-        .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client =
+        RouterClient::new(channel(g).await?).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let options = route_options(&a)?;
     if let Some(suite) = &a.suite {
         let tasks = load_suite(suite)?;
@@ -1135,10 +1210,8 @@ async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
     Ok(())
 }
 
-async fn inference_client(g: &Global) -> Result<InferenceClient<Channel>> {
-    Ok(InferenceClient::connect(g.server.clone())
-        .await
-        .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?
+async fn inference_client(g: &Global) -> Result<InferenceClient<KeyedChannel>> {
+    Ok(InferenceClient::new(channel(g).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
@@ -1260,9 +1333,7 @@ async fn cmd_answer(g: &Global, a: AnswerArgs) -> Result<()> {
     let answered = if inputs.is_empty() { &queries } else { &inputs };
     let targets: Vec<Option<String>> = answered.iter().map(|i| i.target.clone()).collect();
     let texts: Vec<String> = answered.iter().map(|i| i.input.clone()).collect();
-    let mut client = AnswererClient::connect(g.server.clone())
-        .await
-        .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?
+    let mut client = AnswererClient::new(channel(g).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let r = client

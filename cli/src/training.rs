@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use roe_services::auth::KeyedChannel;
 use roe_services::proto::{self, training_client::TrainingClient};
 use roe_services::server::MAX_MESSAGE_BYTES;
 use roe_task_suite::{read_instances, Task};
-use tonic::transport::Channel;
 
 use crate::cli::Global;
 
@@ -87,10 +87,8 @@ pub enum TrainCommand {
     Cancel { job: String },
 }
 
-async fn client(g: &Global) -> Result<TrainingClient<Channel>> {
-    let c = TrainingClient::connect(g.server.clone())
-        .await
-        .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?;
+async fn client(g: &Global) -> Result<TrainingClient<KeyedChannel>> {
+    let c = TrainingClient::new(crate::cli::channel(g).await?);
     Ok(c.max_encoding_message_size(MAX_MESSAGE_BYTES)
         .max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
@@ -191,7 +189,7 @@ fn streamed(
     )
 }
 
-async fn watch(c: &mut TrainingClient<Channel>, job_id: &str) -> Result<()> {
+async fn watch(c: &mut TrainingClient<KeyedChannel>, job_id: &str) -> Result<()> {
     let mut stream = c
         .watch_training(proto::WatchTrainingRequest {
             job_id: job_id.to_string(),

@@ -6,6 +6,7 @@
 //! with health following the workers, in [`server`].
 
 pub mod answer_service;
+pub mod auth;
 pub mod convert;
 pub mod inference_service;
 pub mod library_service;

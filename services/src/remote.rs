@@ -10,6 +10,7 @@ use roe_expert_library::{PeftAdapter, Query, RouteResult};
 use roe_serving::{ErrorKind, ExpertRef, ExpertSource, RouteOverrides, RouteService, ServingError};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::auth::{ClientKey, KeyedChannel};
 use crate::convert::{
     expert_ref_from_proto, query_to_proto, route_overrides_to_proto, route_result_from_proto,
 };
@@ -88,21 +89,22 @@ async fn call<T, Reply>(
 /// The `roe.v1.ExpertLibrary` of another process.
 #[derive(Clone)]
 pub struct RemoteExpertSource {
-    client: ExpertLibraryClient<Channel>,
+    client: ExpertLibraryClient<KeyedChannel>,
     timeouts: RemoteTimeouts,
 }
 
 impl RemoteExpertSource {
-    /// A client of the library at `url` (e.g. `http://roe-router:50051`). While it is
-    /// unreachable, requests naming an expert fail (the bare backbone keeps working).
-    pub fn new(url: &str, timeouts: RemoteTimeouts) -> Result<Self, InvalidUrl> {
-        Ok(Self::from_channel(channel(url, timeouts)?, timeouts))
+    /// A client of the library at `url` (e.g. `http://roe-router:50051`), sending `key`.
+    /// While it is unreachable, requests naming an expert fail (the bare backbone keeps
+    /// working).
+    pub fn new(url: &str, timeouts: RemoteTimeouts, key: ClientKey) -> Result<Self, InvalidUrl> {
+        Ok(Self::from_channel(channel(url, timeouts)?, timeouts, key))
     }
 
-    pub fn from_channel(channel: Channel, timeouts: RemoteTimeouts) -> Self {
+    pub fn from_channel(channel: Channel, timeouts: RemoteTimeouts, key: ClientKey) -> Self {
         Self {
             // Adapters travel in one GetExpert response, as large as the server sends.
-            client: ExpertLibraryClient::new(channel)
+            client: ExpertLibraryClient::with_interceptor(channel, key)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             timeouts,
@@ -156,19 +158,21 @@ impl ExpertSource for RemoteExpertSource {
 /// The `roe.v1.Router` of another process.
 #[derive(Clone)]
 pub struct RemoteRouter {
-    client: RouterClient<Channel>,
+    client: RouterClient<KeyedChannel>,
     timeouts: RemoteTimeouts,
 }
 
 impl RemoteRouter {
-    /// A client of the router at `url`; while it is unreachable, Answer calls fail.
-    pub fn new(url: &str, timeouts: RemoteTimeouts) -> Result<Self, InvalidUrl> {
-        Ok(Self::from_channel(channel(url, timeouts)?, timeouts))
+    /// A client of the router at `url`, sending `key`; while it is unreachable, Answer calls
+    /// fail.
+    pub fn new(url: &str, timeouts: RemoteTimeouts, key: ClientKey) -> Result<Self, InvalidUrl> {
+        Ok(Self::from_channel(channel(url, timeouts)?, timeouts, key))
     }
 
-    pub fn from_channel(channel: Channel, timeouts: RemoteTimeouts) -> Self {
+    pub fn from_channel(channel: Channel, timeouts: RemoteTimeouts, key: ClientKey) -> Self {
         Self {
-            client: RouterClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            client: RouterClient::with_interceptor(channel, key)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             timeouts,
         }
     }

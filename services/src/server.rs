@@ -18,6 +18,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::answer_service::AnswerService;
+use crate::auth::AuthLayer;
 use crate::inference_service::InferenceService;
 use crate::library_service::LibraryService;
 use crate::proto::{
@@ -46,6 +47,8 @@ pub struct ServeOptions {
     pub route_client: Option<Arc<dyn RouteService>>,
     /// The training queue behind `roe.v1.Training` (None: not served).
     pub training: Option<Arc<roe_trainer::TrainingJobs>>,
+    /// API keys checked before every service (default: none, everything open).
+    pub auth: AuthLayer,
 }
 
 /// gRPC reflection over roe's and the health service's descriptors.
@@ -190,6 +193,7 @@ pub async fn serve(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving");
     let served = Server::builder()
+        .layer(options.auth.clone())
         .add_service(health_service)
         .add_service(reflection())
         .add_service(library_api)
@@ -237,6 +241,7 @@ pub async fn serve_inference(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving inference only");
     let served = Server::builder()
+        .layer(options.auth.clone())
         .add_service(health_service)
         .add_service(reflection())
         .add_service(inference_api(inference))

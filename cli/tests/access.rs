@@ -1,0 +1,161 @@
+//! `roe serve` with API keys, driven by the `roe` CLI as people use it: clients pass
+//! `--api-key` / `ROE_API_KEY`; an open server refuses to listen beyond loopback.
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+use common::{models_dir, repo};
+
+const ADMIN: &str = "admin-key-for-cli-tests-1";
+const READ: &str = "read-key-for-cli-tests-22";
+
+fn roe(url: &str, key: Option<&str>, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_roe"));
+    c.arg("--server")
+        .arg(url)
+        .args(args)
+        .env("RUST_LOG", "warn");
+    c.env_remove("ROE_API_KEY");
+    if let Some(k) = key {
+        c.env("ROE_API_KEY", k);
+    }
+    c.output().expect("roe runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_open_server_will_not_listen_beyond_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args([
+            "serve",
+            "--addr",
+            "0.0.0.0:0",
+            "--no-inference",
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("data"))
+        .arg("--models-dir")
+        .arg(models_dir())
+        .env_remove("ROE_ADMIN_KEYS")
+        .env_remove("ROE_READ_KEYS")
+        .env_remove("ROE_ALLOW_UNAUTHENTICATED")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains("refusing to serve 0.0.0.0:0 without API keys"),
+        "{msg}"
+    );
+    assert!(msg.contains("--allow-unauthenticated"), "{msg}");
+    // A key too short to be safe is refused at start, naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--no-inference",
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("data"))
+        .args(["--admin-keys", "short"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("admin-keys: key 1 is 5 bytes"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn cli_clients_pass_their_key_and_read_keys_cannot_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--no-inference",
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("data"))
+        .arg("--models-dir")
+        .arg(models_dir())
+        .env("ROE_ADMIN_KEYS", ADMIN)
+        .env("ROE_READ_KEYS", READ)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = KillOnDrop(child);
+    let url = format!(
+        "http://{}",
+        line.trim().strip_prefix("roe listening on ").unwrap()
+    );
+    let peft = repo().join("assets/experts/smollm2-135m/prompt/sms_spam");
+    let task = repo().join("assets/tasks/sms_spam");
+    let add = |key| {
+        roe(
+            &url,
+            key,
+            &[
+                "expert",
+                "add",
+                "--id",
+                "spam",
+                "--peft",
+                peft.to_str().unwrap(),
+                "--instances",
+                task.to_str().unwrap(),
+            ],
+        )
+    };
+    let out = add(None);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no API key"), "{}", text(&out));
+    let out = add(Some(READ));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("may only read"), "{}", text(&out));
+    let out = add(Some(ADMIN));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = roe(&url, Some(READ), &["expert", "ls"]);
+    assert!(
+        out.status.success() && text(&out).contains("spam"),
+        "{}",
+        text(&out)
+    );
+    let out = roe(&url, Some(READ), &["expert", "rm", "spam"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = roe(&url, None, &["--api-key", READ, "expert", "ls"]);
+    assert!(
+        out.status.success() && text(&out).contains("spam"),
+        "{}",
+        text(&out)
+    );
+}
