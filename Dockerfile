@@ -1,5 +1,7 @@
 # roe service image. Models are not baked in: mount the folder filled by
 # scripts/fetch-models.sh at /models (read-only). The expert library lives on /data.
+# It listens on 0.0.0.0, so it needs API keys: docker run -e ROE_ADMIN_KEYS=... -e
+# ROE_READ_KEYS=... (or -e ROE_ALLOW_UNAUTHENTICATED=true on a network you trust).
 FROM rust:1.89-bookworm AS build
 WORKDIR /src
 COPY . .
