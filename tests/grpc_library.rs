@@ -224,7 +224,21 @@ async fn bad_experts_get_clear_statuses_and_change_nothing() {
         });
         r
     };
+    let with_id = |id: &str| {
+        let mut r = base();
+        r.id = id.into();
+        r
+    };
     let cases: Vec<(&str, proto::RegisterExpertRequest, Code, &str)> = vec![
+        ("id ..", with_id(".."), Code::InvalidArgument, "id"),
+        ("id /", with_id("/"), Code::InvalidArgument, "id"),
+        (
+            "id with ..",
+            with_id("../../etc/passwd"),
+            Code::InvalidArgument,
+            "id",
+        ),
+        ("id a//b", with_id("a//b"), Code::InvalidArgument, "id"),
         (
             "no adapter",
             {
@@ -390,12 +404,20 @@ async fn bad_experts_get_clear_statuses_and_change_nothing() {
     assert_eq!(err.code(), Code::NotFound);
     let err = c
         .list_experts(proto::ListExpertsRequest {
-            page_size: 5000,
+            page_size: 1001,
             page_token: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("page_size"), "{err:?}");
+    // The documented maximum is accepted.
+    c.list_experts(proto::ListExpertsRequest {
+        page_size: 1000,
+        page_token: String::new(),
+    })
+    .await
+    .unwrap();
     server.stop().await;
 }
 

@@ -279,12 +279,48 @@ pub fn validate_expert_id(id: &str) -> Result<()> {
             format!("{id:?} may only hold ASCII letters, digits and _ - . : /"),
         ));
     }
+    // Ids name things in paths and URLs: no empty, `.` or `..` segments.
+    if id
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(LibraryError::invalid(
+            "id",
+            format!("{id:?} has an empty, `.` or `..` segment between slashes"),
+        ));
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_path_safe() {
+        for ok in ["sms_spam", "sms_spam/prompt", "a.1", "team:x/y-2", "v1.2"] {
+            assert!(validate_expert_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "/",
+            "//",
+            "a/",
+            "/a",
+            "a//b",
+            "../../etc/passwd",
+            "a/./b",
+            "a/../b",
+            "sp ace",
+            "é",
+        ] {
+            let err = validate_expert_id(bad).unwrap_err().to_string();
+            assert!(err.starts_with("invalid id"), "{bad:?}: {err}");
+        }
+        assert!(validate_expert_id(&"x".repeat(129)).is_err());
+    }
 
     #[test]
     fn choice_instance_renders_like_the_paper() {

@@ -25,6 +25,9 @@ use crate::persist::{Dumps, IndexLoad, PersistReport, RebuildReason, StoredVecto
 use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
 use crate::store::{ExpertStore, StoredInstance};
 
+/// Most experts one `list` call returns.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
 /// Bounds on what one request may carry; past them a client gets RESOURCE_EXHAUSTED.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -627,15 +630,20 @@ impl ExpertLibrary {
             .collect())
     }
 
-    /// Experts in id order after `after`, at most `limit` (1..=1000).
-    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ExpertMeta>> {
-        if limit == 0 || limit > 1000 {
+    /// Experts in id order after `after`, at most `page_size` (1..=[`MAX_PAGE_SIZE`]), and
+    /// whether more follow.
+    pub fn list(&self, after: Option<&str>, page_size: usize) -> Result<(Vec<ExpertMeta>, bool)> {
+        if page_size == 0 || page_size > MAX_PAGE_SIZE {
             return Err(LibraryError::invalid(
                 "page_size",
-                "must be between 1 and 1000",
+                format!("{page_size} is outside 1..={MAX_PAGE_SIZE}"),
             ));
         }
-        self.store.list(after, limit)
+        // One extra row tells whether another page follows.
+        let mut page = self.store.list(after, page_size + 1)?;
+        let more = page.len() > page_size;
+        page.truncate(page_size);
+        Ok((page, more))
     }
 
     pub fn len(&self) -> usize {

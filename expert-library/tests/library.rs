@@ -127,6 +127,7 @@ fn versions_replace_instances_and_deletes_survive_reopen() {
     let ids: Vec<(String, u64, ExpertKind)> = lib
         .list(None, 10)
         .unwrap()
+        .0
         .into_iter()
         .map(|m| (m.id, m.version, m.kind))
         .collect();

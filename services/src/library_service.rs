@@ -198,21 +198,16 @@ impl Api for LibraryService {
         request: Request<proto::ListExpertsRequest>,
     ) -> Result<Response<proto::ListExpertsResponse>, Status> {
         let req = request.into_inner();
+        // 0 means the default; the library checks the rest (1..=1000, as the proto says).
         let size = if req.page_size == 0 {
             100
         } else {
             req.page_size as usize
         };
-        if size > 1000 {
-            return Err(Status::invalid_argument("page_size: at most 1000"));
-        }
         let library = self.library.clone();
         blocking(move || {
             let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
-            // One extra row tells whether another page follows.
-            let mut page = library.list(after, size + 1).map_err(status)?;
-            let more = page.len() > size;
-            page.truncate(size);
+            let (page, more) = library.list(after, size).map_err(status)?;
             let next_page_token = if more {
                 page.last().map(|m| m.id.clone()).unwrap_or_default()
             } else {
