@@ -102,12 +102,19 @@ fn cli_clients_pass_their_key_and_read_keys_cannot_write() {
         .arg("--models-dir")
         .arg(models_dir())
         .env("ROE_ADMIN_KEYS", ADMIN)
-        .env("ROE_READ_KEYS", READ)
-        .env("RUST_LOG", "warn")
+        .env("ROE_READ_KEYS", format!("ci:{READ}"))
+        .env("RUST_LOG", "info")
+        .args(["--log-format", "json"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut s).unwrap();
+        s
+    });
     let mut line = String::new();
     use std::io::BufRead;
     std::io::BufReader::new(child.stdout.take().unwrap())
@@ -157,5 +164,38 @@ fn cli_clients_pass_their_key_and_read_keys_cannot_write() {
         out.status.success() && text(&out).contains("spam"),
         "{}",
         text(&out)
+    );
+
+    // The server's log (not a terminal: JSON asked for) has an audit line per write and per
+    // refusal, naming the key, never showing it.
+    drop(_server);
+    let logs = logs.join().unwrap();
+    assert!(
+        !logs.contains(READ) && !logs.contains(ADMIN),
+        "a key was logged"
+    );
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let audit = |message: &str| {
+        lines
+            .iter()
+            .filter(|l| l["target"] == "audit" && l["fields"]["message"] == message)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(audit("refused: no API key").len(), 1, "{logs}");
+    let denied = audit("refused: read key on a write");
+    assert_eq!(denied.len(), 2, "{logs}");
+    assert!(
+        denied.iter().all(|l| l["fields"]["key"] == "ci"),
+        "{denied:?}"
+    );
+    let writes = audit("write");
+    assert_eq!(writes.len(), 1, "{logs}");
+    assert_eq!(writes[0]["fields"]["key"], "admin-keys#1");
+    assert_eq!(
+        writes[0]["fields"]["method"],
+        "/roe.v1.ExpertLibrary/RegisterExpert"
     );
 }
