@@ -144,6 +144,15 @@ struct ServeArgs {
     training_queue: usize,
     #[command(flatten)]
     access: AccessArgs,
+    /// After SIGTERM or Ctrl-C, how long requests in flight may take to finish (ms).
+    #[arg(long, env = "ROE_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    drain_timeout_ms: u64,
+}
+
+impl ServeArgs {
+    fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.drain_timeout_ms)
+    }
 }
 
 /// Who may call the server (`roe serve`).
@@ -503,7 +512,13 @@ pub fn main() -> Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Serve(a) => rt.block_on(cmd_serve(&cli.global, a)),
+        Command::Serve(a) => {
+            let served = rt.block_on(cmd_serve(&cli.global, a));
+            // Past the drain deadline, blocking work still running (a request the server
+            // stopped waiting for) must not hold the process.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            served
+        }
         Command::Expert(c) => rt.block_on(cmd_expert(&cli.global, c)),
         Command::Route(a) => rt.block_on(cmd_route(&cli.global, a)),
         Command::Score(a) => rt.block_on(cmd_score(&cli.global, a)),
@@ -603,6 +618,17 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         "library loaded"
     );
     let library = Arc::new(library);
+    if !report.index.is_reloaded() {
+        // Rebuilt (first start, or after a crash): dump it now, not only at a clean shutdown,
+        // so that a crash loop does not rebuild the graphs at every start. Writes wait for
+        // the dump; routing does not.
+        let library = library.clone();
+        tokio::task::spawn_blocking(move || match library.persist_index() {
+            Ok(Some(r)) => tracing::info!(report = ?r, "rebuilt index persisted"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("could not persist the rebuilt index: {e}"),
+        });
+    }
     let training_backbone = backbone.clone();
     let inference = backbone.map(|bb| {
         let inference = BackboneInference::over_library(bb, library.clone(), a.serving.config());
@@ -652,8 +678,11 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         route_client: None,
         training,
     };
-    serve(listener, library, options, shutdown_signal()).await?;
-    Ok(())
+    let drain = a.drain_timeout();
+    serve_with_drain(drain, |shutdown| {
+        serve(listener, library, options, shutdown)
+    })
+    .await
 }
 
 /// What trained adapters name as their base model: the Hugging Face id PEFT loads for roe's
@@ -685,6 +714,39 @@ async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
         .with_context(|| format!("binding {addr}"))?;
     println!("roe listening on {}", listener.local_addr()?);
     Ok(listener)
+}
+
+/// Serves until Ctrl-C or SIGTERM, then lets the requests in flight finish for at most
+/// `drain` (a client watching a training job, or a long generation, would otherwise hold the
+/// shutdown for as long as it likes).
+async fn serve_with_drain<F>(
+    drain: std::time::Duration,
+    serve: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+) -> Result<()>
+where
+    F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let mut stopping = rx.clone();
+    let shutdown = Box::pin(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
+    let mut stopping = rx;
+    let deadline = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        served = serve(shutdown) => Ok(served?),
+        _ = deadline => {
+            tracing::warn!(?drain, "drain deadline passed: closing the requests still running");
+            Ok(())
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).
@@ -772,8 +834,11 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
         training: None,
         ..ServeOptions::default()
     };
-    serve_inference(listener, svc, options, shutdown_signal()).await?;
-    Ok(())
+    let drain = a.drain_timeout();
+    serve_with_drain(drain, |shutdown| {
+        serve_inference(listener, svc, options, shutdown)
+    })
+    .await
 }
 
 /// A connection to --server whose calls carry --api-key.

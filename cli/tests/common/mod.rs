@@ -55,9 +55,15 @@ pub fn register_request(
 /// Starts `roe serve` on a port the kernel picks (`127.0.0.1:0`, so no other process can take
 /// it between choosing and binding) and waits for its "listening" line, which names the port.
 pub fn start_serve(data: &Path) -> (Child, String) {
+    start_serve_with(data, &[])
+}
+
+/// [`start_serve`] with more `roe serve` flags.
+pub fn start_serve_with(data: &Path, flags: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_roe"))
         .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
         .arg(data)
+        .args(flags)
         .arg("--models-dir")
         .arg(models_dir())
         .env("RUST_LOG", "warn")
