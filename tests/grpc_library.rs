@@ -2,6 +2,7 @@
 
 use roe_services::proto::{self, register_expert_chunk::Part};
 use roe_tests::*;
+use sha2::Digest;
 use tonic::Code;
 
 fn bytes_of_prompt(rows: usize, cols: usize, value: f32) -> Vec<u8> {
@@ -168,32 +169,70 @@ async fn streaming_registration_assembles_chunks() {
         adapter_config_json: adapter.adapter_config_json,
         adapter_model_safetensors: vec![],
     });
+    // The client announces the file's length and SHA-256 (hex, as sha256sum prints it).
+    let file = adapter.adapter_model_safetensors.clone();
+    let sha: String = sha2::Sha256::digest(&file)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    header.safetensors_bytes = Some(file.len() as u64);
+    header.safetensors_sha256 = sha.clone();
     let t = task("sms_spam");
-    let mut msgs = vec![proto::RegisterExpertChunk {
-        part: Some(Part::Header(header)),
-    }];
-    for chunk in adapter.adapter_model_safetensors.chunks(10_000) {
-        msgs.push(proto::RegisterExpertChunk {
-            part: Some(Part::SafetensorsChunk(chunk.to_vec())),
-        });
-    }
-    for i in instances(&t, 6, 1) {
-        msgs.push(proto::RegisterExpertChunk {
-            part: Some(Part::Instance(i)),
-        });
-    }
+    let stream_of = |header: proto::RegisterExpertRequest, chunks: Vec<Vec<u8>>| {
+        let mut msgs = vec![proto::RegisterExpertChunk {
+            part: Some(Part::Header(header)),
+        }];
+        for chunk in chunks {
+            msgs.push(proto::RegisterExpertChunk {
+                part: Some(Part::SafetensorsChunk(chunk)),
+            });
+        }
+        for i in instances(&t, 6, 1) {
+            msgs.push(proto::RegisterExpertChunk {
+                part: Some(Part::Instance(i)),
+            });
+        }
+        tokio_stream::iter(msgs)
+    };
+    let chunks: Vec<Vec<u8>> = file.chunks(10_000).map(<[u8]>::to_vec).collect();
+    assert!(chunks.len() > 2);
+
+    // Two chunks swapped, or one lost: refused, naming what did not match, nothing stored.
+    let mut swapped = chunks.clone();
+    swapped.swap(0, 1);
+    let err = c
+        .register_expert_stream(stream_of(header.clone(), swapped))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("safetensors_sha256"), "{err:?}");
+    let lost = chunks[1..].to_vec();
+    let err = c
+        .register_expert_stream(stream_of(header.clone(), lost))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("safetensors_bytes"), "{err:?}");
+    let err = c
+        .get_expert(proto::GetExpertRequest {
+            id: "streamed".into(),
+            include_instances: false,
+            include_adapter: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
     let e = c
-        .register_expert_stream(tokio_stream::iter(msgs))
+        .register_expert_stream(stream_of(header, chunks))
         .await
         .unwrap()
         .into_inner()
         .expert
         .unwrap();
     assert_eq!((e.num_instances, e.lora_r), (6, 4));
-    assert_eq!(
-        e.weights_bytes as usize,
-        adapter.adapter_model_safetensors.len()
-    );
+    assert_eq!(e.weights_bytes as usize, file.len());
+    assert_eq!(e.safetensors_sha256, sha, "the file's own SHA-256");
 
     // A stream that does not start with a header is refused.
     let bad = vec![proto::RegisterExpertChunk {

@@ -190,6 +190,9 @@ async fn a_trained_expert_is_registered_routed_to_and_beats_the_bare_backbone() 
             }),
             instances: got.instances,
             new_version: false,
+            // The exported file is the stored one: the checksum the library reports holds.
+            safetensors_bytes: Some(meta.weights_bytes),
+            safetensors_sha256: meta.safetensors_sha256.clone(),
         })
         .await
         .unwrap()

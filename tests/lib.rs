@@ -122,6 +122,8 @@ pub fn register_request(
         adapter: Some(peft(kind, task_name)),
         instances: instances(&t, s, 0),
         new_version: false,
+        safetensors_bytes: None,
+        safetensors_sha256: String::new(),
     }
 }
 

@@ -145,6 +145,7 @@ fn write_store(n: usize, dir: &Path) -> Result<(usize, f64)> {
                 created_at_unix_ms: 0,
                 num_instances: rows.len(),
                 weights_sha256: adapter.sha256_hex(),
+                safetensors_sha256: adapter.safetensors_sha256_hex(),
                 weights_bytes: adapter.safetensors.len(),
                 adapter: summary.clone(),
                 training: None,

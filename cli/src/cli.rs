@@ -907,6 +907,11 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
             } else {
                 a.description
             };
+            // The server checks what arrived against these before storing anything.
+            let (safetensors_bytes, safetensors_sha256) = (
+                Some(adapter.safetensors.len() as u64),
+                adapter.safetensors_sha256_hex(),
+            );
             let resp = client
                 .register_expert(proto::RegisterExpertRequest {
                     id: id.clone(),
@@ -919,6 +924,8 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
                     }),
                     instances: to_proto_instances(instances),
                     new_version: a.new_version,
+                    safetensors_bytes,
+                    safetensors_sha256,
                 })
                 .await?
                 .into_inner();
@@ -963,6 +970,10 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
                         task.name().to_string()
                     };
                     let adapter = PeftAdapter::from_dir(&dir)?;
+                    let (safetensors_bytes, safetensors_sha256) = (
+                        Some(adapter.safetensors.len() as u64),
+                        adapter.safetensors_sha256_hex(),
+                    );
                     let res = client
                         .register_expert(proto::RegisterExpertRequest {
                             id: id.clone(),
@@ -975,6 +986,8 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
                             }),
                             instances: to_proto_instances(sample(&task.train, a.sample, a.seed)),
                             new_version: false,
+                            safetensors_bytes,
+                            safetensors_sha256,
                         })
                         .await;
                     match res {
@@ -1040,8 +1053,10 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
                 .await?
                 .into_inner();
             let e = r.expert.context("server sent no expert")?;
-            println!("id:          {}\nname:        {}\nkind:        {}\nversion:     {}\nbackbone:    {}\ninstances:   {}\nweights:     {} bytes, sha256 {}\ndescription: {}",
-                e.id, e.name, kind_name(e.kind), e.version, e.backbone, e.num_instances, e.weights_bytes, e.weights_sha256, e.description);
+            println!("id:          {}\nname:        {}\nkind:        {}\nversion:     {}\nbackbone:    {}\ninstances:   {}\nweights:     {} bytes, adapter_model.safetensors sha256 {} (with the config: {})\ndescription: {}",
+                e.id, e.name, kind_name(e.kind), e.version, e.backbone, e.num_instances, e.weights_bytes,
+                if e.safetensors_sha256.is_empty() { "-" } else { &e.safetensors_sha256 },
+                e.weights_sha256, e.description);
             if e.lora_r > 0 {
                 println!(
                     "lora:        r={} alpha={} on {:?}",

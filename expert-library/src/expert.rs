@@ -174,6 +174,11 @@ impl PeftAdapter {
         })
     }
 
+    /// SHA-256 of the weights file alone, as `sha256sum adapter_model.safetensors` prints it.
+    pub fn safetensors_sha256_hex(&self) -> String {
+        hex(&Sha256::digest(&self.safetensors))
+    }
+
     pub fn sha256_hex(&self) -> String {
         let mut h = Sha256::new();
         h.update(self.config_json.as_bytes());
@@ -235,6 +240,9 @@ pub struct ExpertMeta {
     pub created_at_unix_ms: u64,
     pub num_instances: usize,
     pub weights_sha256: String,
+    /// SHA-256 of the weights file alone (empty for experts stored before it was kept).
+    #[serde(default)]
+    pub safetensors_sha256: String,
     pub weights_bytes: usize,
     pub adapter: AdapterSummary,
     /// How roe trained the expert (None: registered from a PEFT adapter made elsewhere).

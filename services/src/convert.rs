@@ -43,6 +43,7 @@ pub fn expert_to_proto(m: &ExpertMeta) -> proto::Expert {
         num_instances: m.num_instances as u64,
         weights_sha256: m.weights_sha256.clone(),
         weights_bytes: m.weights_bytes as u64,
+        safetensors_sha256: m.safetensors_sha256.clone(),
         ..Default::default()
     };
     match &m.adapter {

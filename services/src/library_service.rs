@@ -36,16 +36,34 @@ fn new_expert(req: proto::RegisterExpertRequest) -> Result<(NewExpert, bool), St
     let adapter = req
         .adapter
         .ok_or_else(|| Status::invalid_argument("adapter: missing"))?;
+    let received = adapter.adapter_model_safetensors.len() as u64;
+    if let Some(announced) = req.safetensors_bytes {
+        if announced != received {
+            return Err(Status::invalid_argument(format!(
+                "safetensors_bytes: {announced} announced, {received} received"
+            )));
+        }
+    }
+    let adapter = PeftAdapter {
+        config_json: adapter.adapter_config_json,
+        safetensors: adapter.adapter_model_safetensors,
+    };
+    if !req.safetensors_sha256.is_empty() {
+        let sha = adapter.safetensors_sha256_hex();
+        if !req.safetensors_sha256.trim().eq_ignore_ascii_case(&sha) {
+            return Err(Status::invalid_argument(format!(
+                "safetensors_sha256: {:?} announced, {sha} received",
+                req.safetensors_sha256.chars().take(80).collect::<String>()
+            )));
+        }
+    }
     Ok((
         NewExpert {
             id: req.id,
             name: req.name,
             description: req.description,
             backbone: (!req.backbone.is_empty()).then_some(req.backbone),
-            adapter: PeftAdapter {
-                config_json: adapter.adapter_config_json,
-                safetensors: adapter.adapter_model_safetensors,
-            },
+            adapter,
             instances: req.instances.into_iter().map(instance_from_proto).collect(),
         },
         req.new_version,

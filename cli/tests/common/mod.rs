@@ -49,6 +49,8 @@ pub fn register_request(
             })
             .collect(),
         new_version,
+        safetensors_bytes: None,
+        safetensors_sha256: String::new(),
     }
 }
 
