@@ -220,3 +220,71 @@ async fn keys_decide_who_reads_and_who_writes() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
+
+/// Past --max-concurrent-requests a call is refused at once (a call in flight holds its place
+/// until it ends); health is still answered; the place is free again when the call ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_concurrency_bound_calls_are_refused_at_once() {
+    use proto::register_expert_chunk::Part;
+    use roe_services::load_shed::ConcurrencyLimitLayer;
+    let server =
+        TestServer::start_with_layers(false, AuthLayer::default(), ConcurrencyLimitLayer::new(1))
+            .await;
+    let mut lib = server.library().await;
+    lib.list_experts(list()).await.unwrap();
+
+    // An upload left open is a request in flight.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut header = register_request("held", "prompt", "sms_spam", 0);
+    header
+        .adapter
+        .as_mut()
+        .unwrap()
+        .adapter_model_safetensors
+        .clear();
+    tx.send(proto::RegisterExpertChunk {
+        part: Some(Part::Header(header)),
+    })
+    .await
+    .unwrap();
+    let mut uploader = server.library().await;
+    let upload = tokio::spawn(async move {
+        uploader
+            .register_expert_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // Until the server has taken the upload in, the bound is not reached yet.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        match lib.list_experts(list()).await {
+            Err(e) => break e,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            Ok(_) => panic!("never refused while an upload was in flight"),
+        }
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("max-concurrent-requests"),
+        "{refused:?}"
+    );
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(health.into_inner().status, 1);
+
+    // The upload ends (without weights: refused on its own merits); its place is free.
+    drop(tx);
+    let ended = upload.await.unwrap().unwrap_err();
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+    lib.list_experts(list()).await.unwrap();
+}

@@ -184,10 +184,25 @@ impl TestServer {
 
     /// [`Self::start_with_inference`] checking API keys with `auth`.
     pub async fn start_with_auth(auth: roe_services::auth::AuthLayer) -> Self {
+        Self::start_with_layers(true, auth, Default::default()).await
+    }
+
+    /// A server (with inference or not) behind the given key check and concurrency bound.
+    pub async fn start_with_layers(
+        with_inference: bool,
+        auth: roe_services::auth::AuthLayer,
+        concurrency: roe_services::load_shed::ConcurrencyLimitLayer,
+    ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("library");
-        let mut s =
-            Self::start_full(dir, LibraryConfig::default(), true, String::new(), auth).await;
+        let mut s = Self::start_full(
+            dir,
+            LibraryConfig::default(),
+            with_inference,
+            String::new(),
+            (auth, concurrency),
+        )
+        .await;
         s._tmp = Some(tmp);
         s
     }
@@ -208,7 +223,10 @@ impl TestServer {
         config: LibraryConfig,
         with_inference: bool,
         fallback_expert: String,
-        auth: roe_services::auth::AuthLayer,
+        (auth, concurrency): (
+            roe_services::auth::AuthLayer,
+            roe_services::load_shed::ConcurrencyLimitLayer,
+        ),
     ) -> Self {
         let (library, _) = {
             let dir = dir.clone();
@@ -261,6 +279,7 @@ impl TestServer {
                     fallback_expert,
                     training,
                     auth,
+                    concurrency,
                     ..ServeOptions::default()
                 },
                 async {

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
 use roe_expert_library::PeftAdapter;
 use roe_services::auth::{ApiKeys, AuthLayer, ClientKey, KeyedChannel};
+use roe_services::load_shed::ConcurrencyLimitLayer;
 use roe_services::proto::{
     self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
     inference_client::InferenceClient, router_client::RouterClient,
@@ -144,6 +145,10 @@ struct ServeArgs {
     training_queue: usize,
     #[command(flatten)]
     access: AccessArgs,
+    /// Requests in flight (streams count until they end) past which calls are refused with
+    /// RESOURCE_EXHAUSTED; health is never refused. 0: no bound.
+    #[arg(long, env = "ROE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    max_concurrent_requests: usize,
     /// After SIGTERM or Ctrl-C, how long requests in flight may take to finish (ms).
     #[arg(long, env = "ROE_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
@@ -669,6 +674,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     let listener = bind(&a.addr).await?;
     let options = ServeOptions {
         auth,
+        concurrency: ConcurrencyLimitLayer::new(a.max_concurrent_requests),
         route_defaults: roe_expert_library::RouteOptions {
             abstain_threshold: a.abstain_threshold,
             ..Default::default()
@@ -829,6 +835,7 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
     tracing::info!(library = %url, "inference only; experts and routing from the library process");
     let options = ServeOptions {
         auth,
+        concurrency: ConcurrencyLimitLayer::new(a.max_concurrent_requests),
         fallback_expert,
         route_client: Some(route_client),
         training: None,

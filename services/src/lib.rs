@@ -10,6 +10,7 @@ pub mod auth;
 pub mod convert;
 pub mod inference_service;
 pub mod library_service;
+pub mod load_shed;
 pub mod remote;
 pub mod router_service;
 pub mod server;

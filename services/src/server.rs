@@ -21,6 +21,7 @@ use crate::answer_service::AnswerService;
 use crate::auth::AuthLayer;
 use crate::inference_service::InferenceService;
 use crate::library_service::LibraryService;
+use crate::load_shed::ConcurrencyLimitLayer;
 use crate::proto::{
     answerer_server::AnswererServer, expert_library_server::ExpertLibraryServer,
     inference_server::InferenceServer, router_server::RouterServer,
@@ -49,6 +50,9 @@ pub struct ServeOptions {
     pub training: Option<Arc<roe_trainer::TrainingJobs>>,
     /// API keys checked before every service (default: none, everything open).
     pub auth: AuthLayer,
+    /// Requests in flight past which calls are refused with RESOURCE_EXHAUSTED (default: no
+    /// bound; health is never refused).
+    pub concurrency: ConcurrencyLimitLayer,
 }
 
 /// gRPC reflection over roe's and the health service's descriptors.
@@ -194,6 +198,7 @@ pub async fn serve(
     tracing::info!(?addr, "roe serving");
     let served = Server::builder()
         .layer(options.auth.clone())
+        .layer(options.concurrency.clone())
         .add_service(health_service)
         .add_service(reflection())
         .add_service(library_api)
@@ -242,6 +247,7 @@ pub async fn serve_inference(
     tracing::info!(?addr, "roe serving inference only");
     let served = Server::builder()
         .layer(options.auth.clone())
+        .layer(options.concurrency.clone())
         .add_service(health_service)
         .add_service(reflection())
         .add_service(inference_api(inference))
