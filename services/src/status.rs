@@ -6,15 +6,20 @@ use roe_serving::{ErrorKind, ServingError};
 use roe_trainer::TrainError;
 use tonic::{Code, Status};
 
-/// Most characters of client text quoted back in a status message.
-const MAX_MESSAGE_CHARS: usize = 1024;
+/// Most bytes of a status message. It travels percent-encoded in the `grpc-message` header
+/// (up to 3 bytes per byte), and clients refuse headers past their metadata limit (8 KiB in
+/// grpcio): a longer message would reach the caller as "Stream removed", not as its status.
+const MAX_MESSAGE_BYTES: usize = 1024;
 
 fn message(text: String) -> String {
-    if text.chars().count() <= MAX_MESSAGE_CHARS {
+    if text.len() <= MAX_MESSAGE_BYTES {
         return text;
     }
-    let cut: String = text.chars().take(MAX_MESSAGE_CHARS).collect();
-    format!("{cut}… (truncated)")
+    let mut cut = MAX_MESSAGE_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… (truncated)", &text[..cut])
 }
 
 /// A library error, classified as the serving core classifies it (internal ones logged).
@@ -87,7 +92,11 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().starts_with("input: xxx"));
         assert!(s.message().ends_with("(truncated)"));
-        assert!(s.message().chars().count() < 1100);
+        assert!(s.message().len() < 1100);
+        // Bytes, not characters, bound it: multibyte text is cut on a character boundary.
+        let s = serving_status(ServingError::invalid("input", "é✓".repeat(2000)));
+        assert!(s.message().len() < 1100, "{}", s.message().len());
+        assert!(s.message().ends_with("(truncated)"));
         assert_eq!(
             serving_status(ServingError::internal("boom")).code(),
             Code::Internal
