@@ -279,6 +279,26 @@ async fn bad_experts_get_clear_statuses_and_change_nothing() {
         ),
         ("id a//b", with_id("a//b"), Code::InvalidArgument, "id"),
         (
+            "long description",
+            {
+                let mut r = base();
+                r.description = "d".repeat(70_000);
+                r
+            },
+            Code::InvalidArgument,
+            "invalid description",
+        ),
+        (
+            "long name",
+            {
+                let mut r = base();
+                r.name = "n".repeat(2_000);
+                r
+            },
+            Code::InvalidArgument,
+            "invalid name",
+        ),
+        (
             "no adapter",
             {
                 let mut r = base();

@@ -25,6 +25,30 @@ use crate::persist::{Dumps, IndexLoad, PersistReport, RebuildReason, StoredVecto
 use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
 use crate::store::{ExpertStore, StoredInstance};
 
+/// Most bytes of an expert's name.
+pub const MAX_NAME_BYTES: usize = 1024;
+
+/// Names and descriptions within their limits, a refusal naming the one that is not.
+fn check_name_and_description(name: &str, description: &str, limits: &Limits) -> Result<()> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(LibraryError::invalid(
+            "name",
+            format!("{} bytes, at most {MAX_NAME_BYTES}", name.len()),
+        ));
+    }
+    if description.len() > limits.max_text_bytes {
+        return Err(LibraryError::invalid(
+            "description",
+            format!(
+                "{} bytes, at most {}",
+                description.len(),
+                limits.max_text_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Most experts one `list` call returns.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
@@ -391,12 +415,7 @@ impl ExpertLibrary {
         training: Option<TrainingRecord>,
     ) -> Result<ExpertMeta> {
         validate_expert_id(&new.id)?;
-        if new.name.len() > 1024 || new.description.len() > self.config.limits.max_text_bytes {
-            return Err(LibraryError::invalid(
-                "name",
-                "name or description too long",
-            ));
-        }
+        check_name_and_description(&new.name, &new.description, &self.config.limits)?;
         let spec = self.backbone(new.backbone.as_deref())?.clone();
         let summary = new.adapter.validate(&spec)?;
         if new.instances.is_empty() {
@@ -475,12 +494,7 @@ impl ExpertLibrary {
     /// union must stay within `max_instances_per_expert`.
     pub fn merge(&self, req: MergeRequest) -> Result<ExpertMeta> {
         validate_expert_id(&req.id)?;
-        if req.name.len() > 1024 || req.description.len() > self.config.limits.max_text_bytes {
-            return Err(LibraryError::invalid(
-                "name",
-                "name or description too long",
-            ));
-        }
+        check_name_and_description(&req.name, &req.description, &self.config.limits)?;
         if req.sources.is_empty() {
             return Err(LibraryError::invalid(
                 "sources",
