@@ -461,6 +461,22 @@ async fn bad_experts_get_clear_statuses_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    // An empty id names no expert: the field is the problem, not a missing expert.
+    let err = c
+        .get_expert(proto::GetExpertRequest {
+            id: String::new(),
+            include_instances: false,
+            include_adapter: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("id"), "{err:?}");
+    let err = c
+        .delete_expert(proto::DeleteExpertRequest { id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let err = c
         .list_experts(proto::ListExpertsRequest {
             page_size: 1001,

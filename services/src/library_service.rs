@@ -32,6 +32,14 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
 }
 
+/// An expert named by a request: an empty id names none (INVALID_ARGUMENT, not NOT_FOUND).
+fn named(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("id: empty; name an expert"));
+    }
+    Ok(())
+}
+
 fn new_expert(req: proto::RegisterExpertRequest) -> Result<(NewExpert, bool), Status> {
     let adapter = req
         .adapter
@@ -185,6 +193,7 @@ impl Api for LibraryService {
         request: Request<proto::GetExpertRequest>,
     ) -> Result<Response<proto::GetExpertResponse>, Status> {
         let req = request.into_inner();
+        named(&req.id)?;
         let library = self.library.clone();
         blocking(move || {
             let meta = library.get(&req.id).map_err(status)?;
@@ -245,6 +254,7 @@ impl Api for LibraryService {
         request: Request<proto::DeleteExpertRequest>,
     ) -> Result<Response<proto::DeleteExpertResponse>, Status> {
         let id = request.into_inner().id;
+        named(&id)?;
         let library = self.library.clone();
         let meta = blocking(move || library.delete(&id).map_err(status)).await?;
         Ok(Response::new(proto::DeleteExpertResponse {
@@ -269,6 +279,7 @@ impl Api for LibraryService {
         request: Request<proto::AddInstancesRequest>,
     ) -> Result<Response<proto::AddInstancesResponse>, Status> {
         let req = request.into_inner();
+        named(&req.id)?;
         let library = self.library.clone();
         let meta = blocking(move || {
             library
