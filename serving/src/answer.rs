@@ -257,12 +257,13 @@ fn plan(limits: &crate::config::RequestLimits, req: &AnswerRequest) -> Result<(V
         ));
     }
     if generate {
+        // The options first: a bad stop string is named as such, not as an input too long.
+        // One seed for every input: a seeded call is reproducible as a whole.
+        let params = limits.generate_params(&req.generate)?;
         let stop_bytes = req.generate.stop_bytes();
         for (i, inp) in inputs.iter().enumerate() {
             limits.check_text_input(&format!("{field}[{i}]."), &inp.input, stop_bytes)?;
         }
-        // One seed for every input: a seeded call is reproducible as a whole.
-        let params = limits.generate_params(&req.generate)?;
         Ok((queries, Work::Generate(inputs, params)))
     } else {
         for (i, inp) in inputs.iter().enumerate() {

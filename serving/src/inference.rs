@@ -230,8 +230,9 @@ impl<B: Backend> Inference<B> {
     /// Starts a generation; resolves once its prompt has run (or with why it could not).
     pub async fn generate(&self, req: GenerateRequest) -> Result<TokenStream> {
         let limits = &self.config.limits;
-        limits.check_text_input("", &req.input, req.options.stop_bytes())?;
+        // The options first: a bad stop string is named as such, not as an input too long.
         let params = limits.generate_params(&req.options)?;
+        limits.check_text_input("", &req.input, req.options.stop_bytes())?;
         let expert = self.resolve(&req.expert_id).await?;
         self.generations
             .submit(vec![GenerationRequest {

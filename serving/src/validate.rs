@@ -6,6 +6,9 @@ use roe_backbone::GenerateParams;
 use crate::config::RequestLimits;
 use crate::error::{Result, ServingError};
 
+/// Longest stop string (bytes).
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// How to generate, as a client asks for it (zeros mean "the default").
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerateOptions {
@@ -90,6 +93,18 @@ impl RequestLimits {
         if o.stop.iter().any(|s| s.is_empty()) {
             return Err(ServingError::invalid("stop", "strings must not be empty"));
         }
+        // A stop string is matched against the generated text, which is at most a few KB.
+        if let Some((i, s)) = o
+            .stop
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+        {
+            return Err(ServingError::invalid(
+                &format!("stop[{i}]"),
+                format!("{} bytes, at most {MAX_STOP_BYTES}", s.len()),
+            ));
+        }
         let max_new_tokens = if o.max_new_tokens == 0 {
             self.default_new_tokens
         } else {
@@ -168,6 +183,13 @@ mod tests {
                     ..Default::default()
                 },
                 "stop",
+            ),
+            (
+                GenerateOptions {
+                    stop: vec!["ok".into(), "x".repeat(1 << 20)],
+                    ..Default::default()
+                },
+                "stop[1]",
             ),
         ] {
             let e = l.generate_params(&bad).unwrap_err();
