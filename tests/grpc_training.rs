@@ -43,14 +43,9 @@ fn start_request(
     }
 }
 
-/// `req` as StartTrainingStream's messages: the header without rows, then a row each.
-fn chunks(mut req: proto::StartTrainingRequest) -> Vec<proto::StartTrainingChunk> {
-    use proto::start_training_chunk::Part;
-    let rows = std::mem::take(&mut req.rows);
-    std::iter::once(Part::Header(req))
-        .chain(rows.into_iter().map(Part::Row))
-        .map(|part| proto::StartTrainingChunk { part: Some(part) })
-        .collect()
+/// `req` as StartTrainingStream's messages.
+fn chunks(req: proto::StartTrainingRequest) -> Vec<proto::StartTrainingChunk> {
+    roe_services::convert::start_training_chunks(req).collect()
 }
 
 /// Follows a job to its end; returns every status seen.

@@ -437,30 +437,16 @@ fn train_loop_bench(
         .find(|t| t.name() == a.task)
         .with_context(|| format!("no task {:?} in {}", a.task, a.tasks_dir.display()))?;
     let work = tempfile::tempdir()?;
-    {
-        // The other tasks' experts, embedded through the cache.
-        let cached = crate::caching_encoder::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
-        let (library, _) = ExpertLibrary::open(work.path(), cached, LibraryConfig::default())?;
-        for t in tasks.iter().filter(|t| t.name() != a.task) {
-            let dir = a.experts.join("prompt").join(t.name());
-            if dir.is_dir() {
-                library.register(
-                    NewExpert {
-                        id: format!("{}/prompt", t.name()),
-                        name: t.name().to_string(),
-                        description: t.info.description.clone(),
-                        backbone: None,
-                        adapter: PeftAdapter::from_dir(&dir)?,
-                        instances: sample(&t.train, a.s, 0),
-                    },
-                    false,
-                )?;
-            }
-        }
-    }
-    let serving: Arc<dyn roe_expert_library::embedding::Encoder> =
-        Arc::new(models::load_serving_encoder(models_dir, enc)?);
-    let (library, _) = ExpertLibrary::open(work.path(), serving, LibraryConfig::default())?;
+    let others = tasks.iter().filter(|t| t.name() != a.task);
+    let library = prompt_library(
+        models_dir,
+        enc,
+        &a.cache_dir,
+        work.path(),
+        others,
+        &a.experts,
+        a.s,
+    )?;
     let setup = crate::train_loop::LoopSetup {
         task,
         kind,
@@ -671,34 +657,17 @@ fn answer_bench(
     rt: &tokio::runtime::Runtime,
 ) -> Result<()> {
     let backbone = Arc::new(models::load_backbone(models_dir, a.backbone.as_deref())?);
-    // Registration embeds through the cache; Route requests embed their queries for real
-    // (the serving encoder batches concurrent requests).
-    let cached = crate::caching_encoder::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
     let work = tempfile::tempdir()?;
-    {
-        let (library, _) = ExpertLibrary::open(work.path(), cached, LibraryConfig::default())?;
-        let tasks = load_suite(&a.tasks_dir)?;
-        for t in &tasks {
-            let dir = a.experts.join("prompt").join(t.name());
-            if dir.is_dir() {
-                library.register(
-                    NewExpert {
-                        id: format!("{}/prompt", t.name()),
-                        name: t.name().to_string(),
-                        description: t.info.description.clone(),
-                        backbone: None,
-                        adapter: PeftAdapter::from_dir(&dir)?,
-                        instances: sample(&t.train, a.s, 0),
-                    },
-                    false,
-                )?;
-            }
-        }
-    }
-    let serving: Arc<dyn roe_expert_library::embedding::Encoder> =
-        Arc::new(models::load_serving_encoder(models_dir, enc)?);
-    let (library, _) = ExpertLibrary::open(work.path(), serving, LibraryConfig::default())?;
     let tasks = load_suite(&a.tasks_dir)?;
+    let library = prompt_library(
+        models_dir,
+        enc,
+        &a.cache_dir,
+        work.path(),
+        &tasks,
+        &a.experts,
+        a.s,
+    )?;
     let setup = answer::AnswerSetup {
         tasks: &tasks,
         q: a.q,
@@ -710,6 +679,43 @@ fn answer_bench(
     let md = answer::markdown(&report);
     println!("{md}");
     save_report(&a.json, &report, &md)
+}
+
+/// A library in `dir` of `tasks`' reference prompt experts (`<task>/prompt`, S instances
+/// each), reopened for serving. Registration embeds through the cache; Route requests embed
+/// their queries for real (the serving encoder batches concurrent requests).
+fn prompt_library<'a>(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    cache_dir: &Path,
+    dir: &Path,
+    tasks: impl IntoIterator<Item = &'a roe_task_suite::Task>,
+    experts: &Path,
+    s: usize,
+) -> Result<ExpertLibrary> {
+    {
+        let cached = crate::caching_encoder::load_cached_encoder(models_dir, enc, cache_dir)?;
+        let (library, _) = ExpertLibrary::open(dir, cached, LibraryConfig::default())?;
+        for t in tasks {
+            let peft = experts.join("prompt").join(t.name());
+            if peft.is_dir() {
+                library.register(
+                    NewExpert {
+                        id: format!("{}/prompt", t.name()),
+                        name: t.name().to_string(),
+                        description: t.info.description.clone(),
+                        backbone: None,
+                        adapter: PeftAdapter::from_dir(&peft)?,
+                        instances: sample(&t.train, s, 0),
+                    },
+                    false,
+                )?;
+            }
+        }
+    }
+    let serving: Arc<dyn roe_expert_library::embedding::Encoder> =
+        Arc::new(models::load_serving_encoder(models_dir, enc)?);
+    Ok(ExpertLibrary::open(dir, serving, LibraryConfig::default())?.0)
 }
 
 fn split(json: &Path) -> (PathBuf, String) {

@@ -62,16 +62,6 @@ fn to_query(i: &roe_expert_library::Instance) -> proto::Query {
     }
 }
 
-fn chunks(req: proto::StartTrainingRequest) -> Vec<proto::StartTrainingChunk> {
-    use proto::start_training_chunk::Part;
-    let mut req = req;
-    let rows = std::mem::take(&mut req.rows);
-    std::iter::once(Part::Header(req))
-        .chain(rows.into_iter().map(Part::Row))
-        .map(|part| proto::StartTrainingChunk { part: Some(part) })
-        .collect()
-}
-
 fn is_correct(row: &roe_expert_library::Instance, best: u32) -> bool {
     row.choices.get(best as usize).map(String::as_str) == row.target.as_deref()
 }
@@ -139,7 +129,9 @@ pub async fn run(
     };
     let started = Instant::now();
     let job = training
-        .start_training_stream(tokio_stream::iter(chunks(request)))
+        .start_training_stream(tokio_stream::iter(
+            roe_services::convert::start_training_chunks(request),
+        ))
         .await?
         .into_inner()
         .job

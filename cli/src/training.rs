@@ -161,7 +161,9 @@ pub async fn cmd_expert_train(g: &Global, a: TrainArgs) -> Result<()> {
     };
     let mut c = client(g).await?;
     let job = c
-        .start_training_stream(streamed(req))
+        .start_training_stream(tokio_stream::iter(
+            roe_services::convert::start_training_chunks(req),
+        ))
         .await?
         .into_inner()
         .job
@@ -172,21 +174,6 @@ pub async fn cmd_expert_train(g: &Global, a: TrainArgs) -> Result<()> {
     }
     eprintln!("job {} ({} training rows)", job.id, job.train_rows);
     watch(&mut c, &job.id).await
-}
-
-/// The request as StartTrainingStream's messages: the header, then a row per message, so a
-/// row set of any size fits under the message limit.
-fn streamed(
-    mut req: proto::StartTrainingRequest,
-) -> impl tokio_stream::Stream<Item = proto::StartTrainingChunk> {
-    use proto::start_training_chunk::Part;
-    let rows = std::mem::take(&mut req.rows);
-    let header = std::iter::once(Part::Header(req));
-    tokio_stream::iter(
-        header
-            .chain(rows.into_iter().map(Part::Row))
-            .map(|part| proto::StartTrainingChunk { part: Some(part) }),
-    )
 }
 
 async fn watch(c: &mut TrainingClient<KeyedChannel>, job_id: &str) -> Result<()> {

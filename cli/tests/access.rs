@@ -4,7 +4,7 @@ mod common;
 
 use std::process::{Command, Output, Stdio};
 
-use common::{models_dir, repo};
+use common::{models_dir, repo, KillOnDrop};
 
 const ADMIN: &str = "admin-key-for-cli-tests-1";
 const READ: &str = "read-key-for-cli-tests-22";
@@ -28,15 +28,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

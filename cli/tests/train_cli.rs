@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use roe_task_suite::{sample, Task};
 
-use common::{repo, start_serve};
+use common::{repo, start_serve, KillOnDrop};
 
 fn roe<S: AsRef<OsStr>>(url: &str, args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_roe"))
@@ -19,16 +19,6 @@ fn roe<S: AsRef<OsStr>>(url: &str, args: &[S]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("roe runs")
-}
-
-/// The server goes with the test, failed or not (its stderr would hold the harness's pipe).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn text(b: &[u8]) -> String {

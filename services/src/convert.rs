@@ -147,6 +147,18 @@ fn truncate(s: &str) -> String {
     format!("{}…", s.chars().take(64).collect::<String>())
 }
 
+/// `req` as StartTrainingStream's messages: the request without its rows, then a row each,
+/// so a row set of any size fits under the message limit.
+pub fn start_training_chunks(
+    mut req: proto::StartTrainingRequest,
+) -> impl Iterator<Item = proto::StartTrainingChunk> {
+    use proto::start_training_chunk::Part;
+    let rows = std::mem::take(&mut req.rows);
+    std::iter::once(Part::Header(req))
+        .chain(rows.into_iter().map(Part::Row))
+        .map(|part| proto::StartTrainingChunk { part: Some(part) })
+}
+
 pub fn training_job_to_proto(j: &JobStatus) -> proto::TrainingJob {
     let state = match j.state {
         JobState::Queued => proto::TrainingState::Queued,

@@ -83,3 +83,13 @@ pub fn start_serve_with(data: &Path, flags: &[&str]) -> (Child, String) {
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     (child, format!("http://{addr}"))
 }
+
+/// The server goes with the test, failed or not (its stderr would hold the harness's pipe).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
