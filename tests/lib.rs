@@ -127,12 +127,23 @@ pub fn register_request(
     }
 }
 
+/// What a test server may add to the defaults of [`ServeOptions`].
+#[derive(Default)]
+pub struct ServerExtras {
+    pub auth: roe_services::auth::AuthLayer,
+    pub concurrency: roe_services::load_shed::ConcurrencyLimitLayer,
+    /// `--max-concurrent-uploads` (0: no bound).
+    pub max_uploads: usize,
+}
+
 /// A real roe server on an ephemeral loopback port; stops when dropped.
 pub struct TestServer {
     pub url: String,
     /// The Inference service, when started with it.
     pub inference: Option<Arc<BackboneInference>>,
     pub dir: PathBuf,
+    /// Not an owner: stopping the server must release the library.
+    library: std::sync::Weak<ExpertLibrary>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
     _tmp: Option<tempfile::TempDir>,
@@ -182,6 +193,19 @@ impl TestServer {
         s
     }
 
+    /// A server over a library with `config` (and the backbone when `with_inference`).
+    pub async fn start_with(
+        config: LibraryConfig,
+        with_inference: bool,
+        extras: ServerExtras,
+    ) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("library");
+        let mut s = Self::start_full(dir, config, with_inference, String::new(), extras).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
     /// [`Self::start_with_inference`] checking API keys with `auth`.
     pub async fn start_with_auth(auth: roe_services::auth::AuthLayer) -> Self {
         Self::start_with_layers(true, auth, Default::default()).await
@@ -200,7 +224,11 @@ impl TestServer {
             LibraryConfig::default(),
             with_inference,
             String::new(),
-            (auth, concurrency),
+            ServerExtras {
+                auth,
+                concurrency,
+                ..Default::default()
+            },
         )
         .await;
         s._tmp = Some(tmp);
@@ -223,10 +251,7 @@ impl TestServer {
         config: LibraryConfig,
         with_inference: bool,
         fallback_expert: String,
-        (auth, concurrency): (
-            roe_services::auth::AuthLayer,
-            roe_services::load_shed::ConcurrencyLimitLayer,
-        ),
+        extras: ServerExtras,
     ) -> Self {
         let (library, _) = {
             let dir = dir.clone();
@@ -266,6 +291,7 @@ impl TestServer {
         } else {
             None
         };
+        let weak_library = Arc::downgrade(&library);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -278,8 +304,9 @@ impl TestServer {
                     inference,
                     fallback_expert,
                     training,
-                    auth,
-                    concurrency,
+                    auth: extras.auth,
+                    concurrency: extras.concurrency,
+                    max_concurrent_uploads: extras.max_uploads,
                     ..ServeOptions::default()
                 },
                 async {
@@ -293,10 +320,19 @@ impl TestServer {
             url,
             inference: inference_handle,
             dir,
+            library: weak_library,
             stop: Some(tx),
             handle: Some(handle),
             _tmp: None,
         }
+    }
+
+    /// Bytes the library holds by its quota's count.
+    pub fn stored_bytes(&self) -> u64 {
+        self.library
+            .upgrade()
+            .expect("the server is running")
+            .stored_bytes()
     }
 
     pub async fn library(&self) -> ExpertLibraryClient<Channel> {

@@ -207,6 +207,43 @@ impl Backbone {
         reqs: &[ScoreRequest<'_>],
         opts: &RenderOptions,
     ) -> Result<Vec<ScoreOutput>> {
+        let rendered = self.render_score_requests(reqs, opts)?;
+        self.score_ids(&rendered)
+    }
+
+    /// [`Self::score_batch_with`] for requests that may be withdrawn while the batch runs:
+    /// `wanted(i)` is asked before each forward pass that would hold request `i`, and a
+    /// request no longer wanted is left out of it (its result is `None`). A pass already
+    /// running is never interrupted, so a withdrawal costs at most one pass.
+    pub fn score_batch_while(
+        &self,
+        reqs: &[ScoreRequest<'_>],
+        opts: &RenderOptions,
+        wanted: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<ScoreOutput>>> {
+        let mut rendered = Vec::with_capacity(reqs.len());
+        let mut at = Vec::with_capacity(reqs.len());
+        for (i, r) in reqs.iter().enumerate() {
+            // Rendering a long request is work too: a withdrawn one is not rendered.
+            if wanted(i) {
+                rendered.push(self.render_score_requests(std::slice::from_ref(r), opts)?);
+                at.push(i);
+            }
+        }
+        let rendered: Vec<ScoreIdsRequest<'_>> = rendered.into_iter().flatten().collect();
+        let outs = self.score_ids_while(&rendered, &|k| wanted(at[k]))?;
+        let mut results: Vec<Option<ScoreOutput>> = vec![None; reqs.len()];
+        for (i, o) in at.into_iter().zip(outs) {
+            results[i] = o;
+        }
+        Ok(results)
+    }
+
+    fn render_score_requests<'r>(
+        &self,
+        reqs: &[ScoreRequest<'r>],
+        opts: &RenderOptions,
+    ) -> Result<Vec<ScoreIdsRequest<'r>>> {
         let mut rendered = Vec::with_capacity(reqs.len());
         for r in reqs {
             if r.choices.is_empty() {
@@ -231,11 +268,24 @@ impl Backbone {
                 },
             });
         }
-        self.score_ids(&rendered)
+        Ok(rendered)
     }
 
     /// Score pre-tokenised requests. Requests are grouped by prompt length into batches.
     pub fn score_ids(&self, reqs: &[ScoreIdsRequest<'_>]) -> Result<Vec<ScoreOutput>> {
+        self.score_ids_while(reqs, &|_| true)?
+            .into_iter()
+            .map(|o| o.ok_or_else(|| BackboneError::InvalidInput("missing result".into())))
+            .collect()
+    }
+
+    /// [`Self::score_ids`], asking `wanted(i)` before each length group's forward pass; the
+    /// requests no longer wanted are left out (`None`).
+    pub fn score_ids_while(
+        &self,
+        reqs: &[ScoreIdsRequest<'_>],
+        wanted: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<ScoreOutput>>> {
         let prompt_len = |r: &ScoreIdsRequest<'_>| {
             r.prompt_ids.len() + r.prompt.map(|p| p.num_virtual_tokens()).unwrap_or(0)
         };
@@ -243,16 +293,17 @@ impl Backbone {
         let lens: Vec<usize> = reqs.iter().map(prompt_len).collect();
         let rows: Vec<usize> = reqs.iter().map(|r| r.continuations.len()).collect();
         for group in length_groups(&lens, &rows) {
+            let group: Vec<usize> = group.into_iter().filter(|&i| wanted(i)).collect();
+            if group.is_empty() {
+                continue;
+            }
             let members: Vec<&ScoreIdsRequest<'_>> = group.iter().map(|&i| &reqs[i]).collect();
             let outs = self.score_group(&members)?;
             for (&i, o) in group.iter().zip(outs) {
                 results[i] = Some(o);
             }
         }
-        results
-            .into_iter()
-            .map(|o| o.ok_or_else(|| BackboneError::InvalidInput("missing result".into())))
-            .collect()
+        Ok(results)
     }
 
     fn score_group(&self, reqs: &[&ScoreIdsRequest<'_>]) -> Result<Vec<ScoreOutput>> {

@@ -7,7 +7,7 @@ use crate::models;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
+use roe_expert_library::library::{ExpertLibrary, LibraryConfig, Limits};
 use roe_expert_library::PeftAdapter;
 use roe_services::auth::{ApiKeys, AuthLayer, ClientKey, KeyedChannel};
 use roe_services::load_shed::ConcurrencyLimitLayer;
@@ -17,7 +17,7 @@ use roe_services::proto::{
 };
 use roe_services::remote::{RemoteExpertSource, RemoteRouter, RemoteTimeouts};
 use roe_services::server::{serve, serve_inference, ServeOptions, MAX_MESSAGE_BYTES};
-use roe_serving::{BackboneInference, ServingConfig};
+use roe_serving::{BackboneInference, RequestLimits, ServingConfig};
 use roe_task_suite::{load_suite, read_instances, sample, Task};
 
 #[derive(Parser)]
@@ -66,7 +66,7 @@ pub struct Global {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gRPC service (library + router, health, reflection).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage experts in the library.
     #[command(subcommand)]
     Expert(ExpertCommand),
@@ -145,6 +145,8 @@ struct ServeArgs {
     training_queue: usize,
     #[command(flatten)]
     access: AccessArgs,
+    #[command(flatten)]
+    limits: LimitsArgs,
     /// Requests in flight (streams count until they end) past which calls are refused with
     /// RESOURCE_EXHAUSTED; health is never refused. 0: no bound.
     #[arg(long, env = "ROE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
@@ -155,6 +157,14 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The serving core's configuration, with the request limits of `--max-*`.
+    fn config(&self) -> ServingConfig {
+        ServingConfig {
+            limits: self.limits.requests(),
+            ..self.serving.config()
+        }
+    }
+
     fn drain_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.drain_timeout_ms)
     }
@@ -213,6 +223,60 @@ impl AccessArgs {
             tracing::info!(keys = keys.len(), "API keys required (health is public)");
         }
         Ok(AuthLayer::new(Arc::new(keys), !self.private_reflection))
+    }
+}
+
+/// How much one client may store and ask for (`roe serve`); a refusal names the field and
+/// the limit.
+#[derive(Args)]
+struct LimitsArgs {
+    /// Quota: experts the library may hold.
+    #[arg(long, env = "ROE_MAX_EXPERTS", default_value_t = Limits::default().max_experts)]
+    max_experts: usize,
+    /// Quota: bytes the library may hold (adapters, instances and their vectors).
+    #[arg(long, env = "ROE_MAX_LIBRARY_BYTES", default_value_t = Limits::default().max_library_bytes)]
+    max_library_bytes: u64,
+    /// Bytes of one adapter's weights file (below the 64 MiB message, so that every expert
+    /// can be read back whole).
+    #[arg(long, env = "ROE_MAX_ADAPTER_BYTES", default_value_t = Limits::default().max_adapter_bytes)]
+    max_adapter_bytes: usize,
+    /// Registrations at once (each holds its adapter in memory until stored); 0: no bound.
+    #[arg(long, env = "ROE_MAX_CONCURRENT_UPLOADS", default_value_t = 4)]
+    max_concurrent_uploads: usize,
+    /// Bytes of one input, target, description or query.
+    #[arg(long, env = "ROE_MAX_TEXT_BYTES", default_value_t = Limits::default().max_text_bytes)]
+    max_text_bytes: usize,
+    /// Bytes of one choice, everywhere a choice is sent.
+    #[arg(long, env = "ROE_MAX_CHOICE_BYTES", default_value_t = Limits::default().max_choice_bytes)]
+    max_choice_bytes: usize,
+    /// Bytes of text (queries and their choices) in one Route request.
+    #[arg(long, env = "ROE_MAX_ROUTE_TEXT_BYTES", default_value_t = Limits::default().max_route_text_bytes)]
+    max_route_text_bytes: usize,
+    /// Bytes of text one Answer or ScoreEnsemble call may have the backbone read (inputs,
+    /// choices, members together).
+    #[arg(long, env = "ROE_MAX_WORK_BYTES", default_value_t = RequestLimits::default().max_work_bytes)]
+    max_work_bytes: usize,
+}
+
+impl LimitsArgs {
+    fn library(&self) -> Limits {
+        Limits {
+            max_experts: self.max_experts,
+            max_library_bytes: self.max_library_bytes,
+            max_adapter_bytes: self.max_adapter_bytes,
+            max_text_bytes: self.max_text_bytes,
+            max_choice_bytes: self.max_choice_bytes,
+            max_route_text_bytes: self.max_route_text_bytes,
+            ..Limits::default()
+        }
+    }
+
+    fn requests(&self) -> RequestLimits {
+        RequestLimits {
+            max_choice_bytes: self.max_choice_bytes,
+            max_work_bytes: self.max_work_bytes,
+            ..RequestLimits::default()
+        }
     }
 }
 
@@ -518,7 +582,7 @@ pub fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(a) => {
-            let served = rt.block_on(cmd_serve(&cli.global, a));
+            let served = rt.block_on(cmd_serve(&cli.global, *a));
             // Past the drain deadline, blocking work still running (a request the server
             // stopped waiting for) must not hold the process.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -591,6 +655,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
             hnsw_threshold: a.hnsw_threshold,
             ..Default::default()
         },
+        limits: a.limits.library(),
         ..Default::default()
     };
     match &backbone {
@@ -636,7 +701,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     }
     let training_backbone = backbone.clone();
     let inference = backbone.map(|bb| {
-        let inference = BackboneInference::over_library(bb, library.clone(), a.serving.config());
+        let inference = BackboneInference::over_library(bb, library.clone(), a.config());
         // The configuration in effect (batch sizes brought within what the queues run).
         tracing::info!(config = ?inference.config(), "serving configuration");
         Arc::new(inference)
@@ -675,6 +740,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     let options = ServeOptions {
         auth,
         concurrency: ConcurrencyLimitLayer::new(a.max_concurrent_requests),
+        max_concurrent_uploads: a.limits.max_concurrent_uploads,
         route_defaults: roe_expert_library::RouteOptions {
             abstain_threshold: a.abstain_threshold,
             ..Default::default()
@@ -826,7 +892,7 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
         Arc::new(backbone),
         experts,
         backbone_name,
-        a.serving.config(),
+        a.config(),
     ));
     tracing::info!(config = ?svc.config(), ?timeouts, "serving configuration");
     let fallback_expert = a.fallback_expert.clone().unwrap_or_default();

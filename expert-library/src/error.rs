@@ -18,8 +18,13 @@ pub enum LibraryError {
     /// Routing needs at least one expert.
     #[error("the library holds no experts yet")]
     Empty,
-    #[error("request too large: {0}")]
+    /// Over a limit or a quota; the message names the field and the limit.
+    #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller withdrew the request (it went away or its deadline passed) before the
+    /// work was done.
+    #[error("the request was withdrawn before it was done")]
+    Cancelled,
     #[error("storage error: {0}")]
     Storage(String),
     #[error("encoder error: {0}")]

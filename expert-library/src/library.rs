@@ -58,8 +58,22 @@ pub struct Limits {
     pub max_instances_per_request: usize,
     pub max_instances_per_expert: usize,
     pub max_queries: usize,
+    /// Most bytes of one input or target.
     pub max_text_bytes: usize,
     pub max_choices: usize,
+    /// Most bytes of one choice.
+    pub max_choice_bytes: usize,
+    /// Most bytes of text (inputs and choices) in one Route request: the encoder tokenizes
+    /// all of it before truncating, so this bounds the work of one call.
+    pub max_route_text_bytes: usize,
+    /// Quota: most experts in the library.
+    pub max_experts: usize,
+    /// Quota: most bytes the library may hold (adapters, instances and their vectors).
+    pub max_library_bytes: u64,
+    /// Most bytes of one adapter's weights file. Below the 64 MiB gRPC message so that an
+    /// expert registered can always be read back whole (GetExpert, a split inference
+    /// process loading it).
+    pub max_adapter_bytes: usize,
 }
 
 impl Default for Limits {
@@ -70,7 +84,42 @@ impl Default for Limits {
             max_queries: 1024,
             max_text_bytes: 64 * 1024,
             max_choices: 64,
+            max_choice_bytes: 4 * 1024,
+            max_route_text_bytes: 1 << 20,
+            max_experts: 100_000,
+            max_library_bytes: 64 << 30,
+            max_adapter_bytes: 60 << 20,
         }
+    }
+}
+
+/// Bytes an instance takes in the store (texts, vectors, bookkeeping), for the quota.
+fn stored_bytes(si: &StoredInstance) -> u64 {
+    let i = &si.instance;
+    let text = i.input.len()
+        + i.choices.iter().map(|c| c.len() + 8).sum::<usize>()
+        + i.target.as_ref().map_or(0, String::len);
+    let vectors = 4 * (si.embedding.len() + si.choice_embedding.as_ref().map_or(0, Vec::len));
+    (text + vectors + si.expert_id.len() + 64) as u64
+}
+
+/// What the library holds, for its quotas: bytes per expert and in all.
+#[derive(Debug, Default)]
+struct Usage {
+    per_expert: HashMap<String, u64>,
+    total: u64,
+}
+
+impl Usage {
+    fn set(&mut self, id: &str, bytes: u64) {
+        let old = self.per_expert.insert(id.to_string(), bytes).unwrap_or(0);
+        self.total = self.total - old + bytes;
+    }
+    fn remove(&mut self, id: &str) {
+        self.total -= self.per_expert.remove(id).unwrap_or(0);
+    }
+    fn of(&self, id: &str) -> u64 {
+        self.per_expert.get(id).copied().unwrap_or(0)
     }
 }
 
@@ -119,6 +168,8 @@ pub struct ExpertLibrary {
     /// Whether the dump on disk (`<dir>/roe-index/`) is current; serialises dumps.
     dumps: Arc<Dumps>,
     compactor: Compactor,
+    /// Changed under `writes` only.
+    usage: Mutex<Usage>,
 }
 
 /// How long opening took and what it loaded, for logs and the start-up benchmark.
@@ -163,6 +214,11 @@ impl ExpertLibrary {
             .map(|m| (m, by_expert.remove(&m.id).unwrap_or_default()))
             .collect();
         drop(by_expert);
+        let mut usage = Usage::default();
+        for (meta, rows) in &experts {
+            let bytes = meta.weights_bytes as u64 + rows.iter().map(stored_bytes).sum::<u64>();
+            usage.set(&meta.id, bytes);
+        }
         let index_started = Instant::now();
         let loaded = {
             let mut stored: HashMap<TextFormat, StoredVectors<'_>> = HashMap::new();
@@ -256,6 +312,7 @@ impl ExpertLibrary {
                 config,
                 dumps,
                 compactor,
+                usage: Mutex::new(usage),
             },
             report,
         ))
@@ -289,6 +346,8 @@ impl ExpertLibrary {
 
     /// Writes an expert (durably, replacing an older version when `replacing`) and makes it
     /// routable: the old version's instances leave the index, the new ones enter it.
+    /// Called under the write lock: the quotas are checked here, once, for every way an
+    /// expert is written (registered, trained, merged).
     fn store_and_index(
         &self,
         meta: &ExpertMeta,
@@ -296,7 +355,19 @@ impl ExpertLibrary {
         rows: &[StoredInstance],
         replacing: bool,
     ) -> Result<()> {
+        let l = &self.config.limits;
+        self.check_adapter_bytes(adapter.safetensors.len())?;
+        if !replacing && self.store.len() >= l.max_experts {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "experts: the library holds {}, the quota max_experts is {}",
+                self.store.len(),
+                l.max_experts
+            )));
+        }
+        let bytes = meta.weights_bytes as u64 + rows.iter().map(stored_bytes).sum::<u64>();
+        self.check_library_bytes(&meta.id, bytes)?;
         let replaced = self.store.put_expert(meta, adapter, rows)?;
+        self.usage.lock().set(&meta.id, bytes);
         self.apply(|state| {
             if replacing {
                 state.remove(&meta.id, &replaced);
@@ -311,6 +382,39 @@ impl ExpertLibrary {
 
     pub fn limits(&self) -> &Limits {
         &self.config.limits
+    }
+
+    /// Bytes the library holds by its quota's count (not the store's files on disk).
+    pub fn stored_bytes(&self) -> u64 {
+        self.usage.lock().total
+    }
+
+    /// An adapter's weights file against `max_adapter_bytes` (uploads check it as bytes
+    /// arrive, before holding them all).
+    pub fn check_adapter_bytes(&self, bytes: usize) -> Result<()> {
+        let max = self.config.limits.max_adapter_bytes;
+        if bytes > max {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "adapter.adapter_model_safetensors: {bytes} bytes, the limit max_adapter_bytes \
+                 is {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether expert `id` may hold `bytes` (replacing what it holds now).
+    fn check_library_bytes(&self, id: &str, bytes: u64) -> Result<()> {
+        let max = self.config.limits.max_library_bytes;
+        let usage = self.usage.lock();
+        let after = usage.total - usage.of(id) + bytes;
+        if after > max {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "library: holds {} bytes; {id} would bring it to {after}, past the quota \
+                 max_library_bytes {max}",
+                usage.total
+            )));
+        }
+        Ok(())
     }
 
     pub fn backbone(&self, name: Option<&str>) -> Result<&BackboneSpec> {
@@ -348,12 +452,7 @@ impl ExpertLibrary {
         }
         for (i, inst) in instances.iter().enumerate() {
             check_text(&inst.input, &format!("{field}[{i}].input"), l)?;
-            if inst.choices.len() > l.max_choices {
-                return Err(LibraryError::invalid(
-                    format!("{field}[{i}].choices"),
-                    format!("{} choices, at most {}", inst.choices.len(), l.max_choices),
-                ));
-            }
+            check_choices(&inst.choices, &format!("{field}[{i}].choices"), l)?;
             if let Some(t) = &inst.target {
                 if t.len() > l.max_text_bytes {
                     return Err(LibraryError::ResourceExhausted(format!(
@@ -674,6 +773,7 @@ impl ExpertLibrary {
         let _w = self.writes.lock();
         let meta = self.get(id)?;
         let points = self.store.delete(id)?.ok_or_else(|| not_found(id))?;
+        self.usage.lock().remove(id);
         self.apply(|state| {
             state.remove(id, &points);
             Ok(())
@@ -702,7 +802,10 @@ impl ExpertLibrary {
             )));
         }
         meta.num_instances += rows.len();
+        let bytes = self.usage.lock().of(id) + rows.iter().map(stored_bytes).sum::<u64>();
+        self.check_library_bytes(id, bytes)?;
         self.store.append_instances(&meta, &rows)?;
+        self.usage.lock().set(id, bytes);
         self.apply(|state| state.add(id, meta.kind, &vectors_of(&rows)))?;
         Ok(meta)
     }
@@ -722,14 +825,17 @@ impl ExpertLibrary {
                 l.max_queries
             )));
         }
+        let mut text_bytes = 0;
         for (i, q) in queries.iter().enumerate() {
             check_text(&q.input, &format!("queries[{i}].input"), l)?;
-            if q.choices.len() > l.max_choices {
-                return Err(LibraryError::invalid(
-                    format!("queries[{i}].choices"),
-                    format!("at most {} choices", l.max_choices),
-                ));
-            }
+            check_choices(&q.choices, &format!("queries[{i}].choices"), l)?;
+            text_bytes += q.input.len() + q.choices.iter().map(String::len).sum::<usize>();
+        }
+        if text_bytes > l.max_route_text_bytes {
+            return Err(LibraryError::ResourceExhausted(format!(
+                "queries: {text_bytes} bytes of text, at most {} in one request",
+                l.max_route_text_bytes
+            )));
         }
         Ok(())
     }
@@ -744,8 +850,28 @@ impl ExpertLibrary {
 
     /// Routes a task given by example queries.
     pub fn route(&self, queries: &[Query], options: &RouteOptions) -> Result<RouteResult> {
+        self.route_while(queries, options, &|| true)
+    }
+
+    /// [`Self::route`] for a request that may be withdrawn: `wanted()` is asked between
+    /// encoder batches, and once it is false the work stops with [`LibraryError::Cancelled`].
+    pub fn route_while(
+        &self,
+        queries: &[Query],
+        options: &RouteOptions,
+        wanted: &dyn Fn() -> bool,
+    ) -> Result<RouteResult> {
         self.check_queries(queries)?;
-        let vectors = self.embed_queries(queries, options.text_format)?;
+        let mut vectors = Vec::with_capacity(queries.len());
+        for chunk in queries.chunks(ROUTE_EMBED_CHUNK) {
+            if !wanted() {
+                return Err(LibraryError::Cancelled);
+            }
+            vectors.extend(self.embed_queries(chunk, options.text_format)?);
+        }
+        if !wanted() {
+            return Err(LibraryError::Cancelled);
+        }
         self.route_embedded(queries, &vectors, options)
     }
 
@@ -822,6 +948,30 @@ impl Drop for ExpertLibrary {
             tracing::warn!("could not persist the index on close: {e}");
         }
     }
+}
+
+/// Queries embedded between two checks that the caller still waits (one encoder batch).
+const ROUTE_EMBED_CHUNK: usize = 32;
+
+fn check_choices(choices: &[String], field: &str, l: &Limits) -> Result<()> {
+    if choices.len() > l.max_choices {
+        return Err(LibraryError::invalid(
+            field,
+            format!("{} choices, at most {}", choices.len(), l.max_choices),
+        ));
+    }
+    if let Some((j, c)) = choices
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.len() > l.max_choice_bytes)
+    {
+        return Err(LibraryError::ResourceExhausted(format!(
+            "{field}[{j}] is {} bytes, at most {}",
+            c.len(),
+            l.max_choice_bytes
+        )));
+    }
+    Ok(())
 }
 
 fn check_text(text: &str, field: &str, l: &Limits) -> Result<()> {

@@ -295,3 +295,43 @@ fn batching_encoder_keeps_each_callers_vectors() {
     }
     assert!(batching.embed(&[]).unwrap().is_empty());
 }
+
+#[test]
+fn a_withdrawn_route_stops_between_encoder_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = open(tmp.path());
+    lib.register(expert("a", &["cat", "dog"], prompt_adapter()), false)
+        .unwrap();
+    let queries: Vec<Query> = (0..100).map(|i| q(&format!("cat {i}"))).collect();
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    // Wanted for the first batch only.
+    let wanted = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 1;
+    let e = lib
+        .route_while(&queries, &RouteOptions::default(), &wanted)
+        .unwrap_err();
+    assert!(matches!(e, LibraryError::Cancelled), "{e:?}");
+    // Asked once per batch until it said no: the other batches were never embedded.
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let routed = lib
+        .route_while(&queries, &RouteOptions::default(), &|| true)
+        .unwrap();
+    assert_eq!(routed.winner().unwrap().expert_id, "a");
+}
+
+#[test]
+fn the_byte_quota_counts_what_survives_a_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = {
+        let lib = open(tmp.path());
+        lib.register(expert("a", &["cat", "dog"], prompt_adapter()), false)
+            .unwrap();
+        lib.register(expert("b", &["fish"], lora_adapter()), false)
+            .unwrap();
+        lib.delete("b").unwrap();
+        lib.stored_bytes()
+    };
+    // The adapter and two instances with their vectors.
+    assert!(bytes > prompt_adapter().safetensors.len() as u64 + 2 * 512 * 4);
+    let lib = open(tmp.path());
+    assert_eq!(lib.stored_bytes(), bytes);
+}

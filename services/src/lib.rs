@@ -11,6 +11,7 @@ pub mod convert;
 pub mod inference_service;
 pub mod library_service;
 pub mod load_shed;
+pub mod message_limit;
 pub mod remote;
 pub mod router_service;
 pub mod server;

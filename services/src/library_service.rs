@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use roe_expert_library::expert::MAX_ADAPTER_BYTES;
 use roe_expert_library::library::{ExpertLibrary, NewExpert};
 use roe_expert_library::merge::{MergeRequest, PromptMergeMode};
 use roe_expert_library::PeftAdapter;
@@ -15,11 +14,34 @@ use crate::status::library_status as status;
 
 pub struct LibraryService {
     library: Arc<ExpertLibrary>,
+    /// Registrations in progress: each holds its adapter in memory until it is stored.
+    uploads: Option<(usize, Arc<tokio::sync::Semaphore>)>,
 }
 
 impl LibraryService {
-    pub fn new(library: Arc<ExpertLibrary>) -> Self {
-        Self { library }
+    /// `max_uploads`: registrations (unary or streamed) at once; 0 for no bound.
+    pub fn new(library: Arc<ExpertLibrary>, max_uploads: usize) -> Self {
+        Self {
+            library,
+            uploads: (max_uploads > 0).then(|| {
+                (
+                    max_uploads,
+                    Arc::new(tokio::sync::Semaphore::new(max_uploads)),
+                )
+            }),
+        }
+    }
+
+    /// A place among the registrations in progress, refused at once when none is free.
+    fn upload_permit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Status> {
+        let Some((max, uploads)) = &self.uploads else {
+            return Ok(None);
+        };
+        uploads.clone().try_acquire_owned().map(Some).map_err(|_| {
+            Status::resource_exhausted(format!(
+                "uploads: {max} registrations in progress (--max-concurrent-uploads); retry later"
+            ))
+        })
     }
 }
 
@@ -139,7 +161,11 @@ impl Api for LibraryService {
         &self,
         request: Request<proto::RegisterExpertRequest>,
     ) -> Result<Response<proto::RegisterExpertResponse>, Status> {
+        let _upload = self.upload_permit()?;
         let (new, new_version) = new_expert(request.into_inner())?;
+        self.library
+            .check_adapter_bytes(new.adapter.safetensors.len())
+            .map_err(status)?;
         Ok(Response::new(self.register(new, new_version).await?))
     }
 
@@ -148,6 +174,7 @@ impl Api for LibraryService {
         request: Request<Streaming<proto::RegisterExpertChunk>>,
     ) -> Result<Response<proto::RegisterExpertResponse>, Status> {
         use proto::register_expert_chunk::Part;
+        let _upload = self.upload_permit()?;
         let mut stream = request.into_inner();
         let first = stream.next().await.ok_or_else(|| {
             Status::invalid_argument("stream: empty; the first message must be the header")
@@ -159,14 +186,25 @@ impl Api for LibraryService {
         };
         let mut adapter = header.adapter.take().unwrap_or_default();
         let max_instances = self.library.limits().max_instances_per_request;
+        // The announced length is checked against the limit before any weights arrive, and
+        // reserved exactly: a growing buffer would hold two copies while it moves.
+        if let Some(announced) = header.safetensors_bytes {
+            let announced = usize::try_from(announced).unwrap_or(usize::MAX);
+            let max = self.library.limits().max_adapter_bytes;
+            if announced > max {
+                return Err(Status::resource_exhausted(format!(
+                    "safetensors_bytes: {announced} announced, the limit max_adapter_bytes is \
+                     {max}"
+                )));
+            }
+            let more = announced.saturating_sub(adapter.adapter_model_safetensors.len());
+            adapter.adapter_model_safetensors.reserve_exact(more);
+        }
         while let Some(chunk) = stream.next().await {
             match chunk?.part {
                 Some(Part::SafetensorsChunk(bytes)) => {
-                    if adapter.adapter_model_safetensors.len() + bytes.len() > MAX_ADAPTER_BYTES {
-                        return Err(Status::resource_exhausted(format!(
-                            "adapter.adapter_model_safetensors: more than {MAX_ADAPTER_BYTES} bytes"
-                        )));
-                    }
+                    let total = adapter.adapter_model_safetensors.len() + bytes.len();
+                    self.library.check_adapter_bytes(total).map_err(status)?;
                     adapter.adapter_model_safetensors.extend_from_slice(&bytes);
                 }
                 Some(Part::Instance(i)) => {

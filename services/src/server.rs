@@ -22,6 +22,7 @@ use crate::auth::AuthLayer;
 use crate::inference_service::InferenceService;
 use crate::library_service::LibraryService;
 use crate::load_shed::ConcurrencyLimitLayer;
+use crate::message_limit::MessageLimitLayer;
 use crate::proto::{
     answerer_server::AnswererServer, expert_library_server::ExpertLibraryServer,
     inference_server::InferenceServer, router_server::RouterServer,
@@ -53,6 +54,8 @@ pub struct ServeOptions {
     /// Requests in flight past which calls are refused with RESOURCE_EXHAUSTED (default: no
     /// bound; health is never refused).
     pub concurrency: ConcurrencyLimitLayer,
+    /// Registrations at once (each holds its adapter in memory); 0: no bound.
+    pub max_concurrent_uploads: usize,
 }
 
 /// gRPC reflection over roe's and the health service's descriptors.
@@ -177,9 +180,12 @@ pub async fn serve(
         answerer: options.inference.is_some(),
     })
     .await;
-    let library_api = ExpertLibraryServer::new(LibraryService::new(library.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let library_api = ExpertLibraryServer::new(LibraryService::new(
+        library.clone(),
+        options.max_concurrent_uploads,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router_api = RouterServer::new(RouterService::new(
         library.clone(),
         options.route_defaults.clone(),
@@ -199,6 +205,7 @@ pub async fn serve(
     let served = Server::builder()
         .layer(options.auth.clone())
         .layer(options.concurrency.clone())
+        .layer(MessageLimitLayer)
         .add_service(health_service)
         .add_service(reflection())
         .add_service(library_api)
@@ -248,6 +255,7 @@ pub async fn serve_inference(
     let served = Server::builder()
         .layer(options.auth.clone())
         .layer(options.concurrency.clone())
+        .layer(MessageLimitLayer)
         .add_service(health_service)
         .add_service(reflection())
         .add_service(inference_api(inference))

@@ -53,6 +53,7 @@ pub fn serving_status(e: ServingError) -> Status {
         ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Cancelled => Code::Cancelled,
         ErrorKind::Internal => Code::Internal,
     };
     Status::new(code, message(e.message))
@@ -67,7 +68,8 @@ pub fn remote_error(what: &str, s: Status) -> ServingError {
         Code::AlreadyExists => ErrorKind::AlreadyExists,
         Code::FailedPrecondition => ErrorKind::FailedPrecondition,
         Code::ResourceExhausted => ErrorKind::ResourceExhausted,
-        Code::Unavailable | Code::Cancelled | Code::Aborted => ErrorKind::Unavailable,
+        Code::Unavailable | Code::Aborted => ErrorKind::Unavailable,
+        Code::Cancelled => ErrorKind::Cancelled,
         Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
         _ => ErrorKind::Internal,
     };

@@ -264,11 +264,17 @@ fn plan(limits: &crate::config::RequestLimits, req: &AnswerRequest) -> Result<(V
         for (i, inp) in inputs.iter().enumerate() {
             limits.check_text_input(&format!("{field}[{i}]."), &inp.input, stop_bytes)?;
         }
+        limits.check_work(field, inputs.iter().map(|i| i.input.len()).sum())?;
         Ok((queries, Work::Generate(inputs, params)))
     } else {
         for (i, inp) in inputs.iter().enumerate() {
             limits.check_score_input(&format!("{field}[{i}]."), &inp.input, &inp.choices)?;
         }
+        let work = inputs
+            .iter()
+            .map(|i| i.input.len() + i.choices.iter().map(String::len).sum::<usize>())
+            .sum();
+        limits.check_work(field, work)?;
         Ok((queries, Work::Score(inputs)))
     }
 }

@@ -13,6 +13,14 @@ pub struct ScoreInput<'a, E> {
     pub input: &'a str,
     pub choices: &'a [String],
     pub expert: Option<&'a E>,
+    /// True once the request has been withdrawn (its client went away or its deadline
+    /// passed): a backend asks it between forward passes and leaves the input out.
+    pub withdrawn: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// A [`ScoreInput::withdrawn`] for inputs nobody withdraws.
+pub fn never_withdrawn() -> bool {
+    false
 }
 
 /// One generation to start in a batch.
@@ -35,8 +43,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Parses an adapter of `kind` and checks that it fits; FAILED_PRECONDITION when not.
     fn load_expert(&self, kind: ExpertKind, adapter: &PeftAdapter) -> Result<Self::Expert>;
 
-    /// Scores every input (in order) in shared forward passes.
-    fn score_batch(&self, inputs: &[ScoreInput<'_, Self::Expert>]) -> Result<Vec<ScoreOutput>>;
+    /// Scores every input (in order) in shared forward passes; an input withdrawn before its
+    /// pass is left out (`None`).
+    fn score_batch(
+        &self,
+        inputs: &[ScoreInput<'_, Self::Expert>],
+    ) -> Result<Vec<Option<ScoreOutput>>>;
 
     /// An empty generation batch that requests join with [`GenerationBatch::admit`].
     fn generation(&self) -> Self::Generation<'_>;

@@ -61,7 +61,10 @@ impl Backend for Backbone {
         })
     }
 
-    fn score_batch(&self, inputs: &[ScoreInput<'_, LoadedExpert>]) -> Result<Vec<ScoreOutput>> {
+    fn score_batch(
+        &self,
+        inputs: &[ScoreInput<'_, LoadedExpert>],
+    ) -> Result<Vec<Option<ScoreOutput>>> {
         let reqs: Vec<roe_backbone::ScoreRequest<'_>> = inputs
             .iter()
             .map(|i| roe_backbone::ScoreRequest {
@@ -70,7 +73,11 @@ impl Backend for Backbone {
                 adapters: adapters(i.expert),
             })
             .collect();
-        Ok(self.score_batch_with(&reqs, &self.score_render_options())?)
+        Ok(
+            self.score_batch_while(&reqs, &self.score_render_options(), &|i| {
+                !(inputs[i].withdrawn)()
+            })?,
+        )
     }
 
     fn generation(&self) -> BackboneGeneration<'_> {

@@ -83,6 +83,12 @@ pub struct RequestLimits {
     pub max_answer_score_inputs: usize,
     /// Most inputs one Answer call may generate for: they share one generation batch.
     pub max_answer_generate_inputs: usize,
+    /// Most bytes of one choice.
+    pub max_choice_bytes: usize,
+    /// Most bytes of text one call may have the backbone read, over all its inputs, choices
+    /// and ensemble members: scoring reads each input once and each choice once, so this
+    /// bounds the forward-pass work of one request (Answer, ScoreEnsemble).
+    pub max_work_bytes: usize,
 }
 
 impl Default for RequestLimits {
@@ -97,6 +103,8 @@ impl Default for RequestLimits {
             max_ensemble_members: 16,
             max_answer_score_inputs: 64,
             max_answer_generate_inputs: 16,
+            max_choice_bytes: 4 * 1024,
+            max_work_bytes: 256 * 1024,
         }
     }
 }

@@ -2,6 +2,8 @@
 //! what the caller should do about it; the gRPC layer maps [`ErrorKind`] to a status code in
 //! one place (`roe-services`' `status` module) and never looks at messages.
 
+use std::sync::Arc;
+
 use roe_backbone::BackboneError;
 use roe_expert_library::LibraryError;
 
@@ -22,6 +24,9 @@ pub enum ErrorKind {
     Unavailable,
     /// A remote part did not answer in time.
     DeadlineExceeded,
+    /// The request was withdrawn (its client went away or its deadline passed) before its
+    /// work was done; nobody is left to read this.
+    Cancelled,
     /// A fault of the service: an invariant broke or a worker panicked.
     Internal,
 }
@@ -53,6 +58,9 @@ impl ServingError {
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unavailable, message)
+    }
+    pub fn cancelled(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Cancelled, message)
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
@@ -93,6 +101,7 @@ impl From<LibraryError> for ServingError {
                 ErrorKind::FailedPrecondition
             }
             LibraryError::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            LibraryError::Cancelled => ErrorKind::Cancelled,
             LibraryError::Storage(_)
             | LibraryError::Encoder(_)
             | LibraryError::Index(_)
@@ -115,4 +124,22 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ServingError::internal(format!("a worker failed: {e}")))?
+}
+
+/// Blocking work that stops when its caller stops waiting: `f` gets a `wanted()` check to ask
+/// between steps, false once the future of this call has been dropped (tonic drops a
+/// handler's future when its client goes away or its `grpc-timeout` passes).
+pub async fn blocking_while_wanted<T: Send + 'static>(
+    f: impl FnOnce(&dyn Fn() -> bool) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct WithdrawOnDrop(Arc<AtomicBool>);
+    impl Drop for WithdrawOnDrop {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
+    let wanted = Arc::new(AtomicBool::new(true));
+    let _withdraw = WithdrawOnDrop(wanted.clone());
+    blocking(move || f(&|| wanted.load(Ordering::Relaxed))).await
 }

@@ -206,9 +206,10 @@ impl<B: Backend> Inference<B> {
                 ));
             }
         }
-        self.config
-            .limits
-            .check_score_input("", &req.input, &req.choices)?;
+        let limits = &self.config.limits;
+        limits.check_score_input("", &req.input, &req.choices)?;
+        let one = req.input.len() + req.choices.iter().map(String::len).sum::<usize>();
+        limits.check_work("expert_ids", n * one)?;
         let mut items = Vec::with_capacity(n);
         for (i, id) in req.expert_ids.iter().enumerate() {
             let expert = self

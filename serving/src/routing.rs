@@ -9,7 +9,7 @@ use roe_expert_library::{
     ExpertKind, ExpertLibrary, Query, RouteOptions, RouteResult, Strategy, TextFormat,
 };
 
-use crate::error::{blocking, Result, ServingError};
+use crate::error::{blocking_while_wanted, Result, ServingError};
 
 /// The route options a client set; None (or empty) takes the server's default.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -113,7 +113,8 @@ impl RouteService for LocalRouter {
     async fn route(&self, queries: Vec<Query>, options: RouteOverrides) -> Result<RouteResult> {
         let options = options.resolve(&self.defaults)?;
         let library = self.library.clone();
-        blocking(move || Ok(library.route(&queries, &options)?)).await
+        blocking_while_wanted(move |wanted| Ok(library.route_while(&queries, &options, wanted)?))
+            .await
     }
 
     fn default_abstain_threshold(&self) -> Option<f32> {

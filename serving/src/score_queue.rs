@@ -123,12 +123,17 @@ fn run_batch<B: Backend>(backend: &B, stats: &InferenceStats, jobs: Vec<ScoreJob
     stats
         .max_score_batch
         .fetch_max(jobs.len() as u64, Ordering::Relaxed);
+    // A job is withdrawn when its caller dropped the reply's receiver: the client went
+    // away or its deadline passed (tonic drops the handler's future then).
+    let withdrawn: Vec<_> = jobs.iter().map(|j| move || j.reply.is_closed()).collect();
     let inputs: Vec<ScoreInput<'_, B::Expert>> = jobs
         .iter()
-        .map(|j| ScoreInput {
+        .zip(&withdrawn)
+        .map(|(j, w)| ScoreInput {
             input: &j.item.input,
             choices: &j.item.choices,
             expert: j.item.expert.as_deref(),
+            withdrawn: w,
         })
         .collect();
     let started = std::time::Instant::now();
@@ -137,7 +142,10 @@ fn run_batch<B: Backend>(backend: &B, stats: &InferenceStats, jobs: Vec<ScoreJob
         .score_batch_micros
         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     let results: Vec<Result<ScoreOutput>> = match together {
-        Ok(outs) if outs.len() == inputs.len() => outs.into_iter().map(Ok).collect(),
+        Ok(outs) if outs.len() == inputs.len() => outs
+            .into_iter()
+            .map(|o| o.ok_or_else(|| ServingError::cancelled("the request was withdrawn")))
+            .collect(),
         Ok(outs) => {
             let e = ServingError::internal(format!(
                 "scoring returned {} results for {} inputs",
@@ -152,7 +160,10 @@ fn run_batch<B: Backend>(backend: &B, stats: &InferenceStats, jobs: Vec<ScoreJob
             .map(|input| {
                 guarded(stats, || backend.score_batch(std::slice::from_ref(input))).and_then(
                     |mut o| match (o.pop(), o.is_empty()) {
-                        (Some(out), true) => Ok(out),
+                        (Some(Some(out)), true) => Ok(out),
+                        (Some(None), true) => {
+                            Err(ServingError::cancelled("the request was withdrawn"))
+                        }
                         _ => Err(ServingError::internal(
                             "scoring one input did not return one result",
                         )),

@@ -63,7 +63,32 @@ impl RequestLimits {
                 format!("at most {}", self.max_choices),
             ));
         }
+        if let Some((j, c)) = choices
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.len() > self.max_choice_bytes)
+        {
+            return Err(ServingError::too_large(
+                &format!("{prefix}choices[{j}]"),
+                format!("{} bytes, at most {}", c.len(), self.max_choice_bytes),
+            ));
+        }
         self.check_text_input(prefix, input, choices.iter().map(String::len).sum())
+    }
+
+    /// The text one call has the backbone read (`bytes`, over all its inputs, choices and
+    /// members) against `max_work_bytes`; `field` is what the client would cut down.
+    pub fn check_work(&self, field: &str, bytes: usize) -> Result<()> {
+        if bytes > self.max_work_bytes {
+            return Err(ServingError::too_large(
+                field,
+                format!(
+                    "{bytes} bytes of text to read in one call, at most {} (max_work_bytes)",
+                    self.max_work_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checked sampling parameters (the seed drawn at random when none is given).

@@ -19,11 +19,15 @@ use roe_serving::{
 /// Inputs that make the fake misbehave.
 const PANIC: &str = "panic";
 const FAIL: &str = "fail";
+/// An input that takes one 100 ms "forward pass" of its own.
+const SLOW: &str = "slow";
 
 #[derive(Default)]
 struct Fake {
     /// Sizes of the score batches run.
     score_batches: Mutex<Vec<usize>>,
+    /// Inputs actually scored (a withdrawn one is not).
+    scored: AtomicUsize,
     loads: AtomicUsize,
 }
 
@@ -40,7 +44,7 @@ impl Backend for Fake {
         Ok(adapter.config_json.clone())
     }
 
-    fn score_batch(&self, inputs: &[ScoreInput<'_, String>]) -> Result<Vec<ScoreOutput>> {
+    fn score_batch(&self, inputs: &[ScoreInput<'_, String>]) -> Result<Vec<Option<ScoreOutput>>> {
         self.score_batches.lock().push(inputs.len());
         if inputs.iter().any(|i| i.input == PANIC) {
             panic!("fake scoring panic");
@@ -51,9 +55,17 @@ impl Backend for Fake {
         Ok(inputs
             .iter()
             .map(|i| {
+                // As the real backend, asked before each pass that would hold the input.
+                if (i.withdrawn)() {
+                    return None;
+                }
+                if i.input == SLOW {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                self.scored.fetch_add(1, Ordering::SeqCst);
                 // The expert's name picks the choice: its length modulo the choices.
                 let best = i.expert.map_or(0, |e| e.len() % i.choices.len());
-                ScoreOutput {
+                Some(ScoreOutput {
                     choices: (0..i.choices.len())
                         .map(|c| ChoiceScore {
                             sum_logprob: if c == best { -1.0 } else { -5.0 },
@@ -64,7 +76,7 @@ impl Backend for Fake {
                     best,
                     best_by_mean: best,
                     alt_end_sums: Vec::new(),
-                }
+                })
             })
             .collect())
     }
@@ -268,6 +280,44 @@ async fn concurrent_scores_share_a_batch_and_a_failure_reaches_only_its_request(
     assert_eq!(fake.score_batches.lock().clone(), vec![4, 1, 1, 1, 1]);
     // e1 was loaded once for both of its requests.
     assert_eq!(fake.loads.load(Ordering::SeqCst), 2);
+}
+
+/// A request dropped while its batch runs (its client went away, its deadline passed) is
+/// not worked on past the pass under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_request_stops_at_the_next_pass() {
+    let members: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("e{i}"), "x".repeat(i + 1)))
+        .collect();
+    let pairs: Vec<(&str, &str)> = members
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let (fake, inference) = core(FakeSource::with(&pairs));
+    let ensemble = |input: &str| EnsembleRequest {
+        expert_ids: members.iter().map(|(id, _)| id.clone()).collect(),
+        input: input.into(),
+        choices: vec!["a".into(), "b".into()],
+    };
+    // Left alone, all eight members are scored.
+    inference.score_ensemble(ensemble(SLOW)).await.unwrap();
+    assert_eq!(fake.scored.swap(0, Ordering::SeqCst), 8);
+    // Dropped after about two passes of the eight.
+    let running = {
+        let inference = inference.clone();
+        let req = ensemble(SLOW);
+        tokio::spawn(async move { inference.score_ensemble(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    running.abort();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let scored = fake.scored.load(Ordering::SeqCst);
+    assert!(
+        (1..8).contains(&scored),
+        "{scored} of 8 members scored after the request was dropped"
+    );
+    // The queue goes on serving.
+    assert!(inference.score(score("", "after")).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
