@@ -59,7 +59,8 @@ async fn a_router_that_does_not_answer_is_deadline_exceeded() {
             .add_service(RouterServer::new(SlowRouter))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    let router = RemoteRouter::new(&url, timeouts(300), Default::default()).unwrap();
+    let router =
+        RemoteRouter::new(&url, timeouts(300), Default::default(), &Default::default()).unwrap();
     let started = Instant::now();
     let e = router
         .route(vec![query()], RouteOverrides::default())
@@ -74,9 +75,24 @@ async fn a_router_that_does_not_answer_is_deadline_exceeded() {
 async fn a_stopped_router_process_is_unavailable_to_inference() {
     let router = TestServer::start().await;
     let url = router.url.clone();
-    let experts =
-        Arc::new(RemoteExpertSource::new(&url, timeouts(2_000), Default::default()).unwrap());
-    let routes = Arc::new(RemoteRouter::new(&url, timeouts(2_000), Default::default()).unwrap());
+    let experts = Arc::new(
+        RemoteExpertSource::new(
+            &url,
+            timeouts(2_000),
+            Default::default(),
+            &Default::default(),
+        )
+        .unwrap(),
+    );
+    let routes = Arc::new(
+        RemoteRouter::new(
+            &url,
+            timeouts(2_000),
+            Default::default(),
+            &Default::default(),
+        )
+        .unwrap(),
+    );
     // Reachable: the remote library's own status comes back.
     let e = experts.meta("no-such-expert").await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");

@@ -134,6 +134,9 @@ pub struct ServerExtras {
     pub concurrency: roe_services::load_shed::ConcurrencyLimitLayer,
     /// `--max-concurrent-uploads` (0: no bound).
     pub max_uploads: usize,
+    /// Serve over TLS (the URL is then https://127.0.0.1:port; its certificate names
+    /// `localhost`).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 /// A real roe server on an ephemeral loopback port; stops when dropped.
@@ -293,7 +296,12 @@ impl TestServer {
         };
         let weak_library = Arc::downgrade(&library);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if extras.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let inference_handle = inference.clone();
         let handle = tokio::spawn(async move {
@@ -307,6 +315,7 @@ impl TestServer {
                     auth: extras.auth,
                     concurrency: extras.concurrency,
                     max_concurrent_uploads: extras.max_uploads,
+                    tls: extras.tls,
                     ..ServeOptions::default()
                 },
                 async {

@@ -17,6 +17,7 @@ use roe_services::proto::{
 };
 use roe_services::remote::{RemoteExpertSource, RemoteRouter, RemoteTimeouts};
 use roe_services::server::{serve, serve_inference, ServeOptions, MAX_MESSAGE_BYTES};
+use roe_services::tls::ClientTls;
 use roe_serving::{BackboneInference, RequestLimits, ServingConfig};
 use roe_task_suite::{load_suite, read_instances, sample, Task};
 
@@ -61,6 +62,24 @@ pub struct Global {
     /// API key sent to the server (`authorization: Bearer <key>`).
     #[arg(long, env = "ROE_API_KEY", global = true, hide_env_values = true)]
     pub api_key: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// server besides the system's roots (a
+    /// private CA, a self-signed server).
+    #[arg(long, env = "ROE_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name the server's certificate must carry when the URL names it otherwise (e.g.
+    /// `localhost` for https://127.0.0.1:50051).
+    #[arg(long, env = "ROE_TLS_DOMAIN", global = true)]
+    pub tls_domain: Option<String>,
+}
+
+impl Global {
+    /// How this process checks the servers it calls over https.
+    pub fn client_tls(&self) -> Result<ClientTls> {
+        Ok(ClientTls::new(
+            self.tls_ca.as_deref(),
+            self.tls_domain.as_deref(),
+        )?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -147,6 +166,12 @@ struct ServeArgs {
     access: AccessArgs,
     #[command(flatten)]
     limits: LimitsArgs,
+    /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "ROE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "ROE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Requests in flight (streams count until they end) past which calls are refused with
     /// RESOURCE_EXHAUSTED; health is never refused. 0: no bound.
     #[arg(long, env = "ROE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
@@ -157,6 +182,14 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The server's TLS identity, read before anything slow is loaded.
+    fn tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(roe_services::tls::server_config(cert, key)?)),
+            _ => Ok(None),
+        }
+    }
+
     /// The serving core's configuration, with the request limits of `--max-*`.
     fn config(&self) -> ServingConfig {
         ServingConfig {
@@ -637,6 +670,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     }
     // Keys are checked first: a server that would be exposed fails before loading anything.
     let auth = a.access.layer(&a.addr).await?;
+    let tls = a.tls()?;
     // The router role is the library and router of the single process, without the backbone.
     let no_inference = a.no_inference || a.role == ServeRole::Router;
     let encoder = Arc::new(models::load_serving_encoder(
@@ -741,6 +775,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         auth,
         concurrency: ConcurrencyLimitLayer::new(a.max_concurrent_requests),
         max_concurrent_uploads: a.limits.max_concurrent_uploads,
+        tls,
         route_defaults: roe_expert_library::RouteOptions {
             abstain_threshold: a.abstain_threshold,
             ..Default::default()
@@ -875,11 +910,18 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
         bail!("--no-inference contradicts --role inference");
     }
     let auth = a.access.layer(&a.addr).await?;
+    let tls = a.tls()?;
     let timeouts = a.serving.remote_timeouts();
     // This process's calls to the router process carry --api-key (a read key suffices).
     let key = ClientKey::new(g.api_key.as_deref())?;
-    let experts = Arc::new(RemoteExpertSource::new(&url, timeouts, key.clone())?);
-    let route_client = Arc::new(RemoteRouter::new(&url, timeouts, key)?);
+    let peer_tls = g.client_tls()?;
+    let experts = Arc::new(RemoteExpertSource::new(
+        &url,
+        timeouts,
+        key.clone(),
+        &peer_tls,
+    )?);
+    let route_client = Arc::new(RemoteRouter::new(&url, timeouts, key, &peer_tls)?);
     let backbone = load_backbone(g, &a).await?;
     // Experts are registered for the library's default backbone; the router process runs
     // the same default configuration.
@@ -905,6 +947,7 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
         fallback_expert,
         route_client: Some(route_client),
         training: None,
+        tls,
         ..ServeOptions::default()
     };
     let drain = a.drain_timeout();
@@ -917,8 +960,11 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
 /// A connection to --server whose calls carry --api-key.
 pub(crate) async fn channel(g: &Global) -> Result<KeyedChannel> {
     let key = ClientKey::new(g.api_key.as_deref())?;
-    let channel = tonic::transport::Endpoint::from_shared(g.server.clone())
-        .with_context(|| format!("--server {:?} is not a URL", g.server))?
+    let endpoint = tonic::transport::Endpoint::from_shared(g.server.clone())
+        .with_context(|| format!("--server {:?} is not a URL", g.server))?;
+    let channel = g
+        .client_tls()?
+        .apply(endpoint)?
         .connect()
         .await
         .with_context(|| format!("connecting to {} (is `roe serve` running?)", g.server))?;

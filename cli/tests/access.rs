@@ -190,3 +190,58 @@ fn cli_clients_pass_their_key_and_read_keys_cannot_write() {
         "/roe.v1.ExpertLibrary/RegisterExpert"
     );
 }
+
+/// `roe serve --tls-cert/--tls-key` with a certificate made here; the CLI reaches it over
+/// https trusting that certificate (`--tls-ca`), and not otherwise.
+#[test]
+fn tls_server_and_cli_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let (child, addr) = common::start_serve_with(
+        &tmp.path().join("data"),
+        &[
+            "--no-inference",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let _server = KillOnDrop(child);
+    let https = format!("https://{}", addr.trim_start_matches("http://"));
+    let ca = cert.to_str().unwrap();
+    let out = roe(
+        &https,
+        None,
+        &["--tls-ca", ca, "--tls-domain", "localhost", "expert", "ls"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // The system's roots alone do not know this certificate.
+    let out = roe(&https, None, &["--tls-domain", "localhost", "expert", "ls"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    // Plaintext to a TLS port gets no answer.
+    let out = roe(&addr, None, &["expert", "ls"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    // A CA given for a plaintext URL is a mistake, said so.
+    let out = roe(&addr, None, &["--tls-ca", ca, "expert", "ls"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("need an https:// URL"),
+        "{}",
+        text(&out)
+    );
+    // A missing key file is named at start.
+    let out = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--no-inference"])
+        .arg("--data-dir")
+        .arg(tmp.path().join("other"))
+        .args(["--tls-cert", ca, "--tls-key"])
+        .arg(tmp.path().join("missing.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--tls-key"), "{}", text(&out));
+}

@@ -16,6 +16,7 @@ pub mod remote;
 pub mod router_service;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod training_service;
 
 pub mod proto {

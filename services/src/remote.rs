@@ -17,6 +17,7 @@ use crate::convert::{
 use crate::proto::{self, expert_library_client::ExpertLibraryClient, router_client::RouterClient};
 use crate::server::MAX_MESSAGE_BYTES;
 use crate::status::remote_error;
+use crate::tls::ClientTls;
 
 /// How long remote calls may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,16 +38,29 @@ impl Default for RemoteTimeouts {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("peer URL {url:?} is invalid: {source}")]
-pub struct InvalidUrl {
-    url: String,
-    #[source]
-    source: tonic::transport::Error,
+pub enum InvalidUrl {
+    #[error("peer URL {url:?} is invalid: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("peer URL {url:?}: {source}")]
+    Tls {
+        url: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
 }
 
-/// A lazily connected channel to `url`, so this process may start before its peer.
-fn channel(url: &str, timeouts: RemoteTimeouts) -> Result<Channel, InvalidUrl> {
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|source| InvalidUrl {
+/// A lazily connected channel to `url` (TLS when it is https), so this process may start
+/// before its peer.
+fn channel(url: &str, timeouts: RemoteTimeouts, tls: &ClientTls) -> Result<Channel, InvalidUrl> {
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|source| InvalidUrl::Url {
+        url: url.to_string(),
+        source,
+    })?;
+    let endpoint = tls.apply(endpoint).map_err(|source| InvalidUrl::Tls {
         url: url.to_string(),
         source,
     })?;
@@ -97,8 +111,17 @@ impl RemoteExpertSource {
     /// A client of the library at `url` (e.g. `http://roe-router:50051`), sending `key`.
     /// While it is unreachable, requests naming an expert fail (the bare backbone keeps
     /// working).
-    pub fn new(url: &str, timeouts: RemoteTimeouts, key: ClientKey) -> Result<Self, InvalidUrl> {
-        Ok(Self::from_channel(channel(url, timeouts)?, timeouts, key))
+    pub fn new(
+        url: &str,
+        timeouts: RemoteTimeouts,
+        key: ClientKey,
+        tls: &ClientTls,
+    ) -> Result<Self, InvalidUrl> {
+        Ok(Self::from_channel(
+            channel(url, timeouts, tls)?,
+            timeouts,
+            key,
+        ))
     }
 
     pub fn from_channel(channel: Channel, timeouts: RemoteTimeouts, key: ClientKey) -> Self {
@@ -165,8 +188,17 @@ pub struct RemoteRouter {
 impl RemoteRouter {
     /// A client of the router at `url`, sending `key`; while it is unreachable, Answer calls
     /// fail.
-    pub fn new(url: &str, timeouts: RemoteTimeouts, key: ClientKey) -> Result<Self, InvalidUrl> {
-        Ok(Self::from_channel(channel(url, timeouts)?, timeouts, key))
+    pub fn new(
+        url: &str,
+        timeouts: RemoteTimeouts,
+        key: ClientKey,
+        tls: &ClientTls,
+    ) -> Result<Self, InvalidUrl> {
+        Ok(Self::from_channel(
+            channel(url, timeouts, tls)?,
+            timeouts,
+            key,
+        ))
     }
 
     pub fn from_channel(channel: Channel, timeouts: RemoteTimeouts, key: ClientKey) -> Self {

@@ -56,6 +56,18 @@ pub struct ServeOptions {
     pub concurrency: ConcurrencyLimitLayer,
     /// Registrations at once (each holds its adapter in memory); 0: no bound.
     pub max_concurrent_uploads: usize,
+    /// Serve over TLS with this identity (None: plaintext).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+/// A server builder, over TLS when `tls` is given.
+fn builder(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<Server, tonic::transport::Error> {
+    match tls {
+        Some(tls) => Server::builder().tls_config(tls),
+        None => Ok(Server::builder()),
+    }
 }
 
 /// gRPC reflection over roe's and the health service's descriptors.
@@ -202,7 +214,7 @@ pub async fn serve(
     });
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving");
-    let served = Server::builder()
+    let served = builder(options.tls.clone())?
         .layer(options.auth.clone())
         .layer(options.concurrency.clone())
         .layer(MessageLimitLayer)
@@ -252,7 +264,7 @@ pub async fn serve_inference(
         .map(|router| answer_api(inference.clone(), router, options.fallback_expert));
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving inference only");
-    let served = Server::builder()
+    let served = builder(options.tls.clone())?
         .layer(options.auth.clone())
         .layer(options.concurrency.clone())
         .layer(MessageLimitLayer)
