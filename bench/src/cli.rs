@@ -58,6 +58,27 @@ pub enum BenchCommand {
     /// default recipe, measured on its test rows; results accumulate in the JSON (one row
     /// per kind and task, replaced when run again).
     TrainParity(TrainParityArgs),
+    /// Resource attacks (upload memory, disk after deletes), CPU after a deadline, auth
+    /// overhead and a kill -9 crash loop against real `roe serve` processes.
+    Reliability(ReliabilityArgs),
+}
+
+#[derive(Args)]
+pub struct ReliabilityArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    /// `kill -9` rounds of the crash loop.
+    #[arg(long, default_value_t = 50)]
+    kills: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// The `roe` binary (default: beside this one).
+    #[arg(long)]
+    roe: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -368,6 +389,7 @@ pub fn run(
         BenchCommand::Train(a) => train_bench(models_dir, a),
         BenchCommand::TrainParity(a) => train_parity(models_dir, a),
         BenchCommand::TrainLoop(a) => train_loop_bench(models_dir, encoder, a, rt),
+        BenchCommand::Reliability(a) => reliability_bench(models_dir, a, rt),
     }
 }
 
@@ -380,6 +402,36 @@ fn expert_kinds(names: &[String]) -> Result<Vec<roe_expert_library::ExpertKind>>
             o => anyhow::bail!("unknown kind {o:?} (prompt or lora)"),
         })
         .collect()
+}
+
+fn reliability_bench(
+    models_dir: &Path,
+    a: ReliabilityArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let exe = match a.roe {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("roe"),
+    };
+    if !exe.is_file() {
+        anyhow::bail!(
+            "no roe binary at {} (cargo build --release --bin roe)",
+            exe.display()
+        );
+    }
+    let (json, md) = rt.block_on(crate::reliability::run(
+        crate::reliability::ReliabilityInput {
+            exe,
+            models_dir,
+            tasks_dir: &a.tasks_dir,
+            experts_dir: &a.experts,
+            kills: a.kills,
+            seed: a.seed,
+        },
+    ))?;
+    crate::write_results(&a.out, "reliability", &json, &md)?;
+    println!("{md}");
+    Ok(())
 }
 
 fn train_parity(models_dir: &Path, a: TrainParityArgs) -> Result<()> {

@@ -11,6 +11,7 @@ pub mod eval_chart;
 pub mod generate;
 pub mod hnsw;
 pub mod latency;
+pub mod reliability;
 pub mod routing_accuracy;
 pub mod score;
 pub mod serving;
