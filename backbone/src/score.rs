@@ -103,6 +103,9 @@ const CHOICE_ROW_BUDGET: usize = 96;
 /// forwards, and each forward expands every weight to f32 and synchronises the workers per
 /// op whatever its size.
 const GROUP_OVERHEAD_TOKENS: usize = 64;
+/// Fed continuation tokens per forward pass of a group (at least one row each): the unit of
+/// work after which a withdrawn request stops.
+const CONTINUATION_TOKEN_BUDGET: usize = 1024;
 
 /// Splits requests into batches by prompt length (`lens`; `rows`: continuation rows of each)
 /// and returns each batch's request indices, shortest prompts first. Sorted by length, the
@@ -298,7 +301,9 @@ impl Backbone {
                 continue;
             }
             let members: Vec<&ScoreIdsRequest<'_>> = group.iter().map(|&i| &reqs[i]).collect();
-            let outs = self.score_group(&members)?;
+            let Some(outs) = self.score_group(&members, &|m| wanted(group[m]))? else {
+                continue;
+            };
             for (&i, o) in group.iter().zip(outs) {
                 results[i] = Some(o);
             }
@@ -306,7 +311,13 @@ impl Backbone {
         Ok(results)
     }
 
-    fn score_group(&self, reqs: &[&ScoreIdsRequest<'_>]) -> Result<Vec<ScoreOutput>> {
+    /// Scores one length group; `wanted(m)` says whether member `m` is still wanted, and
+    /// once none is (asked between passes) the group stops with `None`.
+    fn score_group(
+        &self,
+        reqs: &[&ScoreIdsRequest<'_>],
+        wanted: &dyn Fn(usize) -> bool,
+    ) -> Result<Option<Vec<ScoreOutput>>> {
         for r in reqs {
             if r.continuations.is_empty() {
                 return Err(BackboneError::InvalidInput(
@@ -401,51 +412,72 @@ impl Backbone {
             .map(|r| vec![0f32; r.continuations.len()])
             .collect();
         if !sel.is_empty() {
-            let mut ccache = cache.select_rows(&sel, max_cont)?;
-            drop(cache);
-            let rows: Vec<(Option<&SoftPrompt>, &[u32])> = fed.iter().map(|f| (None, *f)).collect();
-            let (embeds, clens) = self.embed_rows(&rows)?;
-            let closs = LoraBatch::new(&row_loras)?;
-            let hidden = self.forward(&embeds, &clens, &mut ccache, &closs)?;
-            let mut at = Vec::new();
-            let mut targets = Vec::new();
-            let mut at_owner = Vec::new();
-            for (row, &(i, ci)) in owner.iter().enumerate() {
-                let c = &reqs[i].continuations[ci];
-                for j in 0..c.len() - 1 {
-                    at.push((row, j));
-                    targets.push(c[j + 1]);
-                    at_owner.push((i, ci));
-                }
+            // Flat index (as in `first`) of every (request, choice).
+            let mut flat = Vec::with_capacity(reqs.len());
+            let mut k = 0;
+            for r in reqs.iter() {
+                flat.push(k);
+                k += r.continuations.len();
             }
-            let lp = self.log_probs_at(&hidden, &at)?; // [N, V]
-            let idx: Vec<u32> = (0..at.len() as u32).collect();
-            let vals = gather_lp(&lp, &idx, &targets)?;
-            for (v, &(i, ci)) in vals.iter().zip(&at_owner) {
-                rest[i][ci] += v;
-            }
-            if !alt_at_end.is_empty() {
-                // Flat index (as in `first`) of every (request, choice).
-                let mut flat = Vec::with_capacity(reqs.len());
-                let mut k = 0;
-                for r in reqs.iter() {
-                    flat.push(k);
-                    k += r.continuations.len();
+            // The continuation rows go in passes of about CONTINUATION_TOKEN_BUDGET fed tokens:
+            // between passes a group whose requests have all been withdrawn stops (a long
+            // Score with many long choices is otherwise one pass of tens of seconds).
+            let mut start = 0;
+            while start < sel.len() {
+                let mut end = start;
+                let mut tokens = 0;
+                while end < sel.len()
+                    && (end == start || tokens + fed[end].len() <= CONTINUATION_TOKEN_BUDGET)
+                {
+                    tokens += fed[end].len();
+                    end += 1;
                 }
-                let mut pos = 0;
-                for &(i, ci) in &owner {
+                if start > 0 && !(0..reqs.len()).any(wanted) {
+                    return Ok(None);
+                }
+                let part = start..end;
+                start = end;
+                let mut ccache = cache.select_rows(&sel[part.clone()], max_cont)?;
+                let rows: Vec<(Option<&SoftPrompt>, &[u32])> =
+                    fed[part.clone()].iter().map(|f| (None, *f)).collect();
+                let (embeds, clens) = self.embed_rows(&rows)?;
+                let closs = LoraBatch::new(&row_loras[part.clone()])?;
+                let hidden = self.forward(&embeds, &clens, &mut ccache, &closs)?;
+                drop(ccache);
+                let mut at = Vec::new();
+                let mut targets = Vec::new();
+                let mut at_owner = Vec::new();
+                for (row, &(i, ci)) in owner[part.clone()].iter().enumerate() {
                     let c = &reqs[i].continuations[ci];
-                    let last = pos + c.len() - 2;
-                    pos += c.len() - 1;
-                    let alts = &reqs[i].alt_end_ids;
-                    if !alts.is_empty() {
-                        let rows = vec![last as u32; alts.len()];
-                        alt_at_end[flat[i] + ci] = gather_lp(&lp, &rows, alts)?;
-                        end_actual[flat[i] + ci] = vals[last];
+                    for j in 0..c.len() - 1 {
+                        at.push((row, j));
+                        targets.push(c[j + 1]);
+                        at_owner.push((i, ci));
+                    }
+                }
+                let lp = self.log_probs_at(&hidden, &at)?; // [N, V]
+                let idx: Vec<u32> = (0..at.len() as u32).collect();
+                let vals = gather_lp(&lp, &idx, &targets)?;
+                for (v, &(i, ci)) in vals.iter().zip(&at_owner) {
+                    rest[i][ci] += v;
+                }
+                if !alt_at_end.is_empty() {
+                    let mut pos = 0;
+                    for &(i, ci) in &owner[part] {
+                        let c = &reqs[i].continuations[ci];
+                        let last = pos + c.len() - 2;
+                        pos += c.len() - 1;
+                        let alts = &reqs[i].alt_end_ids;
+                        if !alts.is_empty() {
+                            let rows = vec![last as u32; alts.len()];
+                            alt_at_end[flat[i] + ci] = gather_lp(&lp, &rows, alts)?;
+                            end_actual[flat[i] + ci] = vals[last];
+                        }
                     }
                 }
             }
         }
+        drop(cache);
         let mut outs = Vec::with_capacity(reqs.len());
         let mut k = 0;
         for (i, r) in reqs.iter().enumerate() {
@@ -473,7 +505,7 @@ impl Backbone {
                 alt_end_sums,
             });
         }
-        Ok(outs)
+        Ok(Some(outs))
     }
 }
 

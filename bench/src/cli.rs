@@ -74,6 +74,9 @@ pub struct ReliabilityArgs {
     kills: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Leave out the deadline measurements (minutes of CPU).
+    #[arg(long)]
+    skip_deadlines: bool,
     /// The `roe` binary (default: beside this one).
     #[arg(long)]
     roe: Option<PathBuf>,
@@ -427,6 +430,7 @@ fn reliability_bench(
             experts_dir: &a.experts,
             kills: a.kills,
             seed: a.seed,
+            skip_deadlines: a.skip_deadlines,
         },
     ))?;
     crate::write_results(&a.out, "reliability", &json, &md)?;

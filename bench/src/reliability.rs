@@ -360,6 +360,8 @@ pub struct ReliabilityInput<'a> {
     pub experts_dir: &'a Path,
     pub kills: usize,
     pub seed: u64,
+    /// Leave out the deadline measurements (minutes of CPU): a quick check of the rest.
+    pub skip_deadlines: bool,
 }
 
 pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, String)> {
@@ -474,102 +476,104 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
         .collect();
     let deadline = Duration::from_secs(1);
     let mut deadlines = Vec::new();
-    deadlines.push(
-        deadline_row(
-            pid,
-            ticks,
-            "Route",
-            &format!(
-                "{} queries, {} KiB of text",
-                route_queries.len(),
-                route_queries.iter().map(|q| q.input.len()).sum::<usize>() >> 10
-            ),
-            deadline,
-            |d| {
-                let mut router = router.clone();
-                let queries = route_queries.clone();
-                async move {
-                    router
-                        .route(with_deadline(
-                            proto::RouteRequest {
-                                queries,
-                                options: None,
-                            },
-                            d,
-                        ))
-                        .await
-                        .map(|_| ())
-                }
-            },
-        )
-        .await?,
-    );
-    deadlines.push(
-        deadline_row(
-            pid,
-            ticks,
-            "Score",
-            &format!(
-                "{} KiB input, {} choices of {} bytes",
-                score_input.len() >> 10,
-                score_choices.len(),
-                score_choices[0].len()
-            ),
-            deadline,
-            |d| {
-                let mut inference = inference.clone();
-                let (input, choices) = (score_input.clone(), score_choices.clone());
-                async move {
-                    inference
-                        .score(with_deadline(
-                            proto::ScoreRequest {
-                                expert_id: "sms_spam".into(),
-                                input,
-                                choices,
-                            },
-                            d,
-                        ))
-                        .await
-                        .map(|_| ())
-                }
-            },
-        )
-        .await?,
-    );
-    deadlines.push(
-        deadline_row(
-            pid,
-            ticks,
-            "Answer",
-            &format!(
-                "{} inputs, {} KiB to read",
-                answer_inputs.len(),
-                answer_inputs
-                    .iter()
-                    .map(|i| i.input.len() + i.choices.iter().map(String::len).sum::<usize>())
-                    .sum::<usize>()
-                    >> 10
-            ),
-            deadline,
-            |d| {
-                let mut answerer = answerer.clone();
-                let inputs = answer_inputs.clone();
-                async move {
-                    answerer
-                        .answer(with_deadline(
-                            proto::AnswerRequest {
-                                inputs,
-                                ..Default::default()
-                            },
-                            d,
-                        ))
-                        .await
-                        .map(|_| ())
-                }
-            },
-        )
-        .await?,
-    );
+    if !input.skip_deadlines {
+        deadlines.push(
+            deadline_row(
+                pid,
+                ticks,
+                "Route",
+                &format!(
+                    "{} queries, {} KiB of text",
+                    route_queries.len(),
+                    route_queries.iter().map(|q| q.input.len()).sum::<usize>() >> 10
+                ),
+                deadline,
+                |d| {
+                    let mut router = router.clone();
+                    let queries = route_queries.clone();
+                    async move {
+                        router
+                            .route(with_deadline(
+                                proto::RouteRequest {
+                                    queries,
+                                    options: None,
+                                },
+                                d,
+                            ))
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+            .await?,
+        );
+        deadlines.push(
+            deadline_row(
+                pid,
+                ticks,
+                "Score",
+                &format!(
+                    "{} KiB input, {} choices of {} bytes",
+                    score_input.len() >> 10,
+                    score_choices.len(),
+                    score_choices[0].len()
+                ),
+                deadline,
+                |d| {
+                    let mut inference = inference.clone();
+                    let (input, choices) = (score_input.clone(), score_choices.clone());
+                    async move {
+                        inference
+                            .score(with_deadline(
+                                proto::ScoreRequest {
+                                    expert_id: "sms_spam".into(),
+                                    input,
+                                    choices,
+                                },
+                                d,
+                            ))
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+            .await?,
+        );
+        deadlines.push(
+            deadline_row(
+                pid,
+                ticks,
+                "Answer",
+                &format!(
+                    "{} inputs, {} KiB to read",
+                    answer_inputs.len(),
+                    answer_inputs
+                        .iter()
+                        .map(|i| i.input.len() + i.choices.iter().map(String::len).sum::<usize>())
+                        .sum::<usize>()
+                        >> 10
+                ),
+                deadline,
+                |d| {
+                    let mut answerer = answerer.clone();
+                    let inputs = answer_inputs.clone();
+                    async move {
+                        answerer
+                            .answer(with_deadline(
+                                proto::AnswerRequest {
+                                    inputs,
+                                    ..Default::default()
+                                },
+                                d,
+                            ))
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+            .await?,
+        );
+    }
     server.stop()?;
 
     // ---- disk: large adapters registered, all deleted; a restart.
