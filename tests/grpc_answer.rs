@@ -499,7 +499,7 @@ async fn bad_answer_requests_get_clear_statuses() {
                 ..ok()
             },
             Code::InvalidArgument,
-            "options.abstain_threshold",
+            "route.abstain_threshold",
         ),
     ];
     let stats = server.inference.as_ref().unwrap().stats();

@@ -218,7 +218,7 @@ pub(crate) fn peft_error(e: PeftError, spec: &BackboneSpec) -> LibraryError {
         PeftErrorKind::DoesNotFit => {
             LibraryError::FailedPrecondition(format!("backbone {}: {e}", spec.name))
         }
-        PeftErrorKind::TooLarge => LibraryError::ResourceExhausted(e.to_string()),
+        PeftErrorKind::TooLarge => LibraryError::ResourceExhausted(format!("{}: {e}", e.field())),
     }
 }
 

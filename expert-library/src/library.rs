@@ -23,7 +23,7 @@ use crate::index::IndexConfig;
 use crate::merge::{merge_adapters, normalise_weights, MergeRequest, MAX_MERGE_SOURCES};
 use crate::persist::{Dumps, IndexLoad, PersistReport, RebuildReason, StoredVectors};
 use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
-use crate::store::{ExpertStore, StoredInstance};
+use crate::store::{CompactReport, ExpertStore, StoredInstance};
 
 /// Most bytes of an expert's name.
 pub const MAX_NAME_BYTES: usize = 1024;
@@ -132,7 +132,16 @@ pub struct LibraryConfig {
     /// Persist the index graphs when the library is dropped, if they changed since they were
     /// loaded or last persisted (see [`ExpertLibrary::persist_index`]).
     pub persist_index_on_drop: bool,
+    /// Opening compacts the store (copies its live data into fresh sled files, see
+    /// [`ExpertStore::compact_if_worthwhile`]) when more than half of its files is garbage
+    /// left by deleted and replaced experts and that garbage is more than this many bytes.
+    /// `0` turns compaction at open off (an interrupted compaction is still finished or
+    /// undone at open); `1` compacts whenever more than half is garbage.
+    pub compact_store_min_waste_bytes: u64,
 }
+
+/// Default of [`LibraryConfig::compact_store_min_waste_bytes`]: 16 MiB.
+pub const DEFAULT_COMPACT_STORE_MIN_WASTE_BYTES: u64 = 16 << 20;
 
 impl Default for LibraryConfig {
     fn default() -> Self {
@@ -141,6 +150,7 @@ impl Default for LibraryConfig {
             limits: Limits::default(),
             backbones: vec![BackboneSpec::smollm2_135m()],
             persist_index_on_drop: true,
+            compact_store_min_waste_bytes: DEFAULT_COMPACT_STORE_MIN_WASTE_BYTES,
         }
     }
 }
@@ -182,6 +192,9 @@ pub struct OpenReport {
     pub index: IndexLoad,
     /// Of `seconds`, the time spent loading or building the index.
     pub index_seconds: f64,
+    /// The compaction of the store done before loading it, if it was worthwhile (see
+    /// [`LibraryConfig::compact_store_min_waste_bytes`]).
+    pub store_compaction: Option<CompactReport>,
 }
 
 impl ExpertLibrary {
@@ -199,7 +212,12 @@ impl ExpertLibrary {
             return Err(LibraryError::invalid("backbones", "at least one is needed"));
         }
         let dir = dir.as_ref().to_path_buf();
-        let store = ExpertStore::open(&dir)?;
+        // The store is compacted (its files swapped) before it is opened for use; a failed
+        // copy leaves it as it was and is only logged.
+        let (store, store_compaction) = match config.compact_store_min_waste_bytes {
+            0 => (ExpertStore::open(&dir)?, None),
+            min => ExpertStore::open_compacting(&dir, min)?,
+        };
         store.check_encoder(encoder.id())?;
         let dim = encoder.dim();
         let mut by_expert: HashMap<String, Vec<StoredInstance>> = HashMap::new();
@@ -280,6 +298,7 @@ impl ExpertLibrary {
             seconds: started.elapsed().as_secs_f64(),
             index_seconds,
             index: index.clone(),
+            store_compaction,
         };
         tracing::info!(
             experts = report.experts,
@@ -829,7 +848,16 @@ impl ExpertLibrary {
         for (i, q) in queries.iter().enumerate() {
             check_text(&q.input, &format!("queries[{i}].input"), l)?;
             check_choices(&q.choices, &format!("queries[{i}].choices"), l)?;
-            text_bytes += q.input.len() + q.choices.iter().map(String::len).sum::<usize>();
+            let target = q.target.as_deref().unwrap_or("");
+            if target.len() > l.max_text_bytes {
+                return Err(LibraryError::ResourceExhausted(format!(
+                    "queries[{i}].target is {} bytes, at most {}",
+                    target.len(),
+                    l.max_text_bytes
+                )));
+            }
+            text_bytes +=
+                q.input.len() + target.len() + q.choices.iter().map(String::len).sum::<usize>();
         }
         if text_bytes > l.max_route_text_bytes {
             return Err(LibraryError::ResourceExhausted(format!(
@@ -951,7 +979,7 @@ impl Drop for ExpertLibrary {
 }
 
 /// Queries embedded between two checks that the caller still waits (one encoder batch).
-const ROUTE_EMBED_CHUNK: usize = 32;
+const ROUTE_EMBED_CHUNK: usize = 8;
 
 fn check_choices(choices: &[String], field: &str, l: &Limits) -> Result<()> {
     if choices.len() > l.max_choices {

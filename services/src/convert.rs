@@ -221,15 +221,18 @@ pub fn query_from_proto(q: proto::Query) -> Query {
     }
 }
 
-/// A request's route options as overrides of the server's defaults (the checks against
-/// limits happen in [`RouteOverrides::resolve`]).
-pub fn route_overrides(o: Option<proto::RouteOptions>) -> Result<RouteOverrides, Status> {
+/// A request's route options (its field `field`: `options` in Route, `route` in Answer) as
+/// overrides of the server's defaults (the checks against limits happen in
+/// [`RouteOverrides::resolve`]).
+pub fn route_overrides(
+    o: Option<proto::RouteOptions>,
+    field: &str,
+) -> Result<RouteOverrides, Status> {
     let Some(o) = o else {
         return Ok(RouteOverrides::default());
     };
-    let unknown = |field: &str, v: i32| {
-        Status::invalid_argument(format!("options.{field}: unknown value {v}"))
-    };
+    let unknown =
+        |name: &str, v: i32| Status::invalid_argument(format!("{field}.{name}: unknown value {v}"));
     let strategy = match proto::Strategy::try_from(o.strategy) {
         Ok(proto::Strategy::Unspecified) => None,
         Ok(proto::Strategy::Elm) => Some(Strategy::Elm),
@@ -249,7 +252,7 @@ pub fn route_overrides(o: Option<proto::RouteOptions>) -> Result<RouteOverrides,
         Err(_) => return Err(unknown("text_format", o.text_format)),
     };
     let kind = kind_from_proto(o.kind)
-        .map_err(|s| Status::invalid_argument(format!("options.{}", s.message())))?;
+        .map_err(|s| Status::invalid_argument(format!("{field}.{}", s.message())))?;
     Ok(RouteOverrides {
         strategy,
         top_k: (o.top_k != 0).then_some(o.top_k),
@@ -459,7 +462,7 @@ pub fn answer_request(req: proto::AnswerRequest) -> Result<AnswerRequest, Status
             })
             .collect(),
         mode,
-        route: route_overrides(req.route)?,
+        route: route_overrides(req.route, "route")?,
         generate: GenerateOptions {
             max_new_tokens: req.max_new_tokens,
             temperature: req.temperature,
@@ -513,15 +516,17 @@ mod tests {
             evidence_per_query: 2,
             ..Default::default()
         };
-        let overrides = route_overrides(Some(o.clone())).unwrap();
+        let overrides = route_overrides(Some(o.clone()), "options").unwrap();
         assert_eq!(overrides.top_k, Some(3));
         assert_eq!(route_overrides_to_proto(&overrides), o);
-        let e = route_overrides(Some(proto::RouteOptions {
+        let bad = proto::RouteOptions {
             strategy: 9,
             ..Default::default()
-        }))
-        .unwrap_err();
+        };
+        let e = route_overrides(Some(bad.clone()), "options").unwrap_err();
         assert!(e.message().starts_with("options.strategy"), "{e:?}");
+        let e = route_overrides(Some(bad), "route").unwrap_err();
+        assert!(e.message().starts_with("route.strategy"), "{e:?}");
         let e = answer_request(proto::AnswerRequest {
             mode: 7,
             ..Default::default()

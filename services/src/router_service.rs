@@ -30,7 +30,7 @@ impl Api for RouterService {
         request: Request<proto::RouteRequest>,
     ) -> Result<Response<proto::RouteResponse>, Status> {
         let req = request.into_inner();
-        let overrides = route_overrides(req.options)?;
+        let overrides = route_overrides(req.options, "options")?;
         let queries: Vec<Query> = req.queries.into_iter().map(query_from_proto).collect();
         let result = self
             .router

@@ -33,7 +33,7 @@ pub fn training_status(e: TrainError) -> Status {
         TrainError::Invalid { .. } => Code::InvalidArgument,
         TrainError::JobNotFound(_) => Code::NotFound,
         TrainError::FailedPrecondition(_) => Code::FailedPrecondition,
-        TrainError::QueueFull(_) => Code::ResourceExhausted,
+        TrainError::QueueFull(_) | TrainError::TooLarge { .. } => Code::ResourceExhausted,
         TrainError::Cancelled => Code::Cancelled,
         _ => {
             tracing::error!(error = %e, "training failed");

@@ -38,6 +38,16 @@ impl TrainingService {
 
 type JobStream = Pin<Box<dyn Stream<Item = Result<proto::TrainingJob, Status>> + Send>>;
 
+/// A job named by a request: an empty id names none (INVALID_ARGUMENT, not NOT_FOUND).
+fn job_id(id: &str) -> Result<&str, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument(
+            "job_id: empty; name a training job",
+        ));
+    }
+    Ok(id)
+}
+
 #[tonic::async_trait]
 impl Api for TrainingService {
     async fn start_training(
@@ -85,7 +95,10 @@ impl Api for TrainingService {
         &self,
         req: Request<proto::GetTrainingJobRequest>,
     ) -> Result<Response<proto::GetTrainingJobResponse>, Status> {
-        let job = self.jobs.get(&req.into_inner().job_id).map_err(status)?;
+        let job = self
+            .jobs
+            .get(job_id(&req.into_inner().job_id)?)
+            .map_err(status)?;
         Ok(Response::new(proto::GetTrainingJobResponse {
             job: Some(training_job_to_proto(&job)),
         }))
@@ -97,7 +110,10 @@ impl Api for TrainingService {
         &self,
         req: Request<proto::WatchTrainingRequest>,
     ) -> Result<Response<Self::WatchTrainingStream>, Status> {
-        let mut rx = self.jobs.watch(&req.into_inner().job_id).map_err(status)?;
+        let mut rx = self
+            .jobs
+            .watch(job_id(&req.into_inner().job_id)?)
+            .map_err(status)?;
         let stream = async_stream(move |tx| async move {
             loop {
                 let job = rx.borrow_and_update().clone();
@@ -126,7 +142,10 @@ impl Api for TrainingService {
         &self,
         req: Request<proto::CancelTrainingRequest>,
     ) -> Result<Response<proto::CancelTrainingResponse>, Status> {
-        let job = self.jobs.cancel(&req.into_inner().job_id).map_err(status)?;
+        let job = self
+            .jobs
+            .cancel(job_id(&req.into_inner().job_id)?)
+            .map_err(status)?;
         Ok(Response::new(proto::CancelTrainingResponse {
             job: Some(training_job_to_proto(&job)),
         }))

@@ -100,7 +100,13 @@ impl<B: Backend> Answerer<B> {
     pub async fn answer(&self, req: AnswerRequest) -> Result<Answered> {
         let (queries, work) = plan(&self.inference.config().limits, &req)?;
         let req_threshold = req.route.abstain_threshold;
-        let routing = self.router.route(queries, req.route).await?;
+        // The router names its options `options.*`; in an Answer they are `route.*`.
+        let routing = self.router.route(queries, req.route).await.map_err(|e| {
+            match e.message.strip_prefix("options.") {
+                Some(rest) => ServingError::new(e.kind, format!("route.{rest}")),
+                None => e,
+            }
+        })?;
         let winner = routing.winner().map(|w| w.expert_id.clone());
         let (expert_id, fell_back, fallback_reason) = match winner {
             Some(id) => (id, false, String::new()),

@@ -42,17 +42,47 @@ impl EvalMetric {
     }
 }
 
+/// Most choices of a row (or labels of a task), as the library allows an instance.
+pub const MAX_CHOICES: usize = 64;
+/// Most bytes of one choice or label, as the library allows.
+pub const MAX_CHOICE_BYTES: usize = 4 * 1024;
+
+fn check_choices(choices: &[String], field: &str) -> Result<()> {
+    if choices.len() > MAX_CHOICES {
+        return Err(TrainError::invalid(
+            field,
+            format!("{} choices, at most {MAX_CHOICES}", choices.len()),
+        ));
+    }
+    if let Some((j, c)) = choices
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.len() > MAX_CHOICE_BYTES)
+    {
+        return Err(TrainError::too_large(
+            format!("{field}[{j}]"),
+            format!("{} bytes, at most {MAX_CHOICE_BYTES}", c.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &[String]) -> Result<()> {
+    check_choices(labels, "labels")
+}
+
 /// Checks the rows and returns them with their choices filled from the labels.
 pub fn check_rows(rows: &[Instance], task: &TaskSpec) -> Result<Vec<Instance>> {
     if rows.is_empty() {
         return Err(TrainError::invalid("rows", "no training rows"));
     }
     if rows.len() > MAX_ROWS {
-        return Err(TrainError::invalid(
+        return Err(TrainError::too_large(
             "rows",
             format!("{} rows, at most {MAX_ROWS}", rows.len()),
         ));
     }
+    check_labels(&task.labels)?;
     let mut out = Vec::with_capacity(rows.len());
     for (i, r) in rows.iter().enumerate() {
         if r.input.trim().is_empty() {
@@ -65,12 +95,15 @@ pub fn check_rows(rows: &[Instance], task: &TaskSpec) -> Result<Vec<Instance>> {
                 "is empty: training needs the answer",
             ));
         }
-        if r.input.len() > MAX_TEXT_BYTES || target.len() > MAX_TEXT_BYTES {
-            return Err(TrainError::invalid(
-                format!("rows[{i}]"),
-                format!("a text exceeds {MAX_TEXT_BYTES} bytes"),
-            ));
+        for (field, text) in [("input", r.input.as_str()), ("target", target)] {
+            if text.len() > MAX_TEXT_BYTES {
+                return Err(TrainError::too_large(
+                    format!("rows[{i}].{field}"),
+                    format!("{} bytes, at most {MAX_TEXT_BYTES}", text.len()),
+                ));
+            }
         }
+        check_choices(&r.choices, &format!("rows[{i}].choices"))?;
         let mut r = r.clone();
         if r.choices.is_empty() {
             r.choices = task.labels.clone();

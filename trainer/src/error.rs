@@ -7,6 +7,9 @@ pub enum TrainError {
     /// A recipe value or a row is unusable; `field` names it as the API spells it.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// A row or a text past a limit; `field` names it.
+    #[error("{field}: {message}")]
+    TooLarge { field: String, message: String },
     #[error("training job {0:?} not found")]
     JobNotFound(String),
     /// The job exists but cannot do what was asked (e.g. cancel a finished job).
@@ -37,6 +40,13 @@ pub enum TrainError {
 impl TrainError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn too_large(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::TooLarge {
             field: field.into(),
             message: message.into(),
         }

@@ -306,6 +306,25 @@ impl TrainingJobs {
         spec.recipe.validate()?;
         validate_expert_id(&spec.expert_id)
             .map_err(|e| TrainError::invalid("expert_id", e.to_string()))?;
+        // What registration will check at the end of the run, checked before it starts (as
+        // the library does: INVALID_ARGUMENT naming the field).
+        let max_text = roe_expert_library::library::Limits::default().max_text_bytes;
+        for (field, text, max) in [
+            (
+                "name",
+                spec.name.as_str(),
+                roe_expert_library::library::MAX_NAME_BYTES,
+            ),
+            ("description", spec.description.as_str(), max_text),
+            ("task_description", spec.task.description.as_str(), max_text),
+        ] {
+            if text.len() > max {
+                return Err(TrainError::invalid(
+                    field,
+                    format!("{} bytes, at most {max}", text.len()),
+                ));
+            }
+        }
         let rows = data::check_rows(&rows, &spec.task)?;
         if spec.recipe.kind == ExpertKind::Prompt
             && spec.recipe.prompt_init == crate::recipe::PromptInit::ClassLabels
@@ -313,7 +332,7 @@ impl TrainingJobs {
             && spec.task.labels.is_empty()
         {
             return Err(TrainError::invalid(
-                "task.description",
+                "task_description",
                 "class-label init needs a description or labels (or choose another init)",
             ));
         }

@@ -68,11 +68,11 @@ impl Params {
                         let text = class_label_text(task);
                         if text.is_empty() {
                             return Err(TrainError::invalid(
-                                "task.description",
+                                "task_description",
                                 "class-label init needs a description or labels",
                             ));
                         }
-                        from_text(&text, "task.description")?
+                        from_text(&text, "task_description")?
                     }
                     PromptInit::Text(t) => from_text(t, "recipe.prompt_init_text")?,
                     PromptInit::VocabSample => {
