@@ -77,6 +77,9 @@ pub struct ReliabilityArgs {
     /// Leave out the deadline measurements (minutes of CPU).
     #[arg(long)]
     skip_deadlines: bool,
+    /// Run only the crash loop, replacing its figures in the results already there.
+    #[arg(long)]
+    crash_loop_only: bool,
     /// The `roe` binary (default: beside this one).
     #[arg(long)]
     roe: Option<PathBuf>,
@@ -422,17 +425,25 @@ fn reliability_bench(
             exe.display()
         );
     }
-    let (json, md) = rt.block_on(crate::reliability::run(
-        crate::reliability::ReliabilityInput {
-            exe,
-            models_dir,
-            tasks_dir: &a.tasks_dir,
-            experts_dir: &a.experts,
-            kills: a.kills,
-            seed: a.seed,
-            skip_deadlines: a.skip_deadlines,
-        },
-    ))?;
+    let input = crate::reliability::ReliabilityInput {
+        exe,
+        models_dir,
+        tasks_dir: &a.tasks_dir,
+        experts_dir: &a.experts,
+        kills: a.kills,
+        seed: a.seed,
+        skip_deadlines: a.skip_deadlines,
+    };
+    let (json, md) = if a.crash_loop_only {
+        let path = a.out.join("reliability.json");
+        let earlier = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        rt.block_on(crate::reliability::crash_loop_into(input, earlier))?
+    } else {
+        rt.block_on(crate::reliability::run(input))?
+    };
     crate::write_results(&a.out, "reliability", &json, &md)?;
     println!("{md}");
     Ok(())

@@ -272,7 +272,7 @@ fn chunks(mut req: proto::RegisterExpertRequest) -> Vec<proto::RegisterExpertChu
     out
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct DeadlineRow {
     call: String,
     what: String,
@@ -739,7 +739,20 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
         "auth": auth,
         "crash_loop": crash,
     });
-    let md = markdown(&json, &deadlines);
+    let md = markdown(&json);
+    Ok((json, md))
+}
+
+/// Only the crash loop, its figures put into an earlier run's results.
+pub async fn crash_loop_into(
+    input: ReliabilityInput<'_>,
+    mut json: serde_json::Value,
+) -> Result<(serde_json::Value, String)> {
+    let tasks_dir = input.tasks_dir.join("sms_spam");
+    let task = Task::load(&tasks_dir).with_context(|| format!("task {}", tasks_dir.display()))?;
+    let work = tempfile::tempdir()?;
+    json["crash_loop"] = crash_loop(&input, &task, work.path()).await?;
+    let md = markdown(&json);
     Ok((json, md))
 }
 
@@ -807,8 +820,9 @@ async fn crash_loop(
                 }
             }
         }
-        // After a crash with writes since the last dump, the rebuilt index is dumped.
-        if round > 0 && !stale.is_empty() {
+        // After a crash with writes since the last dump (every round writes), the rebuilt
+        // index is dumped without a clean shutdown.
+        if round > 0 {
             rebuilds += 1;
             let until = Instant::now() + Duration::from_secs(30);
             while Instant::now() < until {
@@ -922,7 +936,9 @@ async fn crash_loop(
     }))
 }
 
-fn markdown(j: &serde_json::Value, deadlines: &[DeadlineRow]) -> String {
+fn markdown(j: &serde_json::Value) -> String {
+    let deadlines: Vec<DeadlineRow> =
+        serde_json::from_value(j["deadlines"].clone()).unwrap_or_default();
     let u = &j["upload"];
     let d = &j["disk"];
     let a = &j["auth"];
@@ -962,7 +978,7 @@ fn markdown(j: &serde_json::Value, deadlines: &[DeadlineRow]) -> String {
          | call | request | CPU s in full | wall s in full | with deadline | CPU s after the deadline |\n\
          |---|---|---|---|---|---|\n",
     );
-    for r in deadlines {
+    for r in &deadlines {
         md.push_str(&format!(
             "| {} | {} | {:.1} | {:.1} | {} | **{:.2}** |\n",
             r.call, r.what, r.full_cpu_s, r.full_wall_s, r.status, r.cpu_after_deadline_s
