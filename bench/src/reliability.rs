@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::startup::dir_size;
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use roe_peft::{LoraAdapter, LoraBlock, LoraConfig, LoraTarget, ModelShape};
@@ -163,20 +165,6 @@ fn cpu_seconds(pid: u32, ticks: f64) -> Result<f64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let (utime, stime): (f64, f64) = (f[11].parse()?, f[12].parse()?);
     Ok((utime + stime) / ticks)
-}
-
-fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn mb(b: u64) -> f64 {

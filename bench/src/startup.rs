@@ -86,7 +86,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn dir_size(p: &Path) -> u64 {
+/// Bytes of the files under `p`.
+pub(crate) fn dir_size(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
