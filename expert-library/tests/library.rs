@@ -2,40 +2,15 @@
 //! the sentence encoder so that edge cases are exact and fast (the real encoder is covered by
 //! encoder_reference.rs and the end-to-end tests).
 
+mod common;
+
 use std::sync::Arc;
 
-use roe_expert_library::embedding::{normalize, Encoder};
+use common::BagOfWords;
+use roe_expert_library::embedding::Encoder;
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert};
 use roe_expert_library::retrieval::{Query, RouteOptions, Strategy};
 use roe_expert_library::{ExpertKind, Instance, LibraryError, PeftAdapter, TextFormat};
-
-/// Hashes words into 512 buckets: texts sharing words get similar unit vectors.
-struct BagOfWords(String);
-
-impl Encoder for BagOfWords {
-    fn id(&self) -> &str {
-        &self.0
-    }
-    fn dim(&self) -> usize {
-        512
-    }
-    fn embed(&self, texts: &[String]) -> roe_expert_library::Result<Vec<Vec<f32>>> {
-        Ok(texts
-            .iter()
-            .map(|t| {
-                let mut v = vec![0.0f32; 512];
-                for w in t.split_whitespace() {
-                    let h = w
-                        .bytes()
-                        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-                    v[(h % 512) as usize] += 1.0;
-                }
-                normalize(&mut v);
-                v
-            })
-            .collect())
-    }
-}
 
 fn prompt_adapter() -> PeftAdapter {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

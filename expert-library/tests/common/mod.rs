@@ -1,5 +1,5 @@
-//! Fixtures shared by the library's persistence and compaction tests: a deterministic
-//! synthetic encoder, a real adapter from `assets/`, and experts of synthetic instances.
+//! Fixtures shared by the library's tests: deterministic encoders (random vectors, bag of
+//! words), a real adapter from `assets/`, and experts of synthetic instances.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -82,5 +82,40 @@ pub fn expert(id: &str, n: usize) -> NewExpert {
         backbone: None,
         adapter: adapter(),
         instances: (0..n).map(|i| instance(id, i)).collect(),
+    }
+}
+
+/// Hashes words into 512 buckets: texts sharing words get similar unit vectors. The string is
+/// the encoder's id (a library refuses another encoder's store).
+pub struct BagOfWords(pub String);
+
+impl BagOfWords {
+    pub fn new() -> Self {
+        Self("bow".into())
+    }
+}
+
+impl Encoder for BagOfWords {
+    fn id(&self) -> &str {
+        &self.0
+    }
+    fn dim(&self) -> usize {
+        512
+    }
+    fn embed(&self, texts: &[String]) -> roe_expert_library::Result<Vec<Vec<f32>>> {
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let mut v = vec![0.0f32; 512];
+                for w in t.split_whitespace() {
+                    let h = w
+                        .bytes()
+                        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+                    v[(h % 512) as usize] += 1.0;
+                }
+                normalize(&mut v);
+                v
+            })
+            .collect())
     }
 }
