@@ -518,6 +518,22 @@ impl Backbone {
         cache: &mut KvCache,
         loras: &LoraBatch,
     ) -> Result<Tensor> {
+        self.forward_while(embeds, lens, cache, loras, &|| true)?
+            .ok_or_else(|| BackboneError::InvalidInput("a forward pass was withdrawn".into()))
+    }
+
+    /// [`Self::forward`] that asks `wanted()` before each layer and stops with `None` once
+    /// it says no. One long prompt is a single pass of seconds; a layer is a thirtieth of
+    /// it, so a withdrawn request stops within a fraction of a second. After `None` the
+    /// cache holds a half-written chunk and must be dropped.
+    pub fn forward_while(
+        &self,
+        embeds: &Tensor,
+        lens: &[usize],
+        cache: &mut KvCache,
+        loras: &LoraBatch,
+        wanted: &dyn Fn() -> bool,
+    ) -> Result<Option<Tensor>> {
         let (b, t, h) = embeds.dims3()?;
         if h != self.config.hidden_size {
             return Err(BackboneError::InvalidInput(format!(
@@ -556,7 +572,7 @@ impl Backbone {
             }
         }
         if t == 1 && b <= decode::MAX_STEP_ROWS && self.device.is_cpu() {
-            return self.forward_step(embeds, lens, cache, loras);
+            return self.forward_step(embeds, lens, cache, loras).map(Some);
         }
         // Rotary tables for each (row, position).
         let mut pos = Vec::with_capacity(b * t);
@@ -584,6 +600,9 @@ impl Backbone {
         let eps = self.config.rms_norm_eps as f32;
         let mut x = embeds.contiguous()?;
         for (li, layer) in self.layers.iter().enumerate() {
+            if !wanted() {
+                return Ok(None);
+            }
             let residual = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let attn = self.attention(
@@ -605,7 +624,7 @@ impl Backbone {
             x = (y + residual)?;
         }
         cache.commit(lens, t);
-        Ok(candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?)
+        Ok(Some(candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?))
     }
 
     #[allow(clippy::too_many_arguments)]

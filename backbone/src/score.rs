@@ -103,8 +103,8 @@ const CHOICE_ROW_BUDGET: usize = 96;
 /// forwards, and each forward expands every weight to f32 and synchronises the workers per
 /// op whatever its size.
 const GROUP_OVERHEAD_TOKENS: usize = 64;
-/// Fed continuation tokens per forward pass of a group (at least one row each): the unit of
-/// work after which a withdrawn request stops.
+/// Fed continuation tokens per forward pass of a group (at least one row each): bounds the
+/// [tokens, vocab] log-probs one pass holds.
 const CONTINUATION_TOKEN_BUDGET: usize = 1024;
 
 /// Splits requests into batches by prompt length (`lens`; `rows`: continuation rows of each)
@@ -356,7 +356,11 @@ impl Backbone {
             .max()
             .unwrap_or(1);
         let mut cache = KvCache::new();
-        let hidden = self.forward(&embeds, &lens, &mut cache, &loras)?;
+        let any_wanted = || (0..reqs.len()).any(wanted);
+        let Some(hidden) = self.forward_while(&embeds, &lens, &mut cache, &loras, &any_wanted)?
+        else {
+            return Ok(None);
+        };
         let last: Vec<(usize, usize)> = lens.iter().enumerate().map(|(i, &l)| (i, l - 1)).collect();
         let first_lp = self.log_probs_at(&hidden, &last)?; // [R, V]
 
@@ -419,9 +423,8 @@ impl Backbone {
                 flat.push(k);
                 k += r.continuations.len();
             }
-            // The continuation rows go in passes of about CONTINUATION_TOKEN_BUDGET fed tokens:
-            // between passes a group whose requests have all been withdrawn stops (a long
-            // Score with many long choices is otherwise one pass of tens of seconds).
+            // The continuation rows go in passes of about CONTINUATION_TOKEN_BUDGET fed tokens,
+            // each asking between layers whether anyone still wants the group.
             let mut start = 0;
             while start < sel.len() {
                 let mut end = start;
@@ -432,9 +435,6 @@ impl Backbone {
                     tokens += fed[end].len();
                     end += 1;
                 }
-                if start > 0 && !(0..reqs.len()).any(wanted) {
-                    return Ok(None);
-                }
                 let part = start..end;
                 start = end;
                 let mut ccache = cache.select_rows(&sel[part.clone()], max_cont)?;
@@ -442,7 +442,11 @@ impl Backbone {
                     fed[part.clone()].iter().map(|f| (None, *f)).collect();
                 let (embeds, clens) = self.embed_rows(&rows)?;
                 let closs = LoraBatch::new(&row_loras[part.clone()])?;
-                let hidden = self.forward(&embeds, &clens, &mut ccache, &closs)?;
+                let Some(hidden) =
+                    self.forward_while(&embeds, &clens, &mut ccache, &closs, &any_wanted)?
+                else {
+                    return Ok(None);
+                };
                 drop(ccache);
                 let mut at = Vec::new();
                 let mut targets = Vec::new();

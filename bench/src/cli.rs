@@ -74,12 +74,14 @@ pub struct ReliabilityArgs {
     kills: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Leave out the deadline measurements (minutes of CPU).
-    #[arg(long)]
-    skip_deadlines: bool,
-    /// Run only the crash loop, replacing its figures in the results already there.
-    #[arg(long)]
-    crash_loop_only: bool,
+    /// Measure only these parts (upload, deadlines, disk, auth, crash); the others keep
+    /// their figures from the results already there.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(crate::reliability::PARTS))]
+    only: Option<Vec<String>>,
+    /// Measure only these deadline calls (Route, Score, Answer); the others keep their rows
+    /// from the results already there.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(crate::reliability::DEADLINE_CALLS))]
+    deadline_calls: Option<Vec<String>>,
     /// The `roe` binary (default: beside this one).
     #[arg(long)]
     roe: Option<PathBuf>,
@@ -432,18 +434,18 @@ fn reliability_bench(
         experts_dir: &a.experts,
         kills: a.kills,
         seed: a.seed,
-        skip_deadlines: a.skip_deadlines,
+        only: a.only,
+        deadline_calls: a.deadline_calls,
+        earlier: {
+            let path = a.out.join("reliability.json");
+            match std::fs::read_to_string(&path) {
+                Ok(text) => serde_json::from_str(&text)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                Err(_) => serde_json::Value::Null,
+            }
+        },
     };
-    let (json, md) = if a.crash_loop_only {
-        let path = a.out.join("reliability.json");
-        let earlier = serde_json::from_str(
-            &std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?,
-        )?;
-        rt.block_on(crate::reliability::crash_loop_into(input, earlier))?
-    } else {
-        rt.block_on(crate::reliability::run(input))?
-    };
+    let (json, md) = rt.block_on(crate::reliability::run(input))?;
     crate::write_results(&a.out, "reliability", &json, &md)?;
     println!("{md}");
     Ok(())

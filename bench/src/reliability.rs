@@ -89,6 +89,39 @@ impl Serve {
         self.child.id()
     }
 
+    /// What the server logged on opening its library: (vectors, whether the index was
+    /// reloaded from its dump); waits up to 10 s for the line.
+    fn opened(&self) -> Option<(u64, bool)> {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .log
+                .lock()
+                .lines()
+                .find(|l| l.contains("library loaded"))
+                .map(|l| {
+                    let field = |name: &str| {
+                        l.split_whitespace()
+                            .find_map(|w| w.strip_prefix(name))
+                            .map(str::to_owned)
+                    };
+                    (
+                        field("vectors=").and_then(|v| v.parse().ok()).unwrap_or(0),
+                        field("index_reloaded=").as_deref() == Some("true"),
+                    )
+                });
+            if found.is_some() || Instant::now() > until {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `n` lines the server logged.
+    fn log_tail(&self, n: usize) -> String {
+        tail(&self.log.lock(), n)
+    }
+
     /// SIGKILL, as a crash.
     fn crash(mut self) {
         let _ = self.child.kill();
@@ -348,12 +381,48 @@ pub struct ReliabilityInput<'a> {
     pub experts_dir: &'a Path,
     pub kills: usize,
     pub seed: u64,
-    /// Leave out the deadline measurements (minutes of CPU): a quick check of the rest.
-    pub skip_deadlines: bool,
+    /// The parts to measure (`upload`, `deadlines`, `disk`, `auth`, `crash`); `None`: all.
+    /// The others keep their figures from `earlier`.
+    pub only: Option<Vec<String>>,
+    /// The deadline calls to measure (`Route`, `Score`, `Answer`); `None`: all. The others
+    /// keep their rows from `earlier`.
+    pub deadline_calls: Option<Vec<String>>,
+    /// An earlier run's results (`Null` when none).
+    pub earlier: serde_json::Value,
+}
+
+/// The parts of a run, in the order they run.
+pub const PARTS: [&str; 5] = ["upload", "deadlines", "disk", "auth", "crash"];
+/// The calls the deadline part measures.
+pub const DEADLINE_CALLS: [&str; 3] = ["Route", "Score", "Answer"];
+
+impl ReliabilityInput<'_> {
+    fn wants(&self, part: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|p| p == part))
+    }
+
+    fn wants_call(&self, call: &str) -> bool {
+        self.wants("deadlines")
+            && self
+                .deadline_calls
+                .as_ref()
+                .is_none_or(|c| c.iter().any(|x| x.eq_ignore_ascii_case(call)))
+    }
+
+    /// The earlier figures of a part left out of this run.
+    fn earlier(&self, key: &str) -> Result<serde_json::Value> {
+        match &self.earlier[key] {
+            serde_json::Value::Null => {
+                bail!("{key} is not measured in this run and no earlier results hold it")
+            }
+            v => Ok(v.clone()),
+        }
+    }
 }
 
 pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, String)> {
-    let ticks = clock_ticks();
     let work = tempfile::tempdir()?;
     let keys = format!("bench:{ADMIN_KEY}");
     let task_names = [
@@ -367,21 +436,84 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
         .map(|t| Task::load(input.tasks_dir.join(t)).with_context(|| format!("task {t}")))
         .collect::<Result<_>>()?;
     let limits = roe_expert_library::library::Limits::default();
+    let mut upload = serde_json::Value::Null;
+    let mut deadlines: Vec<serde_json::Value> = Vec::new();
+    if input.wants("upload") || input.wants("deadlines") {
+        (upload, deadlines) =
+            upload_and_deadlines(&input, &tasks, &limits, &keys, work.path()).await?;
+    }
+    if !input.wants("upload") {
+        upload = input.earlier("upload")?;
+    }
+    // The rows of calls not measured now, from the earlier run, in the usual order.
+    let earlier_rows: Vec<serde_json::Value> = input.earlier["deadlines"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    for call in DEADLINE_CALLS {
+        let from = if input.wants_call(call) {
+            &deadlines
+        } else {
+            &earlier_rows
+        };
+        rows.extend(from.iter().filter(|r| r["call"] == call).cloned());
+    }
+    let deadlines = rows;
+    let disk = if input.wants("disk") {
+        disk_after_deletes(&input, &tasks, work.path()).await?
+    } else {
+        input.earlier("disk")?
+    };
+    let auth = if input.wants("auth") {
+        auth_overhead(&input, &tasks, &keys, work.path()).await?
+    } else {
+        input.earlier("auth")?
+    };
+    let crash = if input.wants("crash") {
+        crash_loop(&input, &tasks[0], work.path()).await?
+    } else {
+        input.earlier("crash_loop")?
+    };
+    let measured: Vec<String> = PARTS
+        .iter()
+        .filter(|p| input.wants(p))
+        .map(|p| match (*p, &input.deadline_calls) {
+            ("deadlines", Some(calls)) => format!("deadlines ({})", calls.join(", ")),
+            _ => p.to_string(),
+        })
+        .collect();
+    let json = serde_json::json!({
+        "machine": crate::machine(),
+        "measured_in_this_run": measured,
+        "upload": upload,
+        "disk": disk,
+        "deadlines": deadlines,
+        "auth": auth,
+        "crash_loop": crash,
+    });
+    let md = markdown(&json);
+    Ok((json, md))
+}
 
-    // ---- one server with the backbone, keys on: uploads, deadlines.
-    let data = work.path().join("main");
-    let server = Serve::start(
-        &input.exe,
-        &data,
-        input.models_dir,
-        &["--admin-keys", &keys],
-    )?;
+/// One server with the backbone, keys on: the largest upload's memory, then the expensive
+/// in-limit calls in full and with a deadline (those `input` asks for).
+async fn upload_and_deadlines(
+    input: &ReliabilityInput<'_>,
+    tasks: &[Task],
+    limits: &roe_expert_library::library::Limits,
+    keys: &str,
+    work: &Path,
+) -> Result<(serde_json::Value, Vec<serde_json::Value>)> {
+    let ticks = clock_ticks();
+    let data = work.join("main");
+    let server = Serve::start(&input.exe, &data, input.models_dir, &["--admin-keys", keys])?;
     let pid = server.pid();
     let channel = server.channel().await?;
     let mut lib = ExpertLibraryClient::new(channel.clone())
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20);
-    for t in &tasks {
+    for t in tasks {
         lib.register_expert(register(
             t.name(),
             peft(input.experts_dir, "prompt", t.name())?,
@@ -464,7 +596,7 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
         .collect();
     let deadline = Duration::from_secs(1);
     let mut deadlines = Vec::new();
-    if !input.skip_deadlines {
+    if input.wants_call("Route") {
         deadlines.push(
             deadline_row(
                 pid,
@@ -495,6 +627,8 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
             )
             .await?,
         );
+    }
+    if input.wants_call("Score") {
         deadlines.push(
             deadline_row(
                 pid,
@@ -527,6 +661,8 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
             )
             .await?,
         );
+    }
+    if input.wants_call("Answer") {
         deadlines.push(
             deadline_row(
                 pid,
@@ -563,10 +699,32 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
         );
     }
     server.stop()?;
+    let upload = serde_json::json!({
+        "bytes": upload_bytes,
+        "seconds": upload_s,
+        "idle_rss_bytes": idle_rss,
+        "peak_rss_bytes": upload_peak,
+        "peak_above_idle_over_size": upload_ratio,
+        "goal": "<= 1.5",
+    });
+    let rows = deadlines
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap_or_default())
+        .collect();
+    Ok((upload, rows))
+}
 
-    // ---- disk: large adapters registered, all deleted; a restart.
+/// Large adapters registered, all deleted, a restart: the library's bytes on disk at each
+/// step.
+async fn disk_after_deletes(
+    input: &ReliabilityInput<'_>,
+    tasks: &[Task],
+    work: &Path,
+) -> Result<serde_json::Value> {
+    let limits = roe_expert_library::library::Limits::default();
+    let big = large_lora(limits.max_adapter_bytes, input.seed)?;
     eprintln!("disk: an empty library, then 3 large adapters registered and deleted ...");
-    let empty_dir = work.path().join("empty");
+    let empty_dir = work.join("empty");
     Serve::start(
         &input.exe,
         &empty_dir,
@@ -575,7 +733,7 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
     )?
     .stop()?;
     let empty_bytes = dir_size(&empty_dir);
-    let disk_dir = work.path().join("disk");
+    let disk_dir = work.join("disk");
     let server = Serve::start(&input.exe, &disk_dir, input.models_dir, &["--no-inference"])?;
     let mut lib = ExpertLibraryClient::new(server.channel().await?)
         .max_encoding_message_size(64 << 20)
@@ -616,23 +774,40 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
         mb(restarted_bytes)
     );
 
-    // ---- auth overhead: one server with keys, one without, Route calls alternated.
+    Ok(serde_json::json!({
+        "empty_library_bytes": empty_bytes,
+        "three_adapters_bytes": full_bytes,
+        "after_deleting_all_bytes": deleted_bytes,
+        "after_restart_bytes": restarted_bytes,
+        "above_empty_after_restart_bytes": restarted_bytes.saturating_sub(empty_bytes),
+        "goal": "<= 10 MB above an empty library",
+        "compaction_log": compaction_log,
+    }))
+}
+
+/// One server with keys, one without, small Route calls alternated between them.
+async fn auth_overhead(
+    input: &ReliabilityInput<'_>,
+    tasks: &[Task],
+    keys: &str,
+    work: &Path,
+) -> Result<serde_json::Value> {
     eprintln!("auth: Route latency with and without keys ...");
     let keyed = Serve::start(
         &input.exe,
-        &work.path().join("keyed"),
+        &work.join("keyed"),
         input.models_dir,
-        &["--no-inference", "--admin-keys", &keys],
+        &["--no-inference", "--admin-keys", keys],
     )?;
     let open = Serve::start(
         &input.exe,
-        &work.path().join("open"),
+        &work.join("open"),
         input.models_dir,
         &["--no-inference"],
     )?;
     let mut keyed_lib = ExpertLibraryClient::new(keyed.channel().await?);
     let mut open_lib = ExpertLibraryClient::new(open.channel().await?);
-    for t in &tasks {
+    for t in tasks {
         let r = register(
             t.name(),
             peft(input.experts_dir, "prompt", t.name())?,
@@ -696,52 +871,7 @@ pub async fn run(input: ReliabilityInput<'_>) -> Result<(serde_json::Value, Stri
         "without_a_key": unkeyed,
     });
     eprintln!("auth: {auth}");
-
-    // ---- crash loop.
-    let crash = crash_loop(&input, &tasks[0], work.path()).await?;
-
-    let deadline_rows: Vec<serde_json::Value> = deadlines
-        .iter()
-        .map(|r| serde_json::to_value(r).unwrap_or_default())
-        .collect();
-    let json = serde_json::json!({
-        "machine": crate::machine(),
-        "upload": {
-            "bytes": upload_bytes,
-            "seconds": upload_s,
-            "idle_rss_bytes": idle_rss,
-            "peak_rss_bytes": upload_peak,
-            "peak_above_idle_over_size": upload_ratio,
-            "goal": "<= 1.5",
-        },
-        "disk": {
-            "empty_library_bytes": empty_bytes,
-            "three_adapters_bytes": full_bytes,
-            "after_deleting_all_bytes": deleted_bytes,
-            "after_restart_bytes": restarted_bytes,
-            "above_empty_after_restart_bytes": restarted_bytes.saturating_sub(empty_bytes),
-            "goal": "<= 10 MB above an empty library",
-            "compaction_log": compaction_log,
-        },
-        "deadlines": deadline_rows,
-        "auth": auth,
-        "crash_loop": crash,
-    });
-    let md = markdown(&json);
-    Ok((json, md))
-}
-
-/// Only the crash loop, its figures put into an earlier run's results.
-pub async fn crash_loop_into(
-    input: ReliabilityInput<'_>,
-    mut json: serde_json::Value,
-) -> Result<(serde_json::Value, String)> {
-    let tasks_dir = input.tasks_dir.join("sms_spam");
-    let task = Task::load(&tasks_dir).with_context(|| format!("task {}", tasks_dir.display()))?;
-    let work = tempfile::tempdir()?;
-    json["crash_loop"] = crash_loop(&input, &task, work.path()).await?;
-    let md = markdown(&json);
-    Ok((json, md))
+    Ok(auth)
 }
 
 /// `kills` rounds of: start, check, concurrent writes for a random while, `kill -9`.
@@ -759,6 +889,9 @@ async fn crash_loop(
     // What the server acknowledged: present (registered and not deleted) and deleted.
     let present: Arc<Mutex<std::collections::BTreeSet<String>>> = Default::default();
     let deleted: Arc<Mutex<std::collections::BTreeSet<String>>> = Default::default();
+    // Deletes sent but not acknowledged (the crash came first): each may or may not have
+    // landed, so its expert missing after the restart is no lost write.
+    let unsure: Arc<Mutex<std::collections::BTreeSet<String>>> = Default::default();
     let (mut lost, mut resurrected, mut failed_restarts) = (0usize, 0usize, 0usize);
     let (mut persisted, mut rebuilds) = (0usize, 0usize);
     let mut acked_writes = 0usize;
@@ -796,7 +929,19 @@ async fn crash_loop(
             }
             all
         };
-        lost += present.lock().difference(&listed).count();
+        {
+            let mut p = present.lock();
+            for id in std::mem::take(&mut *unsure.lock()) {
+                if !listed.contains(&id) {
+                    p.remove(&id);
+                }
+            }
+        }
+        let missing: Vec<String> = present.lock().difference(&listed).cloned().collect();
+        if !missing.is_empty() {
+            eprintln!("crash loop: restart {round}: acknowledged but missing: {missing:?}");
+        }
+        lost += missing.len();
         resurrected += deleted.lock().intersection(&listed).count();
         // An unacknowledged write may have landed: it is now as good as acknowledged.
         {
@@ -808,18 +953,28 @@ async fn crash_loop(
                 }
             }
         }
-        // After a crash with writes since the last dump (every round writes), the rebuilt
-        // index is dumped without a clean shutdown.
-        if round > 0 {
+        // A restart that rebuilt a graph (vectors in the library, no dump matching them:
+        // writes since the last dump) dumps it without a clean shutdown.
+        let opened = server.opened();
+        if round > 0 && opened.is_some_and(|(vectors, reloaded)| vectors > 0 && !reloaded) {
             rebuilds += 1;
             let until = Instant::now() + Duration::from_secs(30);
+            let mut dumped = false;
             while Instant::now() < until {
                 let now = std::fs::read_to_string(&manifest).unwrap_or_default();
                 if !now.is_empty() && now != stale {
-                    persisted += 1;
+                    dumped = true;
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if dumped {
+                persisted += 1;
+            } else {
+                eprintln!(
+                    "crash loop: restart {round}: no new index dump within 30 s; the server said:\n{}",
+                    server.log_tail(30)
+                );
             }
         }
         // Writers: unary registrations, streamed LoRA uploads, deletes.
@@ -830,6 +985,7 @@ async fn crash_loop(
         for w in 0..3 {
             let mut lib = lib.clone();
             let (present, deleted, acked) = (present.clone(), deleted.clone(), acked.clone());
+            let unsure = unsure.clone();
             let (small, lora, task) = (small.clone(), lora.clone(), task.clone());
             let mut rng = rand::rngs::StdRng::seed_from_u64(input.seed ^ (round * 3 + w) as u64);
             writers.push(tokio::spawn(async move {
@@ -855,17 +1011,20 @@ async fn crash_loop(
                             let victim = {
                                 let p = present.lock();
                                 let v: Vec<&String> = p.iter().collect();
-                                (!v.is_empty()).then(|| v[rng.random_range(0..v.len())].clone())
+                                // A few experts always stay: a restart has a graph to rebuild.
+                                (v.len() > 3).then(|| v[rng.random_range(0..v.len())].clone())
                             };
                             let Some(victim) = victim else {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                                 continue;
                             };
+                            unsure.lock().insert(victim.clone());
                             if lib
                                 .delete_expert(proto::DeleteExpertRequest { id: victim.clone() })
                                 .await
                                 .is_ok()
                             {
+                                unsure.lock().remove(&victim);
                                 present.lock().remove(&victim);
                                 deleted.lock().insert(victim);
                                 acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -908,6 +1067,14 @@ async fn crash_loop(
         .into_iter()
         .map(|e| e.id)
         .collect();
+    {
+        let mut p = present.lock();
+        for id in std::mem::take(&mut *unsure.lock()) {
+            if !listed.contains(&id) {
+                p.remove(&id);
+            }
+        }
+    }
     lost += present.lock().difference(&listed).count();
     resurrected += deleted.lock().intersection(&listed).count();
     server.stop()?;
@@ -933,10 +1100,22 @@ fn markdown(j: &serde_json::Value) -> String {
     let c = &j["crash_loop"];
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let mib = |v: &serde_json::Value| f(v) / (1u64 << 20) as f64;
-    let mut md = String::from(
+    let measured: Vec<&str> = j["measured_in_this_run"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let runs = if measured.is_empty() || measured.len() == PARTS.len() {
+        "One run".to_string()
+    } else {
+        format!(
+            "Measured in the last run: {}; the rest is from the run before (`--only`)",
+            measured.join(", ")
+        )
+    };
+    let mut md = format!(
         "# Reliability: resource attacks, deadlines, auth overhead, crash loop\n\n\
          `roe bench reliability` against real `roe serve` processes (the release binary), \
-         measured as a client and from /proc. One run; 2 cores.\n\n",
+         measured as a client and from /proc. {runs}; 2 cores.\n\n",
     );
     md.push_str(&format!(
         "## Upload memory\n\nThe largest adapter allowed (--max-adapter-bytes) streamed in \
@@ -987,9 +1166,9 @@ fn markdown(j: &serde_json::Value) -> String {
     md.push_str(&format!(
         "## Crash loop\n\n{} `kill -9` at random moments (0.3-1.5 s into concurrent unary \
          registrations, streamed LoRA uploads and deletes), {:.0} s: {} acknowledged writes, \
-         **{} lost**, {} acknowledged deletes undone, **{} restarts failed**; the rebuilt \
-         index was dumped without a clean shutdown after {} of {} restarts that followed a \
-         crash with writes.\n",
+         **{} lost**, {} acknowledged deletes undone, **{} restarts failed**; the index \
+         was dumped without a clean shutdown after {} of the {} restarts that rebuilt a \
+         graph.\n",
         c["kills"],
         f(&c["seconds"]),
         c["acknowledged_writes"],

@@ -55,9 +55,31 @@ impl LibraryError {
     }
 }
 
+impl LibraryError {
+    /// Whether the disk (or the user's quota on it) is full: the write was refused and left
+    /// nothing behind, so the client may try again once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => is_disk_full(source),
+            _ => false,
+        }
+    }
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    // ENOSPC, EDQUOT.
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))
+}
+
 impl From<sled::Error> for LibraryError {
     fn from(e: sled::Error) -> Self {
-        Self::Storage(e.to_string())
+        match e {
+            sled::Error::Io(source) => Self::Io {
+                path: "the store".into(),
+                source,
+            },
+            other => Self::Storage(other.to_string()),
+        }
     }
 }
 

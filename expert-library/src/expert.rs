@@ -191,7 +191,8 @@ impl PeftAdapter {
     /// (f32/f16/bf16), finite values, limits. The summary's alpha and scale are the ones
     /// inference applies.
     pub fn validate(&self, spec: &BackboneSpec) -> Result<AdapterSummary> {
-        self.parse(spec).map(|a| a.summary())
+        Adapter::check_peft(&self.config_json, &self.safetensors, &spec.shape)
+            .map_err(|e| peft_error(e, spec))
     }
 
     /// [`PeftAdapter::validate`], keeping the decoded adapter.

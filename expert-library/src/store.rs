@@ -1,14 +1,27 @@
 //! Durable expert store on sled. An expert is written in one transaction across three trees
-//! (metadata, adapter bytes, instances with their embeddings) and flushed to disk before the
+//! (metadata, adapter record, instances with their embeddings) and flushed to disk before the
 //! write is acknowledged, so an acknowledged expert survives a crash and a half-written one
 //! never appears.
+//!
+//! An adapter's safetensors bytes are a file of their own in `roe-adapters/` beside sled's
+//! files, written and synced before the record naming it is committed; the record holds the
+//! config JSON, the file's name and its length. In sled, tens of MiB of weights were copied
+//! three times over on their way in (the record, the transaction's copy, sled's cache) and
+//! their blob files stayed on disk after a delete until a compaction; a file costs no copy
+//! and is removed as soon as the record that named it is gone. File names are never reused
+//! (they come from the point id generator), so a reader never sees a half-replaced file. A
+//! crash can leave a file no record names (written but never committed, or its record
+//! deleted before the file was): opening removes those. Records written before files were
+//! used hold the bytes inline; they are read as they are and become files when replaced.
 //!
 //! sled 0.34 never gives disk back: deleted and replaced experts' bytes stay in its segment
 //! and blob files. [`ExpertStore::compact_if_worthwhile`] copies the live data into a fresh
 //! sled store and swaps it in, crash-safely (see "Compaction of the store" below).
 
+use std::collections::HashSet;
 use std::fs;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -37,7 +50,13 @@ pub struct ExpertStore {
     instances: sled::Tree,
     /// Added to sled's id generator for point ids (see [`META_POINT_BASE`]).
     point_base: u64,
+    /// Where the adapters' safetensors files are ([`ADAPTER_DIR`]).
+    adapter_dir: PathBuf,
 }
+
+/// Folder of the adapter files, inside the library directory. Not one of sled's entries, so
+/// a compaction of the store leaves it where it is.
+pub const ADAPTER_DIR: &str = "roe-adapters";
 
 const META_ENCODER: &[u8] = b"encoder";
 /// Default-tree key: a u64 (big endian) added to every id sled's generator hands out. A
@@ -80,23 +99,89 @@ fn decode_meta(b: &[u8]) -> Result<ExpertMeta> {
     serde_json::from_slice(b).map_err(|e| LibraryError::Storage(format!("decode expert: {e}")))
 }
 
-/// Adapter record: u32 length of the config JSON, the JSON, then the safetensors bytes as is.
-fn encode_adapter(a: &PeftAdapter) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + a.config_json.len() + a.safetensors.len());
-    out.extend_from_slice(&(a.config_json.len() as u32).to_le_bytes());
-    out.extend_from_slice(a.config_json.as_bytes());
-    out.extend_from_slice(&a.safetensors);
+/// First bytes of an adapter record that names a file. An inline record starts with the
+/// config's length instead, which these bytes would make about 1.2 GB: far above any config
+/// accepted.
+const FILE_RECORD: &[u8; 4] = b"ROEF";
+
+/// What the adapters tree holds for an expert.
+#[derive(Debug, Clone, PartialEq)]
+enum AdapterRecord {
+    /// `FILE_RECORD`, u32 length of the config JSON, the JSON, u64 length of the file, then
+    /// the file's name.
+    File {
+        config_json: String,
+        file: String,
+        bytes: u64,
+    },
+    /// Written before adapters became files: u32 length of the config JSON, the JSON, then
+    /// the safetensors bytes.
+    Inline(PeftAdapter),
+}
+
+fn encode_file_record(config_json: &str, file: &str, bytes: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + config_json.len() + file.len());
+    out.extend_from_slice(FILE_RECORD);
+    out.extend_from_slice(&(config_json.len() as u32).to_le_bytes());
+    out.extend_from_slice(config_json.as_bytes());
+    out.extend_from_slice(&bytes.to_le_bytes());
+    out.extend_from_slice(file.as_bytes());
     out
 }
 
-fn decode_adapter(b: &[u8]) -> Result<PeftAdapter> {
+fn decode_adapter_record(b: &[u8]) -> Result<AdapterRecord> {
     let bad = || LibraryError::Storage("corrupt adapter record".into());
-    let n = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let u32_at = |at: usize| -> Result<usize> {
+        let v: [u8; 4] = b
+            .get(at..at + 4)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?;
+        Ok(u32::from_le_bytes(v) as usize)
+    };
+    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|_| bad());
+    if b.starts_with(FILE_RECORD) {
+        let n = u32_at(4)?;
+        let json = b.get(8..8 + n).ok_or_else(bad)?;
+        let len: [u8; 8] = b
+            .get(8 + n..16 + n)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?;
+        let file = text(&b[16 + n..])?;
+        if !is_adapter_file_name(&file) {
+            return Err(bad());
+        }
+        return Ok(AdapterRecord::File {
+            config_json: text(json)?,
+            file,
+            bytes: u64::from_le_bytes(len),
+        });
+    }
+    let n = u32_at(0)?;
     let json = b.get(4..4 + n).ok_or_else(bad)?;
-    Ok(PeftAdapter {
-        config_json: String::from_utf8(json.to_vec()).map_err(|_| bad())?,
+    Ok(AdapterRecord::Inline(PeftAdapter {
+        config_json: text(json)?,
         safetensors: b[4 + n..].to_vec(),
-    })
+    }))
+}
+
+/// The file an adapter record names, if it names one.
+fn record_file(b: &[u8]) -> Result<Option<String>> {
+    if !b.starts_with(FILE_RECORD) {
+        return Ok(None);
+    }
+    match decode_adapter_record(b)? {
+        AdapterRecord::File { file, .. } => Ok(Some(file)),
+        AdapterRecord::Inline(_) => Ok(None),
+    }
+}
+
+/// Names of adapter files: 16 hex digits and `.safetensors` (nothing a record could turn
+/// into a path outside the folder).
+fn is_adapter_file_name(name: &str) -> bool {
+    name.strip_suffix(".safetensors")
+        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// Instance record: u64 point id, u32 dim, the instance vector, u8 flag and the
@@ -184,23 +269,105 @@ impl ExpertStore {
         }
         let db = open_db(path, wait)?;
         drop(lock);
-        Self::with_db(db)
+        Self::with_db(db, path)
     }
 
-    fn with_db(db: sled::Db) -> Result<Self> {
+    /// Over the store just opened in `dir` (sled's lock held: nothing else writes there).
+    fn with_db(db: sled::Db, dir: &Path) -> Result<Self> {
         let point_base = match db.get(META_POINT_BASE)? {
             None => 0,
             Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
                 LibraryError::Storage(format!("corrupt point id base ({} bytes)", v.len()))
             })?),
         };
-        Ok(Self {
+        let adapter_dir = dir.join(ADAPTER_DIR);
+        fs::create_dir_all(&adapter_dir).map_err(|e| LibraryError::io(&adapter_dir, e))?;
+        let store = Self {
             experts: db.open_tree(TREE_EXPERTS)?,
             adapters: db.open_tree(TREE_ADAPTERS)?,
             instances: db.open_tree(TREE_INSTANCES)?,
             db,
             point_base,
-        })
+            adapter_dir,
+        };
+        store.remove_unnamed_adapter_files()?;
+        Ok(store)
+    }
+
+    /// Removes the adapter files no record names (left by a crash between writing a file and
+    /// committing its record, or between deleting a record and its file), and says which
+    /// named files are missing (a store damaged by hand: reading those experts fails).
+    fn remove_unnamed_adapter_files(&self) -> Result<()> {
+        let mut named = HashSet::new();
+        for kv in self.adapters.iter() {
+            let (id, v) = kv?;
+            if let Some(file) = record_file(&v)? {
+                named.insert(file);
+            } else if v.starts_with(FILE_RECORD) {
+                tracing::error!(expert = %String::from_utf8_lossy(&id), "corrupt adapter record");
+            }
+        }
+        let dir = &self.adapter_dir;
+        let mut present = HashSet::new();
+        let mut removed = 0usize;
+        for e in fs::read_dir(dir).map_err(|e| LibraryError::io(dir, e))? {
+            let e = e.map_err(|e| LibraryError::io(dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if named.contains(&name) {
+                present.insert(name);
+                continue;
+            }
+            match fs::remove_file(e.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => {
+                    tracing::warn!(file = %e.path().display(), %err, "could not remove an unnamed adapter file")
+                }
+            }
+        }
+        if removed > 0 {
+            sync_dir(dir)?;
+            tracing::info!(removed, "adapter files no record names were removed");
+        }
+        for missing in named.difference(&present) {
+            tracing::error!(file = %dir.join(missing).display(), "an expert's adapter file is missing");
+        }
+        Ok(())
+    }
+
+    /// Writes `safetensors` as a new adapter file, synced (the folder too), and returns its
+    /// name. A failure (a full disk) leaves no file behind.
+    fn write_adapter_file(&self, safetensors: &[u8]) -> Result<String> {
+        let name = format!("{:016x}.safetensors", self.next_point_id()?);
+        let path = self.adapter_dir.join(&name);
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create_new(&path)?;
+            f.write_all(safetensors)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&path);
+            return Err(LibraryError::io(&path, e));
+        }
+        sync_dir(&self.adapter_dir)?;
+        Ok(name)
+    }
+
+    /// Removes an adapter file whose record is gone (best effort: the next open removes it
+    /// otherwise).
+    fn remove_adapter_file(&self, name: &str) {
+        let path = self.adapter_dir.join(name);
+        if let Err(err) = fs::remove_file(&path) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %path.display(), %err, "could not remove an adapter file; the next open will");
+            }
+        }
+    }
+
+    fn adapter_file_of(&self, id: &str) -> Result<Option<String>> {
+        match self.adapters.get(id.as_bytes())? {
+            Some(v) => record_file(&v),
+            None => Ok(None),
+        }
     }
 
     /// Checks (or, for a new store, records) which encoder embedded the stored instances:
@@ -239,10 +406,49 @@ impl ExpertStore {
     }
 
     pub fn adapter(&self, id: &str) -> Result<Option<PeftAdapter>> {
-        self.adapters
-            .get(id.as_bytes())?
-            .map(|v| decode_adapter(&v))
-            .transpose()
+        // A new version may replace the expert (and remove its file) between reading the
+        // record and the file: the record is read again then.
+        for _ in 0..4 {
+            let Some(record) = self.adapters.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let (config_json, file, bytes) = match decode_adapter_record(&record)? {
+                AdapterRecord::Inline(a) => return Ok(Some(a)),
+                AdapterRecord::File {
+                    config_json,
+                    file,
+                    bytes,
+                } => (config_json, file, bytes),
+            };
+            let path = self.adapter_dir.join(&file);
+            match fs::read(&path) {
+                Ok(safetensors) if safetensors.len() as u64 == bytes => {
+                    return Ok(Some(PeftAdapter {
+                        config_json,
+                        safetensors,
+                    }))
+                }
+                Ok(safetensors) => {
+                    return Err(LibraryError::Storage(format!(
+                        "adapter file {} of expert {id} holds {} bytes, its record says {bytes}",
+                        path.display(),
+                        safetensors.len()
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if self.adapters.get(id.as_bytes())?.as_ref() == Some(&record) {
+                        return Err(LibraryError::Storage(format!(
+                            "adapter file {} of expert {id} is missing",
+                            path.display()
+                        )));
+                    }
+                }
+                Err(e) => return Err(LibraryError::io(&path, e)),
+            }
+        }
+        Err(LibraryError::Storage(format!(
+            "expert {id} was replaced again and again while its adapter was read"
+        )))
     }
 
     /// Experts in id order, starting after `after` (exclusive), at most `limit`.
@@ -303,13 +509,20 @@ impl ExpertStore {
             .keys()
             .collect::<std::result::Result<_, _>>()?;
         let old_points = old_keys.iter().filter_map(|k| point_of_key(k)).collect();
+        let old_file = self.adapter_file_of(&meta.id)?;
         let meta_bytes = encode_meta(meta)?;
-        let adapter_bytes = encode_adapter(adapter);
         let rows: Vec<(Vec<u8>, Vec<u8>)> = instances
             .iter()
             .map(|si| Ok((instance_key(&meta.id, si.point_id), encode_instance(si)?)))
             .collect::<Result<_>>()?;
-        (&self.experts, &self.adapters, &self.instances)
+        // The file first, synced: a committed record always names a complete file.
+        let file = self.write_adapter_file(&adapter.safetensors)?;
+        let record = encode_file_record(
+            &adapter.config_json,
+            &file,
+            adapter.safetensors.len() as u64,
+        );
+        let committed = (&self.experts, &self.adapters, &self.instances)
             .transaction(|(experts, adapters, inst)| {
                 for k in &old_keys {
                     inst.remove(k)?;
@@ -317,12 +530,21 @@ impl ExpertStore {
                 for (k, v) in &rows {
                     inst.insert(k.as_slice(), v.as_slice())?;
                 }
-                adapters.insert(meta.id.as_bytes(), adapter_bytes.as_slice())?;
+                adapters.insert(meta.id.as_bytes(), record.as_slice())?;
                 experts.insert(meta.id.as_bytes(), meta_bytes.as_slice())?;
                 Ok::<_, ConflictableTransactionError<LibraryError>>(())
             })
-            .map_err(tx_err)?;
+            .map_err(tx_err);
+        if let Err(e) = committed {
+            // Nothing names the file: the transaction applied nothing.
+            self.remove_adapter_file(&file);
+            return Err(e);
+        }
+        // Should the flush fail, the record may still reach the disk: its file stays.
         self.db.flush()?;
+        if let Some(old) = old_file {
+            self.remove_adapter_file(&old);
+        }
         Ok(old_points)
     }
 
@@ -357,6 +579,7 @@ impl ExpertStore {
             .scan_prefix(instance_prefix(id))
             .keys()
             .collect::<std::result::Result<_, _>>()?;
+        let file = self.adapter_file_of(id)?;
         (&self.experts, &self.adapters, &self.instances)
             .transaction(|(experts, adapters, inst)| {
                 for k in &keys {
@@ -368,6 +591,9 @@ impl ExpertStore {
             })
             .map_err(tx_err)?;
         self.db.flush()?;
+        if let Some(file) = file {
+            self.remove_adapter_file(&file);
+        }
         Ok(Some(keys.iter().filter_map(|k| point_of_key(k)).collect()))
     }
 }
@@ -752,6 +978,7 @@ fn live_bytes_lower_bound(db: &sled::Db) -> Result<u64> {
         total += (k.len() + v.len()) as u64;
     }
     let instances = db.open_tree(TREE_INSTANCES)?;
+    let adapters = db.open_tree(TREE_ADAPTERS)?;
     let dim = match instances.iter().next().transpose()? {
         Some((_, v)) if v.len() >= 12 => u32::from_le_bytes([v[8], v[9], v[10], v[11]]) as u64,
         _ => 0,
@@ -761,7 +988,12 @@ fn live_bytes_lower_bound(db: &sled::Db) -> Result<u64> {
         total += (k.len() + v.len()) as u64;
         if let Ok(meta) = decode_meta(&v) {
             let id = k.len() as u64;
-            total += id + 4 + meta.weights_bytes as u64;
+            // Weights in a file are not the store's; only an inline record holds them.
+            let inline = match adapters.get(&k)? {
+                Some(a) if !a.starts_with(FILE_RECORD) => meta.weights_bytes as u64,
+                _ => 0,
+            };
+            total += id + 4 + inline;
             total += meta.num_instances as u64 * (id + 9 + 13 + 4 * dim);
         }
     }
@@ -1138,7 +1370,7 @@ impl ExpertStore {
             None => open_db(dir, LOCK_WAIT)?,
         };
         drop(lock);
-        Ok((Self::with_db(db)?, compacted.report))
+        Ok((Self::with_db(db, dir)?, compacted.report))
     }
 
     #[doc(hidden)]

@@ -26,6 +26,21 @@ impl Adapter {
         }
     }
 
+    /// [`Self::from_peft`]'s checks, same errors, without keeping the decoded values (a LoRA
+    /// is decoded a block at a time): what registration runs on an upload.
+    pub fn check_peft(
+        config_json: &str,
+        safetensors: &[u8],
+        shape: &ModelShape,
+    ) -> Result<AdapterSummary> {
+        match PeftConfig::from_json(config_json)? {
+            PeftConfig::PromptTuning(c) => {
+                SoftPromptAdapter::from_config(c, safetensors, shape).map(|p| p.summary())
+            }
+            PeftConfig::Lora(c) => LoraAdapter::check_config(c, safetensors, shape),
+        }
+    }
+
     pub fn summary(&self) -> AdapterSummary {
         match self {
             Self::SoftPrompt(p) => p.summary(),

@@ -75,23 +75,7 @@ impl LoraAdapter {
         mut blocks: Vec<LoraBlock>,
         shape: &ModelShape,
     ) -> Result<Self> {
-        check_rank(config.r)?;
-        if !config.lora_alpha.is_finite() {
-            return Err(PeftError::field_error(
-                "lora_alpha",
-                "must be a finite number",
-            ));
-        }
-        config.target_modules.sort();
-        config.target_modules.dedup();
-        if config.target_modules.is_empty() {
-            return Err(PeftError::field_error("target_modules", "is empty"));
-        }
-        if let Some(layers) = &mut config.layers_to_transform {
-            layers.sort_unstable();
-            layers.dedup();
-            check_layers(layers, shape)?;
-        }
+        normalise_config(&mut config, shape)?;
         blocks.sort_by_key(|b| (b.layer, b.target));
         let expected = adapted(&config, shape);
         let mut given = BTreeSet::new();
@@ -145,6 +129,27 @@ impl LoraAdapter {
         config: LoraConfig,
         safetensors: &[u8],
         shape: &ModelShape,
+    ) -> Result<Self> {
+        Self::read_config(config, safetensors, shape, true)
+    }
+
+    /// [`Self::from_config`]'s checks and summary without keeping the decoded matrices: one
+    /// block is decoded at a time, so checking an upload never holds a second copy of it.
+    pub(crate) fn check_config(
+        config: LoraConfig,
+        safetensors: &[u8],
+        shape: &ModelShape,
+    ) -> Result<AdapterSummary> {
+        Self::read_config(config, safetensors, shape, false).map(|l| l.summary())
+    }
+
+    /// Reads the blocks; `keep: false` decodes and checks each, then drops it (the result
+    /// then has no blocks, only the normalised config, for its summary).
+    fn read_config(
+        mut config: LoraConfig,
+        safetensors: &[u8],
+        shape: &ModelShape,
+        keep: bool,
     ) -> Result<Self> {
         // The config's own claims first, so that the error names the config field.
         if let Some(layers) = &config.layers_to_transform {
@@ -203,14 +208,26 @@ impl LoraAdapter {
             };
             let a = read(LoraMatrix::A, [r, fin])?;
             let b = read(LoraMatrix::B, [fout, r])?;
-            blocks.push(LoraBlock {
-                layer,
-                target,
-                a,
-                b,
-            });
+            if keep {
+                blocks.push(LoraBlock {
+                    layer,
+                    target,
+                    a,
+                    b,
+                });
+            }
         }
-        Self::new(config, blocks, shape)
+        if keep {
+            return Self::new(config, blocks, shape);
+        }
+        // What `new` checks beyond the config holds by construction here: every block was
+        // read for an expected (layer, target), once, with its dims, decoded finite.
+        normalise_config(&mut config, shape)?;
+        Ok(Self {
+            config,
+            blocks: Vec::new(),
+            shape: *shape,
+        })
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -274,6 +291,28 @@ impl LoraAdapter {
             layers_to_transform: self.config.layers_to_transform.clone(),
         }
     }
+}
+
+/// The config's own checks, with its lists sorted and deduplicated.
+fn normalise_config(config: &mut LoraConfig, shape: &ModelShape) -> Result<()> {
+    check_rank(config.r)?;
+    if !config.lora_alpha.is_finite() {
+        return Err(PeftError::field_error(
+            "lora_alpha",
+            "must be a finite number",
+        ));
+    }
+    config.target_modules.sort();
+    config.target_modules.dedup();
+    if config.target_modules.is_empty() {
+        return Err(PeftError::field_error("target_modules", "is empty"));
+    }
+    if let Some(layers) = &mut config.layers_to_transform {
+        layers.sort_unstable();
+        layers.dedup();
+        check_layers(layers, shape)?;
+    }
+    Ok(())
 }
 
 fn check_layers(layers: &[usize], shape: &ModelShape) -> Result<()> {

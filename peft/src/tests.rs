@@ -412,3 +412,56 @@ fn built_loras_are_checked() {
     let e = LoraAdapter::new(LoraConfig { r: 300, ..config() }, vec![], &TINY).unwrap_err();
     assert_eq!(e.kind(), PeftErrorKind::TooLarge);
 }
+
+/// `check_peft` (what registration runs, without keeping the decoded values) accepts and
+/// refuses exactly what `from_peft` does, with the same summary and the same error.
+#[test]
+fn checking_without_decoding_agrees_with_reading() {
+    let good = lora_tensors(2, &[0, 1, 2], &QV);
+    let cfg = lora_config(json!({}));
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        cases.push((cfg.clone(), file(&good, dtype)));
+    }
+    cases.push((cfg.clone(), file(&good[1..], Dtype::F32)));
+    let mut nan = good.clone();
+    nan[3].2[1] = f32::NAN;
+    cases.push((cfg.clone(), file(&nan, Dtype::F32)));
+    let mut wrong_shape = good.clone();
+    wrong_shape[0] = (wrong_shape[0].0.clone(), vec![3, 8], vec![0.0; 24]);
+    cases.push((cfg.clone(), file(&wrong_shape, Dtype::F32)));
+    let mut deep = good.clone();
+    deep.extend(lora_tensors(2, &[3], &QV));
+    cases.push((cfg.clone(), file(&deep, Dtype::F32)));
+    cases.push((cfg.clone(), b"not safetensors".to_vec()));
+    let subset = lora_tensors(2, &[2], &QV);
+    let only_2 = lora_config(json!({"layers_to_transform": [2, 2]}));
+    cases.push((only_2.clone(), file(&subset, Dtype::F32)));
+    cases.push((only_2, file(&good, Dtype::F32)));
+    cases.push((
+        lora_config(json!({"target_modules": ["v_proj", "q_proj", "q_proj"]})),
+        file(&good, Dtype::F32),
+    ));
+    cases.push((
+        lora_config(json!({"target_modules": []})),
+        file(&good, Dtype::F32),
+    ));
+    cases.push((lora_config(json!({"r": 0})), file(&good, Dtype::F32)));
+    cases.push((lora_config(json!({"r": 3})), file(&good, Dtype::F32)));
+    let prompt = json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}).to_string();
+    cases.push((prompt.clone(), prompt_file(4, 8, Dtype::F32)));
+    cases.push((prompt.clone(), prompt_file(4, 8, Dtype::BF16)));
+    cases.push((prompt.clone(), prompt_file(5, 8, Dtype::F32)));
+    cases.push((prompt, prompt_file(4, 7, Dtype::F32)));
+    cases.push(("{}".into(), file(&good, Dtype::F32)));
+
+    let mut accepted = 0;
+    for (i, (config, bytes)) in cases.iter().enumerate() {
+        let read = Adapter::from_peft(config, bytes, &TINY).map(|a| a.summary());
+        let checked = Adapter::check_peft(config, bytes, &TINY);
+        assert_eq!(checked, read, "case {i}: {config}");
+        accepted += usize::from(read.is_ok());
+    }
+    // Both outcomes are exercised.
+    assert!((5..cases.len()).contains(&accepted), "{accepted} accepted");
+}

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use roe_expert_library::library::{ExpertLibrary, NewExpert};
-use roe_expert_library::merge::{MergeRequest, PromptMergeMode};
-use roe_expert_library::PeftAdapter;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert::{expert_to_proto, instance_from_proto, instance_to_proto};
+use crate::convert::{
+    expert_to_proto, instance_from_proto, instance_to_proto, merge_request, new_expert,
+};
 use crate::proto::{self, expert_library_server::ExpertLibrary as Api};
 use crate::status::library_status as status;
 
@@ -60,85 +60,6 @@ fn named(id: &str) -> Result<(), Status> {
         return Err(Status::invalid_argument("id: empty; name an expert"));
     }
     Ok(())
-}
-
-fn new_expert(req: proto::RegisterExpertRequest) -> Result<(NewExpert, bool), Status> {
-    let adapter = req
-        .adapter
-        .ok_or_else(|| Status::invalid_argument("adapter: missing"))?;
-    let received = adapter.adapter_model_safetensors.len() as u64;
-    if let Some(announced) = req.safetensors_bytes {
-        if announced != received {
-            return Err(Status::invalid_argument(format!(
-                "safetensors_bytes: {announced} announced, {received} received"
-            )));
-        }
-    }
-    let adapter = PeftAdapter {
-        config_json: adapter.adapter_config_json,
-        safetensors: adapter.adapter_model_safetensors,
-    };
-    if !req.safetensors_sha256.is_empty() {
-        let sha = adapter.safetensors_sha256_hex();
-        if !req.safetensors_sha256.trim().eq_ignore_ascii_case(&sha) {
-            return Err(Status::invalid_argument(format!(
-                "safetensors_sha256: {:?} announced, {sha} received",
-                req.safetensors_sha256.chars().take(80).collect::<String>()
-            )));
-        }
-    }
-    Ok((
-        NewExpert {
-            id: req.id,
-            name: req.name,
-            description: req.description,
-            backbone: (!req.backbone.is_empty()).then_some(req.backbone),
-            adapter,
-            instances: req.instances.into_iter().map(instance_from_proto).collect(),
-        },
-        req.new_version,
-    ))
-}
-
-/// A MergeExperts request as the library's [`MergeRequest`]: weights on every source or on
-/// none, a known prompt mode.
-fn merge_request(req: proto::MergeExpertsRequest) -> Result<MergeRequest, Status> {
-    let prompt_mode = match proto::PromptMergeMode::try_from(req.prompt_mode) {
-        Ok(proto::PromptMergeMode::Unspecified | proto::PromptMergeMode::Average) => {
-            PromptMergeMode::Average
-        }
-        Ok(proto::PromptMergeMode::Concat) => PromptMergeMode::Concat,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "prompt_mode: unknown value {}",
-                req.prompt_mode
-            )))
-        }
-    };
-    let weighted = req.sources.iter().filter(|s| s.weight.is_some()).count();
-    let weights = if weighted == 0 {
-        None
-    } else if weighted == req.sources.len() {
-        Some(req.sources.iter().filter_map(|s| s.weight).collect())
-    } else {
-        let i = req
-            .sources
-            .iter()
-            .position(|s| s.weight.is_none())
-            .unwrap_or_default();
-        return Err(Status::invalid_argument(format!(
-            "sources[{i}].weight: missing; set a weight on every source or on none (uniform)"
-        )));
-    };
-    Ok(MergeRequest {
-        id: req.id,
-        name: req.name,
-        description: req.description,
-        sources: req.sources.into_iter().map(|s| s.expert_id).collect(),
-        weights,
-        prompt_mode,
-        new_version: req.new_version,
-    })
 }
 
 impl LibraryService {

@@ -101,6 +101,13 @@ impl From<LibraryError> for ServingError {
                 ErrorKind::FailedPrecondition
             }
             LibraryError::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            _ if e.is_disk_full() => {
+                tracing::error!(error = %e, "the disk is full: a write was refused");
+                return Self::new(
+                    ErrorKind::ResourceExhausted,
+                    format!("disk full: nothing was stored ({e})"),
+                );
+            }
             LibraryError::Cancelled => ErrorKind::Cancelled,
             LibraryError::Storage(_)
             | LibraryError::Encoder(_)
@@ -142,4 +149,23 @@ pub async fn blocking_while_wanted<T: Send + 'static>(
     let wanted = Arc::new(AtomicBool::new(true));
     let _withdraw = WithdrawOnDrop(wanted.clone());
     blocking(move || f(&|| wanted.load(Ordering::Relaxed))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_resource_exhausted_and_says_so() {
+        let full = LibraryError::io("lib/roe-adapters/x", std::io::Error::from_raw_os_error(28));
+        let e = ServingError::from(full);
+        assert_eq!(e.kind, ErrorKind::ResourceExhausted);
+        assert!(
+            e.message.starts_with("disk full: nothing was stored"),
+            "{}",
+            e.message
+        );
+        let other = LibraryError::io("lib", std::io::Error::from_raw_os_error(5));
+        assert_eq!(ServingError::from(other).kind, ErrorKind::Internal);
+    }
 }

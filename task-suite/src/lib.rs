@@ -64,12 +64,17 @@ impl Task {
 /// Reads JSON lines `{"input", "target"?, "choices"?}`; rows without choices get `labels`.
 pub fn read_instances(path: &Path, labels: &[String]) -> Result<Vec<Instance>> {
     let text = std::fs::read_to_string(path).map_err(|e| LibraryError::io(path, e))?;
+    parse_instances(&text, &path.display().to_string(), labels)
+}
+
+/// [`read_instances`] of text already read; `source` names it in errors (`source:line: …`).
+pub fn parse_instances(text: &str, source: &str, labels: &[String]) -> Result<Vec<Instance>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(n, l)| {
             let mut inst: Instance = serde_json::from_str(l).map_err(|e| {
-                LibraryError::invalid("instances", format!("{}:{}: {e}", path.display(), n + 1))
+                LibraryError::invalid("instances", format!("{source}:{}: {e}", n + 1))
             })?;
             if inst.choices.is_empty() {
                 inst.choices = labels.to_vec();
