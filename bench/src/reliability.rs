@@ -91,7 +91,7 @@ impl Serve {
 
     /// What the server logged on opening its library: (vectors, whether the index was
     /// reloaded from its dump); waits up to 10 s for the line.
-    fn opened(&self) -> Option<(u64, bool)> {
+    async fn opened(&self) -> Option<(u64, bool)> {
         let until = Instant::now() + Duration::from_secs(10);
         loop {
             let found = self
@@ -113,7 +113,7 @@ impl Serve {
             if found.is_some() || Instant::now() > until {
                 return found;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -955,7 +955,7 @@ async fn crash_loop(
         }
         // A restart that rebuilt a graph (vectors in the library, no dump matching them:
         // writes since the last dump) dumps it without a clean shutdown.
-        let opened = server.opened();
+        let opened = server.opened().await;
         if round > 0 && opened.is_some_and(|(vectors, reloaded)| vectors > 0 && !reloaded) {
             rebuilds += 1;
             let until = Instant::now() + Duration::from_secs(30);
