@@ -64,6 +64,12 @@ impl LibraryError {
             _ => false,
         }
     }
+
+    /// Whether a file or directory was not there: one that sled removed (a retired blob)
+    /// between a listing and a look at it is not an error to whoever walks its files.
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
 }
 
 fn is_disk_full(e: &std::io::Error) -> bool {

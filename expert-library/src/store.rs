@@ -823,7 +823,11 @@ fn bytes_under(path: &Path) -> Result<u64> {
     }
     let mut total = 0;
     for e in fs::read_dir(path).map_err(|e| LibraryError::io(path, e))? {
-        total += bytes_under(&e.map_err(|e| LibraryError::io(path, e))?.path())?;
+        match bytes_under(&e.map_err(|e| LibraryError::io(path, e))?.path()) {
+            Ok(bytes) => total += bytes,
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(total)
 }
@@ -853,7 +857,10 @@ fn sync_tree(path: &Path) -> Result<()> {
     let m = fs::symlink_metadata(path).map_err(|e| LibraryError::io(path, e))?;
     if m.is_dir() {
         for e in fs::read_dir(path).map_err(|e| LibraryError::io(path, e))? {
-            sync_tree(&e.map_err(|e| LibraryError::io(path, e))?.path())?;
+            match sync_tree(&e.map_err(|e| LibraryError::io(path, e))?.path()) {
+                Err(e) if !e.is_not_found() => return Err(e),
+                _ => {}
+            }
         }
         sync_dir(path)
     } else if m.is_file() {

@@ -325,22 +325,26 @@ fn a_library_with_little_waste_is_not_compacted() {
     let tmp = tempfile::tempdir().unwrap();
     {
         let (lib, _) = open(tmp.path());
-        // Two thirds deleted: clearly more than half of the files is garbage, however
-        // sled happens to have laid out and retired its blobs.
+        // Half the experts deleted: still far more than half of the files is garbage (sled
+        // writes about three times the bytes it keeps), however it happens to have laid out
+        // and retired its blobs. Half of them kept: the live bytes stay well above what sled's
+        // retiring of blobs varies by (up to about 16 MiB), so that the little waste below
+        // stays under half of the files.
         for i in 0..60 {
             lib.register(heavy(&format!("e{i}"), &format!("w{i}"), 3), false)
                 .unwrap();
         }
-        for i in 20..60 {
+        for i in 30..60 {
             lib.delete(&format!("e{i}")).unwrap();
         }
     }
+    let disk0 = store_disk_bytes(tmp.path()).unwrap();
     let (lib, report) = open(tmp.path());
     let compacted = report
         .store_compaction
-        .expect("two thirds deleted: compacted");
+        .unwrap_or_else(|| panic!("half deleted: compacted; disk {disk0}"));
     eprintln!(
-        "40 experts of 60 deleted: store {:.1} MiB, live {:.1} MiB, {:.1} MiB compacted",
+        "30 experts of 60 deleted: store {:.1} MiB, live {:.1} MiB, {:.1} MiB compacted",
         mib(compacted.disk_bytes_before),
         mib(compacted.live_bytes),
         mib(compacted.disk_bytes_after)
@@ -361,7 +365,7 @@ fn a_library_with_little_waste_is_not_compacted() {
     eprintln!("little waste: store {:.1} MiB, not compacted", mib(disk));
     assert!(disk > 16 << 20, "{disk}");
     assert!(report.store_compaction.is_none(), "{report:?}");
-    assert_eq!(lib.len(), 19);
+    assert_eq!(lib.len(), 29);
     drop(lib);
     // Nor is a store below the minimum waste, however much of it is garbage.
     let small = tempfile::tempdir().unwrap();
