@@ -11,9 +11,9 @@ FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/roe /usr/local/bin/roe
 COPY --from=build /src/assets /opt/roe/assets
-ENV ROE_MODELS_DIR=/models ROE_DATA_DIR=/data/library ROE_ADDR=0.0.0.0:50051 RUST_LOG=info
+ENV ROE_MODELS_DIR=/models ROE_DATA_DIR=/data/library ROE_ADDR=0.0.0.0:50051 ROE_HTTP_ADDR=0.0.0.0:8080 RUST_LOG=info
 WORKDIR /opt/roe
-EXPOSE 50051
+EXPOSE 50051 8080
 VOLUME ["/data"]
 ENTRYPOINT ["roe"]
 CMD ["serve"]

@@ -11,10 +11,12 @@ cargo build --release --bin roe
 roe=./target/release/roe
 
 addr="${ROE_DEMO_ADDR:-127.0.0.1:50051}"
+http="${ROE_DEMO_HTTP_ADDR:-127.0.0.1:8080}"
 export ROE_SERVER="http://$addr"
 data="$(mktemp -d)"
 # The server logs warnings only, so that its lines do not interleave with the tables.
-RUST_LOG="${RUST_LOG:-warn}" "$roe" serve --addr "$addr" --data-dir "$data/library" &
+RUST_LOG="${RUST_LOG:-warn}" "$roe" serve --addr "$addr" --http-addr "$http" \
+  --data-dir "$data/library" &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
 
@@ -41,3 +43,14 @@ echo
 echo "== route and answer: a new task (ni_multirc_answerability, no expert of its own)"
 "$roe" answer --queries assets/tasks-routing/ni_multirc_answerability --num-queries 32 \
   --inputs assets/tasks-routing/ni_multirc_answerability --num-inputs 6 --abstain-threshold 0.5
+
+# The same library through the OpenAI-compatible HTTP API: `model: "auto"` routes the
+# request by its own text, and the response says which expert answered and why.
+echo
+echo "== OpenAI-compatible HTTP API (http://$http/v1): model \"auto\""
+for prompt in "WINNER!! You have been selected for a free prize. Txt CLAIM to 81010" \
+  "I can't believe how good this movie was, best thing I've seen all year"; do
+  curl -sf "http://$http/v1/completions" -H 'Content-Type: application/json' \
+    -d "{\"model\": \"auto\", \"prompt\": \"$prompt\", \"max_tokens\": 4, \"temperature\": 0}" |
+    python3 -c 'import json, sys; r = json.load(sys.stdin); print("%16s  share %.2f  answer %r" % (r["model"], r["roe"]["winner_share"], r["choices"][0]["text"].strip()))'
+done

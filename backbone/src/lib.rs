@@ -10,6 +10,7 @@
 //! - [`SoftPrompt`] and [`Lora`] load PEFT experts, read and validated by roe-peft against
 //!   [`Backbone::model_shape`] ([`ExpertError`]).
 
+pub mod chat;
 pub mod config;
 pub mod ensemble;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod model;
 pub mod score;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::BackboneConfig;
 pub use ensemble::{ensemble_vote, EnsembleVote};
 pub use error::{BackboneError, ExpertError, Result};

@@ -126,6 +126,30 @@ pub struct Backbone {
     cos: Tensor,
     sin: Tensor,
     tokenizer: TextTokenizer,
+    /// From the GGUF metadata (None when the file has none).
+    chat_template: Option<crate::chat::ChatTemplate>,
+}
+
+/// The chat template of the GGUF metadata, compiled, with the special tokens it may name.
+fn chat_template(
+    ct: &gguf_file::Content,
+    config: &BackboneConfig,
+    tokenizer: &TextTokenizer,
+) -> Result<Option<crate::chat::ChatTemplate>> {
+    let Some(source) = ct.metadata.get(crate::chat::CHAT_TEMPLATE_KEY) else {
+        return Ok(None);
+    };
+    let source = source.to_string().map_err(gguf_err)?;
+    let token = |id: Option<u32>| {
+        id.and_then(|id| tokenizer.id_to_token(id))
+            .unwrap_or_default()
+    };
+    crate::chat::ChatTemplate::new(
+        source,
+        &token(config.bos_token_id),
+        &token(Some(config.eos_token_id)),
+    )
+    .map(Some)
 }
 
 fn gguf_err(e: impl std::fmt::Display) -> BackboneError {
@@ -242,6 +266,7 @@ impl Backbone {
             Some(p) => TextTokenizer::from_file(p)?,
             None => TextTokenizer::from_gguf(&ct)?,
         };
+        let chat_template = chat_template(&ct, &config, &tokenizer)?;
         let device = Device::Cpu;
         let mut get = |name: &str| -> Result<QTensor> {
             ct.tensor(&mut reader, name, &device)
@@ -327,6 +352,7 @@ impl Backbone {
             cos,
             sin,
             tokenizer,
+            chat_template,
         })
     }
 
@@ -378,7 +404,37 @@ impl Backbone {
             cos,
             sin,
             tokenizer,
+            chat_template: None,
         })
+    }
+
+    /// The chat template of the GGUF file, if it has one.
+    pub fn chat_template(&self) -> Option<&crate::chat::ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// `messages` rendered with the backbone's chat template, the assistant's turn opened:
+    /// the text of a [`Backbone::raw_prompt`]. INVALID_ARGUMENT without a template.
+    pub fn render_chat(&self, messages: &[crate::chat::ChatMessage]) -> Result<String> {
+        match &self.chat_template {
+            Some(t) => t.render(messages),
+            None => Err(BackboneError::InvalidInput(format!(
+                "messages: this backbone has no chat template ({} in its GGUF metadata)",
+                crate::chat::CHAT_TEMPLATE_KEY
+            ))),
+        }
+    }
+
+    /// Prompt ids of `text` as it is, special tokens included (a plain continuation or a
+    /// rendered chat): the last [`RenderOptions::max_prompt_tokens`] kept, as the canonical
+    /// rendering keeps them.
+    pub fn raw_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        let most = crate::score::RenderOptions::default().max_prompt_tokens;
+        if ids.len() > most {
+            ids.drain(..ids.len() - most);
+        }
+        Ok(ids)
     }
 
     pub fn config(&self) -> &BackboneConfig {

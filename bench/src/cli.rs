@@ -61,6 +61,30 @@ pub enum BenchCommand {
     /// Resource attacks (upload memory, disk after deletes), CPU after a deadline, auth
     /// overhead and a kill -9 crash loop against real `roe serve` processes.
     Reliability(ReliabilityArgs),
+    /// HTTP /v1/completions (whole and streamed) against gRPC Generate for the same requests
+    /// on one real `roe serve`.
+    Http(HttpArgs),
+}
+
+#[derive(Args)]
+pub struct HttpArgs {
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    /// The LoRA expert that answers (its test rows are the prompts).
+    #[arg(long, default_value = "reddit_qa")]
+    task: String,
+    /// Rounds of the three calls.
+    #[arg(long, default_value_t = 60)]
+    rounds: usize,
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// The `roe` binary (default: beside this one).
+    #[arg(long)]
+    roe: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -337,6 +361,10 @@ pub struct RoutingArgs {
     clients: usize,
     #[arg(long, default_value_t = 10)]
     requests_per_client: usize,
+    /// Only Route latency, fresh queries and repeated ones (the embedding cache), written to
+    /// bench/results/route-latency.{md,json}; the accuracy results are left as they are.
+    #[arg(long)]
+    latency_only: bool,
 }
 
 #[derive(Args)]
@@ -398,6 +426,22 @@ pub fn run(
         BenchCommand::TrainParity(a) => train_parity(models_dir, a),
         BenchCommand::TrainLoop(a) => train_loop_bench(models_dir, encoder, a, rt),
         BenchCommand::Reliability(a) => reliability_bench(models_dir, a, rt),
+        BenchCommand::Http(a) => {
+            let exe = match a.roe {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("roe"),
+            };
+            rt.block_on(crate::http::run(crate::http::HttpBenchInput {
+                exe,
+                models_dir,
+                tasks_dir: &a.tasks_dir,
+                experts_dir: &a.experts,
+                task: a.task,
+                rounds: a.rounds,
+                max_tokens: a.max_tokens,
+                out: &a.out,
+            }))
+        }
     }
 }
 
@@ -837,6 +881,9 @@ fn routing(
 ) -> Result<()> {
     let cached = crate::caching_encoder::load_cached_encoder(models_dir, enc, &a.cache_dir)?;
     let tasks = load_tasks(&a)?;
+    if a.latency_only {
+        return route_latency_only(models_dir, enc, &a, cached, &tasks, rt);
+    }
     let variants = vec![
         Variant::new(
             "elm (paper) / instance",
@@ -1083,6 +1130,125 @@ fn routing(
     let (dir, name) = split(&a.json);
     write_results(&dir, &name, &json, &md)?;
     println!("wrote {}/{name}.json and .md", dir.display());
+    Ok(())
+}
+
+/// Route latency through gRPC on the routing library: fresh queries through the real
+/// encoder, then the same query sets again through the embedding cache (`roe serve`'s
+/// default), warmed by one pass over every set.
+fn route_latency_only(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    a: &RoutingArgs,
+    cached: Arc<dyn roe_expert_library::embedding::Encoder>,
+    tasks: &[SuiteTask],
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let dir = work.path().join("latency-library");
+    {
+        let (lib, _) = ExpertLibrary::open(&dir, cached, LibraryConfig::default())?;
+        for t in tasks {
+            lib.register(
+                NewExpert {
+                    id: t.task.name().into(),
+                    name: t.task.name().into(),
+                    description: String::new(),
+                    backbone: None,
+                    adapter: t.adapter.clone().unwrap_or_else(routing_only_adapter),
+                    instances: sample(&t.task.train, a.s, 0),
+                },
+                false,
+            )?;
+        }
+    }
+    let sets: Vec<Vec<proto::Query>> = tasks
+        .iter()
+        .map(|t| {
+            sample(&t.task.test, a.q, 99)
+                .iter()
+                .map(|i| proto::Query {
+                    input: i.input.clone(),
+                    choices: i.choices.clone(),
+                    target: None,
+                })
+                .collect()
+        })
+        .collect();
+    let batching: Arc<dyn roe_expert_library::embedding::Encoder> =
+        Arc::new(models::load_serving_encoder(models_dir, enc)?);
+    // Fresh: every request's queries go through the encoder.
+    let fresh = {
+        let (lib, _) = ExpertLibrary::open(&dir, batching.clone(), LibraryConfig::default())?;
+        rt.block_on(latency::route_latency(
+            Arc::new(lib),
+            sets.clone(),
+            a.clients,
+            a.requests_per_client,
+        ))?
+    };
+    // Repeated: the same sets, their vectors in the embedding cache.
+    let caching = Arc::new(roe_encoder::CachingEncoder::new(batching, 64 << 20));
+    let repeated = {
+        let (lib, _) = ExpertLibrary::open(&dir, caching.clone(), LibraryConfig::default())?;
+        let lib = Arc::new(lib);
+        for set in &sets {
+            let queries: Vec<_> = set
+                .iter()
+                .cloned()
+                .map(roe_services::convert::query_from_proto)
+                .collect();
+            lib.route(&queries, &RouteOptions::default())?;
+        }
+        rt.block_on(latency::route_latency(
+            lib,
+            sets.clone(),
+            a.clients,
+            a.requests_per_client,
+        ))?
+    };
+    use std::sync::atomic::Ordering::Relaxed;
+    let (hits, misses) = (
+        caching.stats().hits.load(Relaxed),
+        caching.stats().misses.load(Relaxed),
+    );
+    let row = |name: &str, l: &latency::LatencyReport| {
+        format!(
+            "| {name} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            l.clients,
+            l.queries_per_request,
+            l.requests,
+            l.p50_ms,
+            l.p99_ms,
+            l.mean_ms,
+            l.requests_per_s
+        )
+    };
+    let md = format!(
+        "# Route latency through gRPC\n\n`roe bench routing --latency-only`: the {} experts of \
+         the routing benchmark (S={}), Q={} test queries per request, {} concurrent clients, \
+         loopback gRPC, the real encoder, default strategy. Repeated: the same query sets \
+         again, their vectors in the embedding cache (`roe serve --embedding-cache-mb`, \
+         default 64), after one warm-up pass over every set; the cache answered {hits} texts \
+         and embedded {misses}.\n\n| queries | clients | Q | requests | p50 ms | p99 ms | \
+         mean ms | routes/s |\n|---|---|---|---|---|---|---|---|\n{}{}",
+        tasks.len(),
+        a.s,
+        a.q,
+        a.clients,
+        row("fresh", &fresh),
+        row("repeated (embedding cache)", &repeated),
+    );
+    let json = serde_json::json!({
+        "setup": {"s": a.s, "q": a.q, "tasks": tasks.len(), "clients": a.clients},
+        "machine": machine(),
+        "fresh": fresh,
+        "repeated": repeated,
+        "cache": {"hits": hits, "misses": misses},
+    });
+    let (out, _) = split(&a.json);
+    write_results(&out, "route-latency", &json, &md)?;
+    println!("{md}");
     Ok(())
 }
 

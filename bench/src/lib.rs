@@ -10,6 +10,7 @@ pub mod eval;
 pub mod eval_chart;
 pub mod generate;
 pub mod hnsw;
+pub mod http;
 pub mod latency;
 pub mod reliability;
 pub mod routing_accuracy;

@@ -55,6 +55,7 @@ impl Serve {
             .args(flags)
             .env("RUST_LOG", "info")
             .env("ROE_LOG_FORMAT", "text")
+            .env("ROE_HTTP_ADDR", "")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -121,6 +121,12 @@ enum Command {
 struct ServeArgs {
     #[arg(long, env = "ROE_ADDR", default_value = "127.0.0.1:50051")]
     addr: String,
+    /// Where the HTTP API listens: OpenAI-compatible completions and chat (model "auto"
+    /// routes), roe's JSON endpoints, /openapi.json and Prometheus /metrics. Empty: no HTTP
+    /// server. Default 127.0.0.1:8080; not served by --role inference (the router process
+    /// serves it).
+    #[arg(long, env = "ROE_HTTP_ADDR")]
+    http_addr: Option<String>,
     /// Where the sled library lives.
     #[arg(long, env = "ROE_DATA_DIR", default_value = "data/library")]
     data_dir: PathBuf,
@@ -337,6 +343,10 @@ struct ServingArgs {
     /// Memory for loaded experts (MiB of weights).
     #[arg(long, env = "ROE_EXPERT_CACHE_MB", default_value_t = 512)]
     expert_cache_mb: u64,
+    /// Memory for the vectors of texts already embedded (MiB; 0: no cache): a query or an
+    /// instance seen before is not embedded again.
+    #[arg(long, env = "ROE_EMBEDDING_CACHE_MB", default_value_t = 64)]
+    embedding_cache_mb: u64,
     /// With --role inference: deadline of each call to the router process (ms).
     #[arg(long, env = "ROE_REMOTE_TIMEOUT_MS", default_value_t = 30_000)]
     remote_timeout_ms: u64,
@@ -659,6 +669,9 @@ fn run_bench(g: &Global, first: Option<&str>, args: Vec<std::ffi::OsString>) -> 
     Ok(())
 }
 
+/// Where the HTTP API listens unless told otherwise.
+const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+
 async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     match a.role {
         ServeRole::Inference => return cmd_serve_inference(g, a).await,
@@ -670,13 +683,28 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     }
     // Keys are checked first: a server that would be exposed fails before loading anything.
     let auth = a.access.layer(&a.addr).await?;
+    let http_addr = a
+        .http_addr
+        .clone()
+        .unwrap_or_else(|| DEFAULT_HTTP_ADDR.to_string());
+    if !http_addr.is_empty() {
+        a.access.layer(&http_addr).await?;
+    }
     let tls = a.tls()?;
+    // Installed before anything records: the exporter /metrics renders.
+    let metrics = roe_http::metrics::install();
     // The router role is the library and router of the single process, without the backbone.
     let no_inference = a.no_inference || a.role == ServeRole::Router;
-    let encoder = Arc::new(models::load_serving_encoder(
-        &g.models_dir,
-        g.encoder.as_deref(),
-    )?);
+    let encoder: Arc<dyn roe_expert_library::embedding::Encoder> = {
+        let batching = Arc::new(models::load_serving_encoder(
+            &g.models_dir,
+            g.encoder.as_deref(),
+        )?);
+        match a.serving.embedding_cache_mb {
+            0 => batching,
+            mb => Arc::new(roe_encoder::CachingEncoder::new(batching, mb << 20)),
+        }
+    };
     // Loaded first so that registration validates experts against the shape of the model
     // that will run them, not a built-in one.
     let backbone = if no_inference {
@@ -771,23 +799,67 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         None => None,
     };
     let listener = bind(&a.addr).await?;
+    let route_defaults = roe_expert_library::RouteOptions {
+        abstain_threshold: a.abstain_threshold,
+        ..Default::default()
+    };
+    let concurrency = ConcurrencyLimitLayer::new(a.max_concurrent_requests);
+    let http = if http_addr.is_empty() {
+        None
+    } else {
+        let router = Arc::new(roe_serving::LocalRouter::new(
+            library.clone(),
+            route_defaults.clone(),
+        ));
+        let answerer = inference.clone().map(|i| {
+            Arc::new(roe_serving::BackboneAnswerer::new(
+                i,
+                router.clone(),
+                fallback_expert.clone(),
+            ))
+        });
+        let mut state =
+            roe_http::HttpState::new(library.clone(), router, inference.clone(), answerer);
+        state.keys = auth.keys().clone();
+        state.limit = concurrency.permits();
+        state.metrics = metrics;
+        let listener = tokio::net::TcpListener::bind(&http_addr)
+            .await
+            .with_context(|| format!("binding --http-addr {http_addr}"))?;
+        println!("roe HTTP listening on {}", listener.local_addr()?);
+        Some((listener, state))
+    };
     let options = ServeOptions {
         auth,
-        concurrency: ConcurrencyLimitLayer::new(a.max_concurrent_requests),
+        concurrency,
         max_concurrent_uploads: a.limits.max_concurrent_uploads,
         tls,
-        route_defaults: roe_expert_library::RouteOptions {
-            abstain_threshold: a.abstain_threshold,
-            ..Default::default()
-        },
+        route_defaults,
         inference,
         fallback_expert,
         route_client: None,
         training,
     };
     let drain = a.drain_timeout();
-    serve_with_drain(drain, |shutdown| {
-        serve(listener, library, options, shutdown)
+    serve_with_drain(drain, |shutdown| async move {
+        // Both servers stop on the same signal.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Some((listener, state)) = http {
+            let shutdown = until(stopped.clone());
+            tokio::spawn(async move {
+                if let Err(e) = roe_http::serve(listener, state, shutdown).await {
+                    tracing::error!("the HTTP server stopped: {e}");
+                }
+            });
+        }
+        serve(listener, library, options, until(stopped)).await
     })
     .await
 }
@@ -908,6 +980,14 @@ async fn cmd_serve_inference(g: &Global, a: ServeArgs) -> Result<()> {
     };
     if a.no_inference {
         bail!("--no-inference contradicts --role inference");
+    }
+    // The HTTP API needs the library: the router process serves it (an image's
+    // ROE_HTTP_ADDR must not stop an inference process from starting).
+    if let Some(addr) = a.http_addr.as_ref().filter(|h| !h.is_empty()) {
+        tracing::warn!(
+            %addr,
+            "--http-addr is not used by --role inference: the router process serves the HTTP API"
+        );
     }
     let auth = a.access.layer(&a.addr).await?;
     let tls = a.tls()?;

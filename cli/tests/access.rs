@@ -47,6 +47,7 @@ fn an_open_server_will_not_listen_beyond_loopback() {
         .env_remove("ROE_ADMIN_KEYS")
         .env_remove("ROE_READ_KEYS")
         .env_remove("ROE_ALLOW_UNAUTHENTICATED")
+        .env("ROE_HTTP_ADDR", "")
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -95,6 +96,7 @@ fn cli_clients_pass_their_key_and_read_keys_cannot_write() {
         .env("ROE_ADMIN_KEYS", ADMIN)
         .env("ROE_READ_KEYS", format!("ci:{READ}"))
         .env("RUST_LOG", "info")
+        .env("ROE_HTTP_ADDR", "")
         .args(["--log-format", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

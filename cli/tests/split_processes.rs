@@ -55,6 +55,7 @@ fn spawn(args: &[&str], cwd: &Path) -> (Server, ChildStdout) {
         .env_remove("ROE_DATA_DIR")
         .env_remove("ROE_ROLE")
         .env_remove("ROE_LIBRARY_URL")
+        .env("ROE_HTTP_ADDR", "")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

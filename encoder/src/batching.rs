@@ -75,6 +75,7 @@ impl BatchingEncoder {
 /// reaches every job of the batch.
 fn run_batch(inner: &dyn Encoder, jobs: Vec<EmbedJob>) {
     let all: Vec<String> = jobs.iter().flat_map(|(t, _)| t.iter().cloned()).collect();
+    crate::metrics::batch(all.len());
     let embedded = std::panic::catch_unwind(AssertUnwindSafe(|| inner.embed(&all)))
         .unwrap_or_else(|panic| {
             let why = panic

@@ -8,6 +8,8 @@
 mod batching;
 mod bert;
 mod bert_encoder;
+pub mod cache;
+pub mod metrics;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +35,8 @@ pub fn encoder_dir(models_dir: &Path, explicit: Option<&Path>) -> PathBuf {
 
 /// The encoder as the server runs it: one worker batching concurrent requests over the BERT
 /// model in `dir`.
+pub use cache::CachingEncoder;
+
 pub fn serving_encoder(dir: &Path) -> Result<BatchingEncoder, LibraryError> {
     let bert: Arc<dyn Encoder> = Arc::new(BertEncoder::load(dir, ENCODER_MAX_TOKENS)?);
     Ok(BatchingEncoder::new(bert, MAX_BATCH_TEXTS))

@@ -11,6 +11,7 @@ pub mod index;
 mod lexical;
 pub mod library;
 pub mod merge;
+pub mod metrics;
 pub mod persist;
 pub mod retrieval;
 pub mod store;

@@ -788,6 +788,11 @@ impl ExpertLibrary {
         self.store.is_empty()
     }
 
+    /// Instance vectors in the routing index.
+    pub fn num_vectors(&self) -> usize {
+        self.state.read().num_vectors()
+    }
+
     pub fn delete(&self, id: &str) -> Result<ExpertMeta> {
         let _w = self.writes.lock();
         let meta = self.get(id)?;
@@ -900,7 +905,9 @@ impl ExpertLibrary {
         if !wanted() {
             return Err(LibraryError::Cancelled);
         }
-        self.route_embedded(queries, &vectors, options)
+        let routed = self.route_embedded(queries, &vectors, options)?;
+        crate::metrics::routed(routed.abstain);
+        Ok(routed)
     }
 
     /// Routes queries whose vectors are already known (benchmarks reuse them across options).

@@ -219,9 +219,9 @@ impl ApiKeys {
     }
 }
 
-/// The key a request presents: `authorization: Bearer <key>` or `api-key: <key>`.
-fn presented<B>(req: &http::Request<B>) -> Option<&[u8]> {
-    let h = req.headers();
+/// The key a request presents: `authorization: Bearer <key>` or `api-key: <key>` (the
+/// same headers on gRPC and HTTP).
+pub fn presented(h: &http::HeaderMap) -> Option<&[u8]> {
     if let Some(v) = h.get(http::header::AUTHORIZATION) {
         let v = v.as_bytes();
         return match v.get(..7) {
@@ -247,7 +247,7 @@ pub fn check<B>(
     if access == Access::Public {
         return Ok(());
     }
-    let Some(presented) = presented(req) else {
+    let Some(presented) = presented(req.headers()) else {
         tracing::warn!(target: "audit", method = path, "refused: no API key");
         return Err(Status::unauthenticated(
             "authorization: no API key; send `authorization: Bearer <key>` or `api-key: <key>`",
@@ -285,6 +285,11 @@ impl AuthLayer {
             keys,
             reflection_public,
         }
+    }
+
+    /// The keys checked (the HTTP API checks the same ones).
+    pub fn keys(&self) -> &Arc<ApiKeys> {
+        &self.keys
     }
 }
 

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use roe_serving::{BackboneInference, EnsembleRequest, GenerateRequest, ScoreRequest};
+use roe_serving::{
+    BackboneInference, EnsembleRequest, GenerateRequest, PromptFormat, ScoreRequest,
+};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
@@ -86,6 +88,7 @@ impl Api for InferenceService {
             .generate(GenerateRequest {
                 expert_id: req.expert_id,
                 input: req.input,
+                format: PromptFormat::Canonical,
                 options,
             })
             .await

@@ -13,6 +13,7 @@ pub mod library_service;
 pub mod load_shed;
 pub mod message_limit;
 pub mod remote;
+pub mod request_metrics;
 pub mod router_service;
 pub mod server;
 pub mod status;
@@ -22,6 +23,8 @@ pub mod training_service;
 pub mod proto {
     //! Generated from `proto/roe/v1/roe.proto`.
     tonic::include_proto!("roe.v1");
+    // serde for every message, in the proto3 JSON mapping (the HTTP API's roe endpoints).
+    include!(concat!(env!("OUT_DIR"), "/roe.v1.serde.rs"));
     /// Encoded descriptors for the reflection service.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("roe_descriptor");
 }

@@ -23,6 +23,12 @@ impl ConcurrencyLimitLayer {
             limit: (max > 0).then(|| (max, Arc::new(Semaphore::new(max)))),
         }
     }
+
+    /// The bound and its places, shared with the HTTP API so that both servers count
+    /// against one limit (None: no bound).
+    pub fn permits(&self) -> Option<(usize, Arc<Semaphore>)> {
+        self.limit.clone()
+    }
 }
 
 impl<S> tower_layer::Layer<S> for ConcurrencyLimitLayer {

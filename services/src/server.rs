@@ -27,6 +27,7 @@ use crate::proto::{
     answerer_server::AnswererServer, expert_library_server::ExpertLibraryServer,
     inference_server::InferenceServer, router_server::RouterServer,
 };
+use crate::request_metrics::RequestMetricsLayer;
 use crate::router_service::RouterService;
 
 /// Largest gRPC message accepted: adapters of small backbones fit in one unary request;
@@ -215,6 +216,7 @@ pub async fn serve(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving");
     let served = builder(options.tls.clone())?
+        .layer(RequestMetricsLayer)
         .layer(options.auth.clone())
         .layer(options.concurrency.clone())
         .layer(MessageLimitLayer)
@@ -265,6 +267,7 @@ pub async fn serve_inference(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving inference only");
     let served = builder(options.tls.clone())?
+        .layer(RequestMetricsLayer)
         .layer(options.auth.clone())
         .layer(options.concurrency.clone())
         .layer(MessageLimitLayer)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use roe_backbone::{FinishReason, GenerateParams, ScoreOutput};
 use roe_expert_library::{Query, RouteResult};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, PromptFormat};
 use crate::error::{Result, ServingError};
 use crate::generation_queue::GenerationRequest;
 use crate::inference::Inference;
@@ -67,6 +67,17 @@ pub struct Answered {
     pub answers: Vec<Answer>,
 }
 
+/// The expert a routed task goes to, and why.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    pub routing: RouteResult,
+    /// The winner, or the fallback ("" = the bare backbone) when routing abstained.
+    pub expert_id: String,
+    pub fell_back: bool,
+    /// Why routing abstained (empty when it did not).
+    pub fallback_reason: String,
+}
+
 /// What to answer, after the checks.
 #[derive(Debug)]
 enum Work {
@@ -97,11 +108,12 @@ impl<B: Backend> Answerer<B> {
         }
     }
 
-    pub async fn answer(&self, req: AnswerRequest) -> Result<Answered> {
-        let (queries, work) = plan(&self.inference.config().limits, &req)?;
-        let req_threshold = req.route.abstain_threshold;
-        // The router names its options `options.*`; in an Answer they are `route.*`.
-        let routing = self.router.route(queries, req.route).await.map_err(|e| {
+    /// Routes a task and picks the expert that answers it: the winner, or the server's
+    /// fallback when routing abstains. Router errors name their options `route.*`.
+    pub async fn choose(&self, queries: Vec<Query>, route: RouteOverrides) -> Result<Chosen> {
+        let req_threshold = route.abstain_threshold;
+        // The router names its options `options.*`; here they are `route.*`.
+        let routing = self.router.route(queries, route).await.map_err(|e| {
             match e.message.strip_prefix("options.") {
                 Some(rest) => ServingError::new(e.kind, format!("route.{rest}")),
                 None => e,
@@ -116,6 +128,22 @@ impl<B: Backend> Answerer<B> {
                 self.fallback_reason(req_threshold, &routing),
             ),
         };
+        Ok(Chosen {
+            routing,
+            expert_id,
+            fell_back,
+            fallback_reason,
+        })
+    }
+
+    pub async fn answer(&self, req: AnswerRequest) -> Result<Answered> {
+        let (queries, work) = plan(&self.inference.config().limits, &req)?;
+        let Chosen {
+            routing,
+            expert_id,
+            fell_back,
+            fallback_reason,
+        } = self.choose(queries, req.route).await?;
         let expert = match self.inference.resolve(&expert_id).await {
             Ok(e) => e,
             // The configured fallback was deleted (or replaced by one that no longer fits)
@@ -155,6 +183,7 @@ impl<B: Backend> Answerer<B> {
                     .map(|i| GenerationRequest {
                         expert: expert.clone(),
                         input: i.input,
+                        format: PromptFormat::Canonical,
                         params: params.clone(),
                     })
                     .collect();

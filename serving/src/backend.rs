@@ -23,9 +23,21 @@ pub fn never_withdrawn() -> bool {
     false
 }
 
+/// How a generation's input becomes its prompt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PromptFormat {
+    /// The canonical rendering the experts were trained on: `input + "\nAnswer:"`.
+    #[default]
+    Canonical,
+    /// The input's tokens as they are (a plain continuation, or a chat already rendered with
+    /// the backbone's template), special tokens included.
+    Raw,
+}
+
 /// One generation to start in a batch.
 pub struct GenerationInput<'a, E> {
     pub input: &'a str,
+    pub format: PromptFormat,
     pub expert: Option<&'a E>,
     pub params: &'a GenerateParams,
 }
@@ -52,6 +64,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// An empty generation batch that requests join with [`GenerationBatch::admit`].
     fn generation(&self) -> Self::Generation<'_>;
+
+    /// A conversation rendered with the backbone's own chat template, ready for the
+    /// generation prompt ([`PromptFormat::Raw`]); INVALID_ARGUMENT when the backbone has no
+    /// template or the messages do not fit it.
+    fn chat_prompt(&self, messages: &[roe_backbone::ChatMessage]) -> Result<String>;
+
+    /// How many tokens the prompt of `input` in `format` has (for usage counts).
+    fn prompt_tokens(&self, input: &str, format: PromptFormat) -> Result<usize>;
 }
 
 /// Rows decoded together, one forward per step for the rows still generating. Rows are

@@ -52,11 +52,13 @@ impl<E: Send + Sync + 'static> ExpertCache<E> {
     ) -> Result<Arc<E>> {
         if let Some(c) = self.entries.get(&meta.id).await {
             if c.version == meta.version && c.sha256 == meta.weights_sha256 {
+                crate::metrics::cache_lookup(true);
                 return Ok(c.expert.clone());
             }
             // A new version was registered: the old weights must not answer again.
             self.entries.invalidate(&meta.id).await;
         }
+        crate::metrics::cache_lookup(false);
         let cached = self
             .entries
             .try_get_with(meta.id.clone(), async {
@@ -70,6 +72,9 @@ impl<E: Send + Sync + 'static> ExpertCache<E> {
             })
             .await
             .map_err(|e: Arc<ServingError>| (*e).clone())?;
+        // A miss is rare: bringing the size up to date for the gauge is worth its cost.
+        self.entries.run_pending_tasks().await;
+        crate::metrics::cache_bytes(self.entries.weighted_size());
         Ok(cached.expert.clone())
     }
 

@@ -6,7 +6,7 @@ use roe_backbone::{
 };
 use roe_expert_library::{ExpertKind, PeftAdapter};
 
-use crate::backend::{Backend, GenerationBatch, GenerationInput, ScoreInput};
+use crate::backend::{Backend, GenerationBatch, GenerationInput, PromptFormat, ScoreInput};
 use crate::error::{Result, ServingError};
 
 /// An expert loaded for the backbone.
@@ -86,6 +86,18 @@ impl Backend for Backbone {
             generator: BatchGenerator::new(self),
         }
     }
+
+    fn chat_prompt(&self, messages: &[roe_backbone::ChatMessage]) -> Result<String> {
+        Ok(self.render_chat(messages)?)
+    }
+
+    fn prompt_tokens(&self, input: &str, format: PromptFormat) -> Result<usize> {
+        Ok(match format {
+            PromptFormat::Canonical => self.render_prompt(input, &RenderOptions::default())?,
+            PromptFormat::Raw => self.raw_prompt(input)?,
+        }
+        .len())
+    }
 }
 
 /// A [`BatchGenerator`] that renders its requests' prompts as it admits them.
@@ -98,10 +110,14 @@ impl GenerationBatch<LoadedExpert> for BackboneGeneration<'_> {
     fn admit(&mut self, inputs: &[GenerationInput<'_, LoadedExpert>]) -> Result<()> {
         let mut reqs = Vec::with_capacity(inputs.len());
         for i in inputs {
-            reqs.push(GenerateRequest {
-                prompt_ids: self
+            let prompt_ids = match i.format {
+                PromptFormat::Canonical => self
                     .backbone
                     .render_prompt(i.input, &RenderOptions::default())?,
+                PromptFormat::Raw => self.backbone.raw_prompt(i.input)?,
+            };
+            reqs.push(GenerateRequest {
+                prompt_ids,
                 adapters: adapters(i.expert),
                 params: i.params.clone(),
             });

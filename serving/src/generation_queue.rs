@@ -9,12 +9,13 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use roe_backbone::{GenerateParams, GeneratedToken};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{Backend, GenerationBatch, GenerationInput};
+use crate::backend::{Backend, GenerationBatch, GenerationInput, PromptFormat};
 use crate::config::ServingConfig;
 use crate::error::{Result, ServingError};
 use crate::stats::InferenceStats;
@@ -24,6 +25,7 @@ use crate::worker::{panic_message, Batcher, Liveness, LivenessGuard};
 pub struct GenerationRequest<E> {
     pub expert: Option<Arc<E>>,
     pub input: String,
+    pub format: PromptFormat,
     pub params: GenerateParams,
 }
 
@@ -39,6 +41,31 @@ struct GenerationJob<E> {
     /// Told once the prompt has run, or why it could not.
     started: oneshot::Sender<Result<()>>,
     tokens: TokenSender,
+    submitted: Instant,
+}
+
+/// The stream of one row, and when its request was submitted until its first token.
+struct RowSender {
+    tx: TokenSender,
+    submitted: Option<Instant>,
+}
+
+impl RowSender {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn send(
+        &mut self,
+        token: Result<GeneratedToken>,
+    ) -> std::result::Result<(), mpsc::error::SendError<Result<GeneratedToken>>> {
+        if token.is_ok() {
+            if let Some(submitted) = self.submitted.take() {
+                crate::metrics::first_token(submitted.elapsed());
+            }
+        }
+        self.tx.send(token)
+    }
 }
 
 pub struct GenerationQueue<E> {
@@ -95,10 +122,13 @@ impl<E: Send + Sync + 'static> GenerationQueue<E> {
                 request,
                 started,
                 tokens,
+                submitted: Instant::now(),
             });
             waiting.push((started_rx, tokens_rx));
         }
+        crate::metrics::generate_queued(group.len());
         if self.tx.send(group).await.is_err() {
+            crate::metrics::generate_dequeued(waiting.len());
             let e = ServingError::unavailable("the generation queue has stopped");
             return waiting.iter().map(|_| Err(e.clone())).collect();
         }
@@ -141,6 +171,7 @@ async fn schedule<B: Backend>(
     let mut newest: Option<Arc<OpenBatch<B::Expert>>> = None;
     let mut batches = Batcher::new(rx, max, config.generate_batch_wait);
     while let Some(mut jobs) = batches.next().await {
+        crate::metrics::generate_dequeued(jobs.len());
         jobs.retain(|j| !j.tokens.is_closed());
         if jobs.is_empty() {
             continue;
@@ -244,10 +275,11 @@ fn drive<B: Backend>(
                 for (row, token) in tokens.into_iter().enumerate() {
                     let Some(token) = token else { continue };
                     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::token_generated();
                     let sent = streams
                         .senders
-                        .get(row)
-                        .and_then(Option::as_ref)
+                        .get_mut(row)
+                        .and_then(Option::as_mut)
                         .map(|tx| tx.send(Ok(token)));
                     if matches!(sent, Some(Err(_))) {
                         generator.stop_row(row);
@@ -278,7 +310,7 @@ fn drive<B: Backend>(
 fn admit<E, G: GenerationBatch<E>>(
     stats: &InferenceStats,
     generator: &mut G,
-    senders: &mut Vec<Option<TokenSender>>,
+    senders: &mut Vec<Option<RowSender>>,
     jobs: Vec<GenerationJob<E>>,
     joining: bool,
 ) {
@@ -294,6 +326,7 @@ fn admit<E, G: GenerationBatch<E>>(
     fn input<E>(job: &GenerationJob<E>) -> GenerationInput<'_, E> {
         GenerationInput {
             input: &job.request.input,
+            format: job.request.format,
             expert: job.request.expert.as_deref(),
             params: &job.request.params,
         }
@@ -303,9 +336,12 @@ fn admit<E, G: GenerationBatch<E>>(
         generator.admit(&inputs)
     };
     let mut admitted = 0;
-    let mut started = |job: GenerationJob<E>, senders: &mut Vec<Option<TokenSender>>| {
+    let mut started = |job: GenerationJob<E>, senders: &mut Vec<Option<RowSender>>| {
         let _ = job.started.send(Ok(()));
-        senders.push(Some(job.tokens));
+        senders.push(Some(RowSender {
+            tx: job.tokens,
+            submitted: Some(job.submitted),
+        }));
         admitted += 1;
     };
     match together {
@@ -337,12 +373,13 @@ fn admit<E, G: GenerationBatch<E>>(
     stats
         .max_generate_batch
         .fetch_max(generator.len() as u64, Ordering::Relaxed);
+    crate::metrics::generate_batch(generator.len());
 }
 
 /// The token streams of a batch's rows (a row's sender until it finishes) and how many of
 /// them `active_generations` counts.
 struct RowStreams<'s> {
-    senders: Vec<Option<TokenSender>>,
+    senders: Vec<Option<RowSender>>,
     active: usize,
     stats: &'s InferenceStats,
 }
@@ -369,7 +406,7 @@ impl RowStreams<'_> {
     /// Ends every stream still open with `e`.
     fn fail_all(&mut self, e: &ServingError) {
         self.count(0);
-        for tx in self.senders.iter_mut().flat_map(Option::take) {
+        for mut tx in self.senders.iter_mut().flat_map(Option::take) {
             let _ = tx.send(Err(e.clone()));
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use roe_backbone::{ensemble_vote, EnsembleVote, FinishReason, ScoreOutput};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, PromptFormat};
 use crate::cache::{ExpertCache, Loaded};
 use crate::config::ServingConfig;
 use crate::error::{blocking, Result, ServingError};
@@ -45,6 +45,7 @@ pub struct EnsembleOutput {
 pub struct GenerateRequest {
     pub expert_id: String,
     pub input: String,
+    pub format: PromptFormat,
     pub options: GenerateOptions,
 }
 
@@ -158,6 +159,7 @@ impl<B: Backend> Inference<B> {
         })
         .await?;
         self.stats.expert_loads.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::expert_loaded(started.elapsed());
         self.stats
             .expert_load_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -166,6 +168,19 @@ impl<B: Backend> Inference<B> {
             bytes,
             expert,
         })
+    }
+
+    /// A conversation rendered with the backbone's chat template (the text of a
+    /// [`PromptFormat::Raw`] generation).
+    pub async fn chat_prompt(&self, messages: Vec<roe_backbone::ChatMessage>) -> Result<String> {
+        let backend = self.backend.clone();
+        blocking(move || backend.chat_prompt(&messages)).await
+    }
+
+    /// Tokens of the prompt `input` makes in `format` (usage counts).
+    pub async fn prompt_tokens(&self, input: String, format: PromptFormat) -> Result<usize> {
+        let backend = self.backend.clone();
+        blocking(move || backend.prompt_tokens(&input, format)).await
     }
 
     /// Checks that expert `id` ("" = bare backbone) exists, fits this backbone and loads
@@ -239,6 +254,7 @@ impl<B: Backend> Inference<B> {
             .submit(vec![GenerationRequest {
                 expert,
                 input: req.input,
+                format: req.format,
                 params,
             }])
             .await

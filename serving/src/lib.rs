@@ -20,14 +20,15 @@ pub mod error;
 pub mod experts;
 pub mod generation_queue;
 pub mod inference;
+pub mod metrics;
 pub mod routing;
 pub mod score_queue;
 pub mod stats;
 pub mod validate;
 mod worker;
 
-pub use answer::{Answer, AnswerInput, AnswerMode, AnswerRequest, Answered, Answerer};
-pub use backend::{Backend, GenerationBatch, GenerationInput, ScoreInput};
+pub use answer::{Answer, AnswerInput, AnswerMode, AnswerRequest, Answered, Answerer, Chosen};
+pub use backend::{Backend, GenerationBatch, GenerationInput, PromptFormat, ScoreInput};
 pub use cache::ExpertCache;
 pub use candle::{answer_end_id, LoadedExpert};
 pub use config::{RequestLimits, ServingConfig};

@@ -74,10 +74,12 @@ impl<E: Send + Sync + 'static> ScoreQueue<E> {
             replies.push(rx);
             group.push(ScoreJob { item, reply });
             if group.len() == self.max_batch || i + 1 == n {
-                self.tx
-                    .send(std::mem::take(&mut group))
-                    .await
-                    .map_err(|_| ServingError::unavailable("the Score queue has stopped"))?;
+                let size = group.len();
+                crate::metrics::score_queued(size);
+                if self.tx.send(std::mem::take(&mut group)).await.is_err() {
+                    crate::metrics::score_dequeued(size);
+                    return Err(ServingError::unavailable("the Score queue has stopped"));
+                }
             }
         }
         let mut outs = Vec::with_capacity(replies.len());
@@ -100,6 +102,7 @@ async fn schedule<B: Backend>(
 ) {
     let mut batches = Batcher::new(rx, config.max_score_batch, config.score_batch_wait);
     while let Some(mut jobs) = batches.next().await {
+        crate::metrics::score_dequeued(jobs.len());
         // Requests whose clients went away need no work.
         jobs.retain(|j| !j.reply.is_closed());
         if jobs.is_empty() {
@@ -141,6 +144,7 @@ fn run_batch<B: Backend>(backend: &B, stats: &InferenceStats, jobs: Vec<ScoreJob
     stats
         .score_batch_micros
         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    crate::metrics::score_batch(inputs.len(), started.elapsed());
     let results: Vec<Result<ScoreOutput>> = match together {
         Ok(outs) if outs.len() == inputs.len() => outs
             .into_iter()

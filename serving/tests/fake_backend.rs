@@ -84,6 +84,14 @@ impl Backend for Fake {
     fn generation(&self) -> FakeGeneration {
         FakeGeneration { rows: Vec::new() }
     }
+
+    fn chat_prompt(&self, messages: &[roe_backbone::ChatMessage]) -> Result<String> {
+        Ok(messages.iter().map(|m| m.content.as_str()).collect())
+    }
+
+    fn prompt_tokens(&self, input: &str, _format: roe_serving::PromptFormat) -> Result<usize> {
+        Ok(input.split_whitespace().count())
+    }
 }
 
 struct FakeRow {
@@ -231,6 +239,7 @@ fn generate(input: &str, tokens: u32) -> GenerateRequest {
     GenerateRequest {
         expert_id: String::new(),
         input: input.into(),
+        format: Default::default(),
         options: GenerateOptions {
             max_new_tokens: tokens,
             seed: Some(1),

@@ -1,0 +1,336 @@
+//! roe's HTTP API, beside gRPC in `roe serve` (as text-embeddings-inference's `router/`
+//! serves both): the OpenAI API's models, completions and chat completions, where `model`
+//! is an expert id, `base` or `auto` (routed); roe's own JSON endpoints mirroring the gRPC
+//! messages; `/openapi.json`; Prometheus `/metrics`; `/health`.
+//!
+//! The handlers call the serving core and the library, never the gRPC handlers; requests
+//! meet the same checks (the core validates), the same API keys and the same bound on
+//! requests in flight as gRPC. One module maps errors to responses ([`error`]).
+
+pub mod completions;
+pub mod error;
+pub mod metrics;
+pub mod models;
+pub mod openai;
+pub mod openapi;
+pub mod roe_api;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use roe_expert_library::ExpertLibrary;
+use roe_services::auth::{presented, ApiKeys};
+use roe_serving::{BackboneAnswerer, BackboneInference, LocalRouter, RequestLimits};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::error::{ApiError, ApiResult};
+
+/// Largest request body: the gRPC server's message limit.
+pub const MAX_BODY_BYTES: usize = roe_services::server::MAX_MESSAGE_BYTES;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub library: Arc<ExpertLibrary>,
+    pub router: Arc<LocalRouter>,
+    /// None: no backbone loaded (completions and scoring answer 503).
+    pub inference: Option<Arc<BackboneInference>>,
+    pub answerer: Option<Arc<BackboneAnswerer>>,
+    /// The backbone's name (the `parent` of every model).
+    pub backbone: String,
+    pub keys: Arc<ApiKeys>,
+    /// The bound on requests in flight, shared with the gRPC server.
+    pub limit: Option<(usize, Arc<Semaphore>)>,
+    pub metrics: Option<PrometheusHandle>,
+    pub started_unix: u64,
+}
+
+impl HttpState {
+    pub fn new(
+        library: Arc<ExpertLibrary>,
+        router: Arc<LocalRouter>,
+        inference: Option<Arc<BackboneInference>>,
+        answerer: Option<Arc<BackboneAnswerer>>,
+    ) -> Self {
+        let backbone = library
+            .backbone(None)
+            .map(|b| b.name.clone())
+            .unwrap_or_default();
+        Self {
+            library,
+            router,
+            inference,
+            answerer,
+            backbone,
+            keys: Arc::new(ApiKeys::default()),
+            limit: None,
+            metrics: None,
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+
+    fn unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "this server runs no backbone (roe serve --no-inference)",
+        )
+    }
+
+    pub fn inference(&self) -> ApiResult<&Arc<BackboneInference>> {
+        self.inference.as_ref().ok_or_else(Self::unavailable)
+    }
+
+    pub fn answerer(&self) -> ApiResult<&Arc<BackboneAnswerer>> {
+        self.answerer.as_ref().ok_or_else(Self::unavailable)
+    }
+
+    pub fn limits(&self) -> RequestLimits {
+        self.inference
+            .as_ref()
+            .map(|i| i.config().limits.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// A JSON body whose rejections are OpenAI error bodies naming what is wrong.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    match r {
+        JsonRejection::JsonDataError(e) => {
+            // "Failed to deserialize the JSON body into the target type: <path>: <why>"
+            let text = e.body_text();
+            let detail = text.split_once("type: ").map_or(text.as_str(), |(_, d)| d);
+            let (param, why) = detail.split_once(": ").unwrap_or(("body", detail));
+            ApiError::invalid(param, why)
+        }
+        JsonRejection::JsonSyntaxError(e) => ApiError::invalid("body", e.body_text()),
+        JsonRejection::MissingJsonContentType(_) => ApiError::invalid(
+            "content-type",
+            "send the body as JSON (content-type: application/json)",
+        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("body: more than {MAX_BODY_BYTES} bytes"),
+        )
+        .with_code("limit_exceeded"),
+        other => ApiError::new(other.status(), "invalid_request_error", other.body_text()),
+    }
+}
+
+/// A request whose JSON has the wrong shape for its type: the field and why.
+pub(crate) fn shape_error(e: &serde_json::Error) -> ApiError {
+    let text = e.to_string();
+    // serde_json names neither the field of an untagged enum nor its path; its message says
+    // what was expected.
+    let field = text
+        .split('`')
+        .nth(1)
+        .filter(|f| text.starts_with("missing field") && !f.is_empty())
+        .unwrap_or("body")
+        .to_string();
+    ApiError::invalid(&field, text)
+}
+
+/// The API keys, as the gRPC server checks them: every endpoint but `/health`, `/metrics`
+/// and `/openapi.json` reads, and needs a key when the server has any (all HTTP endpoints
+/// are reads: writes go over gRPC).
+async fn authorize(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let public = matches!(path, "/health" | "/metrics" | "/openapi.json");
+    if state.keys.is_empty() || public {
+        return next.run(req).await;
+    }
+    let refusal = match presented(req.headers()) {
+        None => Some("no API key; send `Authorization: Bearer <key>`"),
+        Some(key) if state.keys.find(key).is_none() => Some("the API key is not valid"),
+        Some(_) => None,
+    };
+    if let Some(why) = refusal {
+        tracing::warn!(target: "audit", path, "refused over HTTP: {why}");
+        let mut e = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            format!("authorization: {why}"),
+        )
+        .with_code("invalid_api_key");
+        e.param = None;
+        return e.into_response();
+    }
+    next.run(req).await
+}
+
+/// A body announced past the limit is refused before any of it is read (the JSON extractor
+/// would read up to the limit first).
+async fn refuse_oversized(req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("body: more than {MAX_BODY_BYTES} bytes"),
+        )
+        .with_code("limit_exceeded")
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The bound on requests in flight, shared with gRPC: past it a request gets 429 at once;
+/// a stream holds its place until it ends. Health is never refused.
+async fn limit(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let Some((max, semaphore)) = &state.limit else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let Ok(permit) = semaphore.clone().try_acquire_owned() else {
+        tracing::warn!(
+            path = req.uri().path(),
+            max,
+            "refused: too many requests in flight"
+        );
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("server: {max} requests in flight (--max-concurrent-requests); retry later"),
+        )
+        .with_code("too_many_requests")
+        .into_response();
+    };
+    let response = next.run(req).await;
+    response.map(|body| {
+        axum::body::Body::new(PermitBody {
+            body,
+            _permit: permit,
+        })
+    })
+}
+
+/// A body that holds a place among the requests in flight while it lives.
+struct PermitBody {
+    body: axum::body::Body,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl http_body::Body for PermitBody {
+    type Data = <axum::body::Body as http_body::Body>::Data;
+    type Error = <axum::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `GET /health`: 200 while the encoder and the backbone's queues run.
+async fn health(State(state): State<HttpState>) -> Response {
+    let encoder = state.library.encoder().is_healthy();
+    let backbone = state.inference.as_ref().is_none_or(|i| i.is_healthy());
+    if encoder && backbone {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("encoder up: {encoder}, backbone up: {backbone}\n"),
+        )
+            .into_response()
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    let path: String = req.uri().path().chars().take(128).collect();
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "no such endpoint: {} {path:?} (see /openapi.json)",
+            req.method()
+        ),
+    )
+    .with_code("unknown_url")
+}
+
+/// The HTTP API's routes over `state`.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::get))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/roe/route", post(roe_api::route))
+        .route("/v1/roe/score", post(roe_api::score))
+        .route("/v1/roe/score-ensemble", post(roe_api::score_ensemble))
+        .route("/v1/roe/answer", post(roe_api::answer))
+        .route("/v1/roe/experts", get(roe_api::list_experts))
+        .route("/v1/roe/experts/{id}", get(roe_api::get_expert))
+        .route("/openapi.json", get(openapi::serve))
+        .route("/metrics", get(metrics::render))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limit))
+        .layer(axum::middleware::from_fn(refuse_oversized))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
+        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves the HTTP API on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "roe HTTP API serving");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

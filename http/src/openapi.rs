@@ -1,0 +1,206 @@
+//! `GET /openapi.json`: the HTTP API described in OpenAPI 3.1. The schemas of roe's own
+//! endpoints are derived from the proto descriptors the gRPC server is built from (the
+//! proto3 JSON mapping: lowerCamelCase names, enums by name, 64-bit integers as strings), so
+//! they cannot drift from the messages; the OpenAI shapes come from the types that parse and
+//! write them.
+
+use std::sync::OnceLock;
+
+use axum::Json;
+use prost::Message;
+use prost_types::field_descriptor_proto::{Label, Type};
+use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorSet};
+use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+
+use crate::openai;
+
+const PACKAGE: &str = "roe.v1";
+
+fn proto_ref(type_name: &str) -> Value {
+    let name = type_name.trim_start_matches('.');
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+fn enum_schema(e: &EnumDescriptorProto) -> Value {
+    let names: Vec<&str> = e.value.iter().map(|v| v.name()).collect();
+    json!({ "type": "string", "enum": names })
+}
+
+fn field_schema(f: &prost_types::FieldDescriptorProto) -> Value {
+    let one = match f.r#type() {
+        Type::String => json!({"type": "string"}),
+        Type::Bool => json!({"type": "boolean"}),
+        Type::Int32 | Type::Uint32 | Type::Sint32 | Type::Fixed32 | Type::Sfixed32 => {
+            json!({"type": "integer"})
+        }
+        Type::Int64 | Type::Uint64 | Type::Sint64 | Type::Fixed64 | Type::Sfixed64 => {
+            json!({"type": ["string", "integer"], "description": "64-bit: a decimal string"})
+        }
+        Type::Float | Type::Double => json!({"type": "number"}),
+        Type::Bytes => json!({"type": "string", "contentEncoding": "base64"}),
+        Type::Enum | Type::Message => proto_ref(f.type_name()),
+        Type::Group => json!({}),
+    };
+    if f.label() == Label::Repeated {
+        json!({"type": "array", "items": one})
+    } else {
+        one
+    }
+}
+
+fn message_schema(m: &DescriptorProto) -> Value {
+    let mut properties = Map::new();
+    for f in &m.field {
+        properties.insert(f.json_name().to_string(), field_schema(f));
+    }
+    json!({ "type": "object", "properties": properties })
+}
+
+/// Every message and enum of `roe.v1`, named `roe.v1.<Name>`.
+fn proto_schemas() -> Map<String, Value> {
+    let mut out = Map::new();
+    let Ok(set) = FileDescriptorSet::decode(roe_services::proto::FILE_DESCRIPTOR_SET) else {
+        return out;
+    };
+    for file in set.file.iter().filter(|f| f.package() == PACKAGE) {
+        for e in &file.enum_type {
+            out.insert(format!("{PACKAGE}.{}", e.name()), enum_schema(e));
+        }
+        for m in &file.message_type {
+            out.insert(format!("{PACKAGE}.{}", m.name()), message_schema(m));
+            for e in &m.enum_type {
+                out.insert(
+                    format!("{PACKAGE}.{}.{}", m.name(), e.name()),
+                    enum_schema(e),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `T`'s schema and those of the types it refers to, by their names.
+fn add<T: ToSchema>(schemas: &mut Map<String, Value>) {
+    let json = |s| serde_json::to_value(s).unwrap_or(Value::Null);
+    schemas.insert(T::name().into_owned(), json(T::schema()));
+    let mut referred = Vec::new();
+    T::schemas(&mut referred);
+    for (name, schema) in referred {
+        schemas.insert(name, json(schema));
+    }
+}
+
+fn openai_ref(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+/// One operation: a JSON body of schema `request` (if any) answered by `response`.
+fn operation(summary: &str, request: Option<Value>, response: Value, sse: bool) -> Value {
+    let mut content = Map::new();
+    content.insert("application/json".into(), json!({ "schema": response }));
+    if sse {
+        content.insert(
+            "text/event-stream".into(),
+            json!({"schema": {"type": "string",
+                   "description": "With stream: true, one JSON chunk per event, then `data: [DONE]`"}}),
+        );
+    }
+    let mut op = json!({
+        "summary": summary,
+        "responses": {
+            "200": { "description": "OK", "content": content },
+            "default": { "description": "An error",
+                "content": {"application/json": {"schema": openai_ref("Error")}} }
+        }
+    });
+    if let Some(request) = request {
+        op["requestBody"] = json!({
+            "required": true,
+            "content": {"application/json": {"schema": request}}
+        });
+    }
+    op
+}
+
+fn document() -> Value {
+    let mut schemas = proto_schemas();
+    add::<openai::CompletionRequest>(&mut schemas);
+    add::<openai::Completion>(&mut schemas);
+    add::<openai::ChatRequest>(&mut schemas);
+    add::<openai::ChatCompletion>(&mut schemas);
+    add::<openai::ChatCompletionChunk>(&mut schemas);
+    add::<openai::ModelList>(&mut schemas);
+    add::<openai::Model>(&mut schemas);
+    schemas.insert(
+        "Error".into(),
+        json!({"type": "object", "properties": {"error": {"type": "object", "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}),
+    );
+    let roe = |m: &str| proto_ref(&format!("{PACKAGE}.{m}"));
+    let paths = json!({
+        "/v1/models": {"get": operation("Every expert, plus base (the bare backbone) and auto (routed)", None, openai_ref("ModelList"), false)},
+        "/v1/models/{id}": {"get": operation("One model", None, openai_ref("Model"), false)},
+        "/v1/completions": {"post": operation("OpenAI completions; model: an expert id, base or auto", Some(openai_ref("CompletionRequest")), openai_ref("Completion"), true)},
+        "/v1/chat/completions": {"post": operation("OpenAI chat completions; model: an expert id, base or auto", Some(openai_ref("ChatRequest")), openai_ref("ChatCompletion"), true)},
+        "/v1/roe/route": {"post": operation("roe.v1.Router/Route", Some(roe("RouteRequest")), roe("RouteResponse"), false)},
+        "/v1/roe/score": {"post": operation("roe.v1.Inference/Score", Some(roe("ScoreRequest")), roe("ScoreResponse"), false)},
+        "/v1/roe/score-ensemble": {"post": operation("roe.v1.Inference/ScoreEnsemble", Some(roe("ScoreEnsembleRequest")), roe("ScoreEnsembleResponse"), false)},
+        "/v1/roe/answer": {"post": operation("roe.v1.Answerer/Answer", Some(roe("AnswerRequest")), roe("AnswerResponse"), false)},
+        "/v1/roe/experts": {"get": operation("roe.v1.ExpertLibrary/ListExperts (query: page_size, page_token)", None, roe("ListExpertsResponse"), false)},
+        "/v1/roe/experts/{id}": {"get": operation("roe.v1.ExpertLibrary/GetExpert (query: include_instances)", None, roe("GetExpertResponse"), false)},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {"200": {"description": "OK"}}}},
+        "/health": {"get": {"summary": "200 while the encoder and the backbone's queues run, else 503", "responses": {"200": {"description": "OK"}}}},
+    });
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "roe HTTP API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "OpenAI-compatible completions and chat over roe's experts (model \"auto\" routes each request to the expert that fits it), roe's own endpoints in the proto3 JSON form of its gRPC messages, and Prometheus metrics. Authenticate with `Authorization: Bearer <key>` when the server has keys."
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
+        },
+        "security": [{"bearer": []}]
+    })
+}
+
+pub async fn serve() -> Json<Value> {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    Json(DOC.get_or_init(document).clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proto_schemas_follow_the_json_mapping() {
+        let s = proto_schemas();
+        let route = &s["roe.v1.RouteRequest"]["properties"];
+        assert_eq!(route["queries"]["type"], "array");
+        assert_eq!(
+            route["queries"]["items"]["$ref"],
+            "#/components/schemas/roe.v1.Query"
+        );
+        let options = &s["roe.v1.RouteOptions"]["properties"];
+        assert!(options.get("abstainThreshold").is_some(), "{options}");
+        assert!(s["roe.v1.Strategy"]["enum"]
+            .as_array()
+            .is_some_and(|v| !v.is_empty()));
+        let doc = document();
+        // Every reference resolves.
+        let text = doc.to_string();
+        for r in text.split("\"#/components/schemas/").skip(1) {
+            let name = &r[..r.find('"').unwrap()];
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "{name} is referenced but not described"
+            );
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! What the serving core counts for monitoring, through the `metrics` facade: nothing is
+//! recorded unless the process installs a recorder (`roe serve` installs the Prometheus
+//! exporter that `/metrics` renders). Every name is here, in Prometheus' conventions
+//! (`roe_` prefix, base units, `_total` counters), so that the dashboards have one list.
+
+use std::time::Duration;
+
+use metrics::Unit;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+
+pub const REQUESTS: &str = "roe_requests_total";
+pub const REQUEST_DURATION: &str = "roe_request_duration_seconds";
+pub const SCORE_QUEUE_DEPTH: &str = "roe_score_queue_depth";
+pub const SCORE_BATCH_SIZE: &str = "roe_score_batch_size";
+pub const SCORE_BATCH_DURATION: &str = "roe_score_batch_duration_seconds";
+pub const GENERATE_QUEUE_DEPTH: &str = "roe_generate_queue_depth";
+pub const GENERATE_BATCH_SIZE: &str = "roe_generate_batch_size";
+pub const GENERATED_TOKENS: &str = "roe_generated_tokens_total";
+pub const TIME_TO_FIRST_TOKEN: &str = "roe_time_to_first_token_seconds";
+pub const EXPERT_CACHE_HITS: &str = "roe_expert_cache_hits_total";
+pub const EXPERT_CACHE_MISSES: &str = "roe_expert_cache_misses_total";
+pub const EXPERT_LOADS: &str = "roe_expert_loads_total";
+pub const EXPERT_LOAD_DURATION: &str = "roe_expert_load_duration_seconds";
+pub const EXPERT_CACHE_BYTES: &str = "roe_expert_cache_bytes";
+
+/// Registers the descriptions and units of the serving core's metrics with the recorder.
+pub fn describe() {
+    describe_counter!(
+        REQUESTS,
+        "Requests by transport (grpc, http), endpoint (gRPC method or HTTP route) and status \
+         (gRPC code name or HTTP status)"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "From a request's arrival to the end of its response (a stream's last message)"
+    );
+    describe_gauge!(
+        SCORE_QUEUE_DEPTH,
+        "Score inputs waiting for a batch (not yet in a forward pass)"
+    );
+    describe_histogram!(SCORE_BATCH_SIZE, "Inputs per Score batch");
+    describe_histogram!(
+        SCORE_BATCH_DURATION,
+        Unit::Seconds,
+        "Time a Score batch spent in the backbone"
+    );
+    describe_gauge!(
+        GENERATE_QUEUE_DEPTH,
+        "Generations waiting to join a decoding batch"
+    );
+    describe_histogram!(
+        GENERATE_BATCH_SIZE,
+        "Rows decoding together, recorded at each admission"
+    );
+    describe_counter!(GENERATED_TOKENS, "Tokens generated, over all streams");
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "From a generation's submission to its first token"
+    );
+    describe_counter!(EXPERT_CACHE_HITS, "Expert lookups served from the cache");
+    describe_counter!(
+        EXPERT_CACHE_MISSES,
+        "Expert lookups that had to wait for a load (overlapping misses count each)"
+    );
+    describe_counter!(
+        EXPERT_LOADS,
+        "Experts read from the library and loaded (overlapping misses share one)"
+    );
+    describe_histogram!(
+        EXPERT_LOAD_DURATION,
+        Unit::Seconds,
+        "Time to read, parse and check an expert's weights"
+    );
+    describe_gauge!(
+        EXPERT_CACHE_BYTES,
+        Unit::Bytes,
+        "Bytes of the experts the cache holds"
+    );
+}
+
+/// Which server a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Grpc,
+    Http,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// Counts one finished request and its latency. `endpoint` must come from a bounded set
+/// (the servers pass known methods and routes only).
+pub fn request_done(transport: Transport, endpoint: &str, status: &str, took: Duration) {
+    let labels = [
+        ("transport", transport.label().to_string()),
+        ("endpoint", endpoint.to_string()),
+    ];
+    counter!(
+        REQUESTS,
+        &[&labels[..], &[("status", status.to_string())]].concat()
+    )
+    .increment(1);
+    histogram!(REQUEST_DURATION, &labels).record(took.as_secs_f64());
+}
+
+pub(crate) fn score_queued(n: usize) {
+    gauge!(SCORE_QUEUE_DEPTH).increment(n as f64);
+}
+
+pub(crate) fn score_dequeued(n: usize) {
+    gauge!(SCORE_QUEUE_DEPTH).decrement(n as f64);
+}
+
+pub(crate) fn score_batch(size: usize, took: Duration) {
+    histogram!(SCORE_BATCH_SIZE).record(size as f64);
+    histogram!(SCORE_BATCH_DURATION).record(took.as_secs_f64());
+}
+
+pub(crate) fn generate_queued(n: usize) {
+    gauge!(GENERATE_QUEUE_DEPTH).increment(n as f64);
+}
+
+pub(crate) fn generate_dequeued(n: usize) {
+    gauge!(GENERATE_QUEUE_DEPTH).decrement(n as f64);
+}
+
+pub(crate) fn generate_batch(rows: usize) {
+    histogram!(GENERATE_BATCH_SIZE).record(rows as f64);
+}
+
+pub(crate) fn token_generated() {
+    counter!(GENERATED_TOKENS).increment(1);
+}
+
+pub(crate) fn first_token(after: Duration) {
+    histogram!(TIME_TO_FIRST_TOKEN).record(after.as_secs_f64());
+}
+
+pub(crate) fn cache_lookup(hit: bool) {
+    if hit {
+        counter!(EXPERT_CACHE_HITS).increment(1);
+    } else {
+        counter!(EXPERT_CACHE_MISSES).increment(1);
+    }
+}
+
+pub(crate) fn expert_loaded(took: Duration) {
+    counter!(EXPERT_LOADS).increment(1);
+    histogram!(EXPERT_LOAD_DURATION).record(took.as_secs_f64());
+}
+
+pub(crate) fn cache_bytes(bytes: u64) {
+    gauge!(EXPERT_CACHE_BYTES).set(bytes as f64);
+}
