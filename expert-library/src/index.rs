@@ -93,6 +93,10 @@ pub struct Hit {
     pub score: f32,
 }
 
+/// Rows per matrix product of [`VectorIndex::search_exact_many`]: the block's scores for 32
+/// queries stay in the core's cache (32 x 1024 floats).
+const EXACT_BLOCK_ROWS: usize = 1024;
+
 pub struct VectorIndex {
     dim: usize,
     config: IndexConfig,
@@ -418,6 +422,115 @@ impl VectorIndex {
         hits
     }
 
+    /// [`Self::search`] for several queries (the Q queries of one Route): HNSW per query
+    /// when a graph is built, else [`Self::search_exact_many`].
+    pub fn search_many(
+        &self,
+        queries: &[&[f32]],
+        k: usize,
+        allow: &dyn Fn(u64) -> bool,
+    ) -> Vec<Vec<Hit>> {
+        match &self.hnsw {
+            Some(_) => queries.iter().map(|q| self.search(q, k, allow)).collect(),
+            None => self.search_exact_many(queries, k, allow),
+        }
+    }
+
+    /// [`Self::search_exact`] for several queries in one pass: the rows `allow` accepts are
+    /// found once (not once per query), and their similarities to every query come from one
+    /// matrix product per block of rows (gemm), which reads each stored vector once for all
+    /// the queries. The candidates are then scored again with [`crate::embedding::dot`], so
+    /// the hits, their order and their scores are those of [`Self::search_exact`] (the
+    /// product's different summation order only decides which candidates, with a margin).
+    pub fn search_exact_many(
+        &self,
+        queries: &[&[f32]],
+        k: usize,
+        allow: &dyn Fn(u64) -> bool,
+    ) -> Vec<Vec<Hit>> {
+        if k == 0 || queries.is_empty() {
+            return vec![Vec::new(); queries.len()];
+        }
+        let dim = self.dim;
+        if queries.iter().any(|q| q.len() != dim) {
+            return queries
+                .iter()
+                .map(|q| self.search_exact(q, k, allow))
+                .collect();
+        }
+        let rows: Vec<usize> = (0..self.points.len())
+            .filter(|r| !self.deleted.contains(r) && allow(self.points[*r]))
+            .collect();
+        let nq = queries.len();
+        let lhs: Vec<f32> = queries.iter().flat_map(|q| q.iter().copied()).collect();
+        // Near-ties at the cut are settled by the exact scores below.
+        let keep = k + 16;
+        let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(2 * keep); nq];
+        let mut block = Vec::new();
+        let mut scores = Vec::new();
+        for chunk in rows.chunks(EXACT_BLOCK_ROWS) {
+            block.clear();
+            for &r in chunk {
+                block.extend_from_slice(self.row(r));
+            }
+            scores.clear();
+            scores.resize(nq * chunk.len(), 0.0f32);
+            // SAFETY: lhs is nq x dim, block is chunk.len() x dim (read as its transpose,
+            // dim x chunk.len()), scores is nq x chunk.len(); all row-major, all in bounds.
+            unsafe {
+                gemm::gemm(
+                    nq,
+                    chunk.len(),
+                    dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    chunk.len() as isize,
+                    false,
+                    lhs.as_ptr(),
+                    1,
+                    dim as isize,
+                    block.as_ptr(),
+                    dim as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (q, best) in best.iter_mut().enumerate() {
+                let row_scores = &scores[q * chunk.len()..(q + 1) * chunk.len()];
+                best.extend(row_scores.iter().copied().zip(chunk.iter().copied()));
+                if best.len() > keep {
+                    // Best first, ties by point id, as the hits are ordered.
+                    best.select_nth_unstable_by(keep - 1, |a, b| {
+                        b.0.total_cmp(&a.0)
+                            .then_with(|| self.points[a.1].cmp(&self.points[b.1]))
+                    });
+                    best.truncate(keep);
+                }
+            }
+        }
+        queries
+            .iter()
+            .zip(best)
+            .map(|(q, candidates)| {
+                let mut hits: Vec<Hit> = candidates
+                    .into_iter()
+                    .map(|(_, r)| Hit {
+                        point_id: self.points[r],
+                        score: crate::embedding::dot(q, self.row(r)),
+                    })
+                    .collect();
+                sort_hits(&mut hits);
+                hits.truncate(k);
+                hits
+            })
+            .collect()
+    }
+
     /// Writes the graph into `dir` with hnsw_rs's `file_dump` (`<basename>.hnsw.graph` and
     /// `<basename>.hnsw.data`) plus the row table `<basename>.rows` (the point id of every
     /// graph row and whether it is tombstoned: graph ids are rows). Returns the files written,
@@ -683,6 +796,48 @@ mod tests {
         let mut v: Vec<f32> = (0..dim).map(|_| rng.random::<f32>() - 0.5).collect();
         crate::embedding::normalize(&mut v);
         v
+    }
+
+    #[test]
+    fn many_queries_at_once_find_what_each_finds_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let dim = 48;
+        let mut vs: Vec<Vec<f32>> = (0..2500).map(|_| random_unit(&mut rng, dim)).collect();
+        // Duplicates tie exactly: the id tie-break must pick the same ones.
+        for i in 0..40 {
+            vs[2000 + i] = vs[7].clone();
+        }
+        let mut idx = VectorIndex::new(dim, IndexConfig::default());
+        let items: Vec<(u64, &[f32])> = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as u64, v.as_slice()))
+            .collect();
+        idx.insert(&items).unwrap();
+        idx.remove(&[3, 7, 2001]);
+        let queries: Vec<Vec<f32>> = (0..33)
+            .map(|i| match i {
+                0 => vs[7].clone(),
+                _ => random_unit(&mut rng, dim),
+            })
+            .collect();
+        let qs: Vec<&[f32]> = queries.iter().map(Vec::as_slice).collect();
+        for (k, allow) in [
+            (1usize, &(|_: u64| true) as &dyn Fn(u64) -> bool),
+            (10, &|p: u64| p % 3 != 0),
+            (50, &|_: u64| true),
+            (3000, &|p: u64| p < 100),
+        ] {
+            let many = idx.search_exact_many(&qs, k, allow);
+            for (q, got) in qs.iter().zip(&many) {
+                assert_eq!(got, &idx.search_exact(q, k, allow), "k={k}");
+            }
+        }
+        assert!(idx
+            .search_exact_many(&qs, 0, &|_| true)
+            .iter()
+            .all(Vec::is_empty));
+        assert!(idx.search_exact_many(&[], 5, &|_| true).is_empty());
     }
 
     #[test]

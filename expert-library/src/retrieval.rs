@@ -491,36 +491,42 @@ impl RoutingState {
             Strategy::Elm => 1,
             Strategy::Hybrid => options.top_k,
         };
-        let search = |qv: &[f32]| -> Vec<Hit> {
-            let run = |index: &VectorIndex, allow: &dyn Fn(u64) -> bool| {
-                if options.exact {
-                    index.search_exact(qv, k, allow)
-                } else {
-                    index.search(qv, k, allow)
-                }
-            };
-            match options.text_format {
-                TextFormat::Instance => run(&self.indexes[&TextFormat::Instance], &allow),
-                TextFormat::ChoiceInstance => {
-                    // Instances with choices from their own index, the rest by their input.
-                    let mut hits = run(&self.indexes[&TextFormat::ChoiceInstance], &|p| {
-                        allow(p) && self.with_choices.contains(&p)
-                    });
-                    hits.extend(run(&self.indexes[&TextFormat::Instance], &|p| {
-                        allow(p) && !self.with_choices.contains(&p)
-                    }));
-                    crate::index::sort_hits(&mut hits);
-                    hits.truncate(k);
-                    hits
-                }
+        // All the queries searched together: which points are eligible is asked once per
+        // point, and an exact scan reads each stored vector once for every query.
+        let qs: Vec<&[f32]> = query_vectors.iter().map(Vec::as_slice).collect();
+        let run = |index: &VectorIndex, allow: &dyn Fn(u64) -> bool| {
+            if options.exact {
+                index.search_exact_many(&qs, k, allow)
+            } else {
+                index.search_many(&qs, k, allow)
+            }
+        };
+        let all_hits: Vec<Vec<Hit>> = match options.text_format {
+            TextFormat::Instance => run(&self.indexes[&TextFormat::Instance], &allow),
+            TextFormat::ChoiceInstance => {
+                // Instances with choices from their own index, the rest by their input.
+                let with = run(&self.indexes[&TextFormat::ChoiceInstance], &|p| {
+                    allow(p) && self.with_choices.contains(&p)
+                });
+                let without = run(&self.indexes[&TextFormat::Instance], &|p| {
+                    allow(p) && !self.with_choices.contains(&p)
+                });
+                with.into_iter()
+                    .zip(without)
+                    .map(|(mut hits, more)| {
+                        hits.extend(more);
+                        crate::index::sort_hits(&mut hits);
+                        hits.truncate(k);
+                        hits
+                    })
+                    .collect()
             }
         };
         let q = query_vectors.len() as f32;
 
         let mut acc: HashMap<Arc<str>, Acc> = HashMap::new();
         let mut evidence = Vec::with_capacity(query_vectors.len());
-        for qv in query_vectors {
-            let hits: Vec<Hit> = search(qv);
+        for hits in all_hits {
             let mut per_query: std::collections::BTreeMap<Arc<str>, f32> = Default::default();
             for (rank, h) in hits.iter().enumerate() {
                 let Some(id) = self.point_expert.get(&h.point_id) else {
