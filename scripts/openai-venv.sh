@@ -15,7 +15,18 @@ if [[ -x "$venv/bin/python" && "$(cat "$venv/.pinned" 2>/dev/null)" == "$pin" ]]
 fi
 echo "venv    $venv ($pin)"
 rm -rf "$venv"
-"$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$pin"
+if "$python" -m venv "$venv" 2>/dev/null; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$pin"
+else
+  # No venv module (e.g. Debian without python3-venv): the packages in a folder of their
+  # own, and a bin/python that puts it on the path.
+  echo "note    $python has no working venv module; installing into $venv/site instead"
+  rm -rf "$venv"
+  mkdir -p "$venv/bin"
+  "$python" -m pip install --quiet --disable-pip-version-check --target "$venv/site" "$pin"
+  printf '#!/bin/sh\nPYTHONPATH="%s/site${PYTHONPATH:+:$PYTHONPATH}" exec "%s" "$@"\n' \
+    "$venv" "$python" > "$venv/bin/python"
+  chmod +x "$venv/bin/python"
+fi
 echo "$pin" > "$venv/.pinned"
 "$venv/bin/python" -c 'import openai; print("ok      openai", openai.__version__)'

@@ -438,8 +438,8 @@ impl VectorIndex {
 
     /// [`Self::search_exact`] for several queries in one pass: the rows `allow` accepts are
     /// found once (not once per query), and their similarities to every query come from one
-    /// matrix product per block of rows (gemm), which reads each stored vector once for all
-    /// the queries. The candidates are then scored again with [`crate::embedding::dot`], so
+    /// matrix product per block of rows (gemm, on the stored rows in place), which reads each
+    /// stored vector once for all the queries. The candidates are then scored again with [`crate::embedding::dot`], so
     /// the hits, their order and their scores are those of [`Self::search_exact`] (the
     /// product's different summation order only decides which candidates, with a margin).
     pub fn search_exact_many(
@@ -458,33 +458,51 @@ impl VectorIndex {
                 .map(|q| self.search_exact(q, k, allow))
                 .collect();
         }
-        let rows: Vec<usize> = (0..self.points.len())
-            .filter(|r| !self.deleted.contains(r) && allow(self.points[*r]))
+        let n = self.points.len();
+        let allowed: Vec<bool> = (0..n)
+            .map(|r| !self.deleted.contains(&r) && allow(self.points[r]))
             .collect();
         let nq = queries.len();
         let lhs: Vec<f32> = queries.iter().flat_map(|q| q.iter().copied()).collect();
         // Near-ties at the cut are settled by the exact scores below.
         let keep = k + 16;
         let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(2 * keep); nq];
-        let mut block = Vec::new();
         let mut scores = Vec::new();
-        for chunk in rows.chunks(EXACT_BLOCK_ROWS) {
-            block.clear();
-            for &r in chunk {
-                block.extend_from_slice(self.row(r));
+        let mut gathered: Vec<f32> = Vec::new();
+        let mut ids: Vec<usize> = Vec::new();
+        for start in (0..n).step_by(EXACT_BLOCK_ROWS) {
+            let end = (start + EXACT_BLOCK_ROWS).min(n);
+            ids.clear();
+            ids.extend((start..end).filter(|&r| allowed[r]));
+            if ids.is_empty() {
+                continue;
             }
+            // A block mostly allowed is read in place; one a filter mostly leaves out (the
+            // instances without choices, say) has its allowed rows copied together first.
+            let block: &[f32] = if 2 * ids.len() >= end - start {
+                ids.clear();
+                ids.extend(start..end);
+                &self.data[start * dim..end * dim]
+            } else {
+                gathered.clear();
+                for &r in &ids {
+                    gathered.extend_from_slice(self.row(r));
+                }
+                &gathered
+            };
+            let rows = ids.len();
             scores.clear();
-            scores.resize(nq * chunk.len(), 0.0f32);
-            // SAFETY: lhs is nq x dim, block is chunk.len() x dim (read as its transpose,
-            // dim x chunk.len()), scores is nq x chunk.len(); all row-major, all in bounds.
+            scores.resize(nq * rows, 0.0f32);
+            // SAFETY: lhs is nq x dim, block is rows x dim (read as its transpose, dim x
+            // rows), scores is nq x rows; all row-major, all in bounds.
             unsafe {
                 gemm::gemm(
                     nq,
-                    chunk.len(),
+                    rows,
                     dim,
                     scores.as_mut_ptr(),
                     1,
-                    chunk.len() as isize,
+                    rows as isize,
                     false,
                     lhs.as_ptr(),
                     1,
@@ -501,8 +519,14 @@ impl VectorIndex {
                 );
             }
             for (q, best) in best.iter_mut().enumerate() {
-                let row_scores = &scores[q * chunk.len()..(q + 1) * chunk.len()];
-                best.extend(row_scores.iter().copied().zip(chunk.iter().copied()));
+                let row_scores = &scores[q * rows..(q + 1) * rows];
+                best.extend(
+                    row_scores
+                        .iter()
+                        .copied()
+                        .zip(ids.iter().copied())
+                        .filter(|(_, r)| allowed[*r]),
+                );
                 if best.len() > keep {
                     // Best first, ties by point id, as the hits are ordered.
                     best.select_nth_unstable_by(keep - 1, |a, b| {
