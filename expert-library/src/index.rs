@@ -848,7 +848,7 @@ mod tests {
         let qs: Vec<&[f32]> = queries.iter().map(Vec::as_slice).collect();
         for (k, allow) in [
             (1usize, &(|_: u64| true) as &dyn Fn(u64) -> bool),
-            (10, &|p: u64| p % 3 != 0),
+            (10, &|p: u64| !p.is_multiple_of(3)),
             (50, &|_: u64| true),
             (3000, &|p: u64| p < 100),
         ] {
