@@ -962,41 +962,13 @@ fn routing(
         // Register with the cached encoder, then serve with the real one: queries are embedded
         // for real on every request.
         let dir = work.path().join("latency-library");
-        {
-            let (lib, _) = ExpertLibrary::open(&dir, cached.clone(), LibraryConfig::default())?;
-            for t in &tasks {
-                lib.register(
-                    NewExpert {
-                        id: t.task.name().into(),
-                        name: t.task.name().into(),
-                        description: String::new(),
-                        backbone: None,
-                        adapter: t.adapter.clone().unwrap_or_else(routing_only_adapter),
-                        instances: sample(&t.task.train, a.s, 0),
-                    },
-                    false,
-                )?;
-            }
-        }
+        register_latency_library(&dir, cached.clone(), &tasks, a.s)?;
         let real: Arc<dyn roe_expert_library::embedding::Encoder> =
             Arc::new(models::load_serving_encoder(models_dir, enc)?);
         let (lib, _) = ExpertLibrary::open(&dir, real, LibraryConfig::default())?;
-        let sets: Vec<Vec<proto::Query>> = tasks
-            .iter()
-            .map(|t| {
-                sample(&t.task.test, a.q, 99)
-                    .iter()
-                    .map(|i| proto::Query {
-                        input: i.input.clone(),
-                        choices: i.choices.clone(),
-                        target: None,
-                    })
-                    .collect()
-            })
-            .collect();
         Some(rt.block_on(latency::route_latency(
             Arc::new(lib),
-            sets,
+            latency_query_sets(&tasks, a.q),
             a.clients,
             a.requests_per_client,
         ))?)
@@ -1133,6 +1105,48 @@ fn routing(
     Ok(())
 }
 
+/// The routing benchmark's library in `dir`: every task's expert with `s` train rows,
+/// registered through `encoder` (the bench's cache of embedded rows).
+fn register_latency_library(
+    dir: &Path,
+    encoder: Arc<dyn roe_expert_library::embedding::Encoder>,
+    tasks: &[SuiteTask],
+    s: usize,
+) -> Result<()> {
+    let (lib, _) = ExpertLibrary::open(dir, encoder, LibraryConfig::default())?;
+    for t in tasks {
+        lib.register(
+            NewExpert {
+                id: t.task.name().into(),
+                name: t.task.name().into(),
+                description: String::new(),
+                backbone: None,
+                adapter: t.adapter.clone().unwrap_or_else(routing_only_adapter),
+                instances: sample(&t.task.train, s, 0),
+            },
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+/// One Route request's queries per task: `q` of its test rows.
+fn latency_query_sets(tasks: &[SuiteTask], q: usize) -> Vec<Vec<proto::Query>> {
+    tasks
+        .iter()
+        .map(|t| {
+            sample(&t.task.test, q, 99)
+                .iter()
+                .map(|i| proto::Query {
+                    input: i.input.clone(),
+                    choices: i.choices.clone(),
+                    target: None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Route latency through gRPC on the routing library: fresh queries through the real
 /// encoder, then the same query sets again through the embedding cache (`roe serve`'s
 /// default), warmed by one pass over every set.
@@ -1146,35 +1160,8 @@ fn route_latency_only(
 ) -> Result<()> {
     let work = tempfile::tempdir()?;
     let dir = work.path().join("latency-library");
-    {
-        let (lib, _) = ExpertLibrary::open(&dir, cached, LibraryConfig::default())?;
-        for t in tasks {
-            lib.register(
-                NewExpert {
-                    id: t.task.name().into(),
-                    name: t.task.name().into(),
-                    description: String::new(),
-                    backbone: None,
-                    adapter: t.adapter.clone().unwrap_or_else(routing_only_adapter),
-                    instances: sample(&t.task.train, a.s, 0),
-                },
-                false,
-            )?;
-        }
-    }
-    let sets: Vec<Vec<proto::Query>> = tasks
-        .iter()
-        .map(|t| {
-            sample(&t.task.test, a.q, 99)
-                .iter()
-                .map(|i| proto::Query {
-                    input: i.input.clone(),
-                    choices: i.choices.clone(),
-                    target: None,
-                })
-                .collect()
-        })
-        .collect();
+    register_latency_library(&dir, cached, tasks, a.s)?;
+    let sets = latency_query_sets(tasks, a.q);
     let batching: Arc<dyn roe_expert_library::embedding::Encoder> =
         Arc::new(models::load_serving_encoder(models_dir, enc)?);
     // Fresh: every request's queries go through the encoder.

@@ -207,12 +207,19 @@ struct Job {
     format: PromptFormat,
 }
 
-/// Starts `job`'s generation; returns its tokens and its prompt's token count.
+/// Whether a response reports usage: always when whole, on request when streamed.
+fn reports_usage(stream: bool, options: Option<&StreamOptions>) -> bool {
+    !stream || options.is_some_and(|o| o.include_usage)
+}
+
+/// Starts `job`'s generation; returns its tokens and, when `count` (the response reports
+/// usage), its prompt's token count (0 otherwise: the prompt is not tokenized again).
 async fn start(
     state: &HttpState,
     job: &Job,
     options: &GenerateOptions,
     renames: &[(&str, &str)],
+    count: bool,
 ) -> ApiResult<(TokenStream, usize)> {
     let inference = state.inference()?;
     let tokens = inference
@@ -227,10 +234,14 @@ async fn start(
             ErrorKind::NotFound => ApiError::not_found("model", e.message),
             _ => ApiError::from(e).renamed(renames),
         })?;
-    let prompt_tokens = inference
-        .prompt_tokens(job.input.clone(), job.format)
-        .await
-        .map_err(ApiError::from)?;
+    let prompt_tokens = if count {
+        inference
+            .prompt_tokens(job.input.clone(), job.format)
+            .await
+            .map_err(ApiError::from)?
+    } else {
+        0
+    };
     Ok((tokens, prompt_tokens))
 }
 
@@ -372,11 +383,12 @@ pub async fn completions(
             format,
         });
     }
+    let include_usage = reports_usage(req.stream, req.stream_options.as_ref());
     // Each prompt joins the batch already decoding (continuous batching).
     let mut started = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
         started.push(
-            start(&state, job, &opts, COMPLETION_RENAMES)
+            start(&state, job, &opts, COMPLETION_RENAMES, include_usage)
                 .await
                 .map_err(|e| at(e, i, many))?,
         );
@@ -412,7 +424,6 @@ pub async fn completions(
         })
         .into_response());
     }
-    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let infos: Vec<Option<RoeResponseInfo>> = jobs.into_iter().map(|j| j.target.info).collect();
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -599,7 +610,8 @@ pub async fn chat_completions(
         }
     };
     let renames: Vec<(&str, &str)> = vec![("max_new_tokens", max_field), ("input", "messages")];
-    let (stream, prompt_tokens) = start(&state, &job, &opts, &renames).await?;
+    let include_usage = reports_usage(req.stream, req.stream_options.as_ref());
+    let (stream, prompt_tokens) = start(&state, &job, &opts, &renames, include_usage).await?;
     let id = response_id("chatcmpl");
     let created = now_unix();
     let model = model_name(&job.target.expert_id);
@@ -625,7 +637,6 @@ pub async fn chat_completions(
         })
         .into_response());
     }
-    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let (tx, rx) = mpsc::channel(64);
     let info = job.target.info;
     tokio::spawn(async move {
