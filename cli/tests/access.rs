@@ -158,6 +158,9 @@ fn cli_clients_pass_their_key_and_read_keys_cannot_write() {
         "{}",
         text(&out)
     );
+    // A write the key may make, refused for what it asks.
+    let out = roe(&url, Some(ADMIN), &["expert", "rm", "no-such-expert"]);
+    assert!(!out.status.success(), "{}", text(&out));
 
     // The server's log (not a terminal: JSON asked for) has an audit line per write and per
     // refusal, naming the key, never showing it.
@@ -187,9 +190,18 @@ fn cli_clients_pass_their_key_and_read_keys_cannot_write() {
     let writes = audit("write");
     assert_eq!(writes.len(), 1, "{logs}");
     assert_eq!(writes[0]["fields"]["key"], "admin-keys#1");
+    assert_eq!(writes[0]["fields"]["status"], "OK");
     assert_eq!(
         writes[0]["fields"]["method"],
         "/roe.v1.ExpertLibrary/RegisterExpert"
+    );
+    let refused = audit("refused");
+    assert_eq!(refused.len(), 1, "{logs}");
+    assert_eq!(refused[0]["fields"]["key"], "admin-keys#1");
+    assert_eq!(refused[0]["fields"]["status"], "NOT_FOUND");
+    assert_eq!(
+        refused[0]["fields"]["method"],
+        "/roe.v1.ExpertLibrary/DeleteExpert"
     );
 }
 

@@ -232,20 +232,29 @@ pub fn presented(h: &http::HeaderMap) -> Option<&[u8]> {
     h.get("api-key").map(|v| v.as_bytes().trim_ascii())
 }
 
-/// Whether `req` may go on; the refusal otherwise. Logs every refusal and every write with
-/// the key's name (target `audit`).
+/// Who made a call that passed the key check, carried on its response (an extension) so
+/// that the audit line written when the call ends can name the key and the outcome.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The key's name; `-` when the server checks no keys.
+    pub key: Arc<str>,
+    pub access: Access,
+}
+
+/// Whether `req` may go on (and who asks), or the refusal. Logs every refusal of a key
+/// (target `audit`); what a call that passed does is logged when it ends ([`audit_end`]).
 pub fn check<B>(
     keys: &ApiKeys,
     reflection_public: bool,
     req: &http::Request<B>,
-) -> Result<(), Status> {
-    if keys.is_empty() {
-        return Ok(());
-    }
+) -> Result<Caller, Status> {
     let path = req.uri().path();
     let access = access_of(path, reflection_public);
-    if access == Access::Public {
-        return Ok(());
+    if keys.is_empty() || access == Access::Public {
+        return Ok(Caller {
+            key: Arc::from("-"),
+            access,
+        });
     }
     let Some(presented) = presented(req.headers()) else {
         tracing::warn!(target: "audit", method = path, "refused: no API key");
@@ -266,10 +275,38 @@ pub fn check<B>(
             key.name
         )));
     }
-    if access == Access::Write {
-        tracing::info!(target: "audit", method = path, key = %key.name, "write");
+    Ok(Caller {
+        key: Arc::from(key.name.as_str()),
+        access,
+    })
+}
+
+/// Whether a status (its canonical name) refuses the request for what it asked, as opposed
+/// to the server failing it or the client going away.
+pub fn is_refusal(status: &str) -> bool {
+    matches!(
+        status,
+        "INVALID_ARGUMENT"
+            | "NOT_FOUND"
+            | "ALREADY_EXISTS"
+            | "PERMISSION_DENIED"
+            | "RESOURCE_EXHAUSTED"
+            | "FAILED_PRECONDITION"
+            | "OUT_OF_RANGE"
+            | "UNAUTHENTICATED"
+    )
+}
+
+/// The audit line of a call that passed the key check, written when it ends: one per write
+/// (`write`, with its status) and one per refused call (`refused`, with its status), each
+/// naming the key, never showing it.
+pub fn audit_end(caller: &Caller, method: &str, status: &str) {
+    let key = &*caller.key;
+    if is_refusal(status) {
+        tracing::warn!(target: "audit", method, key, status, "refused");
+    } else if caller.access == Access::Write {
+        tracing::info!(target: "audit", method, key, status, "write");
     }
-    Ok(())
 }
 
 /// The tower layer that runs [`check`] before every service.
@@ -328,7 +365,14 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         match check(&self.layer.keys, self.layer.reflection_public, &req) {
-            Ok(()) => Box::pin(self.inner.call(req)),
+            Ok(caller) => {
+                let response = self.inner.call(req);
+                Box::pin(async move {
+                    let mut response = response.await?;
+                    response.extensions_mut().insert(caller);
+                    Ok(response)
+                })
+            }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }
     }
@@ -531,8 +575,16 @@ mod tests {
         );
         assert_eq!(code(write, Some(("authorization", &bearer(A)))), None);
         assert_eq!(code(read, Some(("api-key", A))), None);
+        // The call knows who made it, for its audit line.
+        let caller = check(&keys, false, &request(write, Some(("api-key", A)))).unwrap();
+        assert_eq!(
+            (&*caller.key, caller.access),
+            ("admin-keys#1", Access::Write)
+        );
         // No keys configured: open.
-        assert!(check(&ApiKeys::default(), false, &request(write, None)).is_ok());
+        let open = check(&ApiKeys::default(), false, &request(write, None)).unwrap();
+        assert_eq!(&*open.key, "-");
+        assert!(is_refusal("NOT_FOUND") && !is_refusal("OK") && !is_refusal("CANCELLED"));
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! reads each call's `grpc-status` (from the trailers, or from the headers of an error
 //! returned at once) and records it when the response body ends, so that a streaming call
 //! counts its whole length. A call whose client went away before the end counts as
-//! CANCELLED.
+//! CANCELLED. The same moment writes the call's audit line ([`crate::auth::audit_end`]),
+//! for the calls the key check let through.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use roe_serving::metrics::{request_done, Transport};
+
+use crate::auth::{audit_end, Caller};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestMetricsLayer;
@@ -93,12 +96,14 @@ where
             let response = response.await?;
             // An error returned at once travels in the headers (a trailers-only response).
             let status = grpc_status(response.headers());
+            let caller = response.extensions().get::<Caller>().cloned();
             Ok(response.map(|body| {
                 tonic::body::Body::new(MeteredBody {
                     inner: body,
                     endpoint,
                     started,
                     status,
+                    caller,
                 })
             }))
         })
@@ -112,6 +117,7 @@ struct MeteredBody {
     endpoint: String,
     started: Instant,
     status: Option<&'static str>,
+    caller: Option<Caller>,
 }
 
 impl Drop for MeteredBody {
@@ -123,6 +129,9 @@ impl Drop for MeteredBody {
             _ => &self.endpoint,
         };
         request_done(Transport::Grpc, endpoint, status, self.started.elapsed());
+        if let Some(caller) = &self.caller {
+            audit_end(caller, endpoint, status);
+        }
     }
 }
 
