@@ -7,8 +7,10 @@ use roe_expert_library::embedding::Encoder;
 use roe_expert_library::{LibraryError, Result};
 
 /// Wraps an encoder with a persistent text -> vector cache (benchmarks embed the same task
-/// rows for every seed and strategy; the cache makes reruns cheap). Keyed by the encoder id
-/// and a SHA-256 of the text, so a different model never reads another's vectors.
+/// rows for every seed and strategy; the cache makes reruns cheap). Keyed by the encoder id,
+/// the arithmetic it ran in (`variant`: bf16 and f32 vectors differ slightly, and a bench
+/// comparing them must not read one for the other) and a SHA-256 of the text, so a
+/// different model never reads another's vectors.
 pub struct CachingEncoder<E: Encoder> {
     inner: E,
     path: PathBuf,
@@ -16,11 +18,11 @@ pub struct CachingEncoder<E: Encoder> {
 }
 
 impl<E: Encoder> CachingEncoder<E> {
-    pub fn new(inner: E, cache_dir: impl AsRef<Path>) -> Result<Self> {
+    pub fn new(inner: E, variant: &str, cache_dir: impl AsRef<Path>) -> Result<Self> {
         use sha2::Digest;
         let dir = cache_dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| LibraryError::io(dir, e))?;
-        let tag = sha2::Sha256::digest(inner.id().as_bytes())[..8]
+        let tag = sha2::Sha256::digest(format!("{}/{variant}", inner.id()).as_bytes())[..8]
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect::<String>();
@@ -115,8 +117,7 @@ pub fn load_cached_encoder(
     encoder: Option<&Path>,
     cache_dir: &Path,
 ) -> anyhow::Result<Arc<dyn Encoder>> {
-    Ok(Arc::new(CachingEncoder::new(
-        roe_cli::models::load_encoder(models_dir, encoder)?,
-        cache_dir,
-    )?))
+    let inner = roe_cli::models::load_encoder(models_dir, encoder)?;
+    let variant = inner.precision();
+    Ok(Arc::new(CachingEncoder::new(inner, variant, cache_dir)?))
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
-use roe_encoder::{BertEncoder, Encoder};
+use roe_encoder::{BertEncoder, Encoder, Precision};
 use roe_expert_library::embedding::dot;
 use serde::Serialize;
 
@@ -13,7 +13,13 @@ use serde::Serialize;
 pub struct EncoderReport {
     pub texts: usize,
     pub batch_size: usize,
+    /// The linear layers' precision on this CPU (`auto`): bf16 or f32.
+    pub precision: String,
     pub roe_sentences_per_s: f64,
+    /// The f32 path on the same texts, same run (absent when it is the one measured).
+    pub f32_sentences_per_s: Option<f64>,
+    /// Least cosine between the measured path's vectors and the f32 path's.
+    pub min_cosine_vs_f32: Option<f64>,
     pub peer_sentences_per_s: Option<f64>,
     /// roe / sentence-transformers (goal >= 1.0).
     pub ratio: Option<f64>,
@@ -28,16 +34,35 @@ pub fn run(
     peer_script: &Path,
 ) -> Result<EncoderReport> {
     let batch_size = 32;
-    let encoder = BertEncoder::load(encoder_dir, roe_encoder::ENCODER_MAX_TOKENS)?
-        .with_batch_size(batch_size);
-    encoder.embed(&texts[..batch_size.min(texts.len())])?; // warm-up
-    let t = Instant::now();
-    let ours = encoder.embed(&texts)?;
-    let roe_rate = texts.len() as f64 / t.elapsed().as_secs_f64();
+    let timed = |precision| -> Result<(String, f64, Vec<Vec<f32>>)> {
+        let encoder =
+            BertEncoder::load_with(encoder_dir, roe_encoder::ENCODER_MAX_TOKENS, precision)?
+                .with_batch_size(batch_size);
+        encoder.embed(&texts[..batch_size.min(texts.len())])?; // warm-up
+        let t = Instant::now();
+        let vectors = encoder.embed(&texts)?;
+        let rate = texts.len() as f64 / t.elapsed().as_secs_f64();
+        Ok((encoder.precision().to_string(), rate, vectors))
+    };
+    let (precision, roe_rate, ours) = timed(roe_cli::models::encoder_precision()?)?;
+    let (f32_rate, min_cos_f32) = if precision == "f32" {
+        (None, None)
+    } else {
+        let (_, rate, plain) = timed(Precision::F32)?;
+        let min = ours
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| dot(a, b) as f64)
+            .fold(f64::INFINITY, f64::min);
+        (Some(rate), Some(min))
+    };
     let mut report = EncoderReport {
         texts: texts.len(),
         batch_size,
+        precision,
         roe_sentences_per_s: roe_rate,
+        f32_sentences_per_s: f32_rate,
+        min_cosine_vs_f32: min_cos_f32,
         peer_sentences_per_s: None,
         ratio: None,
         min_cosine_vs_peer: None,

@@ -538,7 +538,10 @@ pub fn serving_while_training(
     let rt = tokio::runtime::Runtime::new()?;
     let tmp = tempfile::tempdir()?;
     let bb = Arc::new(Backbone::load(gguf, None)?);
-    let encoder = Arc::new(roe_encoder::serving_encoder(encoder_dir)?);
+    let encoder = Arc::new(roe_encoder::serving_encoder(
+        encoder_dir,
+        roe_cli::models::encoder_precision()?,
+    )?);
     let (library, _) = roe_expert_library::library::ExpertLibrary::open(
         tmp.path().join("library"),
         encoder,

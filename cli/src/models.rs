@@ -4,13 +4,25 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use roe_encoder::{BatchingEncoder, BertEncoder, ENCODER_MAX_TOKENS};
+use roe_encoder::{BatchingEncoder, BertEncoder, Precision, ENCODER_MAX_TOKENS};
 
 pub use roe_encoder::encoder_dir;
 
+/// The encoder's linear-layer precision: `ROE_ENCODER_PRECISION` (auto, f32 or bf16;
+/// default auto: bf16 where the CPU has AVX-512 BF16).
+pub fn encoder_precision() -> Result<Precision> {
+    match std::env::var("ROE_ENCODER_PRECISION") {
+        Ok(v) => v
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("ROE_ENCODER_PRECISION: {e}")),
+        Err(std::env::VarError::NotPresent) => Ok(Precision::Auto),
+        Err(e) => Err(anyhow::anyhow!("ROE_ENCODER_PRECISION: {e}")),
+    }
+}
+
 pub fn load_encoder(models_dir: &Path, encoder: Option<&Path>) -> Result<BertEncoder> {
     let dir = encoder_dir(models_dir, encoder);
-    BertEncoder::load(&dir, ENCODER_MAX_TOKENS).with_context(|| {
+    BertEncoder::load_with(&dir, ENCODER_MAX_TOKENS, encoder_precision()?).with_context(|| {
         format!(
             "loading the encoder from {} (run scripts/fetch-models.sh, or pass --models-dir / ROE_MODELS_DIR)",
             dir.display()
@@ -21,7 +33,7 @@ pub fn load_encoder(models_dir: &Path, encoder: Option<&Path>) -> Result<BertEnc
 /// The encoder as the server uses it: one worker that batches concurrent requests together.
 pub fn load_serving_encoder(models_dir: &Path, encoder: Option<&Path>) -> Result<BatchingEncoder> {
     let dir = encoder_dir(models_dir, encoder);
-    roe_encoder::serving_encoder(&dir).with_context(|| {
+    roe_encoder::serving_encoder(&dir, encoder_precision()?).with_context(|| {
         format!(
             "loading the encoder from {} (run scripts/fetch-models.sh, or pass --models-dir / ROE_MODELS_DIR)",
             dir.display()

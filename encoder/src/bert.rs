@@ -1,12 +1,18 @@
 //! A BERT encoder forward pass (the architecture of all-MiniLM-L6-v2) on candle, written for
 //! CPU inference: the GELU is a custom op over a vectorisable rational tanh, because candle's
 //! GELU calls libm's scalar tanh/erf per element and was most of the encoder's time.
+//!
+//! The linear layers run in f32 (candle's GEMM) or, where the CPU has AVX-512 BF16 and the
+//! caller asks, in bf16 with f32 accumulation ([`crate::bf16`]), bias and GELU fused into
+//! the product. Attention, layer norms and pooling stay f32 on both paths.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{
     embedding, layer_norm, linear, Embedding, LayerNorm, LayerNormConfig, Linear, VarBuilder,
 };
 use serde::Deserialize;
+
+use crate::bf16::{Epilogue, PackedLinear};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct BertConfig {
@@ -84,13 +90,134 @@ impl CustomOp1 for FastGelu {
     }
 }
 
+/// The arithmetic of the linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearPrecision {
+    F32,
+    /// bf16 operands, f32 sums; only where [`crate::bf16::supported`].
+    Bf16,
+}
+
+/// One linear layer on the chosen path.
+enum Proj {
+    F32(Linear),
+    Bf16(PackedLinear),
+}
+
+/// A packed linear layer applied to a contiguous f32 tensor `[.., k]`.
+struct Bf16Op<'a>(&'a PackedLinear, Epilogue);
+
+impl CustomOp1 for Bf16Op<'_> {
+    fn name(&self) -> &'static str {
+        "bf16-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("bf16-linear: f32 input only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bf16-linear: needs a contiguous tensor");
+        };
+        let k = self.0.in_features();
+        let mut dims = layout.shape().dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("bf16-linear: input {:?}, layer reads {k}", dims);
+        }
+        let m = (end - start) / k;
+        let out = self.0.forward(&data[start..end], m, self.1);
+        if let Some(last) = dims.last_mut() {
+            *last = self.0.out_features();
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// The fast path's attention ([`crate::attention`]) on the fused projection's output.
+struct AttentionOp {
+    b: usize,
+    len: usize,
+    heads: usize,
+    head_dim: usize,
+    lens: Vec<usize>,
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fast-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fast-attention: f32 input only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fast-attention: needs a contiguous tensor");
+        };
+        let hidden = self.heads * self.head_dim;
+        if end - start != self.b * self.len * 3 * hidden {
+            candle_core::bail!("fast-attention: input is not [b, len, 3·hidden]");
+        }
+        let out = crate::attention::attention(
+            &data[start..end],
+            self.b,
+            self.len,
+            self.heads,
+            self.head_dim,
+            &self.lens,
+        );
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((self.b, self.len, hidden)),
+        ))
+    }
+}
+
+impl Proj {
+    fn new(l: Linear, precision: LinearPrecision) -> candle_core::Result<Self> {
+        Ok(match precision {
+            LinearPrecision::F32 => Proj::F32(l),
+            LinearPrecision::Bf16 => {
+                let (n, k) = l.weight().dims2()?;
+                let w = l.weight().flatten_all()?.to_vec1::<f32>()?;
+                let b = match l.bias() {
+                    Some(b) => b.to_vec1::<f32>()?,
+                    None => vec![0.0; n],
+                };
+                Proj::Bf16(PackedLinear::pack(&w, &b, n, k))
+            }
+        })
+    }
+
+    fn forward(&self, x: &Tensor, epilogue: Epilogue) -> candle_core::Result<Tensor> {
+        match self {
+            Proj::F32(l) => {
+                let y = l.forward(x)?;
+                match epilogue {
+                    Epilogue::Bias => Ok(y),
+                    Epilogue::BiasGelu => y.contiguous()?.apply_op1_no_bwd(&FastGelu),
+                }
+            }
+            Proj::Bf16(p) => x.contiguous()?.apply_op1_no_bwd(&Bf16Op(p, epilogue)),
+        }
+    }
+}
+
 struct Layer {
     /// Query, key and value projections fused into one [3·hidden, hidden] matmul.
-    qkv: Linear,
-    attn_out: Linear,
+    qkv: Proj,
+    attn_out: Proj,
     attn_norm: LayerNorm,
-    intermediate: Linear,
-    out: Linear,
+    intermediate: Proj,
+    out: Proj,
     out_norm: LayerNorm,
 }
 
@@ -105,7 +232,14 @@ pub struct BertEncoderModel {
 }
 
 impl BertEncoderModel {
-    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &BertConfig,
+        precision: LinearPrecision,
+    ) -> candle_core::Result<Self> {
+        if precision == LinearPrecision::Bf16 && !crate::bf16::supported() {
+            candle_core::bail!("bf16 linears need AVX-512 BF16, which this CPU lacks");
+        }
         if cfg.hidden_act != "gelu" && cfg.hidden_act != "gelu_new" {
             candle_core::bail!("unsupported hidden_act {:?} (gelu)", cfg.hidden_act);
         }
@@ -143,12 +277,17 @@ impl BertEncoderModel {
                     Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?,
                     Some(Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?),
                 );
+                let proj = |l| Proj::new(l, precision);
                 Ok(Layer {
-                    qkv,
-                    attn_out: linear(h, h, l.pp("attention.output.dense"))?,
+                    qkv: proj(qkv)?,
+                    attn_out: proj(linear(h, h, l.pp("attention.output.dense"))?)?,
                     attn_norm: ln(l.pp("attention.output.LayerNorm"))?,
-                    intermediate: linear(h, cfg.intermediate_size, l.pp("intermediate.dense"))?,
-                    out: linear(cfg.intermediate_size, h, l.pp("output.dense"))?,
+                    intermediate: proj(linear(
+                        h,
+                        cfg.intermediate_size,
+                        l.pp("intermediate.dense"),
+                    )?)?,
+                    out: proj(linear(cfg.intermediate_size, h, l.pp("output.dense"))?)?,
                     out_norm: ln(l.pp("output.LayerNorm"))?,
                 })
             })
@@ -183,36 +322,64 @@ impl BertEncoderModel {
         // Padding positions get a large negative bias before the softmax.
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?.reshape((b, 1, 1, len))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // The fast path attends over each text's real positions only.
+        let lens: Option<Vec<usize>> = match self.layers.first().map(|l| &l.qkv) {
+            Some(Proj::Bf16(_)) => Some(
+                mask.to_vec2::<u32>()?
+                    .iter()
+                    .map(|row| row.iter().filter(|&&m| m != 0).count())
+                    .collect(),
+            ),
+            _ => None,
+        };
         for l in &self.layers {
-            // [b, len, 3, heads, head_dim] -> q, k, v as [b, heads, len, head_dim].
-            let qkv = l
-                .qkv
-                .forward(&x)?
-                .reshape((b, len, 3, self.heads, self.head_dim))?;
-            let part = |i: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(2, i, 1)?
-                    .squeeze(2)?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let qkv = l.qkv.forward(&x, Epilogue::Bias)?;
+            let ctx = match &lens {
+                Some(lens) => qkv.apply_op1_no_bwd(&AttentionOp {
+                    b,
+                    len,
+                    heads: self.heads,
+                    head_dim: self.head_dim,
+                    lens: lens.clone(),
+                })?,
+                None => self.attention(&qkv, &bias, b, len, scale)?,
             };
-            let (q, k, v) = ((part(0)? * scale)?, part(1)?, part(2)?);
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx =
-                probs
-                    .matmul(&v)?
-                    .transpose(1, 2)?
-                    .reshape((b, len, self.heads * self.head_dim))?;
-            x = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + &x)?)?;
-            let inner = l
-                .intermediate
-                .forward(&x)?
-                .contiguous()?
-                .apply_op1_no_bwd(&FastGelu)?;
-            x = l.out_norm.forward(&(l.out.forward(&inner)? + &x)?)?;
+            x = l
+                .attn_norm
+                .forward(&(l.attn_out.forward(&ctx, Epilogue::Bias)? + &x)?)?;
+            let inner = l.intermediate.forward(&x, Epilogue::BiasGelu)?;
+            x = l
+                .out_norm
+                .forward(&(l.out.forward(&inner, Epilogue::Bias)? + &x)?)?;
         }
-        let _ = D::Minus1;
         Ok(x)
+    }
+
+    /// Candle's attention (the f32 path): `qkv` [b, len, 3·hidden] -> context
+    /// [b, len, hidden].
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        b: usize,
+        len: usize,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        // [b, len, 3, heads, head_dim] -> q, k, v as [b, heads, len, head_dim].
+        let qkv = qkv.reshape((b, len, 3, self.heads, self.head_dim))?;
+        let part = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = ((part(0)? * scale)?, part(1)?, part(2)?);
+        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, len, self.heads * self.head_dim))
     }
 }
 

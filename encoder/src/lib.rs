@@ -5,9 +5,11 @@
 //! encoder work ([`BatchingEncoder`]). Both implement the domain's
 //! [`Encoder`](roe_expert_library::embedding::Encoder).
 
+mod attention;
 mod batching;
 mod bert;
 mod bert_encoder;
+pub mod bf16;
 pub mod cache;
 pub mod metrics;
 
@@ -15,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use batching::BatchingEncoder;
-pub use bert_encoder::BertEncoder;
+pub use bert_encoder::{BertEncoder, Precision};
 pub use roe_expert_library::embedding::Encoder;
 use roe_expert_library::LibraryError;
 
@@ -37,8 +39,17 @@ pub fn encoder_dir(models_dir: &Path, explicit: Option<&Path>) -> PathBuf {
 /// model in `dir`.
 pub use cache::CachingEncoder;
 
-pub fn serving_encoder(dir: &Path) -> Result<BatchingEncoder, LibraryError> {
-    let bert: Arc<dyn Encoder> = Arc::new(BertEncoder::load(dir, ENCODER_MAX_TOKENS)?);
+pub fn serving_encoder(dir: &Path, precision: Precision) -> Result<BatchingEncoder, LibraryError> {
+    let bert = BertEncoder::load_with(dir, ENCODER_MAX_TOKENS, precision)?;
+    tracing::info!(
+        precision = bert.precision(),
+        "encoder: linear layers in {}",
+        match bert.precision() {
+            "bf16" => "bf16 with f32 sums (AVX-512 BF16 found at run time)",
+            _ => "f32",
+        }
+    );
+    let bert: Arc<dyn Encoder> = Arc::new(bert);
     Ok(BatchingEncoder::new(bert, MAX_BATCH_TEXTS))
 }
 

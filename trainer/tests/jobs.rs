@@ -30,8 +30,11 @@ fn backbone() -> Arc<Backbone> {
 }
 
 fn library(dir: &Path) -> Arc<ExpertLibrary> {
-    let enc = roe_encoder::serving_encoder(&root().join("models/all-MiniLM-L6-v2"))
-        .expect("encoder (run scripts/fetch-models.sh)");
+    let enc = roe_encoder::serving_encoder(
+        &root().join("models/all-MiniLM-L6-v2"),
+        roe_encoder::Precision::Auto,
+    )
+    .expect("encoder (run scripts/fetch-models.sh)");
     Arc::new(
         ExpertLibrary::open(dir, Arc::new(enc), LibraryConfig::default())
             .expect("library")
