@@ -981,8 +981,9 @@ fn routing(
             .unwrap_or(serde_json::Value::Null);
     let mut md = String::new();
     md.push_str(&format!(
-        "# Routing benchmark\n\n41-expert library (23 dev + 18 routing-suite tasks), S={} instances per expert from train, Q={} queries from test, {} seeds. Accuracy = fraction of (task, seed) routed to the task's own expert.\n\n",
-        a.s, a.q, seeds.len()
+        "# Routing benchmark\n\n41-expert library (23 dev + 18 routing-suite tasks), S={} instances per expert from train, Q={} queries from test, {} seeds. Accuracy = fraction of (task, seed) routed to the task's own expert. Encoder linear layers: {}.\n\n",
+        a.s, a.q, seeds.len(),
+        roe_cli::models::encoder_precision()?.in_effect()?
     ));
     md.push_str("| strategy | dev | routing | overall |\n|---|---|---|---|\n");
     for fmt in ["instance", "choice_instance"] {
@@ -1266,7 +1267,7 @@ fn encoder_bench(models_dir: &Path, enc: Option<&Path>, a: EncoderArgs) -> Resul
         _ => String::new(),
     };
     let md = format!(
-        "# Encoder benchmark\n\n{} texts (test inputs of the dev suite), batch {}, same machine, same run. roe's linear layers: **{}** (chosen at run time: bf16 where the CPU has AVX-512 BF16).\n\n| engine | sentences/s |\n|---|---|\n| roe ({}, all-MiniLM-L6-v2) | {:.1} |\n| sentence-transformers (fp32) | {} |\n{}\nratio roe / sentence-transformers: **{}**\n\nmin cosine between roe's and sentence-transformers' vectors: {}\n\nroe's allocator: {}\n",
+        "# Encoder benchmark\n\n{} texts (test inputs of the dev suite), batch {}, same machine, same run, best of 3 passes each. roe's linear layers: **{}** (chosen at run time: bf16 where the CPU has AVX-512 BF16).\n\n| engine | sentences/s |\n|---|---|\n| roe ({}, all-MiniLM-L6-v2) | {:.1} |\n| sentence-transformers (fp32) | {} |\n{}\nratio roe / sentence-transformers: **{}**\n\nmin cosine between roe's and sentence-transformers' vectors: {}\n\nroe's allocator: {}\n",
         r.texts, r.batch_size, r.precision, r.precision, r.roe_sentences_per_s,
         r.peer_sentences_per_s.map(|p| format!("{p:.1}")).unwrap_or_else(|| "not run".into()),
         f32_row,

@@ -38,6 +38,15 @@ impl std::str::FromStr for Precision {
 }
 
 impl Precision {
+    /// What the linear layers run in when loaded with this choice on this CPU: `"bf16"` or
+    /// `"f32"` (an error where bf16 is asked for and missing).
+    pub fn in_effect(self) -> Result<&'static str> {
+        Ok(match self.resolve()? {
+            LinearPrecision::Bf16 => "bf16",
+            LinearPrecision::F32 => "f32",
+        })
+    }
+
     /// The precision in effect on this CPU.
     fn resolve(self) -> Result<LinearPrecision> {
         let bf16 = crate::bf16::supported();
