@@ -299,11 +299,12 @@ pub fn is_refusal(status: &str) -> bool {
 
 /// The audit line of a call that passed the key check, written when it ends: one per write
 /// (`write`, with its status) and one per refused call (`refused`, with its status), each
-/// naming the key, never showing it.
+/// naming the key, never showing it. Refusals of what a call asked are the client's
+/// business, so they are info, as writes are; a key refused is a warning.
 pub fn audit_end(caller: &Caller, method: &str, status: &str) {
     let key = &*caller.key;
     if is_refusal(status) {
-        tracing::warn!(target: "audit", method, key, status, "refused");
+        tracing::info!(target: "audit", method, key, status, "refused");
     } else if caller.access == Access::Write {
         tracing::info!(target: "audit", method, key, status, "write");
     }
