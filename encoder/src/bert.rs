@@ -67,6 +67,21 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_tanh(K * (x + 0.044_715 * x * x * x)))
 }
 
+/// The contiguous f32 values a custom op reads (its name in the error otherwise).
+fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 input only");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: needs a contiguous tensor");
+    };
+    Ok(&data[start..end])
+}
+
 struct FastGelu;
 
 impl CustomOp1 for FastGelu {
@@ -79,13 +94,8 @@ impl CustomOp1 for FastGelu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fast-gelu: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fast-gelu: needs a contiguous tensor");
-        };
-        let out: Vec<f32> = data[start..end].iter().map(|&x| gelu(x)).collect();
+        let data = contiguous_f32(self.name(), storage, layout)?;
+        let out: Vec<f32> = data.iter().map(|&x| gelu(x)).collect();
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -96,6 +106,15 @@ pub enum LinearPrecision {
     F32,
     /// bf16 operands, f32 sums; only where [`crate::bf16::supported`].
     Bf16,
+}
+
+impl LinearPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinearPrecision::F32 => "f32",
+            LinearPrecision::Bf16 => "bf16",
+        }
+    }
 }
 
 /// One linear layer on the chosen path.
@@ -117,19 +136,14 @@ impl CustomOp1 for Bf16Op<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("bf16-linear: f32 input only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bf16-linear: needs a contiguous tensor");
-        };
+        let data = contiguous_f32(self.name(), storage, layout)?;
         let k = self.0.in_features();
         let mut dims = layout.shape().dims().to_vec();
         if dims.last() != Some(&k) {
             candle_core::bail!("bf16-linear: input {:?}, layer reads {k}", dims);
         }
-        let m = (end - start) / k;
-        let out = self.0.forward(&data[start..end], m, self.1);
+        let m = data.len() / k;
+        let out = self.0.forward(data, m, self.1);
         if let Some(last) = dims.last_mut() {
             *last = self.0.out_features();
         }
@@ -138,15 +152,15 @@ impl CustomOp1 for Bf16Op<'_> {
 }
 
 /// The fast path's attention ([`crate::attention`]) on the fused projection's output.
-struct AttentionOp {
+struct AttentionOp<'a> {
     b: usize,
     len: usize,
     heads: usize,
     head_dim: usize,
-    lens: Vec<usize>,
+    lens: &'a [usize],
 }
 
-impl CustomOp1 for AttentionOp {
+impl CustomOp1 for AttentionOp<'_> {
     fn name(&self) -> &'static str {
         "fast-attention"
     }
@@ -156,23 +170,18 @@ impl CustomOp1 for AttentionOp {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fast-attention: f32 input only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fast-attention: needs a contiguous tensor");
-        };
+        let data = contiguous_f32(self.name(), storage, layout)?;
         let hidden = self.heads * self.head_dim;
-        if end - start != self.b * self.len * 3 * hidden {
+        if data.len() != self.b * self.len * 3 * hidden {
             candle_core::bail!("fast-attention: input is not [b, len, 3·hidden]");
         }
         let out = crate::attention::attention(
-            &data[start..end],
+            data,
             self.b,
             self.len,
             self.heads,
             self.head_dim,
-            &self.lens,
+            self.lens,
         );
         Ok((
             CpuStorage::F32(out),
@@ -340,7 +349,7 @@ impl BertEncoderModel {
                     len,
                     heads: self.heads,
                     head_dim: self.head_dim,
-                    lens: lens.clone(),
+                    lens,
                 })?,
                 None => self.attention(&qkv, &bias, b, len, scale)?,
             };

@@ -41,10 +41,7 @@ impl Precision {
     /// What the linear layers run in when loaded with this choice on this CPU: `"bf16"` or
     /// `"f32"` (an error where bf16 is asked for and missing).
     pub fn in_effect(self) -> Result<&'static str> {
-        Ok(match self.resolve()? {
-            LinearPrecision::Bf16 => "bf16",
-            LinearPrecision::F32 => "f32",
-        })
+        Ok(self.resolve()?.name())
     }
 
     /// The precision in effect on this CPU.
@@ -146,10 +143,7 @@ impl BertEncoder {
 
     /// What the linear layers run in: `"bf16"` (AVX-512 BF16) or `"f32"`.
     pub fn precision(&self) -> &'static str {
-        match self.precision {
-            LinearPrecision::Bf16 => "bf16",
-            LinearPrecision::F32 => "f32",
-        }
+        self.precision.name()
     }
 
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {

@@ -35,19 +35,17 @@ pub fn encoder_dir(models_dir: &Path, explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| models_dir.join(DEFAULT_ENCODER_DIR))
 }
 
-/// The encoder as the server runs it: one worker batching concurrent requests over the BERT
-/// model in `dir`.
 pub use cache::CachingEncoder;
 
+/// The encoder as the server runs it: one worker batching concurrent requests over the BERT
+/// model in `dir`, its linear layers in `precision` (which path was taken is logged).
 pub fn serving_encoder(dir: &Path, precision: Precision) -> Result<BatchingEncoder, LibraryError> {
     let bert = BertEncoder::load_with(dir, ENCODER_MAX_TOKENS, precision)?;
     tracing::info!(
         precision = bert.precision(),
+        avx512_bf16 = bf16::supported(),
         "encoder: linear layers in {}",
-        match bert.precision() {
-            "bf16" => "bf16 with f32 sums (AVX-512 BF16 found at run time)",
-            _ => "f32",
-        }
+        bert.precision()
     );
     let bert: Arc<dyn Encoder> = Arc::new(bert);
     Ok(BatchingEncoder::new(bert, MAX_BATCH_TEXTS))
