@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up the Python peers that roe's benchmarks compare against (see bench/peers/README.md):
 # a virtual environment with sentence-transformers (+ torch), PEFT + gguf (transformers' GGUF
-# loader) and llama-cpp-python (built from source against the machine's CPU), all pinned by
-# bench/peers/requirements.lock.
+# loader), llama-cpp-python (built from source against the machine's CPU) and hnswlib (built
+# from its sdist: PyPI has no wheel of 0.8.0), all pinned by bench/peers/requirements.lock.
 #
 #   scripts/setup-peers.sh              # venv at ./.venv, or $ROE_PEERS_VENV
 #   ROE_PEERS_VENV=/tmp/peers scripts/setup-peers.sh
@@ -38,10 +38,10 @@ stamp_file="$venv/.roe-peers-stamp"
 check_imports() {
   "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
-import gguf, llama_cpp, peft, sentence_transformers, torch, transformers  # noqa: F401
+import gguf, hnswlib, llama_cpp, peft, sentence_transformers, torch, transformers  # noqa: F401
 print("    " + ", ".join(f"{p} {md.version(p)}" for p in
       ("sentence-transformers", "torch", "transformers", "tokenizers", "llama_cpp_python", "numpy",
-       "peft", "gguf")))
+       "peft", "gguf", "hnswlib")))
 PY
 }
 
@@ -85,7 +85,7 @@ step_end
 #    here, and torch will not import without the nvidia libraries, so the default set is
 #    accepted (see README: ~4.5 GB).
 step_start "pip install sentence-transformers + torch + peft + gguf (pinned, wheels only)"
-grep -v '^llama[-_]cpp[-_]python' "$lock" >"$venv/.roe-peers-wheels.txt"
+grep -v -e '^llama[-_]cpp[-_]python' -e '^hnswlib' "$lock" >"$venv/.roe-peers-wheels.txt"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary=:all: \
   -r "$venv/.roe-peers-wheels.txt"
 step_end
@@ -103,7 +103,15 @@ nocache=(--no-cache-dir --force-reinstall)
   -r "$venv/.roe-peers-llama.txt"
 step_end
 
-# 5. Check.
+# 5. hnswlib from its sdist (C++ with pybind11, ~25 s): built against the numpy, pybind11 and
+#    setuptools installed above (no isolated build environment: that would fetch unpinned ones).
+step_start "pip install hnswlib (builds from source)"
+grep '^hnswlib' "$lock" >"$venv/.roe-peers-hnswlib.txt"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+  --no-build-isolation -r "$venv/.roe-peers-hnswlib.txt"
+step_end
+
+# 6. Check.
 step_start "import check"
 check_imports
 "$venv/bin/python" -m pip check >/dev/null || "$venv/bin/python" -m pip check >&2 || true

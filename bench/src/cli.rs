@@ -396,11 +396,30 @@ pub struct HnswArgs {
     m: usize,
     #[arg(long, default_value_t = 100)]
     ef_construction: usize,
-    #[arg(long, default_value_t = 128)]
-    ef_search: usize,
+    /// ef_search of the Q=32 batched search (the index's default unless given).
+    #[arg(long)]
+    ef_search: Option<usize>,
+    /// ef_search values of the recall/latency curve.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "16,24,32,48,64,96,128,256"
+    )]
+    ef_sweep: Vec<usize>,
     /// Clusters of the synthetic data (default: one per 20 vectors).
     #[arg(long)]
     clusters: Option<usize>,
+    /// Python with hnswlib (default: .venv/bin/python if present).
+    #[arg(long, env = "ROE_PEERS_PYTHON")]
+    python: Option<PathBuf>,
+    #[arg(long, default_value = "bench/peers/hnswlib_bench.py")]
+    peer_script: PathBuf,
+    /// Where the vectors are written for the peer (removed afterwards).
+    #[arg(long, default_value = "target/hnsw-bench")]
+    work_dir: PathBuf,
+    /// Measure roe alone.
+    #[arg(long)]
+    no_peer: bool,
     #[arg(long, default_value = "bench/results/hnsw.json")]
     json: PathBuf,
 }
@@ -1285,28 +1304,137 @@ fn encoder_bench(models_dir: &Path, enc: Option<&Path>, a: EncoderArgs) -> Resul
 }
 
 fn hnsw_bench(a: HnswArgs) -> Result<()> {
+    let defaults = IndexConfig::default();
     let config = IndexConfig {
         max_connections: a.m,
         ef_construction: a.ef_construction,
-        ef_search: a.ef_search,
-        ..IndexConfig::default()
+        ef_search: a.ef_search.unwrap_or(defaults.ef_search),
+        ..defaults
     };
-    eprintln!("building HNSW over {} synthetic 384-d vectors ...", a.n);
+    let python = if a.no_peer {
+        None
+    } else {
+        super::peer_python(a.python.as_deref())
+    };
+    if !a.no_peer && python.is_none() {
+        anyhow::bail!("no peer Python: run scripts/setup-peers.sh, pass --python, or --no-peer");
+    }
+    let peer = python.as_deref().map(|python| hnsw::Peer {
+        python,
+        script: &a.peer_script,
+        work_dir: &a.work_dir,
+    });
     let r = hnsw::run(
         a.n,
         a.queries,
         a.clusters.unwrap_or((a.n / 20).max(1)),
         config,
-    );
-    let md = format!(
-        "# HNSW at scale\n\n{} synthetic normalised 384-d vectors ({} clusters; queries are perturbed stored points), M={}, ef_construction={}, ef_search={}, {} queries.\nA cold start-up (no persisted index, or one that does not match the store) rebuilds the graph like this; otherwise roe reloads the persisted graph (`roe bench startup`).\n\n| build s | vectors/s | RSS growth MiB | index estimate MiB | search p50 ms | search p99 ms | exact scan p50 ms | recall@10 |\n|---|---|---|---|---|---|---|---|\n| {:.1} | {:.0} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.4} |\n",
-        r.vectors, r.clusters, r.max_connections, r.ef_construction, r.ef_search, r.queries, r.build_s, r.build_vectors_per_s,
-        r.rss_growth_bytes.map(|b| format!("{:.0}", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into()),
-        r.index_estimate_bytes as f64 / 1048576.0, r.search_p50_ms, r.search_p99_ms, r.exact_scan_p50_ms, r.recall_at_10
-    );
+        &a.ef_sweep,
+        peer,
+    )?;
+    let md = hnsw_markdown(&r);
     println!("{md}");
     save_report(&a.json, &r, &md)?;
+    let png = a.json.with_extension("png");
+    hnsw::draw_curve(&r, &png)?;
+    println!("curve: {}", png.display());
     Ok(())
+}
+
+fn hnsw_markdown(r: &hnsw::HnswReport) -> String {
+    let mib = |b: Option<u64>| {
+        b.map(|b| format!("{:.0}", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let mut md = format!(
+        "# HNSW at scale, against hnswlib\n\n{} synthetic normalised {}-d vectors ({} clusters; \
+         queries are {} perturbed stored points), M={}, ef_construction={}, both built with {} \
+         threads on the same vectors; single-query search on one thread; recall@10 against the \
+         exact top-10 (a batched exact scan). Raw vectors: {:.0} MiB (f32). roe's graph is \
+         usearch with bf16 vectors (kernels: {}); its candidates are scored again on roe's own \
+         f32 rows. RSS growth is the process's resident memory after the build less before it, \
+         the vectors already loaded.\n\n\
+         | index | build s | RSS growth MiB | RSS / raw vectors |\n|---|---|---|---|\n",
+        r.vectors,
+        r.dim,
+        r.clusters,
+        r.queries,
+        r.max_connections,
+        r.ef_construction,
+        r.build_threads,
+        r.raw_vector_bytes as f64 / 1048576.0,
+        r.roe_kernels.as_deref().unwrap_or("none"),
+    );
+    let ratio_raw = |b: Option<u64>| {
+        b.map(|b| format!("{:.2}x", b as f64 / r.raw_vector_bytes as f64))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let mut sides = vec![("roe", &r.roe)];
+    if let Some(h) = &r.hnswlib {
+        sides.push(("hnswlib", h));
+    }
+    for (name, s) in &sides {
+        md += &format!(
+            "| {name} | {:.1} | {} | {} |\n",
+            s.build_s,
+            mib(s.rss_growth_bytes),
+            ratio_raw(s.rss_growth_bytes)
+        );
+    }
+    md += "\n| ef_search | roe p50 ms | roe p99 ms | roe recall@10 | hnswlib p50 ms | hnswlib p99 ms | hnswlib recall@10 |\n|---|---|---|---|---|---|---|\n";
+    for (i, p) in r.roe.curve.iter().enumerate() {
+        let h = r.hnswlib.as_ref().and_then(|h| h.curve.get(i));
+        let hv = |f: fn(&hnsw::CurvePoint) -> f64, digits: usize| {
+            h.map(|h| format!("{:.*}", digits, f(h)))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        md += &format!(
+            "| {} | {:.3} | {:.3} | {:.4} | {} | {} | {} |\n",
+            p.ef_search,
+            p.p50_ms,
+            p.p99_ms,
+            p.recall_at_10,
+            hv(|h| h.p50_ms, 3),
+            hv(|h| h.p99_ms, 3),
+            hv(|h| h.recall_at_10, 4),
+        );
+    }
+    md += &format!(
+        "\nExact scan p50: {:.2} ms per query. The {} queries of one Route searched together \
+         (`search_many`, ef_search={}, k=10): p50 {:.2} ms, p99 {:.2} ms.\n",
+        r.exact_scan_p50_ms,
+        r.route_q,
+        r.route_ef_search,
+        r.route_search_p50_ms,
+        r.route_search_p99_ms
+    );
+    if let Some(h) = &r.hnswlib {
+        md += "\n## Ratios (roe / hnswlib, same run)\n\n";
+        md += &format!(
+            "- build: {:.2}x (goal <= 1.5x)\n",
+            r.roe.build_s / h.build_s
+        );
+        if let (Some(a), Some(b)) = (r.roe.rss_growth_bytes, h.rss_growth_bytes) {
+            md += &format!(
+                "- RSS growth: {:.2}x hnswlib's; roe's is {:.2}x the raw vectors (goal <= 2x)\n",
+                a as f64 / b as f64,
+                a as f64 / r.raw_vector_bytes as f64
+            );
+        }
+        match (r.roe.fastest_at(0.95), h.fastest_at(0.95)) {
+            (Some(a), Some(b)) => {
+                md += &format!(
+                    "- search p50 at recall@10 >= 0.95 (each side's fastest such ef_search): roe {:.3} ms (ef {}, recall {:.4}), hnswlib {:.3} ms (ef {}, recall {:.4}): {:.2}x (goal <= 1.2x)\n",
+                    a.p50_ms, a.ef_search, a.recall_at_10, b.p50_ms, b.ef_search, b.recall_at_10, a.p50_ms / b.p50_ms
+                )
+            }
+            _ => md += "- a side never reached recall@10 0.95 on this sweep\n",
+        }
+        if let Some(v) = &r.hnswlib_versions {
+            md += &format!("\nPeer: {v}\n");
+        }
+    }
+    md
 }
 
 fn startup_bench(a: StartupArgs) -> Result<()> {
@@ -1351,7 +1479,7 @@ fn startup_bench(a: StartupArgs) -> Result<()> {
          {} stored vectors in {} experts (synthetic, 384-d), written through the real sled store \
          in {:.1} s ({} MiB). The library is then opened twice, each time in a fresh process: \
          cold, with no persisted index, reading every vector from sled and rebuilding the index \
-         (HNSW: {}, M={}, ef_construction={}), then persisting the graphs (hnsw_rs file_dump \
+         (HNSW: {}, M={}, ef_construction={}), then persisting the graphs (usearch save \
          into roe-index/ in the library directory: {:.1} s, {} MiB on disk); and warm, reading \
          the vectors again and reloading the persisted graphs.\n\n\
          | open | index | open s | of which index s | RSS after open MiB | peak RSS MiB |\n\
@@ -1368,6 +1496,22 @@ fn startup_bench(a: StartupArgs) -> Result<()> {
         row("cold (rebuild)", &r.cold),
         row("warm (reload)", &r.warm),
     );
+    let mut md = md;
+    if let Some(route) = &r.warm.route {
+        md += &format!(
+            "\nOn the reloaded index (warm process): Route with Q={} precomputed query vectors \
+             (no encoder time; default hybrid options; each set perturbed copies of one \
+             expert's stored vectors), {} routes: **p50 {:.1} ms**, p99 {:.1} ms, top expert right \
+             {}/{}.",
+            route.q, route.routes, route.p50_ms, route.p99_ms, route.correct, route.routes
+        );
+    }
+    if let Some(s) = r.warm.register_s {
+        md += &format!(
+            " Registering one more expert of 1,000 instances there (synthetic encoder, sled \
+             write, graph insertion, lexical refresh): **{s:.2} s**.\n"
+        );
+    }
     println!("{md}");
     save_report(&a.json, &r, &md)?;
     Ok(())

@@ -16,7 +16,7 @@ const FONT_PATHS: [&str; 3] = [
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 
-fn load_font() -> bool {
+pub(crate) fn load_font() -> bool {
     let path = std::env::var("ROE_CHART_FONT")
         .ok()
         .into_iter()

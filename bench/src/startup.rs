@@ -76,6 +76,21 @@ pub struct OpenPhase {
     pub persist_s: Option<f64>,
     /// The persisted index on disk after this phase.
     pub dump_bytes: u64,
+    /// Warm phase: Route with Q=32 precomputed query vectors (no encoder time), default
+    /// options, one route per probed expert.
+    pub route: Option<RouteTiming>,
+    /// Warm phase: registering one more expert of 1,000 instances (synthetic encoder).
+    pub register_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteTiming {
+    pub routes: usize,
+    pub q: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Routes whose top expert is the one the queries were drawn from.
+    pub correct: usize,
 }
 
 /// Peak resident memory of this process in bytes (Linux).
@@ -178,6 +193,15 @@ pub fn open_phase(dir: &Path, index: IndexConfig, persist: bool) -> Result<OpenP
     } else {
         None
     };
+    // The warm phase also routes and registers, on the index as it was reloaded.
+    let (route, register_s) = if persist {
+        (None, None)
+    } else {
+        let route = time_routes(&library, report.experts)?;
+        let t = Instant::now();
+        register_one_more(&library)?;
+        (Some(route), Some(t.elapsed().as_secs_f64()))
+    };
     Ok(OpenPhase {
         vectors: report.vectors,
         experts: report.experts,
@@ -193,7 +217,65 @@ pub fn open_phase(dir: &Path, index: IndexConfig, persist: bool) -> Result<OpenP
         peak_rss_bytes: peak_rss_bytes(),
         persist_s,
         dump_bytes: dump_bytes(dir),
+        route,
+        register_s,
     })
+}
+
+/// Routes 20 query sets, each of Q=32 perturbed copies of one stored expert's vectors.
+fn time_routes(library: &ExpertLibrary, experts: usize) -> Result<RouteTiming> {
+    let (routes, q) = (20usize, 32usize);
+    let options = roe_expert_library::RouteOptions::default();
+    let mut times = Vec::with_capacity(routes);
+    let mut correct = 0;
+    for r in 0..routes {
+        let e = (r * 7919) % experts.max(1);
+        let stored = super::hnsw::synthetic(1000, 384, 20, e as u64 + 10);
+        let vectors = super::hnsw::synthetic_near(&stored, q, 1000 + r as u64);
+        let queries: Vec<roe_expert_library::Query> = (0..q)
+            .map(|i| roe_expert_library::Query {
+                input: format!("synthetic query {i} of synthetic-{e:05}"),
+                choices: vec![],
+                target: None,
+            })
+            .collect();
+        let t = Instant::now();
+        let routed = library.route_embedded(&queries, &vectors, &options)?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        let want = format!("synthetic-{e:05}");
+        correct += usize::from(routed.ranked.first().is_some_and(|s| s.expert_id == want));
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(RouteTiming {
+        routes,
+        q,
+        p50_ms: super::percentile(&times, 0.5),
+        p99_ms: super::percentile(&times, 0.99),
+        correct,
+    })
+}
+
+fn register_one_more(library: &ExpertLibrary) -> Result<()> {
+    let id = "synthetic-late".to_string();
+    let instances = (0..1000)
+        .map(|i| Instance {
+            input: format!("late instance {i} of {id}"),
+            target: None,
+            choices: vec![],
+        })
+        .collect();
+    library.register(
+        roe_expert_library::NewExpert {
+            id: id.clone(),
+            name: id,
+            description: String::new(),
+            backbone: None,
+            adapter: routing_only_adapter(),
+            instances,
+        },
+        false,
+    )?;
+    Ok(())
 }
 
 /// Runs `roe-bench startup --phase <phase>` on `dir` in a fresh process and reads its report.

@@ -94,6 +94,19 @@ pub struct LexicalIndex {
     profiles: HashMap<String, TermProfile>,
     expert_freq: HashMap<String, u32>,
     norms: HashMap<String, f32>,
+    /// Built by [`Self::refresh`], dropped by any change: which experts use each term.
+    postings: Option<Postings>,
+}
+
+/// The profiles turned inside out, so that a query set's similarities cost one lookup per
+/// query term instead of one per (expert, term).
+#[derive(Debug, Clone)]
+struct Postings {
+    experts: Vec<String>,
+    /// `norms[e]` is the norm of `experts[e]`'s profile.
+    norms: Vec<f32>,
+    /// Term -> its IDF and, per expert using it, (expert, rate).
+    terms: HashMap<String, (f32, Vec<(u32, f32)>)>,
 }
 
 impl LexicalIndex {
@@ -104,6 +117,7 @@ impl LexicalIndex {
         }
         self.profiles.insert(expert.to_string(), profile);
         self.norms.clear();
+        self.postings = None;
     }
 
     pub fn profile(&self, expert: &str) -> Option<&TermProfile> {
@@ -121,6 +135,7 @@ impl LexicalIndex {
                 }
             }
             self.norms.clear();
+            self.postings = None;
         }
     }
 
@@ -145,7 +160,7 @@ impl LexicalIndex {
     }
 
     /// IDF-weighted cosine between the query set's profile and each expert's profile.
-    pub fn similarities(&self, queries: &TermProfile) -> HashMap<String, f32> {
+    pub fn similarities(&self, queries: &TermProfile) -> HashMap<&str, f32> {
         let qn = self.norm(queries);
         let mut qw: Vec<(&String, f32)> = queries
             .counts
@@ -154,28 +169,71 @@ impl LexicalIndex {
             .filter(|(_, w)| *w > 0.0)
             .collect();
         qw.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let cosine = |dot: f32, en: f32| {
+            if qn > 0.0 && en > 0.0 {
+                dot / (qn * en)
+            } else {
+                0.0
+            }
+        };
+        if let Some(post) = &self.postings {
+            // Per expert, the same products added in the same (term) order as below, less
+            // the zeros: the same sums, bit for bit.
+            let mut dots = vec![0.0f32; post.experts.len()];
+            for (t, w) in &qw {
+                if let Some((idf, users)) = post.terms.get(*t) {
+                    for &(e, rate) in users {
+                        dots[e as usize] += w * rate * idf;
+                    }
+                }
+            }
+            return post
+                .experts
+                .iter()
+                .zip(dots)
+                .zip(&post.norms)
+                .map(|((id, dot), en)| (id.as_str(), cosine(dot, *en)))
+                .collect();
+        }
         self.profiles
             .iter()
             .map(|(id, p)| {
                 let en = self.norms.get(id).copied().unwrap_or_else(|| self.norm(p));
                 let dot: f32 = qw.iter().map(|(t, w)| w * p.rate(t) * self.idf(t)).sum();
-                let cos = if qn > 0.0 && en > 0.0 {
-                    dot / (qn * en)
-                } else {
-                    0.0
-                };
-                (id.clone(), cos)
+                (id.as_str(), cosine(dot, en))
             })
             .collect()
     }
 
-    /// Caches every expert's norm; call after a batch of changes, before routing.
+    /// Caches every expert's norm and the postings; call after a batch of changes, before
+    /// routing.
     pub fn refresh(&mut self) {
-        let norms = self
+        let norms: HashMap<String, f32> = self
             .profiles
             .iter()
             .map(|(id, p)| (id.clone(), self.norm(p)))
             .collect();
+        let mut experts: Vec<String> = self.profiles.keys().cloned().collect();
+        experts.sort_unstable();
+        let mut terms: HashMap<String, (f32, Vec<(u32, f32)>)> = self
+            .expert_freq
+            .keys()
+            .map(|t| (t.clone(), (self.idf(t), Vec::new())))
+            .collect();
+        for (e, id) in experts.iter().enumerate() {
+            let p = &self.profiles[id];
+            for t in p.counts.keys() {
+                if let Some((_, users)) = terms.get_mut(t) {
+                    users.push((e as u32, p.rate(t)));
+                }
+            }
+        }
+        let post_norms = experts.iter().map(|id| norms[id]).collect();
+        self.postings = Some(Postings {
+            experts,
+            norms: post_norms,
+            terms,
+        });
         self.norms = norms;
     }
 }
@@ -218,6 +276,11 @@ mod tests {
         );
         let s = lex.similarities(&q);
         assert!(s["b"] > s["a"], "{s:?}");
+        // The postings (after refresh) and the profiles (before) give the same sums.
+        let mut unrefreshed = lex.clone();
+        unrefreshed.postings = None;
+        unrefreshed.norms.clear();
+        assert_eq!(unrefreshed.similarities(&q), s);
         lex.remove_expert("b");
         assert_eq!(lex.similarities(&q).len(), 1);
     }

@@ -7,6 +7,7 @@ mod compaction;
 pub mod embedding;
 mod error;
 pub mod expert;
+mod graph;
 pub mod index;
 mod lexical;
 pub mod library;

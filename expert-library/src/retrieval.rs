@@ -494,7 +494,7 @@ impl RoutingState {
         // All the queries searched together: which points are eligible is asked once per
         // point, and an exact scan reads each stored vector once for every query.
         let qs: Vec<&[f32]> = query_vectors.iter().map(Vec::as_slice).collect();
-        let run = |index: &VectorIndex, allow: &dyn Fn(u64) -> bool| {
+        let run = |index: &VectorIndex, allow: &crate::index::Allow<'_>| {
             if options.exact {
                 index.search_exact_many(&qs, k, allow)
             } else {
@@ -632,7 +632,7 @@ impl RoutingState {
             if targets.texts > 0 {
                 let by_target = self.lexical_targets.similarities(&targets);
                 for (id, s) in sims.iter_mut() {
-                    *s = 0.5 * (*s + by_target.get(id).copied().unwrap_or(0.0));
+                    *s = 0.5 * (*s + by_target.get(*id).copied().unwrap_or(0.0));
                 }
             }
             sims
