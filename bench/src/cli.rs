@@ -1184,9 +1184,13 @@ fn route_latency_only(
     let sets = latency_query_sets(tasks, a.q);
     let batching: Arc<dyn roe_expert_library::embedding::Encoder> =
         Arc::new(models::load_serving_encoder(models_dir, enc)?);
-    // Fresh: every request's queries go through the encoder.
+    // Fresh: every request's queries go through the encoder (and no route is remembered).
+    let no_route_cache = LibraryConfig {
+        route_cache_bytes: 0,
+        ..LibraryConfig::default()
+    };
     let fresh = {
-        let (lib, _) = ExpertLibrary::open(&dir, batching.clone(), LibraryConfig::default())?;
+        let (lib, _) = ExpertLibrary::open(&dir, batching.clone(), no_route_cache.clone())?;
         rt.block_on(latency::route_latency(
             Arc::new(lib),
             sets.clone(),
@@ -1194,10 +1198,15 @@ fn route_latency_only(
             a.requests_per_client,
         ))?
     };
-    // Repeated: the same sets, their vectors in the embedding cache.
+    // Repeated: the same sets, their vectors in the embedding cache; first with the route
+    // cache off (every route searched and voted again), then as `roe serve` runs by default,
+    // with it.
     let caching = Arc::new(roe_encoder::CachingEncoder::new(batching, 64 << 20));
-    let repeated = {
-        let (lib, _) = ExpertLibrary::open(&dir, caching.clone(), LibraryConfig::default())?;
+    let repeat = |config: LibraryConfig| -> Result<(
+        latency::LatencyReport,
+        Option<roe_expert_library::RouteCacheStats>,
+    )> {
+        let (lib, _) = ExpertLibrary::open(&dir, caching.clone(), config)?;
         let lib = Arc::new(lib);
         for set in &sets {
             let queries: Vec<_> = set
@@ -1207,13 +1216,20 @@ fn route_latency_only(
                 .collect();
             lib.route(&queries, &RouteOptions::default())?;
         }
-        rt.block_on(latency::route_latency(
-            lib,
+        let report = rt.block_on(latency::route_latency(
+            lib.clone(),
             sets.clone(),
             a.clients,
             a.requests_per_client,
-        ))?
+        ))?;
+        Ok((report, lib.route_cache_stats()))
     };
+    let (searched, _) = repeat(no_route_cache)?;
+    let (repeated, route_cache) = repeat(LibraryConfig {
+        route_cache_bytes: roe_expert_library::library::DEFAULT_ROUTE_CACHE_BYTES,
+        ..LibraryConfig::default()
+    })?;
+    let route_cache = route_cache.unwrap_or_default();
     use std::sync::atomic::Ordering::Relaxed;
     let (hits, misses) = (
         caching.stats().hits.load(Relaxed),
@@ -1234,24 +1250,31 @@ fn route_latency_only(
     let md = format!(
         "# Route latency through gRPC\n\n`roe bench routing --latency-only`: the {} experts of \
          the routing benchmark (S={}), Q={} test queries per request, {} concurrent clients, \
-         loopback gRPC, the real encoder, default strategy. Repeated: the same query sets \
-         again, their vectors in the embedding cache (`roe serve --embedding-cache-mb`, \
-         default 64), after one warm-up pass over every set; the cache answered {hits} texts \
-         and embedded {misses}.\n\n| queries | clients | Q | requests | p50 ms | p99 ms | \
-         mean ms | routes/s |\n|---|---|---|---|---|---|---|---|\n{}{}",
+         loopback gRPC, the real encoder, default strategy. Fresh: every query embedded, no \
+         route cache. Repeated: the same query sets again, after one warm-up pass over every \
+         set, their vectors in the embedding cache (`roe serve --embedding-cache-mb`, default \
+         64; it answered {hits} texts and embedded {misses}): once with the route cache off \
+         (each route searched and voted again), once with it on (`roe serve --route-cache-mb 16`; {} hits, {} misses, the misses being the warm-up pass).\n\n\
+         | queries | clients | Q | requests | p50 ms | p99 ms | mean ms | routes/s |\n\
+         |---|---|---|---|---|---|---|---|\n{}{}{}",
         tasks.len(),
         a.s,
         a.q,
         a.clients,
+        route_cache.hits,
+        route_cache.misses,
         row("fresh", &fresh),
-        row("repeated (embedding cache)", &repeated),
+        row("repeated, embedding cache only", &searched),
+        row("repeated, embedding + route cache", &repeated),
     );
     let json = serde_json::json!({
         "setup": {"s": a.s, "q": a.q, "tasks": tasks.len(), "clients": a.clients},
         "machine": machine(),
         "fresh": fresh,
+        "repeated_searched": searched,
         "repeated": repeated,
         "cache": {"hits": hits, "misses": misses},
+        "route_cache": {"hits": route_cache.hits, "misses": route_cache.misses},
     });
     let (out, _) = split(&a.json);
     write_results(&out, "route-latency", &json, &md)?;

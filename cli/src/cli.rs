@@ -347,6 +347,11 @@ struct ServingArgs {
     /// instance seen before is not embedded again.
     #[arg(long, env = "ROE_EMBEDDING_CACHE_MB", default_value_t = 64)]
     embedding_cache_mb: u64,
+    /// Memory for the results of routes already answered (MiB; 0: no cache): the same
+    /// queries with the same options, on a library unchanged since, are answered without any
+    /// work. Any write to the library makes earlier results unreachable.
+    #[arg(long, env = "ROE_ROUTE_CACHE_MB", default_value_t = 16)]
+    route_cache_mb: u64,
     /// With --role inference: deadline of each call to the router process (ms).
     #[arg(long, env = "ROE_REMOTE_TIMEOUT_MS", default_value_t = 30_000)]
     remote_timeout_ms: u64,
@@ -718,6 +723,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
             ..Default::default()
         },
         limits: a.limits.library(),
+        route_cache_bytes: a.serving.route_cache_mb << 20,
         ..Default::default()
     };
     match &backbone {

@@ -148,7 +148,9 @@ async fn metrics_count_a_known_workload() {
     for _ in 0..3 {
         assert_eq!(http_call(&http, "GET", "/v1/models", None).0, 200);
     }
-    // Two routes over HTTP, one over gRPC.
+    // Two routes over HTTP, one over gRPC: the second HTTP route repeats the first (a route
+    // cache hit); the gRPC one asks the same query with other options (a route cache miss, an
+    // embedding cache hit).
     let route = json!({"queries": [{"input": tasks[0].test[0].input}]}).to_string();
     for _ in 0..2 {
         let (status, body) = http_call(&http, "POST", "/v1/roe/route", Some(&route));
@@ -162,10 +164,13 @@ async fn metrics_count_a_known_workload() {
     router
         .route(proto::RouteRequest {
             queries: vec![proto::Query {
-                input: tasks[1].test[0].input.clone(),
+                input: tasks[0].test[0].input.clone(),
                 ..Default::default()
             }],
-            options: None,
+            options: Some(proto::RouteOptions {
+                exact: true,
+                ..Default::default()
+            }),
         })
         .await
         .unwrap();
@@ -239,10 +244,12 @@ async fn metrics_count_a_known_workload() {
     assert_eq!(value(&m, "roe_expert_cache_misses_total", &[]), 1.0);
     assert_eq!(value(&m, "roe_generate_queue_depth", &[]), 0.0);
     assert!(value(&m, "roe_expert_cache_bytes", &[]) > 0.0);
-    // Every instance embedded at registration, and two of the three routed queries: the
-    // second HTTP route repeats the first's query, which the embedding cache holds.
+    assert_eq!(value(&m, "roe_route_cache_hits_total", &[]), 1.0);
+    assert_eq!(value(&m, "roe_route_cache_misses_total", &[]), 2.0);
+    // Every instance embedded at registration, and one routed query: the route cache answered
+    // the second HTTP route, the embedding cache held the gRPC route's query.
     assert_eq!(value(&m, "roe_embedding_cache_hits_total", &[]), 1.0);
-    assert!(value(&m, "roe_encoder_texts_total", &[]) >= (2 * S + 2) as f64);
+    assert!(value(&m, "roe_encoder_texts_total", &[]) >= (2 * S + 1) as f64);
     assert_eq!(
         value(&m, "roe_encoder_texts_total", &[]),
         value(&m, "roe_embedding_cache_misses_total", &[])

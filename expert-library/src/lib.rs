@@ -15,6 +15,7 @@ pub mod merge;
 pub mod metrics;
 pub mod persist;
 pub mod retrieval;
+mod route_cache;
 pub mod store;
 
 pub use compaction::CompactionHold;
@@ -26,3 +27,4 @@ pub use expert::{
 pub use library::{ExpertLibrary, LibraryConfig, NewExpert};
 pub use merge::{MergeRequest, PromptMergeMode};
 pub use retrieval::{Query, RouteOptions, RouteResult, Strategy};
+pub use route_cache::RouteCacheStats;

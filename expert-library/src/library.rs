@@ -23,6 +23,7 @@ use crate::index::IndexConfig;
 use crate::merge::{merge_adapters, normalise_weights, MergeRequest, MAX_MERGE_SOURCES};
 use crate::persist::{Dumps, IndexLoad, PersistReport, RebuildReason, StoredVectors};
 use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
+use crate::route_cache::{RouteCache, RouteCacheStats};
 use crate::store::{CompactReport, ExpertStore, StoredInstance};
 
 /// Most bytes of an expert's name.
@@ -138,7 +139,14 @@ pub struct LibraryConfig {
     /// `0` turns compaction at open off (an interrupted compaction is still finished or
     /// undone at open); `1` compacts whenever more than half is garbage.
     pub compact_store_min_waste_bytes: u64,
+    /// Memory for the results of routes already answered ([`crate::route_cache`]; bytes, 0:
+    /// no cache): the same queries and options on an unchanged library cost a lookup.
+    pub route_cache_bytes: u64,
 }
+
+/// A useful [`LibraryConfig::route_cache_bytes`]: 16 MiB (~1,500 routes of Q=32 with their
+/// evidence). Off by default (0).
+pub const DEFAULT_ROUTE_CACHE_BYTES: u64 = 16 << 20;
 
 /// Default of [`LibraryConfig::compact_store_min_waste_bytes`]: 16 MiB.
 pub const DEFAULT_COMPACT_STORE_MIN_WASTE_BYTES: u64 = 16 << 20;
@@ -151,6 +159,7 @@ impl Default for LibraryConfig {
             backbones: vec![BackboneSpec::smollm2_135m()],
             persist_index_on_drop: true,
             compact_store_min_waste_bytes: DEFAULT_COMPACT_STORE_MIN_WASTE_BYTES,
+            route_cache_bytes: 0,
         }
     }
 }
@@ -178,6 +187,7 @@ pub struct ExpertLibrary {
     /// Whether the dump on disk (`<dir>/roe-index/`) is current; serialises dumps.
     dumps: Arc<Dumps>,
     compactor: Compactor,
+    route_cache: Option<RouteCache>,
     /// Changed under `writes` only.
     usage: Mutex<Usage>,
 }
@@ -312,6 +322,8 @@ impl ExpertLibrary {
         // A rebuilt graph is worth persisting; a reloaded one is on disk already.
         let dumps = Arc::new(Dumps::new(&dir, dim, &config.index, index.is_reloaded()));
         let due = state.needs_compaction();
+        let route_cache =
+            (config.route_cache_bytes > 0).then(|| RouteCache::new(config.route_cache_bytes));
         let state = Arc::new(RwLock::new(state));
         let writes = Arc::new(Mutex::new(()));
         let compactor = Compactor::spawn(CompactionContext {
@@ -331,6 +343,7 @@ impl ExpertLibrary {
                 config,
                 dumps,
                 compactor,
+                route_cache,
                 usage: Mutex::new(usage),
             },
             report,
@@ -895,6 +908,17 @@ impl ExpertLibrary {
         wanted: &dyn Fn() -> bool,
     ) -> Result<RouteResult> {
         self.check_queries(queries)?;
+        // Read before routing (see crate::route_cache): a write from now on changes the key.
+        let key = self
+            .route_cache
+            .as_ref()
+            .map(|_| RouteCache::key(self.dumps.applied(), queries, options));
+        if let (Some(cache), Some(key)) = (&self.route_cache, &key) {
+            if let Some(hit) = cache.get(key) {
+                crate::metrics::routed(hit.abstain);
+                return Ok(RouteResult::clone(&hit));
+            }
+        }
         let mut vectors = Vec::with_capacity(queries.len());
         for chunk in queries.chunks(ROUTE_EMBED_CHUNK) {
             if !wanted() {
@@ -907,7 +931,15 @@ impl ExpertLibrary {
         }
         let routed = self.route_embedded(queries, &vectors, options)?;
         crate::metrics::routed(routed.abstain);
+        if let (Some(cache), Some(key)) = (&self.route_cache, key) {
+            cache.insert(key, routed.clone());
+        }
         Ok(routed)
+    }
+
+    /// Hits and misses of the route cache (`None`: no cache configured).
+    pub fn route_cache_stats(&self) -> Option<RouteCacheStats> {
+        self.route_cache.as_ref().map(RouteCache::stats)
     }
 
     /// Routes queries whose vectors are already known (benchmarks reuse them across options).

@@ -310,3 +310,105 @@ fn the_byte_quota_counts_what_survives_a_reopen() {
     let lib = open(tmp.path());
     assert_eq!(lib.stored_bytes(), bytes);
 }
+
+/// Counts the texts it embeds, so a test can tell a route served from the cache.
+struct CountingEncoder {
+    inner: BagOfWords,
+    texts: std::sync::atomic::AtomicUsize,
+}
+
+impl Encoder for CountingEncoder {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    fn embed(&self, texts: &[String]) -> roe_expert_library::Result<Vec<Vec<f32>>> {
+        self.texts
+            .fetch_add(texts.len(), std::sync::atomic::Ordering::SeqCst);
+        self.inner.embed(texts)
+    }
+}
+
+#[test]
+fn the_route_cache_answers_repeats_and_forgets_at_every_write() {
+    use roe_expert_library::library::DEFAULT_ROUTE_CACHE_BYTES;
+    use roe_expert_library::RouteCacheStats;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let encoder = Arc::new(CountingEncoder {
+        inner: BagOfWords::new(),
+        texts: Default::default(),
+    });
+    let config = LibraryConfig {
+        route_cache_bytes: DEFAULT_ROUTE_CACHE_BYTES,
+        ..LibraryConfig::default()
+    };
+    let lib = ExpertLibrary::open(tmp.path(), encoder.clone(), config)
+        .unwrap()
+        .0;
+    lib.register(expert("a", &["apple", "pear"], prompt_adapter()), false)
+        .unwrap();
+    lib.register(expert("c", &["rocket", "engine"], prompt_adapter()), false)
+        .unwrap();
+    let qs = [
+        q("rocket rocket story launch"),
+        q("engine engine story launch"),
+    ];
+    let elm = RouteOptions::elm(TextFormat::Instance);
+    let stats = |hits, misses| Some(RouteCacheStats { hits, misses });
+
+    let first = lib.route(&qs, &elm).unwrap();
+    assert_eq!(first.winner().unwrap().expert_id, "c");
+    let embedded = encoder.texts.load(SeqCst);
+    let again = lib.route(&qs, &elm).unwrap();
+    assert_eq!(again, first);
+    assert_eq!(encoder.texts.load(SeqCst), embedded, "a hit embeds nothing");
+    assert_eq!(lib.route_cache_stats(), stats(1, 1));
+
+    // Other options, or the same queries in another order, are other routes.
+    let without_c = RouteOptions {
+        exclude: vec!["c".into()],
+        ..elm.clone()
+    };
+    let other = lib.route(&qs, &without_c).unwrap();
+    assert_eq!(other.winner().unwrap().expert_id, "a");
+    let reversed = [qs[1].clone(), qs[0].clone()];
+    lib.route(&reversed, &elm).unwrap();
+    assert_eq!(lib.route_cache_stats(), stats(1, 3));
+
+    // A new expert that fits better must win at once, not after the cache ages out.
+    let better = NewExpert {
+        instances: qs
+            .iter()
+            .map(|q| Instance {
+                input: q.input.clone(),
+                target: None,
+                choices: vec![],
+            })
+            .collect(),
+        ..expert("b", &[], prompt_adapter())
+    };
+    lib.register(better, false).unwrap();
+    let after_register = lib.route(&qs, &elm).unwrap();
+    assert_eq!(after_register.winner().unwrap().expert_id, "b");
+    assert_eq!(lib.route_cache_stats(), stats(1, 4));
+
+    lib.delete("b").unwrap();
+    let after_delete = lib.route(&qs, &elm).unwrap();
+    assert_eq!(after_delete, first);
+    assert_eq!(lib.route_cache_stats(), stats(1, 5));
+    assert_eq!(lib.route(&qs, &elm).unwrap(), first);
+    assert_eq!(lib.route_cache_stats(), stats(2, 5));
+
+    // Refused input is refused before the cache is asked.
+    assert!(lib.route(&[], &elm).is_err());
+    assert_eq!(lib.route_cache_stats(), stats(2, 5));
+    drop(lib);
+
+    let lib = open(tmp.path());
+    lib.route(&qs, &elm).unwrap();
+    assert_eq!(lib.route_cache_stats(), None, "0 bytes: no cache");
+}

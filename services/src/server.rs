@@ -12,7 +12,7 @@ use roe_expert_library::library::ExpertLibrary;
 use roe_expert_library::retrieval::RouteOptions;
 use roe_serving::{BackboneAnswerer, BackboneInference, LocalRouter, RouteService};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -231,7 +231,7 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     health.abort();
     // Graceful shutdown: keep the index graphs so that the next start reloads them instead of
@@ -243,6 +243,13 @@ pub async fn serve(
         Err(e) => tracing::warn!("persisting the index at shutdown failed: {e}"),
     }
     served
+}
+
+/// Accepted connections with Nagle's algorithm off: a response's frames then leave at once
+/// instead of waiting up to 40 ms for the client's delayed ACK (tonic applies its own
+/// `tcp_nodelay` only to listeners it binds itself).
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Serves inference only (`roe serve --role inference`): `roe.v1.Inference` over `inference`
@@ -275,8 +282,23 @@ pub async fn serve_inference(
         .add_service(reflection())
         .add_service(inference_api(inference))
         .add_optional_service(answer)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     health.abort();
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = super::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = super::incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }
