@@ -403,7 +403,7 @@ pub struct HnswArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "16,24,32,48,64,96,128,256"
+        default_value = "16,32,48,64,96,128,160,192,256"
     )]
     ef_sweep: Vec<usize>,
     /// Clusters of the synthetic data (default: one per 20 vectors).
