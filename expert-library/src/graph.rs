@@ -151,6 +151,20 @@ impl Graph {
         Ok(matches.keys.iter().map(|k| *k as usize).collect())
     }
 
+    /// [`Self::search`] with no predicate: every row the graph holds may be returned.
+    pub(crate) fn search_unfiltered(
+        &self,
+        query: &[f32],
+        count: usize,
+    ) -> Result<Vec<usize>, String> {
+        let _slot = self.slots.take();
+        let matches = self
+            .index
+            .search(query, count)
+            .map_err(|e| err("search", e))?;
+        Ok(matches.keys.iter().map(|k| *k as usize).collect())
+    }
+
     /// The graph's copy of row `r`, widened to f32, if it holds one.
     pub(crate) fn vector(&self, r: usize, out: &mut [f32]) -> bool {
         self.index.get(r as u64, out).is_ok_and(|n| n == 1)
