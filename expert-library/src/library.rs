@@ -909,11 +909,13 @@ impl ExpertLibrary {
     ) -> Result<RouteResult> {
         self.check_queries(queries)?;
         // Read before routing (see crate::route_cache): a write from now on changes the key.
-        let key = self
-            .route_cache
-            .as_ref()
-            .map(|_| RouteCache::key(self.dumps.applied(), queries, options));
-        if let (Some(cache), Some(key)) = (&self.route_cache, &key) {
+        let cached = self.route_cache.as_ref().map(|cache| {
+            (
+                cache,
+                RouteCache::key(self.dumps.applied(), queries, options),
+            )
+        });
+        if let Some((cache, key)) = &cached {
             if let Some(hit) = cache.get(key) {
                 crate::metrics::routed(hit.abstain);
                 return Ok(RouteResult::clone(&hit));
@@ -931,7 +933,7 @@ impl ExpertLibrary {
         }
         let routed = self.route_embedded(queries, &vectors, options)?;
         crate::metrics::routed(routed.abstain);
-        if let (Some(cache), Some(key)) = (&self.route_cache, key) {
+        if let Some((cache, key)) = cached {
             cache.insert(key, routed.clone());
         }
         Ok(routed)
