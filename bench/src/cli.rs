@@ -1374,7 +1374,7 @@ fn hnsw_markdown(r: &hnsw::HnswReport) -> String {
          queries are {} perturbed stored points), M={}, ef_construction={}, both built with {} \
          threads on the same vectors; single-query search on one thread; recall@10 against the \
          exact top-10 (a batched exact scan). Raw vectors: {:.0} MiB (f32). roe's graph is \
-         usearch with bf16 vectors (kernels: {}); its candidates are scored again on roe's own \
+         its own HNSW, vectors in bf16 beside their links (kernel: {}); its candidates are scored again on roe's own \
          f32 rows. RSS growth is the process's resident memory after the build less before it, \
          the vectors already loaded.\n\n\
          | index | build s | RSS growth MiB | RSS / raw vectors |\n|---|---|---|---|\n",
@@ -1502,7 +1502,7 @@ fn startup_bench(a: StartupArgs) -> Result<()> {
          {} stored vectors in {} experts (synthetic, 384-d), written through the real sled store \
          in {:.1} s ({} MiB). The library is then opened twice, each time in a fresh process: \
          cold, with no persisted index, reading every vector from sled and rebuilding the index \
-         (HNSW: {}, M={}, ef_construction={}), then persisting the graphs (usearch save \
+         (HNSW: {}, M={}, ef_construction={}), then persisting the graphs (graph files \
          into roe-index/ in the library directory: {:.1} s, {} MiB on disk); and warm, reading \
          the vectors again and reloading the persisted graphs.\n\n\
          | open | index | open s | of which index s | RSS after open MiB | peak RSS MiB |\n\

@@ -299,7 +299,7 @@ pub fn draw_curve(r: &HnswReport, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("chart: {e}"))?;
     let mut series: Vec<(&str, RGBColor, &[CurvePoint])> = vec![(
-        "roe (usearch, bf16 + f32 rescoring)",
+        "roe (own HNSW, bf16 + f32 rescoring)",
         RGBColor(44, 160, 44),
         &r.roe.curve,
     )];

@@ -2,7 +2,7 @@
 //!
 //! Vectors are unit length, so inner product = cosine and MIPS = nearest neighbour. Small
 //! libraries are scanned exactly (at ~10k vectors a scan beats a graph); past
-//! `hnsw_threshold` live vectors an HNSW graph ([`crate::graph`], usearch) answers instead,
+//! `hnsw_threshold` live vectors an HNSW graph ([`crate::graph`]) answers instead,
 //! and its candidates are scored again against the index's own f32 rows, so a hit's score is
 //! the exact one. Insertion is continual; deletion is a tombstone honoured at once by
 //! filtered search. Once tombstones reach `compact_ratio` of the rows
@@ -365,7 +365,7 @@ impl VectorIndex {
     }
 
     /// Builds the graph over the live rows, in batches, giving up (and leaving no graph) as
-    /// soon as `cancelled` says so; false when it gave up. A graph usearch refuses to build
+    /// soon as `cancelled` says so; false when it gave up. A graph that cannot be built
     /// leaves no graph either (searches scan exactly), logged.
     fn build_hnsw_unless(&mut self, cancelled: &dyn Fn() -> bool) -> bool {
         self.hnsw = None;
@@ -608,8 +608,8 @@ impl VectorIndex {
             .collect()
     }
 
-    /// Writes the graph into `dir` (`<basename>.usearch`: usearch's own file, graph and bf16
-    /// vectors) plus the row table `<basename>.rows` (the point id of every row and whether it
+    /// Writes the graph into `dir` (`<basename>.hnsw`: the graph and its bf16
+    /// vectors, [`crate::graph`]'s format) plus the row table `<basename>.rows` (the point id of every row and whether it
     /// is tombstoned: graph keys are rows). Returns the files written, or `None` when there is
     /// no graph (or an empty one) to write. The graph file is not synced: the caller does.
     pub fn dump_graph(&self, dir: &Path, basename: &str) -> Result<Option<Vec<PathBuf>>> {
@@ -619,7 +619,7 @@ impl VectorIndex {
         if graph.size() == 0 {
             return Ok(None);
         }
-        let graph_path = dir.join(format!("{basename}.usearch"));
+        let graph_path = dir.join(format!("{basename}.hnsw"));
         graph.save(&graph_path).map_err(|e| {
             LibraryError::Index(format!(
                 "dumping the graph to {}: {e}",
@@ -646,7 +646,7 @@ impl VectorIndex {
     /// `stored` (the store is the source of truth) and the graph's bf16 copy of each must be
     /// that vector rounded; every live point of `stored` must have a row in the graph, and
     /// nothing else may be live. The files must be the ones that were written (checksums are
-    /// the caller's job): usearch checks its header and length, not its content.
+    /// the caller's job): the graph's loader checks its structure, not its content.
     pub fn load_graph(
         dim: usize,
         config: IndexConfig,
@@ -683,7 +683,7 @@ impl VectorIndex {
             )));
         }
         let graph =
-            Graph::load(&dir.join(format!("{basename}.usearch")), dim, &config).map_err(bad)?;
+            Graph::load(&dir.join(format!("{basename}.hnsw")), dim, &config).map_err(bad)?;
         if graph.dimensions() != dim || graph.connectivity() != config.max_connections {
             return Err(bad(format!(
                 "built with {} dimensions and M={}, configured {dim} and M={}",
@@ -729,7 +729,7 @@ impl VectorIndex {
         })
     }
 
-    /// Bytes held by vectors and bookkeeping, plus what usearch reports for its graph.
+    /// Bytes held by vectors and bookkeeping, plus the graph's own.
     pub fn approx_memory_bytes(&self) -> usize {
         let vectors = self.data.len() * 4;
         let book = self.points.len() * (8 + 8 + 16);
@@ -1152,7 +1152,7 @@ mod tests {
         };
         assert!(VectorIndex::load_graph(dim, m8, tmp.path(), "g", &stored(&vs)).is_err());
         // A truncated graph file: an error, not a crash.
-        let graph = tmp.path().join("g.usearch");
+        let graph = tmp.path().join("g.hnsw");
         let len = std::fs::metadata(&graph).unwrap().len();
         std::fs::OpenOptions::new()
             .write(true)

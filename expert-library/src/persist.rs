@@ -1,8 +1,8 @@
 //! The instance index on disk, so that a large library opens without rebuilding its graphs.
 //!
 //! Layout, inside the library directory (next to sled's files), in `roe-index/`:
-//! - `<format>.<dump id>.usearch`: the HNSW graph as usearch saves it (with its bf16 copy of
-//!   the vectors);
+//! - `<format>.<dump id>.hnsw`: the HNSW graph with its bf16 copy of the vectors
+//!   ([`crate::graph`]'s format);
 //! - `<format>.<dump id>.rows`: which point each graph row holds and whether it is tombstoned;
 //! - `manifest.json`: format version, dimension, the graph-shaping index settings, and per
 //!   text format the number and a SHA-256 of the live point ids it covers, plus the size and
@@ -16,7 +16,7 @@
 //! Sled stays the source of truth. Opening trusts a dump only when the manifest's settings
 //! match, its point ids are exactly the stored ones (point ids are never reused, so any insert
 //! or delete since the dump changes them), every file has the recorded size and checksum
-//! (usearch's loader checks the header and the length, not the content, so nothing
+//! (the graph's loader checks its structure, not its content, so nothing
 //! unverified reaches it), and the loaded graph's vectors are the stored vectors rounded to
 //! bf16. Anything
 //! else is a [`RebuildReason`] and the index is rebuilt from the store.
@@ -47,8 +47,8 @@ use crate::index::{IndexConfig, VectorIndex};
 pub const INDEX_DIR: &str = "roe-index";
 const MANIFEST: &str = "manifest.json";
 /// Bumped whenever the files or their meaning change: older dumps are then rebuilt.
-/// (1: hnsw_rs dumps; 2: usearch.)
-pub const FORMAT_VERSION: u32 = 2;
+/// (1: hnsw_rs dumps; 2: usearch; 3: roe's own graph.)
+pub const FORMAT_VERSION: u32 = 3;
 
 /// How opening got its index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,7 +229,7 @@ pub fn persist(
                 let files = paths
                     .iter()
                     .map(|p| {
-                        // usearch does not sync what it saves.
+                        // The graph's writer does not sync what it saves.
                         std::fs::File::open(p)
                             .and_then(|f| f.sync_all())
                             .and_then(|_| file_sha256(p))
@@ -413,7 +413,7 @@ pub fn load(
         }
     }
     for g in m.indexes.iter().filter_map(|e| e.graph.as_ref()) {
-        let names = [".usearch", ".rows"].map(|s| format!("{}{s}", g.basename));
+        let names = [".hnsw", ".rows"].map(|s| format!("{}{s}", g.basename));
         let listed: Vec<&str> = g.files.iter().map(|f| f.name.as_str()).collect();
         if listed != names.iter().map(String::as_str).collect::<Vec<_>>() {
             return Err(RebuildReason::Corrupt(format!(

@@ -1,4 +1,4 @@
-//! Background compaction on real sled and a real usearch graph: a library of a few thousand synthetic
+//! Background compaction on real sled and a real HNSW graph: a library of a few thousand synthetic
 //! vectors with a low HNSW threshold. Route must keep answering while a compaction is built
 //! (without a deleted expert's instances), writes made meanwhile must survive the swap, the
 //! result must equal a freshly built index, and dropping the library mid-compaction must be

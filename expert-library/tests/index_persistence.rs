@@ -1,4 +1,4 @@
-//! The persisted index (`roe-index/` next to sled's files) on real sled and a real usearch graph: a
+//! The persisted index (`roe-index/` next to sled's files) on real sled and a real HNSW graph: a
 //! library of a few thousand synthetic vectors with a low HNSW threshold, so both text
 //! formats' indexes are graphs. Reopening after `persist_index` must reload, not rebuild, and
 //! search exactly as before; stale, corrupt, incompatible or missing dumps must be rebuilt.
@@ -240,13 +240,13 @@ fn corrupt_or_incompatible_dumps_are_rebuilt_without_failing() {
     }
     type Damage = fn(&Path);
     let cases: Vec<(&str, Damage)> = vec![
-        ("truncated graph", |d| truncate(&dump_file(d, ".usearch"))),
+        ("truncated graph", |d| truncate(&dump_file(d, ".hnsw"))),
         ("flipped byte in graph", |d| {
-            flip_byte(&dump_file(d, ".usearch"))
+            flip_byte(&dump_file(d, ".hnsw"))
         }),
         ("truncated rows", |d| truncate(&dump_file(d, ".rows"))),
         ("missing graph", |d| {
-            std::fs::remove_file(dump_file(d, ".usearch")).unwrap()
+            std::fs::remove_file(dump_file(d, ".hnsw")).unwrap()
         }),
         ("garbage manifest", |d| {
             std::fs::write(index_dir(d).join("manifest.json"), b"\x00\xffnot json").unwrap()
