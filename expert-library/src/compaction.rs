@@ -328,5 +328,8 @@ fn round(context: &CompactionContext, signal: &Signal) -> Result<Round> {
         replayed_removals = replayed.1,
         "index compacted in the background"
     );
+    // Rows appended during the compaction go into the new graph without the routing lock.
+    drop(state);
+    crate::retrieval::run_graph_work(&context.state);
     Ok(Round::Swapped)
 }

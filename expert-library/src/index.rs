@@ -4,8 +4,12 @@
 //! libraries are scanned exactly (at ~10k vectors a scan beats a graph); past
 //! `hnsw_threshold` live vectors an HNSW graph ([`crate::graph`]) answers instead,
 //! and its candidates are scored again against the index's own f32 rows, so a hit's score is
-//! the exact one. Insertion is continual; deletion is a tombstone honoured at once by
-//! filtered search. Once tombstones reach `compact_ratio` of the rows
+//! the exact one. Insertion is continual: [`VectorIndex::append`] (under the caller's write
+//! lock) only stores the rows, which searches then scan exactly, and the [`GraphWork`] it
+//! leaves inserts them into the graph without that lock while searches go on (the graph
+//! takes insertions through `&self`); the first build past `hnsw_threshold` is graph work
+//! too, installed by a short write. Deletion is a tombstone honoured at once by filtered
+//! search. Once tombstones reach `compact_ratio` of the rows
 //! ([`VectorIndex::needs_compaction`]) the index is compacted: tombstoned rows are dropped
 //! and the graph rebuilt.
 //!
@@ -30,6 +34,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -102,7 +107,8 @@ pub struct VectorIndex {
     points: Vec<u64>,
     row_of: HashMap<u64, usize>,
     deleted: HashSet<usize>,
-    hnsw: Option<Graph>,
+    /// Shared with [`GraphWork`] that inserts into it while searches go on.
+    hnsw: Option<Arc<Graph>>,
     /// Compactions so far (a compaction replaces the graph, so a dump of it goes stale).
     compactions: u64,
     /// Identifies this index's rows: a compaction snapshot only swaps into the index (and
@@ -176,7 +182,7 @@ impl VectorIndex {
 
     /// The instruction set the graph's distance kernels use, when there is a graph.
     pub fn graph_kernels(&self) -> Option<String> {
-        self.hnsw.as_ref().map(Graph::kernels)
+        self.hnsw.as_deref().map(Graph::kernels)
     }
 
     /// How many times [`Self::compact`] has dropped tombstoned rows.
@@ -212,8 +218,22 @@ impl VectorIndex {
         &self.data[r * self.dim..(r + 1) * self.dim]
     }
 
-    /// Adds vectors; a point id already present is replaced.
+    /// Adds vectors (a point id already present is replaced) and inserts them into the
+    /// graph, or builds the graph when they take the index past `hnsw_threshold`, before
+    /// returning: [`Self::append`] then [`GraphWork::run`] in one go.
     pub fn insert(&mut self, items: &[(u64, &[f32])]) -> Result<()> {
+        self.append(items)?;
+        if let Some(built) = self.graph_work().and_then(GraphWork::run) {
+            self.install_graph(built);
+        }
+        Ok(())
+    }
+
+    /// Adds vectors (a point id already present is replaced) without touching the graph:
+    /// searches find them at once by scanning the rows past the graph's
+    /// ([`Graph::complete_below`]) exactly, until [`Self::graph_work`] run off the caller's
+    /// lock has put them in the graph.
+    pub fn append(&mut self, items: &[(u64, &[f32])]) -> Result<()> {
         for (pid, v) in items {
             if v.len() != self.dim {
                 return Err(LibraryError::Index(format!(
@@ -223,7 +243,6 @@ impl VectorIndex {
                 )));
             }
         }
-        let first_new = self.points.len();
         for (pid, v) in items {
             if let Some(old) = self.row_of.get(pid) {
                 self.deleted.insert(*old);
@@ -233,21 +252,47 @@ impl VectorIndex {
             self.data.extend_from_slice(v);
             self.row_of.insert(*pid, r);
         }
-        let live = self.len();
-        match &mut self.hnsw {
-            Some(graph) => {
-                let rows: Vec<usize> = (first_new..self.points.len()).collect();
-                let (data, dim) = (&self.data, self.dim);
-                if let Err(e) = graph.add_rows(&rows, &|r| &data[r * dim..(r + 1) * dim]) {
-                    // Exact scans stay correct; the next insertion rebuilds the graph.
-                    tracing::error!("the graph refused new rows, dropping it: {e}");
-                    self.hnsw = None;
-                }
-            }
-            None if live >= self.config.hnsw_threshold => self.build_hnsw(),
-            None => {}
-        }
         Ok(())
+    }
+
+    /// The graph work due after appends, to run without the caller's lock: inserting the
+    /// live rows past the graph's into it, or building the graph once the index has
+    /// `hnsw_threshold` live vectors. It carries a copy of the vectors it needs.
+    pub fn graph_work(&self) -> Option<GraphWork> {
+        let from = match &self.hnsw {
+            Some(graph) => graph.complete_below(),
+            None if self.len() >= self.config.hnsw_threshold => 0,
+            None => return None,
+        };
+        let rows: Vec<usize> = (from..self.points.len())
+            .filter(|r| !self.deleted.contains(r))
+            .collect();
+        if rows.is_empty() {
+            return None;
+        }
+        let mut data = Vec::with_capacity(rows.len() * self.dim);
+        for &r in &rows {
+            data.extend_from_slice(self.row(r));
+        }
+        Some(GraphWork {
+            graph: self.hnsw.clone(),
+            dim: self.dim,
+            config: self.config.clone(),
+            epoch: self.epoch,
+            rows,
+            data,
+        })
+    }
+
+    /// Makes a graph [`GraphWork::run`] built this index's graph, unless the index got one
+    /// or was compacted meanwhile. Rows appended since the work was taken are scanned
+    /// exactly until the next work inserts them.
+    pub fn install_graph(&mut self, built: BuiltGraph) -> bool {
+        if built.epoch != self.epoch || self.hnsw.is_some() {
+            return false;
+        }
+        self.hnsw = Some(Arc::new(built.graph));
+        true
     }
 
     /// Tombstones points; searches skip them from now on. Never compacts (see the module
@@ -354,14 +399,11 @@ impl VectorIndex {
             .map(|r| (self.points[r], self.row(r)))
             .collect();
         report.inserted = appended.len();
-        new.insert(&appended)?;
+        // Into the new graph off the caller's lock, by the caller's next graph work.
+        new.append(&appended)?;
         new.compactions = self.compactions + 1;
         *self = new;
         Ok(report)
-    }
-
-    fn build_hnsw(&mut self) {
-        self.build_hnsw_unless(&|| false);
     }
 
     /// Builds the graph over the live rows, in batches, giving up (and leaving no graph) as
@@ -372,7 +414,7 @@ impl VectorIndex {
         let live: Vec<usize> = (0..self.points.len())
             .filter(|r| !self.deleted.contains(r))
             .collect();
-        let mut graph = match Graph::new(self.dim, &self.config, live.len()) {
+        let graph = match Graph::new(self.dim, &self.config, live.len()) {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!("no graph for {} vectors: {e}", live.len());
@@ -394,7 +436,7 @@ impl VectorIndex {
             kernels = %graph.kernels(),
             "built an HNSW graph"
         );
-        self.hnsw = Some(graph);
+        self.hnsw = Some(Arc::new(graph));
         true
     }
 
@@ -411,11 +453,15 @@ impl VectorIndex {
             (no_tombstones || !self.deleted.contains(&r))
                 && self.points.get(r).is_some_and(|p| allow(*p))
         };
+        // Rows past the graph's (appended, not yet inserted) are scanned exactly; the graph
+        // may already return some of them, which the scan covers.
+        let tail = graph.complete_below().min(self.points.len());
         match self.graph_candidates(graph, query, k, &keep) {
             Ok(rows) => {
                 let mut hits: Vec<Hit> = rows
                     .into_iter()
-                    .filter(|r| *r < self.points.len())
+                    .filter(|r| *r < tail)
+                    .chain((tail..self.points.len()).filter(|r| keep(*r)))
                     .map(|r| Hit {
                         point_id: self.points[r],
                         score: crate::embedding::dot(query, self.row(r)),
@@ -616,6 +662,10 @@ impl VectorIndex {
         let Some(graph) = &self.hnsw else {
             return Ok(None);
         };
+        // Rows appended and not yet in the graph go in first: the file holds every live row.
+        if let Some(work) = self.graph_work() {
+            work.run();
+        }
         if graph.size() == 0 {
             return Ok(None);
         }
@@ -683,7 +733,7 @@ impl VectorIndex {
             )));
         }
         let graph =
-            Graph::load(&dir.join(format!("{basename}.hnsw")), dim, &config).map_err(bad)?;
+            Graph::load(&dir.join(format!("{basename}.hnsw")), dim, &config, n).map_err(bad)?;
         if graph.dimensions() != dim || graph.connectivity() != config.max_connections {
             return Err(bad(format!(
                 "built with {} dimensions and M={}, configured {dim} and M={}",
@@ -723,7 +773,7 @@ impl VectorIndex {
             points,
             row_of,
             deleted,
-            hnsw: Some(graph),
+            hnsw: Some(Arc::new(graph)),
             compactions: 0,
             epoch: next_epoch(),
         })
@@ -733,7 +783,7 @@ impl VectorIndex {
     pub fn approx_memory_bytes(&self) -> usize {
         let vectors = self.data.len() * 4;
         let book = self.points.len() * (8 + 8 + 16);
-        let graph = self.hnsw.as_ref().map_or(0, Graph::memory_bytes);
+        let graph = self.hnsw.as_deref().map_or(0, Graph::memory_bytes);
         vectors + book + graph
     }
 }
@@ -782,6 +832,79 @@ impl CompactedIndex {
     /// The new index as built (before any replay), e.g. to dump it while it is private.
     pub fn index(&self) -> &VectorIndex {
         &self.index
+    }
+}
+
+/// Graph work taken from an index under its owner's lock and run without it
+/// ([`VectorIndex::graph_work`]): searches go on meanwhile.
+pub struct GraphWork {
+    /// The graph to insert into; none: build one.
+    graph: Option<Arc<Graph>>,
+    dim: usize,
+    config: IndexConfig,
+    epoch: u64,
+    /// Rows to add, ascending, and their vectors, row after row.
+    rows: Vec<usize>,
+    data: Vec<f32>,
+}
+
+/// A graph [`GraphWork::run`] built, for [`VectorIndex::install_graph`].
+pub struct BuiltGraph {
+    graph: Graph,
+    epoch: u64,
+}
+
+impl GraphWork {
+    /// Rows it adds.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Inserts the rows into the index's graph (visible to searches as it goes), or builds
+    /// a new graph of them to install. A failure is logged: the rows stay covered by the
+    /// index's exact scan of rows past the graph's.
+    pub fn run(self) -> Option<BuiltGraph> {
+        let dim = self.dim;
+        let vector_of = |r: usize| match self.rows.binary_search(&r) {
+            Ok(i) => &self.data[i * dim..(i + 1) * dim],
+            Err(_) => &[][..],
+        };
+        match &self.graph {
+            Some(graph) => {
+                if let Err(e) = graph.add_rows(&self.rows, &vector_of) {
+                    tracing::error!(rows = self.rows.len(), "the graph refused new rows: {e}");
+                }
+                None
+            }
+            None => {
+                let graph = match Graph::new(dim, &self.config, self.rows.len()) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::error!("no graph for {} vectors: {e}", self.rows.len());
+                        return None;
+                    }
+                };
+                for rows in self.rows.chunks(GRAPH_BATCH) {
+                    if let Err(e) = graph.add_rows(rows, &vector_of) {
+                        tracing::error!("no graph for {} vectors: {e}", self.rows.len());
+                        return None;
+                    }
+                }
+                tracing::debug!(
+                    vectors = self.rows.len(),
+                    kernels = %graph.kernels(),
+                    "built an HNSW graph"
+                );
+                Some(BuiltGraph {
+                    graph,
+                    epoch: self.epoch,
+                })
+            }
+        }
     }
 }
 
@@ -977,6 +1100,72 @@ mod tests {
                 .all(|h| h.point_id >= 1000));
         }
         assert_eq!(idx.search(&vs[1234], 1, &|_| true)[0].point_id, 1234);
+    }
+
+    #[test]
+    fn appended_rows_are_found_at_once_and_graph_work_runs_while_searches_go_on() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        let dim = 32;
+        let vs: Vec<Vec<f32>> = (0..4000).map(|_| random_unit(&mut rng, dim)).collect();
+        let items = |range: std::ops::Range<usize>| -> Vec<(u64, &[f32])> {
+            range.map(|i| (i as u64, vs[i].as_slice())).collect()
+        };
+        let cfg = IndexConfig {
+            hnsw_threshold: 1000,
+            ef_construction: 64,
+            ..Default::default()
+        };
+        let mut idx = VectorIndex::new(dim, cfg);
+        // Past the threshold by appends: no graph yet, the build is graph work.
+        idx.append(&items(0..1500)).unwrap();
+        assert!(!idx.uses_hnsw());
+        assert_eq!(idx.search(&vs[1499], 1, &|_| true)[0].point_id, 1499);
+        let work = idx.graph_work().unwrap();
+        assert_eq!(work.len(), 1500);
+        let built = std::thread::scope(|s| {
+            let running = s.spawn(move || work.run());
+            // The index is only read meanwhile: routes go on.
+            while !running.is_finished() {
+                assert_eq!(idx.search(&vs[700], 1, &|_| true)[0].point_id, 700);
+            }
+            running.join().unwrap().unwrap()
+        });
+        assert!(idx.install_graph(built));
+        assert!(idx.uses_hnsw() && idx.graph_work().is_none());
+        // Appended rows past the graph's are found before their work runs and after.
+        idx.append(&items(1500..4000)).unwrap();
+        idx.remove(&[3999]);
+        for i in [1500, 2500, 3998] {
+            assert_eq!(idx.search(&vs[i], 1, &|_| true)[0].point_id, i as u64);
+        }
+        assert_ne!(idx.search(&vs[3999], 1, &|_| true)[0].point_id, 3999);
+        let work = idx.graph_work().unwrap();
+        assert_eq!(work.len(), 2499);
+        std::thread::scope(|s| {
+            let running = s.spawn(move || work.run());
+            let mut searched = 0;
+            while !running.is_finished() || searched == 0 {
+                for i in [10, 1600, 3000] {
+                    let hits = idx.search(&vs[i], 3, &|_| true);
+                    assert_eq!(hits[0].point_id, i as u64);
+                    assert!(hits.windows(2).all(|w| w[0].point_id != w[1].point_id));
+                }
+                searched += 1;
+            }
+            assert!(running.join().unwrap().is_none());
+        });
+        assert!(idx.graph_work().is_none());
+        // Every stored vector finds itself through the graph, as through the exact scan.
+        for i in (0..3999).step_by(7) {
+            assert_eq!(idx.search(&vs[i], 1, &|_| true)[0].point_id, i as u64);
+        }
+        // A graph built for an index that was compacted meanwhile is not installed.
+        let mut small = VectorIndex::new(dim, idx.config.clone());
+        small.append(&items(0..1200)).unwrap();
+        let work = small.graph_work().unwrap();
+        small.remove(&(0..400).collect::<Vec<_>>());
+        small.compact();
+        assert!(!small.install_graph(work.run().unwrap()));
     }
 
     /// Live points and what an exact search sees, for comparing two indexes.

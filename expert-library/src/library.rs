@@ -966,6 +966,11 @@ impl ExpertLibrary {
     /// Applies a committed write to the routing state and, when it left an index due for
     /// compaction, wakes the background worker (never compacts inline). The index is marked
     /// changed even when `f` fails half way.
+    ///
+    /// The write lock is held only while the rows are stored (routes scan rows not yet in
+    /// the graph exactly); their graph insertion, or the graph's first build past
+    /// `hnsw_threshold`, runs after it, so routes never wait for graph work. It ends before
+    /// the write is acknowledged. Callers hold `writes`, which serialises graph work too.
     fn apply(&self, f: impl FnOnce(&mut RoutingState) -> Result<()>) -> Result<()> {
         let (result, due) = {
             let mut state = self.state.write();
@@ -973,6 +978,7 @@ impl ExpertLibrary {
             self.dumps.changed();
             (result, state.needs_compaction())
         };
+        crate::retrieval::run_graph_work(&self.state);
         if due {
             self.compactor.request();
         }

@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LibraryError, Result};
 use crate::expert::{ExpertKind, TextFormat};
-use crate::index::{CompactedIndex, CompactionSnapshot, Hit, IndexConfig, SwapReport, VectorIndex};
+use crate::index::{
+    BuiltGraph, CompactedIndex, CompactionSnapshot, GraphWork, Hit, IndexConfig, SwapReport,
+    VectorIndex,
+};
 use crate::lexical::{LexicalIndex, TermProfile};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -197,6 +200,18 @@ impl RouteResult {
     }
 }
 
+/// Runs the graph work that writes left in `state` (see [`VectorIndex::graph_work`]) holding
+/// its lock only to take the work (a read) and to install a graph built anew (a write), so
+/// routes go on meanwhile. The caller serialises writes, graph work included.
+pub(crate) fn run_graph_work(state: &parking_lot::RwLock<RoutingState>) {
+    let work = state.read().graph_work();
+    for (format, work) in work {
+        if let Some(built) = work.run() {
+            state.write().install_graph(format, built);
+        }
+    }
+}
+
 /// Everything routing reads, rebuilt from the store at start-up and kept current on writes.
 pub struct RoutingState {
     dim: usize,
@@ -356,7 +371,29 @@ impl RoutingState {
             self.add_inner(id, kind, &items, !indexed)?;
         }
         self.refresh_lexical();
+        // Nothing routes yet: the graphs are built here, once, over every row.
+        for (format, work) in self.graph_work() {
+            if let Some(built) = work.run() {
+                self.install_graph(format, built);
+            }
+        }
         Ok(())
+    }
+
+    /// The graph work the writes so far left (see [`VectorIndex::graph_work`]), per format:
+    /// to run without the routing lock, then [`Self::install_graph`] what it built.
+    pub fn graph_work(&self) -> Vec<(TextFormat, GraphWork)> {
+        FORMATS
+            .iter()
+            .filter_map(|f| Some((*f, self.indexes.get(f)?.graph_work()?)))
+            .collect()
+    }
+
+    /// Installs a graph that [`GraphWork::run`] built for `format`'s index.
+    pub fn install_graph(&mut self, format: TextFormat, built: BuiltGraph) -> bool {
+        self.indexes
+            .get_mut(&format)
+            .is_some_and(|i| i.install_graph(built))
     }
 
     fn refresh_lexical(&mut self) {
@@ -399,10 +436,11 @@ impl RoutingState {
                         .map(|it| (it.point_id, it.choice_instance))
                         .collect(),
                 };
+                // Stored only: the graph work this leaves runs off the routing lock.
                 self.indexes
                     .get_mut(&f)
                     .ok_or_else(|| LibraryError::Index("missing format index".into()))?
-                    .insert(&indexed)?;
+                    .append(&indexed)?;
             }
             let entry = self
                 .centroid_sums

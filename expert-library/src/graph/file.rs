@@ -9,17 +9,16 @@
 //! ```
 //!
 //! Loading checks everything a search relies on for memory safety and termination (every
-//! link names a node, no count exceeds its list, the entry point is on the top level, rows
-//! are distinct, vector padding is zero); that the vectors are the index's own is the
+//! link names a node, and on an upper level a node that has a list there; no count exceeds
+//! its list; the entry point is on the top level; rows are distinct and below the index's
+//! row count; vector padding is zero); that the vectors are the index's own is the
 //! caller's check, and that the bytes are the ones written is the checksum's.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use parking_lot::Mutex;
-
-use super::{kernels, Graph, Line, Top, LINE_WORDS, MAX_LEVEL, NONE};
+use super::{kernels, Graph, Top, MAX_LEVEL, NONE};
 use crate::index::IndexConfig;
 
 const MAGIC: &[u8; 8] = b"ROEHNSW1";
@@ -34,22 +33,19 @@ pub(super) fn save(g: &Graph, path: &Path) -> std::io::Result<()> {
         top.node as u64
     };
     out.write_all(MAGIC)?;
-    for x in [
-        g.dim as u64,
-        g.m as u64,
-        g.rows.len() as u64,
-        entry,
-        top.level as u64,
-    ] {
+    let n = g.size() as u32;
+    for x in [g.dim as u64, g.m as u64, n as u64, entry, top.level as u64] {
         out.write_all(&x.to_le_bytes())?;
     }
-    for r in &g.rows {
-        out.write_all(&r.to_le_bytes())?;
+    for node in 0..n {
+        out.write_all(&g.row_of_node(node).to_le_bytes())?;
     }
-    out.write_all(&g.levels)?;
+    for node in 0..n {
+        out.write_all(&[g.level(node) as u8])?;
+    }
     let words = g.vec_words + 1 + g.m0;
     let mut buf = Vec::with_capacity(4 * words);
-    for node in 0..g.rows.len() as u32 {
+    for node in 0..n {
         buf.clear();
         // SAFETY: the node exists; its block holds `words` words and more.
         let block = unsafe { std::slice::from_raw_parts(g.block(node), words) };
@@ -58,9 +54,11 @@ pub(super) fn save(g: &Graph, path: &Path) -> std::io::Result<()> {
         }
         out.write_all(&buf)?;
     }
-    for lists in &g.upper {
-        for w in lists.iter() {
-            out.write_all(&w.load(Ordering::Relaxed).to_le_bytes())?;
+    for node in 0..n {
+        if let Some(lists) = g.chunk(node).upper[Graph::slot(node)].get() {
+            for w in lists.iter() {
+                out.write_all(&w.load(Ordering::Relaxed).to_le_bytes())?;
+            }
         }
     }
     out.into_inner().map_err(|e| e.into_error())?;
@@ -94,7 +92,12 @@ fn check_list(words: &[u32], cap: usize, n: usize) -> Result<(), String> {
     }
 }
 
-pub(super) fn load(path: &Path, dim: usize, config: &IndexConfig) -> Result<Graph, String> {
+pub(super) fn load(
+    path: &Path,
+    dim: usize,
+    config: &IndexConfig,
+    row_limit: usize,
+) -> Result<Graph, String> {
     let io = |e: std::io::Error| format!("reading {}: {e}", path.display());
     let file = std::fs::File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
@@ -129,61 +132,86 @@ pub(super) fn load(path: &Path, dim: usize, config: &IndexConfig) -> Result<Grap
         return Err(format!("{n} nodes do not fit in {file_len} bytes"));
     }
     let mut buf = Vec::new();
-    g.rows = vec![0u32; n];
-    read_words(&mut input, &mut g.rows, &mut buf).map_err(io)?;
-    g.levels = vec![0u8; n];
-    input.read_exact(&mut g.levels).map_err(io)?;
-    let upper_words: u64 = g.levels.iter().map(|l| *l as u64 * (1 + m as u64)).sum();
+    let mut rows = vec![0u32; n];
+    read_words(&mut input, &mut rows, &mut buf).map_err(io)?;
+    let mut levels = vec![0u8; n];
+    input.read_exact(&mut levels).map_err(io)?;
+    let upper_words: u64 = levels.iter().map(|l| *l as u64 * (1 + m as u64)).sum();
     let expected = fixed.unwrap_or(0) + 4 * upper_words;
     if expected != file_len {
         return Err(format!("{file_len} bytes, the header says {expected}"));
     }
-    if let Some(l) = g.levels.iter().find(|l| **l as u64 > top_level) {
+    if let Some(l) = levels.iter().find(|l| **l as u64 > top_level) {
         return Err(format!(
             "a node on level {l} above the top level {top_level}"
         ));
     }
-    let highest = g.rows.iter().max().map_or(0, |r| *r as usize + 1);
-    g.node_of = vec![NONE; highest];
-    for (node, &r) in g.rows.iter().enumerate() {
-        if r == NONE || g.node_of[r as usize] != NONE {
-            return Err(format!("row {r} twice, or out of range"));
-        }
-        g.node_of[r as usize] = node as u32;
+    // Rows are checked before the row map is sized from the largest of them.
+    if let Some(r) = rows
+        .iter()
+        .find(|r| **r == NONE || **r as usize >= row_limit)
+    {
+        return Err(format!(
+            "row {r} out of range: the index has {row_limit} rows"
+        ));
     }
-    let lines = g.stride / LINE_WORDS;
-    g.blocks = (0..n * lines).map(|_| Line::zeroed()).collect();
+    let highest = rows.iter().max().map_or(0, |r| *r as usize + 1);
+    let mut node_of = vec![NONE; highest];
+    for (node, &r) in rows.iter().enumerate() {
+        if node_of[r as usize] != NONE {
+            return Err(format!("row {r} twice"));
+        }
+        node_of[r as usize] = node as u32;
+    }
+    g.grow_to(n)?;
     let mut words_buf = vec![0u32; words];
     let padding_from = dim.div_ceil(2);
-    for node in 0..n {
+    for node in 0..n as u32 {
         read_words(&mut input, &mut words_buf, &mut buf).map_err(io)?;
         check_list(&words_buf[g.vec_words..], g.m0, n)?;
         let odd_tail = dim % 2 == 1 && words_buf[dim / 2] >> 16 != 0;
         if odd_tail || words_buf[padding_from..g.vec_words].iter().any(|w| *w != 0) {
             return Err(format!("node {node}'s vector padding is not zero"));
         }
-        let block = &mut g.blocks[node * lines..(node + 1) * lines];
+        let block = g.block(node);
         for (i, w) in words_buf.iter().enumerate() {
-            *block[i / LINE_WORDS].0[i % LINE_WORDS].get_mut() = *w;
+            // SAFETY: the block holds `words` words; the graph is not shared yet.
+            unsafe { (*block.add(i)).store(*w, Ordering::Relaxed) };
         }
+        let chunk = g.chunk(node);
+        let slot = Graph::slot(node);
+        chunk.rows[slot].store(rows[node as usize], Ordering::Relaxed);
+        chunk.levels[slot].store(levels[node as usize], Ordering::Relaxed);
     }
-    g.upper = Vec::with_capacity(n);
-    for &level in &g.levels {
+    for (node, &level) in levels.iter().enumerate() {
         let mut lists = vec![0u32; level as usize * (1 + m)];
         read_words(&mut input, &mut lists, &mut buf).map_err(io)?;
-        for list in lists.chunks_exact(1 + m) {
+        for (l, list) in lists.chunks_exact(1 + m).enumerate() {
             check_list(list, m, n)?;
+            // A search reads a linked node's list on the same level: it must have one.
+            let level = l + 1;
+            if let Some(x) = list[1..=list[0] as usize]
+                .iter()
+                .find(|x| (levels[**x as usize] as usize) < level)
+            {
+                return Err(format!(
+                    "a link on level {level} to node {x}, which is on level {} only",
+                    levels[*x as usize]
+                ));
+            }
         }
-        g.upper
-            .push(lists.into_iter().map(AtomicU32::new).collect());
+        if level > 0 {
+            let node = node as u32;
+            let _ = g.chunk(node).upper[Graph::slot(node)]
+                .set(lists.into_iter().map(AtomicU32::new).collect());
+        }
     }
-    g.locks = (0..n).map(|_| Mutex::new(())).collect();
     let top = match entry {
         u64::MAX if n == 0 => Top {
             node: NONE,
             level: 0,
         },
-        e if e < n as u64 && g.levels[e as usize] as u64 == top_level => Top {
+        e if e < n as u64 && levels[e as usize] as u64 == top_level => Top {
             node: e as u32,
             level: top_level as usize,
         },
@@ -194,6 +222,9 @@ pub(super) fn load(path: &Path, dim: usize, config: &IndexConfig) -> Result<Grap
         }
     };
     *g.top.get_mut() = top;
+    *g.node_of.get_mut() = node_of;
+    *g.len.get_mut() = n;
+    *g.complete_below.get_mut() = highest;
     debug_assert_eq!(kernels::vector_words(dim), g.vec_words);
     Ok(g)
 }

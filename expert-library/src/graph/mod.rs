@@ -12,10 +12,16 @@
 //! CPU has them ([`kernels`]); bf16 rounding caps the graph's own recall near 0.997, so the
 //! index asks for a margin of candidates and scores them again against its f32 rows.
 //!
-//! Concurrency: insertion runs on all cores (`add_rows` takes `&mut self`, so no search runs
-//! meanwhile); inserters read neighbour lists as atomics without locks and change a node's
-//! list under that node's lock. Every vector is written before the parallel insertion
-//! starts and never again, so it is read as plain memory.
+//! Concurrency: insertion runs on all cores while searches go on (`add_rows` takes `&self`;
+//! one `add_rows` at a time). Nodes live in chunks that are allocated once and never move,
+//! so a search never waits for the graph to grow. Inserters and searches read neighbour
+//! lists as atomics without locks; a node's list changes under that node's lock. Every
+//! node's vector, level and row are written before any link names it and never again, so
+//! they are read as plain memory.
+//!
+//! Every node stays reachable: a node's own list write keeps the links others made to it
+//! meanwhile, and after each insertion the nodes the neighbour heuristic left without a
+//! way in are linked from their nearest reachable node ([`Graph::unreachable`] is empty).
 
 mod file;
 pub(crate) mod kernels;
@@ -23,9 +29,10 @@ pub(crate) mod kernels;
 use std::cmp::{Ordering as CmpOrdering, Reverse};
 use std::collections::BinaryHeap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 
 use crate::index::IndexConfig;
@@ -44,14 +51,57 @@ const LINE_WORDS: usize = 16;
 /// Lines of a vector prefetched ahead of its dot product: all of it (384 bf16 = 12 lines).
 const PREFETCH_VECTOR_LINES: usize = 12;
 
-#[repr(C, align(64))]
-struct Line([AtomicU32; LINE_WORDS]);
+/// Nodes of one chunk: 2^14 (16 MB of blocks at 384 dimensions).
+const CHUNK_BITS: u32 = 14;
+const CHUNK_NODES: usize = 1 << CHUNK_BITS;
 
-impl Line {
-    fn zeroed() -> Self {
-        Self(std::array::from_fn(|_| AtomicU32::new(0)))
+/// Chunks a graph may have: 2^26 nodes (64 GB of blocks at 384 dimensions, past any
+/// machine this runs on).
+const MAX_CHUNKS: usize = 1 << 12;
+
+/// The nodes `[c * CHUNK_NODES, (c + 1) * CHUNK_NODES)`: their blocks, levels, rows, upper
+/// lists and locks. Allocated whole before its first node is written, freed with the graph.
+struct Chunk {
+    blocks: Box<[Line]>,
+    levels: Box<[AtomicU8]>,
+    rows: Box<[AtomicU32]>,
+    upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
+    locks: Box<[Mutex<()>]>,
+}
+
+impl Chunk {
+    fn new(lines_per_node: usize) -> Box<Self> {
+        // Zeroed by the allocator: pages of nodes not yet added cost no memory.
+        let blocks = Box::<[Line]>::new_zeroed_slice(CHUNK_NODES * lines_per_node);
+        // SAFETY: a Line is atomics, for which all-zero bytes are a valid value.
+        let blocks = unsafe { blocks.assume_init() };
+        Box::new(Self {
+            blocks,
+            levels: (0..CHUNK_NODES).map(|_| AtomicU8::new(0)).collect(),
+            rows: (0..CHUNK_NODES).map(|_| AtomicU32::new(NONE)).collect(),
+            upper: (0..CHUNK_NODES).map(|_| OnceLock::new()).collect(),
+            locks: (0..CHUNK_NODES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        let upper: usize = self
+            .upper
+            .iter()
+            .filter_map(|u| u.get())
+            .map(|u| 4 * u.len())
+            .sum();
+        self.blocks.len() * std::mem::size_of::<Line>()
+            + CHUNK_NODES
+                * (1 + 4
+                    + std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
+                    + std::mem::size_of::<Mutex<()>>())
+            + upper
     }
 }
+
+#[repr(C, align(64))]
+struct Line([AtomicU32; LINE_WORDS]);
 
 /// A candidate: its distance (the negated inner product: smaller is nearer) and node.
 #[derive(Debug, Clone, Copy)]
@@ -97,10 +147,15 @@ impl Visited {
         }
     }
 
-    /// True the first time `node` is seen in this search.
+    /// True the first time `node` is seen in this search. A node added since the search
+    /// started grows the tags.
     #[inline]
     fn first_visit(&mut self, node: u32) -> bool {
-        let tag = &mut self.tags[node as usize];
+        let i = node as usize;
+        if i >= self.tags.len() {
+            self.tags.resize((i + 1).next_power_of_two(), 0);
+        }
+        let tag = &mut self.tags[i];
         let first = *tag != self.epoch;
         *tag = self.epoch;
         first
@@ -127,16 +182,19 @@ pub(crate) struct Graph {
     ef_search: AtomicUsize,
     level_mult: f64,
     kernel: Kernel,
-    blocks: Vec<Line>,
-    levels: Vec<u8>,
-    /// Per node, its lists above level 0: for level l, a count then `m` links at
-    /// `(l - 1) * (1 + m)`. Empty for nodes on level 0 only.
-    upper: Vec<Box<[AtomicU32]>>,
-    locks: Vec<Mutex<()>>,
+    /// The nodes, [`CHUNK_NODES`] a chunk; chunk `c` is set before node `c * CHUNK_NODES`
+    /// is counted in `len`. A node's upper lists: for level l, a count then `m` links at
+    /// `(l - 1) * (1 + m)` (none for nodes on level 0 only).
+    chunks: Box<[OnceLock<Box<Chunk>>]>,
+    /// Nodes added: ids below it name written nodes.
+    len: AtomicUsize,
     top: Mutex<Top>,
-    /// Row of each node, and node of each row.
-    rows: Vec<u32>,
-    node_of: Vec<u32>,
+    /// The node of each row (`NONE`: none).
+    node_of: RwLock<Vec<u32>>,
+    /// Every row below it the caller gave the graph is in it (see [`Self::complete_below`]).
+    complete_below: AtomicUsize,
+    /// One [`Self::add_rows`] at a time.
+    adding: Mutex<()>,
     visited: Mutex<Vec<Visited>>,
 }
 
@@ -150,9 +208,10 @@ impl Graph {
                 config.ef_construction
             ));
         }
-        let mut g = Self::empty(dim, m, config);
-        g.blocks.reserve(capacity * g.stride / LINE_WORDS);
-        Ok(g)
+        if capacity > MAX_CHUNKS * CHUNK_NODES {
+            return Err(format!("no graph of {capacity} vectors"));
+        }
+        Ok(Self::empty(dim, m, config))
     }
 
     fn empty(dim: usize, m: usize, config: &IndexConfig) -> Self {
@@ -168,23 +227,73 @@ impl Graph {
             ef_search: AtomicUsize::new(config.ef_search),
             level_mult: 1.0 / (m as f64).ln(),
             kernel: Kernel::detect(),
-            blocks: Vec::new(),
-            levels: Vec::new(),
-            upper: Vec::new(),
-            locks: Vec::new(),
+            chunks: (0..MAX_CHUNKS).map(|_| OnceLock::new()).collect(),
+            len: AtomicUsize::new(0),
             top: Mutex::new(Top {
                 node: NONE,
                 level: 0,
             }),
-            rows: Vec::new(),
-            node_of: Vec::new(),
+            node_of: RwLock::new(Vec::new()),
+            complete_below: AtomicUsize::new(0),
+            adding: Mutex::new(()),
             visited: Mutex::new(Vec::new()),
         }
     }
 
     /// Vectors in the graph (tombstoned rows included: the index filters them).
     pub(crate) fn size(&self) -> usize {
-        self.rows.len()
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Every row below this that the caller handed to [`Self::add_rows`] (in ascending
+    /// order) is fully linked; rows at or past it may still be being inserted.
+    pub(crate) fn complete_below(&self) -> usize {
+        self.complete_below.load(Ordering::Acquire)
+    }
+
+    /// The chunk of `node`, which must be below `len` (so its chunk is set).
+    #[inline(always)]
+    fn chunk(&self, node: u32) -> &Chunk {
+        let c = (node >> CHUNK_BITS) as usize;
+        debug_assert!(self.chunks.get(c).is_some_and(|c| c.get().is_some()));
+        // SAFETY: every node id the graph stores or passes around is below `len`, whose
+        // chunks are set (and never unset): links are only ever written with such ids, and
+        // [`Self::load`] checks every one it reads.
+        unsafe { self.chunks.get_unchecked(c).get().unwrap_unchecked() }
+    }
+
+    #[inline(always)]
+    fn slot(node: u32) -> usize {
+        node as usize & (CHUNK_NODES - 1)
+    }
+
+    fn level(&self, node: u32) -> usize {
+        self.chunk(node).levels[Self::slot(node)].load(Ordering::Relaxed) as usize
+    }
+
+    #[inline(always)]
+    fn row_of_node(&self, node: u32) -> u32 {
+        self.chunk(node).rows[Self::slot(node)].load(Ordering::Relaxed)
+    }
+
+    fn lock(&self, node: u32) -> parking_lot::MutexGuard<'_, ()> {
+        self.chunk(node).locks[Self::slot(node)].lock()
+    }
+
+    /// Lines of one node's block.
+    fn lines(&self) -> usize {
+        self.stride / LINE_WORDS
+    }
+
+    /// Makes sure nodes below `n` have their chunks.
+    fn grow_to(&self, n: usize) -> Result<(), String> {
+        if n > MAX_CHUNKS * CHUNK_NODES {
+            return Err(format!("{n} nodes are past what the graph can hold"));
+        }
+        for c in 0..n.div_ceil(CHUNK_NODES) {
+            self.chunks[c].get_or_init(|| Chunk::new(self.lines()));
+        }
+        Ok(())
     }
 
     pub(crate) fn connectivity(&self) -> usize {
@@ -206,31 +315,32 @@ impl Graph {
     }
 
     /// Bytes the graph holds: blocks, upper lists, locks, the row maps.
+    /// Bytes the graph holds: chunks (blocks, upper lists, locks, rows), the row map.
     pub(crate) fn memory_bytes(&self) -> usize {
-        let upper: usize = self.upper.iter().map(|u| 16 + 4 * u.len()).sum();
         let visited: usize = self.visited.lock().iter().map(|v| 2 * v.tags.len()).sum();
-        self.blocks.capacity() * std::mem::size_of::<Line>()
-            + upper
-            + self.levels.len()
-            + self.locks.len() * std::mem::size_of::<Mutex<()>>()
-            + 4 * (self.rows.len() + self.node_of.len())
+        let chunks: usize = self
+            .chunks
+            .iter()
+            .filter_map(|c| c.get())
+            .map(|c| c.bytes())
+            .sum();
+        chunks
+            + self.chunks.len() * std::mem::size_of::<OnceLock<Box<Chunk>>>()
+            + 4 * self.node_of.read().len()
             + visited
     }
 
-    /// The first word of `node`'s block.
-    ///
-    /// Every node id the graph stores or passes around is below `self.rows.len()`, and
-    /// `blocks` holds that many blocks: links are only ever written with such ids, and
-    /// [`Self::load`] checks every one it reads.
+    /// The first word of `node`'s block (see [`Self::chunk`] for why it exists).
     #[inline(always)]
     fn block(&self, node: u32) -> *const AtomicU32 {
-        debug_assert!((node as usize) < self.rows.len());
-        // SAFETY: in bounds, as above.
+        let chunk = self.chunk(node);
+        // SAFETY: a chunk holds CHUNK_NODES blocks of `stride` words.
         unsafe {
-            self.blocks
+            chunk
+                .blocks
                 .as_ptr()
                 .cast::<AtomicU32>()
-                .add(node as usize * self.stride)
+                .add(Self::slot(node) * self.stride)
         }
     }
 
@@ -248,7 +358,10 @@ impl Graph {
             unsafe { std::slice::from_raw_parts(self.block(node).add(self.vec_words), 1 + self.m0) }
         } else {
             let w = 1 + self.m;
-            &self.upper[node as usize][(level - 1) * w..level * w]
+            let lists = self.chunk(node).upper[Self::slot(node)]
+                .get()
+                .map_or(&[][..], |u| &u[..]);
+            &lists[(level - 1) * w..level * w]
         }
     }
 
@@ -276,7 +389,7 @@ impl Graph {
 
     fn with_visited<R>(&self, f: impl FnOnce(&mut Visited) -> R) -> R {
         let mut v = self.visited.lock().pop().unwrap_or_default();
-        v.start(self.rows.len());
+        v.start(self.size());
         let r = f(&mut v);
         self.visited.lock().push(v);
         r
@@ -400,11 +513,11 @@ impl Graph {
         keep: &dyn Fn(usize) -> bool,
     ) -> Result<Vec<usize>, String> {
         let q = self.pack_query(query)?;
-        let keep_node = |node: u32| keep(self.rows[node as usize] as usize);
+        let keep_node = |node: u32| keep(self.row_of_node(node) as usize);
         let found = self.search_nodes(&q, count, Some(&keep_node));
         Ok(found
             .iter()
-            .map(|n| self.rows[n.node as usize] as usize)
+            .map(|n| self.row_of_node(n.node) as usize)
             .collect())
     }
 
@@ -418,13 +531,13 @@ impl Graph {
         let found = self.search_nodes(&q, count, None);
         Ok(found
             .iter()
-            .map(|n| self.rows[n.node as usize] as usize)
+            .map(|n| self.row_of_node(n.node) as usize)
             .collect())
     }
 
     /// The graph's copy of row `r`, widened to f32, if it holds one.
     pub(crate) fn vector(&self, r: usize, out: &mut [f32]) -> bool {
-        let Some(&node) = self.node_of.get(r) else {
+        let Some(&node) = self.node_of.read().get(r) else {
             return false;
         };
         if node == NONE || out.len() != self.dim {
@@ -449,75 +562,87 @@ impl Graph {
         ((-u.ln() * self.level_mult) as usize).min(MAX_LEVEL) as u8
     }
 
-    /// Adds `rows` (row numbers, with their vectors from `vector_of`), inserting in parallel.
-    /// Nothing changes when any row is refused (a row already in the graph, a vector of
-    /// the wrong length).
+    /// Adds `rows` (row numbers, with their vectors from `vector_of`), inserting in parallel
+    /// while searches go on; then links any node left unreachable. Nothing changes when any
+    /// row is refused (a row already in the graph, a vector of the wrong length). Rows are
+    /// expected in ascending order, above those added before (see [`Self::complete_below`]).
     pub(crate) fn add_rows<'a>(
-        &mut self,
+        &self,
         rows: &[usize],
         vector_of: &(dyn Fn(usize) -> &'a [f32] + Sync),
     ) -> Result<(), String> {
+        let _adding = self.adding.lock();
         let Some(&highest) = rows.iter().max() else {
             return Ok(());
         };
-        if highest >= NONE as usize || self.rows.len() + rows.len() >= NONE as usize {
+        let first = self.size();
+        if highest >= NONE as usize || first + rows.len() >= NONE as usize {
             return Err(format!("row {highest} is past what the graph can number"));
         }
-        let mut seen = std::collections::HashSet::with_capacity(rows.len());
-        for &r in rows {
-            if self.node_of.get(r).is_some_and(|n| *n != NONE) || !seen.insert(r) {
-                return Err(format!("row {r} is in the graph already"));
-            }
-            if vector_of(r).len() != self.dim {
-                return Err(format!(
-                    "row {r} has {} dimensions, the graph {}",
-                    vector_of(r).len(),
-                    self.dim
-                ));
+        {
+            let node_of = self.node_of.read();
+            let mut seen = std::collections::HashSet::with_capacity(rows.len());
+            for &r in rows {
+                if node_of.get(r).is_some_and(|n| *n != NONE) || !seen.insert(r) {
+                    return Err(format!("row {r} is in the graph already"));
+                }
+                if vector_of(r).len() != self.dim {
+                    return Err(format!(
+                        "row {r} has {} dimensions, the graph {}",
+                        vector_of(r).len(),
+                        self.dim
+                    ));
+                }
             }
         }
-        let first = self.rows.len();
-        let lines = self.stride / LINE_WORDS;
-        self.blocks
-            .resize_with((first + rows.len()) * lines, Line::zeroed);
+        self.grow_to(first + rows.len())?;
+        // Each new node's vector, level, row and upper lists, before any link names it.
         let vec_words = self.vec_words;
-        self.blocks[first * lines..]
-            .par_chunks_mut(lines)
-            .zip(rows.par_iter())
-            .for_each(|(block, &r)| {
-                // SAFETY: a block of lines is that many words (AtomicU32 is a u32), and
-                // `&mut` makes this the only access.
-                let words = unsafe {
-                    std::slice::from_raw_parts_mut(block.as_mut_ptr().cast::<u32>(), lines * 16)
-                };
-                kernels::pack(vector_of(r), &mut words[..vec_words]);
-            });
-        if self.node_of.len() <= highest {
-            self.node_of.resize(highest + 1, NONE);
-        }
-        for (i, &r) in rows.iter().enumerate() {
+        rows.par_iter().enumerate().for_each(|(i, &r)| {
+            let node = (first + i) as u32;
+            let mut packed = vec![0u32; vec_words];
+            kernels::pack(vector_of(r), &mut packed);
+            let block = self.block(node);
+            for (j, w) in packed.iter().enumerate() {
+                // SAFETY: the block holds `vec_words` vector words; no link names the node
+                // yet, so nothing else reads them.
+                unsafe { (*block.add(j)).store(*w, Ordering::Relaxed) };
+            }
+            let chunk = self.chunk(node);
+            let slot = Self::slot(node);
             let level = self.level_of(r as u32);
-            self.levels.push(level);
-            self.upper.push(
-                (0..level as usize * (1 + self.m))
+            chunk.levels[slot].store(level, Ordering::Relaxed);
+            chunk.rows[slot].store(r as u32, Ordering::Relaxed);
+            if level > 0 {
+                let lists = (0..level as usize * (1 + self.m))
                     .map(|_| AtomicU32::new(0))
-                    .collect(),
-            );
-            self.locks.push(Mutex::new(()));
-            self.rows.push(r as u32);
-            self.node_of[r] = (first + i) as u32;
+                    .collect();
+                let _ = chunk.upper[slot].set(lists);
+            }
+        });
+        {
+            let mut node_of = self.node_of.write();
+            if node_of.len() <= highest {
+                node_of.resize(highest + 1, NONE);
+            }
+            for (i, &r) in rows.iter().enumerate() {
+                node_of[r] = (first + i) as u32;
+            }
         }
-        let graph = &*self;
-        (first..graph.rows.len())
+        self.len.store(first + rows.len(), Ordering::Release);
+        (first..first + rows.len())
             .into_par_iter()
             .with_min_len(16)
-            .for_each(|node| graph.insert(node as u32));
+            .for_each(|node| self.insert(node as u32));
+        self.repair();
+        self.complete_below
+            .fetch_max(highest + 1, Ordering::Release);
         Ok(())
     }
 
     /// Links `node` (its vector written, its lists empty) into the graph.
     fn insert(&self, node: u32) {
-        let level = self.levels[node as usize] as usize;
+        let level = self.level(node);
         let mut top_guard = self.top.lock();
         let top = *top_guard;
         if top.node == NONE {
@@ -581,9 +706,43 @@ impl Graph {
         kept
     }
 
+    /// Gives `node` (being inserted) its links on `level`, keeping those other inserters
+    /// made to it meanwhile: it is reachable from the moment it links back on its top level,
+    /// while its lower lists are still empty, so a node inserted beside it may have found
+    /// only it and linked to it alone. Overwriting that list dropped such a node's only
+    /// in-link and left it unreachable.
     fn write_list(&self, node: u32, level: usize, links: &[u32]) {
-        let _lock = self.locks[node as usize].lock();
-        self.store_list(self.list(node, level), links);
+        let _lock = self.lock(node);
+        let list = self.list(node, level);
+        let mut all: Vec<u32> = links.to_vec();
+        for x in self.links(list) {
+            if !all.contains(&x) {
+                all.push(x);
+            }
+        }
+        self.store_pruned(node, level, all);
+    }
+
+    /// Stores `links` as `node`'s list on `level`, pruned by the heuristic to the list's
+    /// capacity when there are more. The caller holds the node's lock.
+    fn store_pruned(&self, node: u32, level: usize, links: Vec<u32>) {
+        let list = self.list(node, level);
+        let cap = self.cap(level);
+        if links.len() <= cap {
+            self.store_list(list, &links);
+            return;
+        }
+        let v = self.vector_ptr(node);
+        let mut candidates: Vec<Near> = links
+            .iter()
+            .map(|&x| Near {
+                d: self.dist(v, x),
+                node: x,
+            })
+            .collect();
+        candidates.sort_unstable();
+        let kept = self.select(&candidates, cap);
+        self.store_list(list, &kept);
     }
 
     /// Stores `links` into `list`, the count last, so a reader never sees a count beyond
@@ -597,30 +756,125 @@ impl Graph {
 
     /// Adds `new` to `node`'s list at `level`, pruning the list by the heuristic when full.
     fn link_back(&self, node: u32, new: u32, level: usize) {
-        let _lock = self.locks[node as usize].lock();
+        let _lock = self.lock(node);
         let list = self.list(node, level);
         let current: Vec<u32> = self.links(list).collect();
         if current.contains(&new) {
             return;
         }
-        let cap = self.cap(level);
-        if current.len() < cap {
+        if current.len() < self.cap(level) {
             list[1 + current.len()].store(new, Ordering::Relaxed);
             list[0].store(current.len() as u32 + 1, Ordering::Release);
             return;
         }
-        let v = self.vector_ptr(node);
-        let mut candidates: Vec<Near> = current
+        let mut all = current;
+        all.push(new);
+        self.store_pruned(node, level, all);
+    }
+
+    /// Links every node no search can reach (the neighbour heuristic can prune a node's
+    /// last in-link) from its nearest reachable node, so that every node stays findable.
+    /// Runs after insertion, with no inserter left; searches may run meanwhile. Returns the
+    /// nodes relinked.
+    fn repair(&self) -> usize {
+        let mut reached = self.reached();
+        let mut relinked = 0;
+        // A relink can only take a slot of a full list, so a round may orphan the node whose
+        // slot it took (one with another in-link is chosen when there is one); a new round
+        // relinks those. Rounds are few: most lists have room.
+        for _ in 0..8 {
+            let orphans: Vec<u32> = (0..self.size() as u32)
+                .filter(|x| !reached[*x as usize])
+                .collect();
+            if orphans.is_empty() {
+                break;
+            }
+            let in_degree = self.in_degrees();
+            for z in orphans {
+                if reached[z as usize] {
+                    continue; // reached through an orphan relinked before it
+                }
+                let host = self.nearest_host(z, &reached);
+                self.relink(host, z, &in_degree);
+                reached[z as usize] = true;
+                self.walk_from(&[z], &mut reached);
+                relinked += 1;
+            }
+            reached = self.reached();
+        }
+        if relinked > 0 {
+            tracing::debug!(
+                relinked,
+                nodes = self.size(),
+                "unreachable graph nodes relinked"
+            );
+        }
+        relinked
+    }
+
+    /// How many level-0 lists name each node.
+    fn in_degrees(&self) -> Vec<u32> {
+        let mut d = vec![0u32; self.size()];
+        for x in 0..self.size() as u32 {
+            for y in self.links(self.list(x, 0)) {
+                d[y as usize] += 1;
+            }
+        }
+        d
+    }
+
+    /// The node nearest to `z` among those `reached`, preferring one with room in its
+    /// level-0 list (the entry point when the search finds none).
+    fn nearest_host(&self, z: u32, reached: &[bool]) -> u32 {
+        let top = *self.top.lock();
+        let q = self.vector_ptr(z);
+        let mut at = Near {
+            d: self.dist(q, top.node),
+            node: top.node,
+        };
+        for level in (1..=top.level).rev() {
+            at = self.greedy(q, at, level);
+        }
+        let keep = |x: u32| x != z && reached[x as usize];
+        let found = self
+            .with_visited(|v| self.search_level(q, at, self.ef_construction, 0, Some(&keep), v))
+            .into_sorted_vec();
+        let has_room = |x: u32| self.links(self.list(x, 0)).count() < self.m0;
+        found
             .iter()
-            .chain(std::iter::once(&new))
-            .map(|&x| Near {
-                d: self.dist(v, x),
-                node: x,
+            .find(|c| has_room(c.node))
+            .or(found.first())
+            .map_or(top.node, |c| c.node)
+    }
+
+    /// Adds `z` to `host`'s level-0 list; when the list is full, `z` takes the slot of the
+    /// farthest link that other lists also name (else of the farthest).
+    fn relink(&self, host: u32, z: u32, in_degree: &[u32]) {
+        let _lock = self.lock(host);
+        let list = self.list(host, 0);
+        let mut current: Vec<u32> = self.links(list).collect();
+        if current.contains(&z) {
+            return;
+        }
+        if current.len() < self.m0 {
+            current.push(z);
+            self.store_list(list, &current);
+            return;
+        }
+        let v = self.vector_ptr(host);
+        let farthest = |pool: &mut dyn Iterator<Item = usize>| {
+            pool.max_by(|a, b| {
+                self.dist(v, current[*a])
+                    .total_cmp(&self.dist(v, current[*b]))
             })
-            .collect();
-        candidates.sort_unstable();
-        let kept = self.select(&candidates, cap);
-        self.store_list(list, &kept);
+        };
+        let shared =
+            farthest(&mut (0..current.len()).filter(|i| in_degree[current[*i] as usize] > 1));
+        let slot = shared
+            .or_else(|| farthest(&mut (0..current.len())))
+            .unwrap_or(0);
+        current[slot] = z;
+        self.store_list(list, &current);
     }
 
     /// Writes the graph (with its vectors) to `path`, unsynced.
@@ -630,8 +884,49 @@ impl Graph {
 
     /// Reads a graph [`Self::save`] wrote, checking that every link and level in it is one
     /// the graph can hold. The caller checks the vectors against its own rows.
-    pub(crate) fn load(path: &Path, dim: usize, config: &IndexConfig) -> Result<Self, String> {
-        file::load(path, dim, config)
+    /// `row_limit`: rows are below it (the index's row count), checked before anything is
+    /// sized from them.
+    pub(crate) fn load(
+        path: &Path,
+        dim: usize,
+        config: &IndexConfig,
+        row_limit: usize,
+    ) -> Result<Self, String> {
+        file::load(path, dim, config, row_limit)
+    }
+
+    /// Which nodes a walk of level 0 from the entry point reaches (the nodes a search can
+    /// return at all).
+    fn reached(&self) -> Vec<bool> {
+        let n = self.size();
+        let mut reached = vec![false; n];
+        let top = self.top.lock().node;
+        if top != NONE {
+            reached[top as usize] = true;
+            self.walk_from(&[top], &mut reached);
+        }
+        reached
+    }
+
+    /// Marks every node reachable on level 0 from `from` (marked already) in `reached`.
+    fn walk_from(&self, from: &[u32], reached: &mut [bool]) {
+        let mut stack = from.to_vec();
+        while let Some(x) = stack.pop() {
+            for y in self.links(self.list(x, 0)) {
+                if !std::mem::replace(&mut reached[y as usize], true) {
+                    stack.push(y);
+                }
+            }
+        }
+    }
+
+    /// Nodes no search can reach: none, once [`Self::add_rows`] has returned.
+    #[cfg(test)]
+    pub(crate) fn unreachable(&self) -> Vec<u32> {
+        let reached = self.reached();
+        (0..self.size() as u32)
+            .filter(|x| !reached[*x as usize])
+            .collect()
     }
 }
 

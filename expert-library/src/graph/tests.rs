@@ -34,7 +34,7 @@ fn exact_top(data: &[Vec<f32>], q: &[f32], k: usize, keep: &dyn Fn(usize) -> boo
 }
 
 fn build(data: &[Vec<f32>], config: &IndexConfig) -> Graph {
-    let mut g = Graph::new(data[0].len(), config, 16).unwrap();
+    let g = Graph::new(data[0].len(), config, 16).unwrap();
     let rows: Vec<usize> = (0..data.len()).collect();
     // Two calls: the second grows the blocks and links into the graph the first built.
     let (a, b) = rows.split_at(rows.len() / 3);
@@ -98,7 +98,7 @@ fn the_graph_finds_the_exact_neighbours_unfiltered_and_filtered() {
 fn rows_are_the_callers_numbers_and_refused_additions_change_nothing() {
     let data = clustered(600, 5, 3); // odd: a half-filled last word
     let config = IndexConfig::default();
-    let mut g = Graph::new(5, &config, 0).unwrap();
+    let g = Graph::new(5, &config, 0).unwrap();
     assert_eq!(
         g.search_unfiltered(&data[0], 3).unwrap(),
         Vec::<usize>::new()
@@ -148,7 +148,7 @@ fn a_saved_graph_loads_to_the_same_answers_and_a_damaged_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("g.hnsw");
     g.save(&path).unwrap();
-    let back = Graph::load(&path, 40, &config).unwrap();
+    let back = Graph::load(&path, 40, &config, usize::MAX).unwrap();
     assert_eq!(back.size(), g.size());
     assert_eq!(back.connectivity(), 16);
     for q in data.iter().step_by(101) {
@@ -157,7 +157,7 @@ fn a_saved_graph_loads_to_the_same_answers_and_a_damaged_one_is_refused() {
             g.search_unfiltered(q, 10).unwrap()
         );
     }
-    assert!(Graph::load(&path, 41, &config)
+    assert!(Graph::load(&path, 41, &config, usize::MAX)
         .err()
         .unwrap_or_default()
         .contains("40-d"));
@@ -170,7 +170,7 @@ fn a_saved_graph_loads_to_the_same_answers_and_a_damaged_one_is_refused() {
         let mut b = bytes.clone();
         f(&mut b);
         std::fs::write(&path, &b).unwrap();
-        Graph::load(&path, 40, &config)
+        Graph::load(&path, 40, &config, usize::MAX)
             .map(|_| ())
             .err()
             .unwrap_or_default()
@@ -216,7 +216,7 @@ fn a_saved_graph_loads_to_the_same_answers_and_a_damaged_one_is_refused() {
         assert!(!e.is_empty(), "{what}");
     }
     std::fs::write(&path, &bytes).unwrap();
-    assert!(Graph::load(&path, 40, &config).is_ok());
+    assert!(Graph::load(&path, 40, &config, usize::MAX).is_ok());
 }
 
 #[test]
@@ -239,4 +239,107 @@ fn concurrent_searches_answer_as_single_ones_do() {
         }
     });
     assert!(g.memory_bytes() >= 4000 * g.stride * 4);
+}
+
+/// `centres` runs of `per_centre` similar unit vectors each, stored side by side (one
+/// expert's instances, as a registration inserts them).
+fn runs(centres: usize, per_centre: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut s = seed;
+    let mut out = Vec::with_capacity(centres * per_centre);
+    for _ in 0..centres {
+        let c: Vec<f32> = (0..dim).map(|_| lcg(&mut s)).collect();
+        for _ in 0..per_centre {
+            let mut v: Vec<f32> = c.iter().map(|x| x + 0.15 * lcg(&mut s)).collect();
+            crate::embedding::normalize(&mut v);
+            out.push(v);
+        }
+    }
+    out
+}
+
+fn build_on(threads: usize, data: &[Vec<f32>], config: &IndexConfig, calls: usize) -> Graph {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let g = Graph::new(data[0].len(), config, data.len()).unwrap();
+    let rows: Vec<usize> = (0..data.len()).collect();
+    for part in rows.chunks(data.len().div_ceil(calls)) {
+        pool.install(|| g.add_rows(part, &|r| data[r].as_slice()).unwrap());
+    }
+    g
+}
+
+#[test]
+fn parallel_insertion_of_similar_runs_leaves_every_node_reachable() {
+    // 16 threads inserting runs of 120 near-duplicates: inserters meet on the same fresh
+    // nodes, the case in which a node's own list write used to drop the links others had
+    // just made to it, and the neighbour heuristic prunes many last in-links.
+    let data = runs(60, 120, 48, 17);
+    let config = IndexConfig {
+        ef_construction: 64,
+        ef_search: 64,
+        ..IndexConfig::default()
+    };
+    let many = build_on(16, &data, &config, 3);
+    assert_eq!(many.size(), data.len());
+    assert_eq!(many.unreachable(), Vec::<u32>::new());
+    let one = build_on(1, &data, &config, 1);
+    assert_eq!(one.unreachable(), Vec::<u32>::new());
+    // Recall matches a one-thread build's.
+    let queries: Vec<Vec<f32>> = data.iter().step_by(37).cloned().collect();
+    let r_many = recall(&many, &data, &queries, &|_| true);
+    let r_one = recall(&one, &data, &queries, &|_| true);
+    assert!(r_many >= r_one - 0.01, "16 threads {r_many}, one {r_one}");
+}
+
+#[test]
+fn a_graph_with_an_upper_link_to_a_lower_node_or_a_huge_row_is_refused() {
+    let data = clustered(2000, 16, 8);
+    let config = IndexConfig::default();
+    let g = build(&data, &config);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.hnsw");
+    g.save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let n = g.size();
+    // A node on level 0 only.
+    let low = (0..n as u32).find(|i| g.level(*i) == 0).unwrap();
+    let upper_at = 48 + 5 * n + 4 * n * (g.vec_words + 1 + g.m0);
+    let set_word =
+        |b: &mut Vec<u8>, at: usize, x: u32| b[at..at + 4].copy_from_slice(&x.to_le_bytes());
+    // Its level-1 list is the first upper list in the file.
+    let mut b = bytes.clone();
+    set_word(&mut b, upper_at, 1);
+    set_word(&mut b, upper_at + 4, low);
+    std::fs::write(&path, &b).unwrap();
+    let e = Graph::load(&path, 16, &config, n).err().unwrap_or_default();
+    assert!(e.contains("level"), "{e}");
+    // A row far past the rows the index holds: refused before anything is sized from it.
+    let mut b = bytes.clone();
+    set_word(&mut b, 48, u32::MAX - 1);
+    std::fs::write(&path, &b).unwrap();
+    let e = Graph::load(&path, 16, &config, n).err().unwrap_or_default();
+    assert!(e.contains("row"), "{e}");
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(Graph::load(&path, 16, &config, n).is_ok());
+}
+
+#[test]
+fn a_node_whose_in_links_were_pruned_is_relinked_and_found_again() {
+    let data = clustered(3000, 32, 21);
+    let g = build(&data, &IndexConfig::default());
+    assert_eq!(g.unreachable(), Vec::<u32>::new());
+    // What the neighbour heuristic can do to a node: every list that named it drops it.
+    let orphan = 1234u32;
+    for x in 0..g.size() as u32 {
+        let list = g.list(x, 0);
+        let links: Vec<u32> = g.links(list).filter(|y| *y != orphan).collect();
+        g.store_list(list, &links);
+    }
+    assert_eq!(g.unreachable(), vec![orphan]);
+    assert_ne!(g.search_unfiltered(&data[1234], 1).unwrap(), vec![1234]);
+    assert_eq!(g.repair(), 1);
+    assert_eq!(g.unreachable(), Vec::<u32>::new());
+    assert_eq!(g.search_unfiltered(&data[1234], 1).unwrap(), vec![1234]);
 }
