@@ -850,16 +850,37 @@ fn prompt_library<'a>(
     Ok(ExpertLibrary::open(dir, serving, LibraryConfig::default())?.0)
 }
 
+/// The folder and the base name of the results `--json <path>` names: they are written as
+/// `<dir>/<name>.json` and `<dir>/<name>.md`. Only a `.json` or `.md` extension is taken off;
+/// any other dot belongs to the name (`out/run.v2` writes `out/run.v2.json`, not
+/// `out/run.json`).
 fn split(json: &Path) -> (PathBuf, String) {
     let dir = json
         .parent()
+        .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let name = json
-        .file_stem()
+    let ours = json
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json") || e.eq_ignore_ascii_case("md"));
+    let name = if ours {
+        json.file_stem()
+    } else {
+        json.file_name()
+    };
+    let name = name
         .map(|s| s.to_string_lossy().to_string())
+        .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "result".into());
     (dir, name)
+}
+
+/// The file beside the results `--json <path>` names, with `extension` (a chart:
+/// `<dir>/<name>.png`), the same base name as [`split`] gives.
+pub(crate) fn beside(json: &Path, extension: &str) -> PathBuf {
+    let (dir, name) = split(json);
+    dir.join(format!("{name}.{extension}"))
 }
 
 /// Writes a single-report benchmark (with the machine it ran on) as JSON and Markdown.
@@ -1318,7 +1339,7 @@ fn encoder_bench(models_dir: &Path, enc: Option<&Path>, a: EncoderArgs) -> Resul
         if std::env::var_os("ROE_DEFAULT_MALLOC").is_some() {
             "glibc defaults (ROE_DEFAULT_MALLOC set)"
         } else {
-            "glibc keeping freed memory (roe's default, see services/src/main.rs)"
+            "glibc keeping freed memory (roe's default, see cli/src/process.rs)"
         },
     );
     println!("{md}");
@@ -1358,7 +1379,7 @@ fn hnsw_bench(a: HnswArgs) -> Result<()> {
     let md = hnsw_markdown(&r);
     println!("{md}");
     save_report(&a.json, &r, &md)?;
-    let png = a.json.with_extension("png");
+    let png = beside(&a.json, "png");
     hnsw::draw_curve(&r, &png)?;
     println!("curve: {}", png.display());
     Ok(())
@@ -1538,4 +1559,51 @@ fn startup_bench(a: StartupArgs) -> Result<()> {
     println!("{md}");
     save_report(&a.json, &r, &md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{beside, split};
+    use std::path::{Path, PathBuf};
+
+    fn names(json: &str) -> (PathBuf, String) {
+        split(Path::new(json))
+    }
+
+    #[test]
+    fn json_and_md_extensions_are_taken_off() {
+        assert_eq!(
+            names("bench/results/routing.json"),
+            (PathBuf::from("bench/results"), "routing".to_string())
+        );
+        assert_eq!(
+            names("out/report.md"),
+            (PathBuf::from("out"), "report".to_string())
+        );
+        assert_eq!(
+            names("out/run.v2.json"),
+            (PathBuf::from("out"), "run.v2".to_string())
+        );
+    }
+
+    #[test]
+    fn a_name_without_our_extension_keeps_every_dot() {
+        assert_eq!(
+            names("out/run.v2/report"),
+            (PathBuf::from("out/run.v2"), "report".to_string())
+        );
+        assert_eq!(
+            names("out/routing.v2"),
+            (PathBuf::from("out"), "routing.v2".to_string())
+        );
+        assert_eq!(names("report"), (PathBuf::from("."), "report".to_string()));
+        assert_eq!(
+            beside(Path::new("out/routing.v2"), "png"),
+            PathBuf::from("out/routing.v2.png")
+        );
+        assert_eq!(
+            beside(Path::new("bench/results/hnsw.json"), "png"),
+            PathBuf::from("bench/results/hnsw.png")
+        );
+    }
 }

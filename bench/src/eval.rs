@@ -524,8 +524,8 @@ pub fn cmd(models_dir: &Path, encoder: Option<&Path>, a: EvalArgs) -> Result<()>
             .context("--end-id: 1 or 2")?,
     };
     let report = run(&bb, encoder, &all, &setup, &a.tasks)?;
-    // The chart goes beside the JSON: <dir>/<stem>.png.
-    let png = a.json.with_extension("png");
+    // The chart goes beside the JSON: <dir>/<name>.png.
+    let png = crate::cli::beside(&a.json, "png");
     if let Some(dir) = png.parent() {
         std::fs::create_dir_all(dir)?;
     }

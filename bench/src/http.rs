@@ -240,11 +240,6 @@ pub async fn run(input: HttpBenchInput<'_>) -> Result<()> {
         "p50_ratio_http_stream": ratio(&s),
         "goal_p50_ratio": 1.05,
     });
-    std::fs::create_dir_all(input.out)?;
-    std::fs::write(
-        input.out.join("http.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
     let row = |name: &str, x: &Series| {
         let v = x.summary();
         format!(
@@ -272,7 +267,7 @@ pub async fn run(input: HttpBenchInput<'_>) -> Result<()> {
         mean = tokens as f64 / input.rounds.max(1) as f64,
         rounds = input.rounds,
     );
-    std::fs::write(input.out.join("http.md"), &md)?;
+    crate::write_results(input.out, "http", &results, &md)?;
     println!("{md}");
     Ok(())
 }

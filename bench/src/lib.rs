@@ -10,6 +10,7 @@ pub mod eval;
 pub mod eval_chart;
 pub mod generate;
 pub mod hnsw;
+pub mod host;
 pub mod http;
 pub mod latency;
 pub mod reliability;
@@ -22,19 +23,24 @@ pub mod train_loop;
 
 use std::path::Path;
 
-/// Writes `<dir>/<name>.json` and `<dir>/<name>.md`.
+/// Writes `<dir>/<name>.json` and `<dir>/<name>.md`, each recording the CPU it ran on
+/// ([`host::Host`]): a `host` object in the JSON, a `CPU: ...` line under the Markdown's title.
 pub fn write_results(
     dir: &Path,
     name: &str,
     json: &serde_json::Value,
     markdown: &str,
 ) -> anyhow::Result<()> {
+    let host = host::Host::detect();
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join(format!("{name}.json")),
-        serde_json::to_string_pretty(json)?,
+        serde_json::to_string_pretty(&host.annotate_json(json))?,
     )?;
-    std::fs::write(dir.join(format!("{name}.md")), markdown)?;
+    std::fs::write(
+        dir.join(format!("{name}.md")),
+        host.annotate_markdown(markdown),
+    )?;
     Ok(())
 }
 
