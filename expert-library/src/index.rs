@@ -331,6 +331,9 @@ impl VectorIndex {
             // Not reachable: the snapshot was taken from this index just now.
             tracing::error!("synchronous compaction could not swap in: {e}");
         }
+        if let Some(built) = self.graph_work().and_then(GraphWork::run) {
+            self.install_graph(built);
+        }
     }
 
     /// Starts a compaction snapshot of this index; fill it with [`Self::copy_into`].

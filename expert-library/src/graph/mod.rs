@@ -72,9 +72,22 @@ struct Chunk {
 impl Chunk {
     fn new(lines_per_node: usize) -> Box<Self> {
         // Zeroed by the allocator: pages of nodes not yet added cost no memory.
-        let blocks = Box::<[Line]>::new_zeroed_slice(CHUNK_NODES * lines_per_node);
-        // SAFETY: a Line is atomics, for which all-zero bytes are a valid value.
-        let blocks = unsafe { blocks.assume_init() };
+        let len = CHUNK_NODES * lines_per_node;
+        let blocks: Box<[Line]> = match std::alloc::Layout::array::<Line>(len) {
+            Ok(layout) if layout.size() > 0 => {
+                // SAFETY: the layout is non-zero-sized; a Line is atomics, for which all-zero
+                // bytes are a valid value; the pointer is the global allocator's, for `len`
+                // Lines, so a Box of that slice frees it with the same layout.
+                unsafe {
+                    let p = std::alloc::alloc_zeroed(layout).cast::<Line>();
+                    if p.is_null() {
+                        std::alloc::handle_alloc_error(layout);
+                    }
+                    Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, len))
+                }
+            }
+            _ => Box::new([]),
+        };
         Box::new(Self {
             blocks,
             levels: (0..CHUNK_NODES).map(|_| AtomicU8::new(0)).collect(),
