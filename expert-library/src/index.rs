@@ -223,10 +223,42 @@ impl VectorIndex {
     /// returning: [`Self::append`] then [`GraphWork::run`] in one go.
     pub fn insert(&mut self, items: &[(u64, &[f32])]) -> Result<()> {
         self.append(items)?;
-        if let Some(built) = self.graph_work().and_then(GraphWork::run) {
-            self.install_graph(built);
-        }
+        self.settle_graph();
         Ok(())
+    }
+
+    /// Runs the graph work due now, under the caller's `&mut` (start-up, tests, a
+    /// synchronous compaction): as [`Self::graph_work`] would, on the index's own rows
+    /// instead of a copy.
+    pub fn settle_graph(&mut self) {
+        let Some((from, graph)) = self.graph_due() else {
+            return;
+        };
+        let rows = self.rows_from(from);
+        if rows.is_empty() {
+            return;
+        }
+        let (data, dim) = (&self.data, self.dim);
+        let vector_of = |r: usize| &data[r * dim..(r + 1) * dim];
+        if let Some(graph) = add_to_graph(graph.as_deref(), dim, &self.config, &rows, &vector_of) {
+            self.hnsw = Some(Arc::new(graph));
+        }
+    }
+
+    /// Where graph work would start, and the graph it would insert into (none: a build).
+    fn graph_due(&self) -> Option<(usize, Option<Arc<Graph>>)> {
+        match &self.hnsw {
+            Some(graph) => Some((graph.complete_below(), Some(graph.clone()))),
+            None if self.len() >= self.config.hnsw_threshold => Some((0, None)),
+            None => None,
+        }
+    }
+
+    /// Live rows from `from` on.
+    fn rows_from(&self, from: usize) -> Vec<usize> {
+        (from..self.points.len())
+            .filter(|r| !self.deleted.contains(r))
+            .collect()
     }
 
     /// Adds vectors (a point id already present is replaced) without touching the graph:
@@ -259,14 +291,8 @@ impl VectorIndex {
     /// live rows past the graph's into it, or building the graph once the index has
     /// `hnsw_threshold` live vectors. It carries a copy of the vectors it needs.
     pub fn graph_work(&self) -> Option<GraphWork> {
-        let from = match &self.hnsw {
-            Some(graph) => graph.complete_below(),
-            None if self.len() >= self.config.hnsw_threshold => 0,
-            None => return None,
-        };
-        let rows: Vec<usize> = (from..self.points.len())
-            .filter(|r| !self.deleted.contains(r))
-            .collect();
+        let (from, graph) = self.graph_due()?;
+        let rows = self.rows_from(from);
         if rows.is_empty() {
             return None;
         }
@@ -275,7 +301,7 @@ impl VectorIndex {
             data.extend_from_slice(self.row(r));
         }
         Some(GraphWork {
-            graph: self.hnsw.clone(),
+            graph,
             dim: self.dim,
             config: self.config.clone(),
             epoch: self.epoch,
@@ -331,9 +357,7 @@ impl VectorIndex {
             // Not reachable: the snapshot was taken from this index just now.
             tracing::error!("synchronous compaction could not swap in: {e}");
         }
-        if let Some(built) = self.graph_work().and_then(GraphWork::run) {
-            self.install_graph(built);
-        }
+        self.settle_graph();
     }
 
     /// Starts a compaction snapshot of this index; fill it with [`Self::copy_into`].
@@ -666,8 +690,9 @@ impl VectorIndex {
             return Ok(None);
         };
         // Rows appended and not yet in the graph go in first: the file holds every live row.
-        if let Some(work) = self.graph_work() {
-            work.run();
+        let pending = self.rows_from(graph.complete_below());
+        if !pending.is_empty() {
+            add_to_graph(Some(graph), self.dim, &self.config, &pending, &|r| self.row(r));
         }
         if graph.size() == 0 {
             return Ok(None);
@@ -876,39 +901,55 @@ impl GraphWork {
             Ok(i) => &self.data[i * dim..(i + 1) * dim],
             Err(_) => &[][..],
         };
-        match &self.graph {
-            Some(graph) => {
-                if let Err(e) = graph.add_rows(&self.rows, &vector_of) {
-                    tracing::error!(rows = self.rows.len(), "the graph refused new rows: {e}");
-                }
-                None
-            }
-            None => {
-                let graph = match Graph::new(dim, &self.config, self.rows.len()) {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::error!("no graph for {} vectors: {e}", self.rows.len());
-                        return None;
-                    }
-                };
-                for rows in self.rows.chunks(GRAPH_BATCH) {
-                    if let Err(e) = graph.add_rows(rows, &vector_of) {
-                        tracing::error!("no graph for {} vectors: {e}", self.rows.len());
-                        return None;
-                    }
-                }
-                tracing::debug!(
-                    vectors = self.rows.len(),
-                    kernels = %graph.kernels(),
-                    "built an HNSW graph"
-                );
-                Some(BuiltGraph {
-                    graph,
-                    epoch: self.epoch,
-                })
-            }
+        let graph = add_to_graph(
+            self.graph.as_deref(),
+            dim,
+            &self.config,
+            &self.rows,
+            &vector_of,
+        )?;
+        Some(BuiltGraph {
+            graph,
+            epoch: self.epoch,
+        })
+    }
+}
+
+/// Adds `rows` to `graph`, or builds a new graph of them (returned) when there is none.
+/// Failures are logged: the rows stay covered by the index's exact scan of rows past the
+/// graph's, and a failed build leaves no graph.
+fn add_to_graph<'a>(
+    graph: Option<&Graph>,
+    dim: usize,
+    config: &IndexConfig,
+    rows: &[usize],
+    vector_of: &(dyn Fn(usize) -> &'a [f32] + Sync),
+) -> Option<Graph> {
+    if let Some(graph) = graph {
+        if let Err(e) = graph.add_rows(rows, vector_of) {
+            tracing::error!(rows = rows.len(), "the graph refused new rows: {e}");
+        }
+        return None;
+    }
+    let graph = match Graph::new(dim, config, rows.len()) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("no graph for {} vectors: {e}", rows.len());
+            return None;
+        }
+    };
+    for batch in rows.chunks(GRAPH_BATCH) {
+        if let Err(e) = graph.add_rows(batch, vector_of) {
+            tracing::error!("no graph for {} vectors: {e}", rows.len());
+            return None;
         }
     }
+    tracing::debug!(
+        vectors = rows.len(),
+        kernels = %graph.kernels(),
+        "built an HNSW graph"
+    );
+    Some(graph)
 }
 
 /// Reads a row table: the point id of each row and the tombstoned rows.

@@ -372,10 +372,8 @@ impl RoutingState {
         }
         self.refresh_lexical();
         // Nothing routes yet: the graphs are built here, once, over every row.
-        for (format, work) in self.graph_work() {
-            if let Some(built) = work.run() {
-                self.install_graph(format, built);
-            }
+        for index in self.indexes.values_mut() {
+            index.settle_graph();
         }
         Ok(())
     }
