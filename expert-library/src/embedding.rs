@@ -31,6 +31,17 @@ pub fn normalize(v: &mut [f32]) {
 /// AVX2 (detected at run time), the same loop compiled for it runs the eight sums in one
 /// register instead of two; the arithmetic is the same (no fused multiply-add), so the result
 /// is bit for bit the portable one and no ranking can move.
+/// The instruction set [`dot`] uses on this CPU.
+pub fn dot_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+    }
+    "portable"
+}
+
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {

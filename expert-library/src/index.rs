@@ -38,8 +38,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::engine::{AnnGraph, IndexEngine};
 use crate::error::{LibraryError, Result};
-use crate::graph::Graph;
 
 /// Head of a row table file (see [`VectorIndex::dump_graph`]).
 const ROWS_MAGIC: &[u8; 8] = b"ROEROWS1";
@@ -72,6 +72,8 @@ pub struct IndexConfig {
     pub ef_search: usize,
     /// Fraction of tombstoned rows that triggers compaction.
     pub compact_ratio: f32,
+    /// Which HNSW implementation builds the graph.
+    pub engine: IndexEngine,
 }
 
 /// M=16 and ef_construction=100 build 1M x 384 vectors in hnswlib's time on 2 cores;
@@ -85,6 +87,7 @@ impl Default for IndexConfig {
             ef_construction: 100,
             ef_search: 192,
             compact_ratio: 0.25,
+            engine: IndexEngine::Graph,
         }
     }
 }
@@ -108,7 +111,7 @@ pub struct VectorIndex {
     row_of: HashMap<u64, usize>,
     deleted: HashSet<usize>,
     /// Shared with [`GraphWork`] that inserts into it while searches go on.
-    hnsw: Option<Arc<Graph>>,
+    hnsw: Option<Arc<dyn AnnGraph>>,
     /// Compactions so far (a compaction replaces the graph, so a dump of it goes stale).
     compactions: u64,
     /// Identifies this index's rows: a compaction snapshot only swaps into the index (and
@@ -182,7 +185,7 @@ impl VectorIndex {
 
     /// The instruction set the graph's distance kernels use, when there is a graph.
     pub fn graph_kernels(&self) -> Option<String> {
-        self.hnsw.as_deref().map(Graph::kernels)
+        self.hnsw.as_deref().map(|g| g.kernels())
     }
 
     /// How many times [`Self::compact`] has dropped tombstoned rows.
@@ -241,12 +244,12 @@ impl VectorIndex {
         let (data, dim) = (&self.data, self.dim);
         let vector_of = |r: usize| &data[r * dim..(r + 1) * dim];
         if let Some(graph) = add_to_graph(graph.as_deref(), dim, &self.config, &rows, &vector_of) {
-            self.hnsw = Some(Arc::new(graph));
+            self.hnsw = Some(Arc::from(graph));
         }
     }
 
     /// Where graph work would start, and the graph it would insert into (none: a build).
-    fn graph_due(&self) -> Option<(usize, Option<Arc<Graph>>)> {
+    fn graph_due(&self) -> Option<(usize, Option<Arc<dyn AnnGraph>>)> {
         match &self.hnsw {
             Some(graph) => Some((graph.complete_below(), Some(graph.clone()))),
             None if self.len() >= self.config.hnsw_threshold => Some((0, None)),
@@ -317,7 +320,7 @@ impl VectorIndex {
         if built.epoch != self.epoch || self.hnsw.is_some() {
             return false;
         }
-        self.hnsw = Some(Arc::new(built.graph));
+        self.hnsw = Some(Arc::from(built.graph));
         true
     }
 
@@ -441,7 +444,12 @@ impl VectorIndex {
         let live: Vec<usize> = (0..self.points.len())
             .filter(|r| !self.deleted.contains(r))
             .collect();
-        let graph = match Graph::new(self.dim, &self.config, live.len()) {
+        let graph = match crate::engine::new_graph(
+            self.config.engine,
+            self.dim,
+            &self.config,
+            live.len(),
+        ) {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!("no graph for {} vectors: {e}", live.len());
@@ -463,7 +471,7 @@ impl VectorIndex {
             kernels = %graph.kernels(),
             "built an HNSW graph"
         );
-        self.hnsw = Some(Arc::new(graph));
+        self.hnsw = Some(Arc::from(graph));
         true
     }
 
@@ -483,7 +491,7 @@ impl VectorIndex {
         // Rows past the graph's (appended, not yet inserted) are scanned exactly; the graph
         // may already return some of them, which the scan covers.
         let tail = graph.complete_below().min(self.points.len());
-        match self.graph_candidates(graph, query, k, &keep) {
+        match self.graph_candidates(&**graph, query, k, &keep) {
             Ok(rows) => {
                 let mut hits: Vec<Hit> = rows
                     .into_iter()
@@ -512,10 +520,10 @@ impl VectorIndex {
     /// the search reaches; searched again with the predicate when too few pass.
     fn graph_candidates(
         &self,
-        graph: &Graph,
+        graph: &dyn AnnGraph,
         query: &[f32],
         k: usize,
-        keep: &dyn Fn(usize) -> bool,
+        keep: &(dyn Fn(usize) -> bool + Sync),
     ) -> std::result::Result<Vec<usize>, String> {
         let count = k + CANDIDATE_MARGIN;
         let mut rows = graph.search_unfiltered(query, count)?;
@@ -692,16 +700,18 @@ impl VectorIndex {
         // Rows appended and not yet in the graph go in first: the file holds every live row.
         let pending = self.rows_from(graph.complete_below());
         if !pending.is_empty() {
-            add_to_graph(Some(graph), self.dim, &self.config, &pending, &|r| self.row(r));
+            add_to_graph(Some(&**graph), self.dim, &self.config, &pending, &|r| {
+                self.row(r)
+            });
         }
         if graph.size() == 0 {
             return Ok(None);
         }
-        let graph_path = dir.join(format!("{basename}.hnsw"));
-        graph.save(&graph_path).map_err(|e| {
+        let mut files = graph.save(dir, basename).map_err(|e| {
             LibraryError::Index(format!(
-                "dumping the graph to {}: {e}",
-                graph_path.display()
+                "dumping the {} graph {basename} to {}: {e}",
+                graph.engine(),
+                dir.display()
             ))
         })?;
         let rows_path = dir.join(format!("{basename}.rows"));
@@ -717,7 +727,8 @@ impl VectorIndex {
             out.into_inner().map_err(|e| e.into_error())?.sync_all()
         };
         write_rows().map_err(|e| LibraryError::io(&rows_path, e))?;
-        Ok(Some(vec![graph_path, rows_path]))
+        files.push(rows_path);
+        Ok(Some(files))
     }
 
     /// Loads a graph written by [`Self::dump_graph`]. The vectors of live rows come from
@@ -760,8 +771,8 @@ impl VectorIndex {
                 stored.len()
             )));
         }
-        let graph =
-            Graph::load(&dir.join(format!("{basename}.hnsw")), dim, &config, n).map_err(bad)?;
+        let graph = crate::engine::load_graph(config.engine, dir, basename, dim, &config, n)
+            .map_err(bad)?;
         if graph.dimensions() != dim || graph.connectivity() != config.max_connections {
             return Err(bad(format!(
                 "built with {} dimensions and M={}, configured {dim} and M={}",
@@ -773,27 +784,40 @@ impl VectorIndex {
         if graph.size() > n {
             return Err(bad(format!("{} graph vectors for {n} rows", graph.size())));
         }
-        // Every live row is in the graph, as the stored vector rounded to bf16.
-        let live: Vec<usize> = (0..n).filter(|r| !deleted.contains(r)).collect();
-        live.par_chunks(4096).try_for_each(|rows| {
-            let mut copy = vec![0.0f32; dim];
-            for &r in rows {
-                let want = &data[r * dim..(r + 1) * dim];
-                if !graph.vector(r, &mut copy) {
-                    return Err(bad(format!(
-                        "point {} is missing from the graph",
-                        points[r]
-                    )));
+        // Every live row is in the graph, once, as the stored vector (rounded to bf16 where
+        // the engine stores bf16).
+        let seen: Vec<std::sync::atomic::AtomicBool> = (0..n)
+            .map(|_| std::sync::atomic::AtomicBool::new(false))
+            .collect();
+        graph
+            .check_vectors(&|r, copy| {
+                let Some(first) = seen.get(r) else {
+                    return Err(format!("row {r} of {n}"));
+                };
+                if first.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    return Err(format!("row {r} twice"));
                 }
-                if !copy.iter().zip(want).all(|(a, b)| rounds_to(*b, *a)) {
-                    return Err(bad(format!(
+                if deleted.contains(&r) {
+                    return Ok(());
+                }
+                let want = &data[r * dim..(r + 1) * dim];
+                if copy.len() != dim || !copy.iter().zip(want).all(|(a, b)| rounds_to(*b, *a)) {
+                    return Err(format!(
                         "the graph's vector of point {} differs from the stored one",
                         points[r]
-                    )));
+                    ));
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })
+            .map_err(bad)?;
+        if let Some(r) = (0..n)
+            .find(|r| !deleted.contains(r) && !seen[*r].load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(bad(format!(
+                "point {} is missing from the graph",
+                points[r]
+            )));
+        }
         Ok(Self {
             dim,
             config,
@@ -801,17 +825,36 @@ impl VectorIndex {
             points,
             row_of,
             deleted,
-            hnsw: Some(Arc::new(graph)),
+            hnsw: Some(Arc::from(graph)),
             compactions: 0,
             epoch: next_epoch(),
         })
+    }
+
+    /// The engine of the graph, when there is one.
+    pub fn graph_engine(&self) -> Option<IndexEngine> {
+        self.hnsw.as_deref().map(|g| g.engine())
+    }
+
+    /// Live points the graph holds that no graph search can reach (empty for a sound
+    /// graph; an index without a graph has none).
+    pub fn unreachable_points(&self) -> Vec<u64> {
+        let Some(graph) = &self.hnsw else {
+            return Vec::new();
+        };
+        graph
+            .unreachable_rows()
+            .into_iter()
+            .filter(|r| *r < self.points.len() && !self.deleted.contains(r))
+            .map(|r| self.points[r])
+            .collect()
     }
 
     /// Bytes held by vectors and bookkeeping, plus the graph's own.
     pub fn approx_memory_bytes(&self) -> usize {
         let vectors = self.data.len() * 4;
         let book = self.points.len() * (8 + 8 + 16);
-        let graph = self.hnsw.as_deref().map_or(0, Graph::memory_bytes);
+        let graph = self.hnsw.as_deref().map_or(0, |g| g.memory_bytes());
         vectors + book + graph
     }
 }
@@ -867,7 +910,7 @@ impl CompactedIndex {
 /// ([`VectorIndex::graph_work`]): searches go on meanwhile.
 pub struct GraphWork {
     /// The graph to insert into; none: build one.
-    graph: Option<Arc<Graph>>,
+    graph: Option<Arc<dyn AnnGraph>>,
     dim: usize,
     config: IndexConfig,
     epoch: u64,
@@ -878,7 +921,7 @@ pub struct GraphWork {
 
 /// A graph [`GraphWork::run`] built, for [`VectorIndex::install_graph`].
 pub struct BuiltGraph {
-    graph: Graph,
+    graph: Box<dyn AnnGraph>,
     epoch: u64,
 }
 
@@ -919,19 +962,19 @@ impl GraphWork {
 /// Failures are logged: the rows stay covered by the index's exact scan of rows past the
 /// graph's, and a failed build leaves no graph.
 fn add_to_graph<'a>(
-    graph: Option<&Graph>,
+    graph: Option<&dyn AnnGraph>,
     dim: usize,
     config: &IndexConfig,
     rows: &[usize],
     vector_of: &(dyn Fn(usize) -> &'a [f32] + Sync),
-) -> Option<Graph> {
+) -> Option<Box<dyn AnnGraph>> {
     if let Some(graph) = graph {
         if let Err(e) = graph.add_rows(rows, vector_of) {
             tracing::error!(rows = rows.len(), "the graph refused new rows: {e}");
         }
         return None;
     }
-    let graph = match Graph::new(dim, config, rows.len()) {
+    let graph = match crate::engine::new_graph(config.engine, dim, config, rows.len()) {
         Ok(g) => g,
         Err(e) => {
             tracing::error!("no graph for {} vectors: {e}", rows.len());
@@ -946,6 +989,7 @@ fn add_to_graph<'a>(
     }
     tracing::debug!(
         vectors = rows.len(),
+        engine = %graph.engine(),
         kernels = %graph.kernels(),
         "built an HNSW graph"
     );
@@ -1080,11 +1124,18 @@ mod tests {
 
     #[test]
     fn hnsw_agrees_with_exact_search_and_survives_compaction() {
+        for engine in IndexEngine::ALL {
+            hnsw_agrees_with_exact_search_and_survives_compaction_on(engine);
+        }
+    }
+
+    fn hnsw_agrees_with_exact_search_and_survives_compaction_on(engine: IndexEngine) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let dim = 32;
         let vs: Vec<Vec<f32>> = (0..3000).map(|_| random_unit(&mut rng, dim)).collect();
         let cfg = IndexConfig {
             hnsw_threshold: 1000,
+            engine,
             ..Default::default()
         };
         let mut idx = VectorIndex::new(dim, cfg);
@@ -1148,6 +1199,14 @@ mod tests {
 
     #[test]
     fn appended_rows_are_found_at_once_and_graph_work_runs_while_searches_go_on() {
+        for engine in IndexEngine::ALL {
+            appended_rows_are_found_at_once_and_graph_work_runs_while_searches_go_on_on(engine);
+        }
+    }
+
+    fn appended_rows_are_found_at_once_and_graph_work_runs_while_searches_go_on_on(
+        engine: IndexEngine,
+    ) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(31);
         let dim = 32;
         let vs: Vec<Vec<f32>> = (0..4000).map(|_| random_unit(&mut rng, dim)).collect();
@@ -1157,6 +1216,7 @@ mod tests {
         let cfg = IndexConfig {
             hnsw_threshold: 1000,
             ef_construction: 64,
+            engine,
             ..Default::default()
         };
         let mut idx = VectorIndex::new(dim, cfg);
@@ -1212,6 +1272,117 @@ mod tests {
         assert!(!small.install_graph(work.run().unwrap()));
     }
 
+    /// `centres` runs of `per_centre` similar unit vectors, side by side (one expert's
+    /// instances, as a registration inserts them): about 0.8 cosine to their centre and 0.65
+    /// to each other, as sentence embeddings of one task are (runs of near-duplicates, 0.97
+    /// to each other, are harder: see the README).
+    fn similar_runs(centres: usize, per_centre: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+        similar_runs_with(centres, per_centre, dim, seed, 2.6)
+    }
+
+    fn similar_runs_with(
+        centres: usize,
+        per_centre: usize,
+        dim: usize,
+        seed: u64,
+        spread: f32,
+    ) -> Vec<Vec<f32>> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut out = Vec::with_capacity(centres * per_centre);
+        for _ in 0..centres {
+            let c = random_unit(&mut rng, dim);
+            for _ in 0..per_centre {
+                let mut v: Vec<f32> = c
+                    .iter()
+                    .map(|x| x + spread * (rng.random::<f32>() - 0.5) / (dim as f32).sqrt())
+                    .collect();
+                crate::embedding::normalize(&mut v);
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_stored_point_is_reachable_and_finds_itself_on_both_engines() {
+        for engine in IndexEngine::ALL {
+            let dim = 48;
+            let vs = similar_runs(40, 100, dim, 3);
+            let cfg = IndexConfig {
+                hnsw_threshold: 500,
+                ef_construction: 64,
+                engine,
+                ..Default::default()
+            };
+            let mut idx = VectorIndex::new(dim, cfg);
+            // Experts registered one after another, each run inserted in parallel on 16
+            // threads (more than the cores: inserters interleave often).
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(16)
+                .build()
+                .unwrap();
+            for expert in 0..40 {
+                let items: Vec<(u64, &[f32])> = (expert * 100..(expert + 1) * 100)
+                    .map(|i| (i as u64, vs[i].as_slice()))
+                    .collect();
+                pool.install(|| idx.insert(&items)).unwrap();
+            }
+            assert!(idx.uses_hnsw());
+            assert_eq!(idx.graph_engine(), Some(engine));
+            assert_eq!(idx.unreachable_points(), Vec::<u64>::new(), "{engine}");
+            // Each stored vector queried with itself: what the exact scan answers.
+            let mut missed = Vec::new();
+            for (i, v) in vs.iter().enumerate() {
+                let got = idx.search(v, 1, &|_| true);
+                if got[0].point_id != i as u64 {
+                    missed.push(i);
+                }
+                assert_eq!(idx.search_exact(v, 1, &|_| true)[0].point_id, i as u64);
+            }
+            assert_eq!(missed, Vec::<usize>::new(), "{engine}");
+        }
+        let vs = similar_runs(2, 100, 48, 3);
+        let within = crate::embedding::dot(&vs[0], &vs[1]);
+        let across = crate::embedding::dot(&vs[0], &vs[100]);
+        assert!(
+            (0.5..0.8).contains(&within) && across.abs() < 0.5,
+            "{within} {across}"
+        );
+    }
+
+    /// What runs of near-duplicates (0.97 cosine) do to each engine: measured, printed
+    /// (`--nocapture`), not asserted beyond reachability.
+    #[test]
+    fn runs_of_near_duplicates_stay_reachable_on_both_engines() {
+        for engine in IndexEngine::ALL {
+            let dim = 48;
+            let vs = similar_runs_with(40, 100, dim, 3, 0.6);
+            let cfg = IndexConfig {
+                hnsw_threshold: 500,
+                ef_construction: 64,
+                engine,
+                ..Default::default()
+            };
+            let mut idx = VectorIndex::new(dim, cfg);
+            for expert in 0..40 {
+                let items: Vec<(u64, &[f32])> = (expert * 100..(expert + 1) * 100)
+                    .map(|i| (i as u64, vs[i].as_slice()))
+                    .collect();
+                idx.insert(&items).unwrap();
+            }
+            let missed = (0..vs.len())
+                .filter(|&i| idx.search(&vs[i], 1, &|_| true)[0].point_id != i as u64)
+                .count();
+            eprintln!(
+                "{engine}: {missed} of {} near-duplicates not found by their own vector",
+                vs.len()
+            );
+            if engine == IndexEngine::Graph {
+                assert_eq!(idx.unreachable_points(), Vec::<u64>::new());
+            }
+        }
+    }
+
     /// Live points and what an exact search sees, for comparing two indexes.
     fn exact_view(idx: &VectorIndex, queries: &[Vec<f32>]) -> (Vec<u64>, Vec<Vec<Hit>>) {
         let mut live: Vec<u64> = idx.live_points().collect();
@@ -1225,12 +1396,19 @@ mod tests {
 
     #[test]
     fn a_background_compaction_replays_the_writes_made_during_it() {
+        for engine in IndexEngine::ALL {
+            a_background_compaction_replays_the_writes_made_during_it_on(engine);
+        }
+    }
+
+    fn a_background_compaction_replays_the_writes_made_during_it_on(engine: IndexEngine) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
         let dim = 16;
         let vs: Vec<Vec<f32>> = (0..2400).map(|_| random_unit(&mut rng, dim)).collect();
         let cfg = IndexConfig {
             hnsw_threshold: 600,
             ef_construction: 64,
+            engine,
             ..Default::default()
         };
         let items = |range: std::ops::Range<usize>| -> Vec<(u64, &[f32])> {
@@ -1297,12 +1475,13 @@ mod tests {
     }
 
     /// 1200 points (ids 1000..), the first 100 tombstoned, in an HNSW index.
-    fn graph_index(dim: usize) -> (VectorIndex, Vec<Vec<f32>>) {
+    fn graph_index(dim: usize, engine: IndexEngine) -> (VectorIndex, Vec<Vec<f32>>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let vs: Vec<Vec<f32>> = (0..1200).map(|_| random_unit(&mut rng, dim)).collect();
         let cfg = IndexConfig {
             hnsw_threshold: 500,
             ef_construction: 64,
+            engine,
             ..Default::default()
         };
         let mut idx = VectorIndex::new(dim, cfg);
@@ -1327,11 +1506,17 @@ mod tests {
 
     #[test]
     fn a_dumped_graph_loads_back_and_searches_identically() {
+        for engine in IndexEngine::ALL {
+            a_dumped_graph_loads_back_and_searches_identically_on(engine);
+        }
+    }
+
+    fn a_dumped_graph_loads_back_and_searches_identically_on(engine: IndexEngine) {
         let dim = 24;
-        let (idx, vs) = graph_index(dim);
+        let (idx, vs) = graph_index(dim, engine);
         let tmp = tempfile::tempdir().unwrap();
         let files = idx.dump_graph(tmp.path(), "g").unwrap().unwrap();
-        assert_eq!(files.len(), 2);
+        assert_eq!(files.len(), engine.file_suffixes().len() + 1);
         let mut loaded =
             VectorIndex::load_graph(dim, idx.config.clone(), tmp.path(), "g", &stored(&vs))
                 .unwrap();
@@ -1357,8 +1542,14 @@ mod tests {
 
     #[test]
     fn loading_refuses_graphs_that_do_not_match_the_store() {
+        for engine in IndexEngine::ALL {
+            loading_refuses_graphs_that_do_not_match_the_store_on(engine);
+        }
+    }
+
+    fn loading_refuses_graphs_that_do_not_match_the_store_on(engine: IndexEngine) {
         let dim = 24;
-        let (idx, vs) = graph_index(dim);
+        let (idx, vs) = graph_index(dim, engine);
         let tmp = tempfile::tempdir().unwrap();
         idx.dump_graph(tmp.path(), "g").unwrap().unwrap();
         let cfg = idx.config.clone();
@@ -1385,7 +1576,7 @@ mod tests {
         };
         assert!(VectorIndex::load_graph(dim, m8, tmp.path(), "g", &stored(&vs)).is_err());
         // A truncated graph file: an error, not a crash.
-        let graph = tmp.path().join("g.hnsw");
+        let graph = tmp.path().join(format!("g{}", engine.file_suffixes()[0]));
         let len = std::fs::metadata(&graph).unwrap().len();
         std::fs::OpenOptions::new()
             .write(true)

@@ -5,9 +5,11 @@
 
 mod compaction;
 pub mod embedding;
+pub mod engine;
 mod error;
 pub mod expert;
 mod graph;
+mod hnsw_rs_engine;
 pub mod index;
 mod lexical;
 pub mod library;

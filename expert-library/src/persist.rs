@@ -39,6 +39,7 @@ use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::engine::IndexEngine;
 use crate::error::{LibraryError, Result};
 use crate::expert::TextFormat;
 use crate::index::{IndexConfig, VectorIndex};
@@ -107,6 +108,10 @@ struct GraphSettings {
     hnsw_threshold: usize,
     max_connections: usize,
     ef_construction: usize,
+    /// A dump of another engine is rebuilt, not misread. (Dumps before the field was
+    /// written were roe's own graph.)
+    #[serde(default)]
+    engine: IndexEngine,
 }
 
 impl From<&IndexConfig> for GraphSettings {
@@ -115,6 +120,7 @@ impl From<&IndexConfig> for GraphSettings {
             hnsw_threshold: c.hnsw_threshold,
             max_connections: c.max_connections,
             ef_construction: c.ef_construction,
+            engine: c.engine,
         }
     }
 }
@@ -413,7 +419,13 @@ pub fn load(
         }
     }
     for g in m.indexes.iter().filter_map(|e| e.graph.as_ref()) {
-        let names = [".hnsw", ".rows"].map(|s| format!("{}{s}", g.basename));
+        let names: Vec<String> = config
+            .engine
+            .file_suffixes()
+            .iter()
+            .chain(&[".rows"])
+            .map(|s| format!("{}{s}", g.basename))
+            .collect();
         let listed: Vec<&str> = g.files.iter().map(|f| f.name.as_str()).collect();
         if listed != names.iter().map(String::as_str).collect::<Vec<_>>() {
             return Err(RebuildReason::Corrupt(format!(

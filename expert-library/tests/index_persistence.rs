@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use roe_expert_library::embedding::normalize;
+use roe_expert_library::engine::IndexEngine;
 use roe_expert_library::index::{Hit, IndexConfig};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig, OpenReport};
 use roe_expert_library::persist::{IndexLoad, RebuildReason};
@@ -21,8 +22,14 @@ fn open_with(dir: &Path, config: LibraryConfig) -> (ExpertLibrary, OpenReport) {
     ExpertLibrary::open(dir, Arc::new(RandomEncoder), config).unwrap()
 }
 
-fn open(dir: &Path, persist_on_drop: bool) -> (ExpertLibrary, OpenReport) {
-    open_with(dir, config(persist_on_drop))
+fn config_on(persist_on_drop: bool, engine: IndexEngine) -> LibraryConfig {
+    let mut c = config(persist_on_drop);
+    c.index.engine = engine;
+    c
+}
+
+fn open(dir: &Path, persist_on_drop: bool, engine: IndexEngine) -> (ExpertLibrary, OpenReport) {
+    open_with(dir, config_on(persist_on_drop, engine))
 }
 
 /// Six experts of 500 instances: 3000 instance vectors, 1500 choice_instance vectors.
@@ -131,9 +138,15 @@ fn assert_finds_itself(lib: &ExpertLibrary) {
 
 #[test]
 fn reopening_after_persist_reloads_the_graphs_and_searches_identically() {
+    for engine in IndexEngine::ALL {
+        reopening_after_persist_reloads_the_graphs_and_searches_identically_on(engine);
+    }
+}
+
+fn reopening_after_persist_reloads_the_graphs_and_searches_identically_on(engine: IndexEngine) {
     let tmp = tempfile::tempdir().unwrap();
     let before = {
-        let (lib, report) = open(tmp.path(), false);
+        let (lib, report) = open(tmp.path(), false, engine);
         assert_eq!(report.index, IndexLoad::Rebuilt(RebuildReason::Missing));
         populate(&lib);
         // Tombstones (1/6 of the rows, below the compaction ratio) go into the dump.
@@ -145,7 +158,7 @@ fn reopening_after_persist_reloads_the_graphs_and_searches_identically() {
         assert_eq!(lib.persist_index().unwrap(), None);
         answers(&lib)
     };
-    let (lib, report) = open(tmp.path(), true);
+    let (lib, report) = open(tmp.path(), true, engine);
     assert_eq!(report.index, IndexLoad::Reloaded);
     assert_eq!((report.experts, report.vectors), (5, 2500));
     assert_eq!(answers(&lib), before);
@@ -175,7 +188,7 @@ fn reopening_after_persist_reloads_the_graphs_and_searches_identically() {
     assert!((hit[0].score - 1.0).abs() < 1e-5);
     let after = answers(&lib);
     drop(lib);
-    let (lib, report) = open(tmp.path(), false);
+    let (lib, report) = open(tmp.path(), false, engine);
     assert_eq!(report.index, IndexLoad::Reloaded);
     assert_eq!(report.vectors, 2300);
     assert_eq!(found(&lib), hit);
@@ -184,9 +197,15 @@ fn reopening_after_persist_reloads_the_graphs_and_searches_identically() {
 
 #[test]
 fn a_dump_made_stale_by_an_insert_or_a_delete_is_rebuilt() {
+    for engine in IndexEngine::ALL {
+        a_dump_made_stale_by_an_insert_or_a_delete_is_rebuilt_on(engine);
+    }
+}
+
+fn a_dump_made_stale_by_an_insert_or_a_delete_is_rebuilt_on(engine: IndexEngine) {
     let tmp = tempfile::tempdir().unwrap();
     {
-        let (lib, _) = open(tmp.path(), false);
+        let (lib, _) = open(tmp.path(), false, engine);
         populate(&lib);
         lib.persist_index().unwrap().unwrap();
         // Written after the dump, and the process ends without persisting (a crash).
@@ -200,7 +219,7 @@ fn a_dump_made_stale_by_an_insert_or_a_delete_is_rebuilt() {
         )
         .unwrap();
     }
-    let (lib, report) = open(tmp.path(), false);
+    let (lib, report) = open(tmp.path(), false, engine);
     assert!(
         matches!(report.index, IndexLoad::Rebuilt(RebuildReason::Stale(_))),
         "{:?}",
@@ -211,7 +230,7 @@ fn a_dump_made_stale_by_an_insert_or_a_delete_is_rebuilt() {
     lib.persist_index().unwrap().unwrap();
     lib.delete("expert5").unwrap();
     drop(lib);
-    let (lib, report) = open(tmp.path(), false);
+    let (lib, report) = open(tmp.path(), false, engine);
     assert!(
         matches!(report.index, IndexLoad::Rebuilt(RebuildReason::Stale(_))),
         "{:?}",
@@ -222,7 +241,7 @@ fn a_dump_made_stale_by_an_insert_or_a_delete_is_rebuilt() {
     lib.persist_index().unwrap().unwrap();
     lib.register(expert("expert4", 500), true).unwrap();
     drop(lib);
-    let (_, report) = open(tmp.path(), false);
+    let (_, report) = open(tmp.path(), false, engine);
     assert!(
         matches!(&report.index, IndexLoad::Rebuilt(RebuildReason::Stale(m)) if m.contains("different")),
         "{:?}",
@@ -232,39 +251,69 @@ fn a_dump_made_stale_by_an_insert_or_a_delete_is_rebuilt() {
 
 #[test]
 fn corrupt_or_incompatible_dumps_are_rebuilt_without_failing() {
+    for engine in IndexEngine::ALL {
+        corrupt_or_incompatible_dumps_are_rebuilt_without_failing_on(engine);
+    }
+}
+
+fn corrupt_or_incompatible_dumps_are_rebuilt_without_failing_on(engine: IndexEngine) {
     let tmp = tempfile::tempdir().unwrap();
     {
-        let (lib, _) = open(tmp.path(), false);
+        let (lib, _) = open(tmp.path(), false, engine);
         populate(&lib);
         lib.persist_index().unwrap().unwrap();
     }
-    type Damage = fn(&Path);
-    let cases: Vec<(&str, Damage)> = vec![
-        ("truncated graph", |d| truncate(&dump_file(d, ".hnsw"))),
-        ("flipped byte in graph", |d| {
-            flip_byte(&dump_file(d, ".hnsw"))
-        }),
-        ("truncated rows", |d| truncate(&dump_file(d, ".rows"))),
-        ("missing graph", |d| {
-            std::fs::remove_file(dump_file(d, ".hnsw")).unwrap()
-        }),
-        ("garbage manifest", |d| {
-            std::fs::write(index_dir(d).join("manifest.json"), b"\x00\xffnot json").unwrap()
-        }),
-        ("truncated manifest", |d| {
-            truncate(&index_dir(d).join("manifest.json"))
-        }),
-        ("manifest from another format version", |d| {
-            let p = index_dir(d).join("manifest.json");
-            let mut m: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-            m["format_version"] = 999.into();
-            std::fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
-        }),
+    type Damage = Box<dyn Fn(&Path)>;
+    // Every file of the engine's graph, and the row table.
+    let graph_files: Vec<&'static str> = match engine {
+        IndexEngine::Graph => vec![".hnsw"],
+        IndexEngine::HnswRs => vec![".hnsw.graph", ".hnsw.data"],
+    };
+    let mut cases: Vec<(&str, Damage)> = Vec::new();
+    for suffix in graph_files {
+        cases.push((
+            "truncated graph",
+            Box::new(move |d| truncate(&dump_file(d, suffix))),
+        ));
+        cases.push((
+            "flipped byte in graph",
+            Box::new(move |d| flip_byte(&dump_file(d, suffix))),
+        ));
+        cases.push((
+            "missing graph",
+            Box::new(move |d| std::fs::remove_file(dump_file(d, suffix)).unwrap()),
+        ));
+    }
+    let more: Vec<(&str, Damage)> = vec![
+        (
+            "truncated rows",
+            Box::new(|d| truncate(&dump_file(d, ".rows"))),
+        ),
+        (
+            "garbage manifest",
+            Box::new(|d| {
+                std::fs::write(index_dir(d).join("manifest.json"), b"\x00\xffnot json").unwrap()
+            }),
+        ),
+        (
+            "truncated manifest",
+            Box::new(|d| truncate(&index_dir(d).join("manifest.json"))),
+        ),
+        (
+            "manifest from another format version",
+            Box::new(|d| {
+                let p = index_dir(d).join("manifest.json");
+                let mut m: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                m["format_version"] = 999.into();
+                std::fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
+            }),
+        ),
     ];
+    cases.extend(more);
     for (what, damage) in cases {
         damage(tmp.path());
-        let (lib, report) = open(tmp.path(), false);
+        let (lib, report) = open(tmp.path(), false, engine);
         match (&report.index, what) {
             (
                 IndexLoad::Rebuilt(RebuildReason::Incompatible(_)),
@@ -283,9 +332,9 @@ fn corrupt_or_incompatible_dumps_are_rebuilt_without_failing() {
     let other = LibraryConfig {
         index: IndexConfig {
             max_connections: 8,
-            ..config(false).index
+            ..config_on(false, engine).index
         },
-        ..config(false)
+        ..config_on(false, engine)
     };
     let (lib, report) = open_with(tmp.path(), other);
     assert!(
@@ -298,21 +347,43 @@ fn corrupt_or_incompatible_dumps_are_rebuilt_without_failing() {
     );
     assert_finds_itself(&lib);
     drop(lib);
+    // A dump of the other engine is rebuilt, not misread.
+    let other_engine = match engine {
+        IndexEngine::Graph => IndexEngine::HnswRs,
+        IndexEngine::HnswRs => IndexEngine::Graph,
+    };
+    let (lib, report) = open(tmp.path(), false, other_engine);
+    assert!(
+        matches!(
+            report.index,
+            IndexLoad::Rebuilt(RebuildReason::Incompatible(_))
+        ),
+        "{:?}",
+        report.index
+    );
+    assert_finds_itself(&lib);
+    drop(lib);
     // The dump of the last case is intact and still matches the first settings.
-    let (_, report) = open(tmp.path(), false);
+    let (_, report) = open(tmp.path(), false, engine);
     assert_eq!(report.index, IndexLoad::Reloaded);
 }
 
 #[test]
 fn an_index_never_persisted_is_rebuilt_and_compaction_persists() {
+    for engine in IndexEngine::ALL {
+        an_index_never_persisted_is_rebuilt_and_compaction_persists_on(engine);
+    }
+}
+
+fn an_index_never_persisted_is_rebuilt_and_compaction_persists_on(engine: IndexEngine) {
     let tmp = tempfile::tempdir().unwrap();
     {
         // A crash: the process ends without persisting.
-        let (lib, _) = open(tmp.path(), false);
+        let (lib, _) = open(tmp.path(), false, engine);
         populate(&lib);
     }
     assert!(!index_dir(tmp.path()).exists());
-    let (lib, report) = open(tmp.path(), false);
+    let (lib, report) = open(tmp.path(), false, engine);
     assert_eq!(report.index, IndexLoad::Rebuilt(RebuildReason::Missing));
     assert_eq!(report.vectors, 3000);
     assert_finds_itself(&lib);
@@ -333,19 +404,19 @@ fn an_index_never_persisted_is_rebuilt_and_compaction_persists() {
     });
     let before = answers(&lib);
     drop(lib);
-    let (lib, report) = open(tmp.path(), false);
+    let (lib, report) = open(tmp.path(), false, engine);
     assert_eq!(report.index, IndexLoad::Reloaded);
     assert_eq!(answers(&lib), before);
     drop(lib);
     // A library too small for a graph keeps nothing on disk.
     let small = tempfile::tempdir().unwrap();
     {
-        let (lib, _) = open(small.path(), true);
+        let (lib, _) = open(small.path(), true, engine);
         lib.register(expert("tiny", 20), false).unwrap();
         let report = lib.persist_index().unwrap().unwrap();
         assert_eq!((report.graphs, report.bytes), (0, 0));
     }
     assert!(!index_dir(small.path()).exists());
-    let (_, report) = open(small.path(), true);
+    let (_, report) = open(small.path(), true, engine);
     assert_eq!(report.index, IndexLoad::Rebuilt(RebuildReason::Missing));
 }

@@ -208,6 +208,8 @@ pub(crate) struct Graph {
     complete_below: AtomicUsize,
     /// One [`Self::add_rows`] at a time.
     adding: Mutex<()>,
+    /// Level-0 links pruned during the current insertion: their nodes are checked after it.
+    dropped: Mutex<Vec<u32>>,
     visited: Mutex<Vec<Visited>>,
 }
 
@@ -249,6 +251,7 @@ impl Graph {
             node_of: RwLock::new(Vec::new()),
             complete_below: AtomicUsize::new(0),
             adding: Mutex::new(()),
+            dropped: Mutex::new(Vec::new()),
             visited: Mutex::new(Vec::new()),
         }
     }
@@ -523,7 +526,7 @@ impl Graph {
         &self,
         query: &[f32],
         count: usize,
-        keep: &dyn Fn(usize) -> bool,
+        keep: &(dyn Fn(usize) -> bool + Sync),
     ) -> Result<Vec<usize>, String> {
         let q = self.pack_query(query)?;
         let keep_node = |node: u32| keep(self.row_of_node(node) as usize);
@@ -549,6 +552,7 @@ impl Graph {
     }
 
     /// The graph's copy of row `r`, widened to f32, if it holds one.
+    #[cfg(test)]
     pub(crate) fn vector(&self, r: usize, out: &mut [f32]) -> bool {
         let Some(&node) = self.node_of.read().get(r) else {
             return false;
@@ -647,6 +651,10 @@ impl Graph {
             .into_par_iter()
             .with_min_len(16)
             .for_each(|node| self.insert(node as u32));
+        let mut check: Vec<u32> = std::mem::take(&mut *self.dropped.lock());
+        check.extend(first as u32..(first + rows.len()) as u32);
+        self.make_findable(&mut check);
+        self.dropped.lock().clear();
         self.repair();
         self.complete_below
             .fetch_max(highest + 1, Ordering::Release);
@@ -755,7 +763,68 @@ impl Graph {
             .collect();
         candidates.sort_unstable();
         let kept = self.select(&candidates, cap);
+        if level == 0 {
+            // Their way in may have been this link: checked after the insertion.
+            let mut dropped = self.dropped.lock();
+            dropped.extend(links.iter().filter(|x| !kept.contains(x)));
+        }
         self.store_list(list, &kept);
+    }
+
+    /// Makes `nodes` findable: each is searched for with its own vector (as the index
+    /// searches, unfiltered), and one the search does not return is linked from the
+    /// nearest node it does return, through which the next such search reaches it. A
+    /// reachable node can still be missed: a run of similar rows can form a group whose
+    /// only links in come from far away. Returns the nodes relinked.
+    fn make_findable(&self, nodes: &mut Vec<u32>) -> usize {
+        nodes.sort_unstable();
+        nodes.dedup();
+        let ef = self
+            .ef_search
+            .load(Ordering::Relaxed)
+            .min(self.ef_construction)
+            .max(1);
+        let lost: Vec<(u32, u32)> = nodes
+            .par_iter()
+            .filter_map(|&z| {
+                let q = self.vector_ptr(z);
+                let own = self.dist(q, z);
+                let host = self.search_from_top(q, ef, z)?;
+                // Found, or an exact twin of it found first.
+                (host.node != z && host.d > own).then_some((host.node, z))
+            })
+            .collect();
+        if lost.is_empty() {
+            return 0;
+        }
+        let in_degree = self.in_degrees();
+        for &(host, z) in &lost {
+            self.relink(host, z, &in_degree);
+        }
+        lost.len()
+    }
+
+    /// The nearest node to `q` that a search for it (ef `ef`) finds, `z` itself if found.
+    fn search_from_top(&self, q: *const u32, ef: usize, z: u32) -> Option<Near> {
+        let top = *self.top.lock();
+        if top.node == NONE {
+            return None;
+        }
+        let mut at = Near {
+            d: self.dist(q, top.node),
+            node: top.node,
+        };
+        for level in (1..=top.level).rev() {
+            at = self.greedy(q, at, level);
+        }
+        let found = self
+            .with_visited(|v| self.search_level(q, at, ef, 0, None, v))
+            .into_sorted_vec();
+        found
+            .iter()
+            .find(|c| c.node == z)
+            .or(found.first())
+            .copied()
     }
 
     /// Stores `links` into `list`, the count last, so a reader never sees a count beyond
@@ -934,12 +1003,40 @@ impl Graph {
     }
 
     /// Nodes no search can reach: none, once [`Self::add_rows`] has returned.
-    #[cfg(test)]
     pub(crate) fn unreachable(&self) -> Vec<u32> {
         let reached = self.reached();
         (0..self.size() as u32)
             .filter(|x| !reached[*x as usize])
             .collect()
+    }
+
+    /// The rows of [`Self::unreachable`]'s nodes.
+    pub(crate) fn unreachable_rows(&self) -> Vec<usize> {
+        self.unreachable()
+            .into_iter()
+            .map(|x| self.row_of_node(x) as usize)
+            .collect()
+    }
+
+    /// Calls `check` with every node's row and its vector widened to f32, on all cores.
+    pub(crate) fn check_vectors(
+        &self,
+        check: &(dyn Fn(usize, &[f32]) -> Result<(), String> + Sync),
+    ) -> Result<(), String> {
+        let nodes: Vec<u32> = (0..self.size() as u32).collect();
+        nodes.par_chunks(4096).try_for_each(|chunk| {
+            let mut v = vec![0.0f32; self.dim];
+            for &node in chunk {
+                // SAFETY: the node exists; its vector is `vec_words` words.
+                let words =
+                    unsafe { std::slice::from_raw_parts(self.vector_ptr(node), self.vec_words) };
+                for (i, x) in v.iter_mut().enumerate() {
+                    *x = kernels::unpack(words, i);
+                }
+                check(self.row_of_node(node) as usize, &v)?;
+            }
+            Ok(())
+        })
     }
 }
 

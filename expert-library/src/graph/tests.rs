@@ -43,7 +43,12 @@ fn build(data: &[Vec<f32>], config: &IndexConfig) -> Graph {
     g
 }
 
-fn recall(g: &Graph, data: &[Vec<f32>], queries: &[Vec<f32>], keep: &dyn Fn(usize) -> bool) -> f64 {
+fn recall(
+    g: &Graph,
+    data: &[Vec<f32>],
+    queries: &[Vec<f32>],
+    keep: &(dyn Fn(usize) -> bool + Sync),
+) -> f64 {
     let mut found = 0;
     for q in queries {
         let want = exact_top(data, q, 10, keep);

@@ -46,6 +46,7 @@ pub fn config(persist_on_drop: bool) -> LibraryConfig {
             ef_construction: 64,
             ef_search: 64,
             compact_ratio: 0.25,
+            engine: Default::default(),
         },
         persist_index_on_drop: persist_on_drop,
         ..Default::default()
