@@ -136,6 +136,10 @@ struct ServeArgs {
     /// Live vectors from which on HNSW replaces the exact scan.
     #[arg(long, default_value_t = 20_000)]
     hnsw_threshold: usize,
+    /// The HNSW implementation: `graph` (roe's own, the measured fastest) or `hnsw_rs`.
+    /// Recorded in the persisted index: a dump of the other engine is rebuilt at start.
+    #[arg(long, env = "ROE_INDEX_ENGINE", default_value = "graph")]
+    index_engine: roe_expert_library::engine::IndexEngine,
     /// Backbone GGUF file (default:
     /// <models-dir>/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long, env = "ROE_BACKBONE")]
@@ -720,6 +724,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     let mut config = LibraryConfig {
         index: roe_expert_library::index::IndexConfig {
             hnsw_threshold: a.hnsw_threshold,
+            engine: a.index_engine,
             ..Default::default()
         },
         limits: a.limits.library(),

@@ -80,7 +80,7 @@ impl BertEncoder {
     }
 
     /// [`BertEncoder::load`] with the linear layers' precision chosen. The encoder's id does
-    /// not name the precision: the two paths' vectors agree to a cosine of 0.999 or more
+    /// not name the precision: the two paths' vectors agree to a cosine of 0.9999 or more
     /// (tested), so a library embedded on one CPU opens on another.
     pub fn load_with(
         dir: impl AsRef<Path>,

@@ -65,6 +65,9 @@ impl std::str::FromStr for IndexEngine {
     }
 }
 
+/// Checks one point's row and vector ([`AnnGraph::check_vectors`]).
+pub(crate) type VectorCheck<'a> = dyn Fn(usize, &[f32]) -> Result<(), String> + Sync + 'a;
+
 /// An HNSW graph over an index's rows (row numbers are the index's), by inner product on
 /// unit vectors. Insertion and search both take `&self` and may run at the same time; one
 /// [`Self::add_rows`] at a time.
@@ -113,10 +116,7 @@ pub(crate) trait AnnGraph: Send + Sync {
 
     /// Calls `check` with every point's row and the graph's copy of its vector (widened to
     /// f32), stopping at the first error. Used to check a loaded graph against the store.
-    fn check_vectors(
-        &self,
-        check: &(dyn Fn(usize, &[f32]) -> Result<(), String> + Sync),
-    ) -> Result<(), String>;
+    fn check_vectors(&self, check: &VectorCheck<'_>) -> Result<(), String>;
 
     /// Writes the graph into `dir` under `basename` (files ending in
     /// [`IndexEngine::file_suffixes`], unsynced) and returns them. No insertion may run
@@ -218,10 +218,7 @@ impl AnnGraph for crate::graph::Graph {
         crate::graph::Graph::add_rows(self, rows, vector_of)
     }
 
-    fn check_vectors(
-        &self,
-        check: &(dyn Fn(usize, &[f32]) -> Result<(), String> + Sync),
-    ) -> Result<(), String> {
+    fn check_vectors(&self, check: &VectorCheck<'_>) -> Result<(), String> {
         crate::graph::Graph::check_vectors(self, check)
     }
 

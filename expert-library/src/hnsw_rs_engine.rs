@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hnsw_rs::prelude::{AnnT, Distance, FilterT, Hnsw, HnswIo};
 
-use crate::engine::{AnnGraph, IndexEngine};
+use crate::engine::{AnnGraph, IndexEngine, VectorCheck};
 use crate::index::IndexConfig;
 
 /// hnsw_rs's layer count: it dumps only graphs made with its maximum.
@@ -277,10 +277,7 @@ impl AnnGraph for HnswRsGraph {
         Ok(())
     }
 
-    fn check_vectors(
-        &self,
-        check: &(dyn Fn(usize, &[f32]) -> Result<(), String> + Sync),
-    ) -> Result<(), String> {
+    fn check_vectors(&self, check: &VectorCheck<'_>) -> Result<(), String> {
         for point in self.hnsw.get_point_indexation() {
             check(point.get_origin_id(), point.get_v())?;
         }

@@ -35,6 +35,7 @@ use std::sync::OnceLock;
 use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 
+use crate::engine::VectorCheck;
 use crate::index::IndexConfig;
 use kernels::Kernel;
 
@@ -1019,10 +1020,7 @@ impl Graph {
     }
 
     /// Calls `check` with every node's row and its vector widened to f32, on all cores.
-    pub(crate) fn check_vectors(
-        &self,
-        check: &(dyn Fn(usize, &[f32]) -> Result<(), String> + Sync),
-    ) -> Result<(), String> {
+    pub(crate) fn check_vectors(&self, check: &VectorCheck<'_>) -> Result<(), String> {
         let nodes: Vec<u32> = (0..self.size() as u32).collect();
         nodes.par_chunks(4096).try_for_each(|chunk| {
             let mut v = vec![0.0f32; self.dim];
