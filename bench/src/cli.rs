@@ -179,6 +179,9 @@ pub struct TrainArgs {
     /// Measure roe alone.
     #[arg(long)]
     no_peer: bool,
+    /// roe's index engines to measure, in order (the first is the `roe` of older reports).
+    #[arg(long, value_delimiter = ',', default_value = "graph,hnsw_rs")]
+    engines: Vec<roe_expert_library::engine::IndexEngine>,
     #[arg(long)]
     backbone: Option<PathBuf>,
     /// Score requests timed idle and while a job trains (0: skip that part).
@@ -278,6 +281,9 @@ pub struct GenerateArgs {
     /// Measure roe alone.
     #[arg(long)]
     no_peer: bool,
+    /// roe's index engines to measure, in order (the first is the `roe` of older reports).
+    #[arg(long, value_delimiter = ',', default_value = "graph,hnsw_rs")]
+    engines: Vec<roe_expert_library::engine::IndexEngine>,
     #[arg(long)]
     backbone: Option<PathBuf>,
     #[arg(long, default_value = "bench/results/generate.json")]
@@ -382,6 +388,9 @@ pub struct EncoderArgs {
     /// Measure roe alone.
     #[arg(long)]
     no_peer: bool,
+    /// roe's index engines to measure, in order (the first is the `roe` of older reports).
+    #[arg(long, value_delimiter = ',', default_value = "graph,hnsw_rs")]
+    engines: Vec<roe_expert_library::engine::IndexEngine>,
     #[arg(long, default_value = "bench/results/encoder.json")]
     json: PathBuf,
 }
@@ -420,6 +429,9 @@ pub struct HnswArgs {
     /// Measure roe alone.
     #[arg(long)]
     no_peer: bool,
+    /// roe's index engines to measure, in order (the first is the `roe` of older reports).
+    #[arg(long, value_delimiter = ',', default_value = "graph,hnsw_rs")]
+    engines: Vec<roe_expert_library::engine::IndexEngine>,
     #[arg(long, default_value = "bench/results/hnsw.json")]
     json: PathBuf,
 }
@@ -982,18 +994,28 @@ fn routing(
         q: a.q,
         seeds: seeds.clone(),
         force_hnsw: false,
+        engine: Default::default(),
     };
     let reports = routing_accuracy::run(&tasks, cached.clone(), &setup, &variants, work.path())?;
     let agreement: Vec<VariantReport> = if a.skip_agreement {
         Vec::new()
     } else {
-        eprintln!("HNSW vs exact agreement (HNSW forced on)");
-        let setup = AccuracySetup {
-            force_hnsw: true,
-            ..setup
-        };
-        let pick = [variants[1].clone(), variants[3].clone()];
-        routing_accuracy::run(&tasks, cached.clone(), &setup, &pick, work.path())?
+        let mut all = Vec::new();
+        for engine in roe_expert_library::engine::IndexEngine::ALL {
+            eprintln!("HNSW vs exact agreement (HNSW forced on, engine {engine})");
+            let setup = AccuracySetup {
+                force_hnsw: true,
+                engine,
+                ..setup.clone()
+            };
+            let pick = [variants[1].clone(), variants[3].clone()];
+            for mut r in routing_accuracy::run(&tasks, cached.clone(), &setup, &pick, work.path())?
+            {
+                r.name = format!("{} [{engine}]", r.name);
+                all.push(r);
+            }
+        }
+        all
     };
     let latency = if a.skip_latency {
         None
@@ -1374,6 +1396,7 @@ fn hnsw_bench(a: HnswArgs) -> Result<()> {
         a.clusters.unwrap_or((a.n / 20).max(1)),
         config,
         &a.ef_sweep,
+        &a.engines,
         peer,
     )?;
     let md = hnsw_markdown(&r);
@@ -1390,15 +1413,23 @@ fn hnsw_markdown(r: &hnsw::HnswReport) -> String {
         b.map(|b| format!("{:.0}", b as f64 / 1048576.0))
             .unwrap_or_else(|| "n/a".into())
     };
+    let kernels: Vec<String> = r
+        .engines
+        .iter()
+        .map(|e| format!("{}: {}", e.engine, e.kernels.as_deref().unwrap_or("none")))
+        .collect();
     let mut md = format!(
-        "# HNSW at scale, against hnswlib\n\n{} synthetic normalised {}-d vectors ({} clusters; \
-         queries are {} perturbed stored points), M={}, ef_construction={}, both built with {} \
+        "# HNSW at scale: roe's engines against hnswlib\n\n{} synthetic normalised {}-d vectors ({} clusters; \
+         queries are {} perturbed stored points), M={}, ef_construction={}, all built with {} \
          threads on the same vectors; single-query search on one thread; recall@10 against the \
-         exact top-10 (a batched exact scan). Raw vectors: {:.0} MiB (f32). roe's graph is \
-         its own HNSW, vectors in bf16 beside their links (kernel: {}); its candidates are scored again on roe's own \
-         f32 rows. RSS growth is the process's resident memory after the build less before it, \
-         the vectors already loaded.\n\n\
-         | index | build s | RSS growth MiB | RSS / raw vectors |\n|---|---|---|---|\n",
+         exact top-10 (a batched exact scan). Raw vectors: {:.0} MiB (f32). roe's engines run \
+         through roe's index (`--index-engine`): `graph` is roe's own HNSW, vectors in bf16 \
+         beside their links; `hnsw_rs` is the hnsw_rs crate on f32 vectors; both have their \
+         candidates scored again on roe's own f32 rows (kernels: {}). RSS growth is the \
+         process's resident memory after the build less before it, the vectors already loaded \
+         (roe's index holds its own f32 copy of them). Unreachable: live points no graph search \
+         can reach after the build.\n\n\
+         | index | build s | RSS growth MiB | RSS / raw vectors | unreachable points |\n|---|---|---|---|---|\n",
         r.vectors,
         r.dim,
         r.clusters,
@@ -1407,72 +1438,98 @@ fn hnsw_markdown(r: &hnsw::HnswReport) -> String {
         r.ef_construction,
         r.build_threads,
         r.raw_vector_bytes as f64 / 1048576.0,
-        r.roe_kernels.as_deref().unwrap_or("none"),
+        kernels.join("; "),
     );
     let ratio_raw = |b: Option<u64>| {
         b.map(|b| format!("{:.2}x", b as f64 / r.raw_vector_bytes as f64))
             .unwrap_or_else(|| "n/a".into())
     };
-    let mut sides = vec![("roe", &r.roe)];
+    let mut sides: Vec<(String, &hnsw::SideReport, String)> = r
+        .engines
+        .iter()
+        .map(|e| {
+            (
+                format!("roe `{}`", e.engine),
+                &e.side,
+                e.unreachable_points.to_string(),
+            )
+        })
+        .collect();
     if let Some(h) = &r.hnswlib {
-        sides.push(("hnswlib", h));
+        sides.push(("hnswlib".to_string(), h, "n/a".to_string()));
     }
-    for (name, s) in &sides {
+    for (name, s, unreachable) in &sides {
         md += &format!(
-            "| {name} | {:.1} | {} | {} |\n",
+            "| {name} | {:.1} | {} | {} | {unreachable} |\n",
             s.build_s,
             mib(s.rss_growth_bytes),
             ratio_raw(s.rss_growth_bytes)
         );
     }
-    md += "\n| ef_search | roe p50 ms | roe p99 ms | roe recall@10 | hnswlib p50 ms | hnswlib p99 ms | hnswlib recall@10 |\n|---|---|---|---|---|---|---|\n";
+    md += "\n| ef_search |";
+    for (name, _, _) in &sides {
+        md += &format!(" {name} p50 ms | {name} p99 ms | {name} recall@10 |");
+    }
+    md += "\n|---|";
+    for _ in &sides {
+        md += "---|---|---|";
+    }
+    md += "\n";
     for (i, p) in r.roe.curve.iter().enumerate() {
-        let h = r.hnswlib.as_ref().and_then(|h| h.curve.get(i));
-        let hv = |f: fn(&hnsw::CurvePoint) -> f64, digits: usize| {
-            h.map(|h| format!("{:.*}", digits, f(h)))
-                .unwrap_or_else(|| "n/a".into())
-        };
+        md += &format!("| {} |", p.ef_search);
+        for (_, s, _) in &sides {
+            match s.curve.get(i) {
+                Some(c) => {
+                    md += &format!(
+                        " {:.3} | {:.3} | {:.4} |",
+                        c.p50_ms, c.p99_ms, c.recall_at_10
+                    )
+                }
+                None => md += " n/a | n/a | n/a |",
+            }
+        }
+        md += "\n";
+    }
+    md += &format!("\nExact scan p50: {:.2} ms per query.", r.exact_scan_p50_ms);
+    for e in &r.engines {
         md += &format!(
-            "| {} | {:.3} | {:.3} | {:.4} | {} | {} | {} |\n",
-            p.ef_search,
-            p.p50_ms,
-            p.p99_ms,
-            p.recall_at_10,
-            hv(|h| h.p50_ms, 3),
-            hv(|h| h.p99_ms, 3),
-            hv(|h| h.recall_at_10, 4),
+            " `{}`: the {} queries of one Route searched together (`search_many`, ef_search={}, \
+             k=10) p50 {:.2} ms, p99 {:.2} ms.",
+            e.engine, r.route_q, r.route_ef_search, e.route_search_p50_ms, e.route_search_p99_ms
         );
     }
-    md += &format!(
-        "\nExact scan p50: {:.2} ms per query. The {} queries of one Route searched together \
-         (`search_many`, ef_search={}, k=10): p50 {:.2} ms, p99 {:.2} ms.\n",
-        r.exact_scan_p50_ms,
-        r.route_q,
-        r.route_ef_search,
-        r.route_search_p50_ms,
-        r.route_search_p99_ms
-    );
+    md += "\n";
     if let Some(h) = &r.hnswlib {
-        md += "\n## Ratios (roe / hnswlib, same run)\n\n";
-        md += &format!(
-            "- build: {:.2}x (goal <= 1.5x)\n",
-            r.roe.build_s / h.build_s
-        );
-        if let (Some(a), Some(b)) = (r.roe.rss_growth_bytes, h.rss_growth_bytes) {
+        md += "\n## Ratios (each engine / hnswlib, same run)\n\n";
+        for e in &r.engines {
+            let s = &e.side;
             md += &format!(
-                "- RSS growth: {:.2}x hnswlib's; roe's is {:.2}x the raw vectors (goal <= 2x)\n",
-                a as f64 / b as f64,
-                a as f64 / r.raw_vector_bytes as f64
+                "- `{}` build: {:.2}x (goal <= 1.5x)\n",
+                e.engine,
+                s.build_s / h.build_s
             );
-        }
-        match (r.roe.fastest_at(0.95), h.fastest_at(0.95)) {
-            (Some(a), Some(b)) => {
+            if let (Some(a), Some(b)) = (s.rss_growth_bytes, h.rss_growth_bytes) {
                 md += &format!(
-                    "- search p50 at recall@10 >= 0.95 (each side's fastest such ef_search): roe {:.3} ms (ef {}, recall {:.4}), hnswlib {:.3} ms (ef {}, recall {:.4}): {:.2}x (goal <= 1.2x)\n",
-                    a.p50_ms, a.ef_search, a.recall_at_10, b.p50_ms, b.ef_search, b.recall_at_10, a.p50_ms / b.p50_ms
-                )
+                    "- `{}` RSS growth: {:.2}x hnswlib's; {:.2}x the raw vectors (goal <= 2x)\n",
+                    e.engine,
+                    a as f64 / b as f64,
+                    a as f64 / r.raw_vector_bytes as f64
+                );
             }
-            _ => md += "- a side never reached recall@10 0.95 on this sweep\n",
+            match (s.fastest_at(0.95), h.fastest_at(0.95)) {
+                (Some(a), Some(b)) => {
+                    md += &format!(
+                        "- `{}` search p50 at recall@10 >= 0.95 (each side's fastest such ef_search): {:.3} ms (ef {}, recall {:.4}), hnswlib {:.3} ms (ef {}, recall {:.4}): {:.2}x (goal <= 1.2x)\n",
+                        e.engine, a.p50_ms, a.ef_search, a.recall_at_10, b.p50_ms, b.ef_search, b.recall_at_10, a.p50_ms / b.p50_ms
+                    )
+                }
+                _ => {
+                    md += &format!(
+                        "- `{}` or hnswlib never reached recall@10 0.95 on this sweep\n",
+                        e.engine
+                    )
+                }
+            }
         }
         if let Some(v) = &r.hnswlib_versions {
             md += &format!("\nPeer: {v}\n");
@@ -1554,6 +1611,29 @@ fn startup_bench(a: StartupArgs) -> Result<()> {
         md += &format!(
             " Registering one more expert of 1,000 instances there (synthetic encoder, sled \
              write, graph insertion, lexical refresh): **{s:.2} s**.\n"
+        );
+    }
+    if let (Some(idle), Some(busy)) = (&r.warm.route_idle, &r.warm.route_while_registering) {
+        md += &format!(
+            "\n## Route while experts register\n\nThe same Route (Q={}), {} routes idle and {} \
+             routes while another thread registers experts of 1,000 instances back to back ({} \
+             registered meanwhile; graph insertion runs without the routing lock):\n\n\
+             | | p50 ms | p99 ms | top expert right |\n|---|---|---|---|\n\
+             | idle | {:.1} | {:.1} | {}/{} |\n| while registering | {:.1} | {:.1} | {}/{} |\n\n\
+             p99 while registering / idle p99: **{:.2}x** (goal <= 2x).\n",
+            idle.q,
+            idle.routes,
+            busy.routes,
+            r.warm.registered_while_routing.unwrap_or(0),
+            idle.p50_ms,
+            idle.p99_ms,
+            idle.correct,
+            idle.routes,
+            busy.p50_ms,
+            busy.p99_ms,
+            busy.correct,
+            busy.routes,
+            busy.p99_ms / idle.p99_ms
         );
     }
     println!("{md}");

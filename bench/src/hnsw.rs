@@ -12,6 +12,7 @@ use plotters::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use roe_expert_library::embedding::normalize;
+use roe_expert_library::engine::IndexEngine;
 use roe_expert_library::index::{IndexConfig, VectorIndex};
 use serde::{Deserialize, Serialize};
 
@@ -62,8 +63,23 @@ pub struct HnswReport {
     pub route_ef_search: usize,
     pub route_search_p50_ms: f64,
     pub route_search_p99_ms: f64,
+    /// Every engine measured (the first is also `roe` above, for older readers).
+    pub engines: Vec<EngineReport>,
     pub hnswlib: Option<SideReport>,
     pub hnswlib_versions: Option<serde_json::Value>,
+}
+
+/// One of roe's index engines, built and searched through roe's index.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineReport {
+    pub engine: IndexEngine,
+    pub side: SideReport,
+    pub index_estimate_bytes: usize,
+    pub kernels: Option<String>,
+    /// Live points no graph search can reach, after the build.
+    pub unreachable_points: usize,
+    pub route_search_p50_ms: f64,
+    pub route_search_p99_ms: f64,
 }
 
 /// What a run compares against: the hnswlib peer, when a Python with it is given.
@@ -123,57 +139,126 @@ pub fn run(
     clusters: usize,
     config: IndexConfig,
     ef_sweep: &[usize],
+    engines_to_run: &[IndexEngine],
     peer: Option<Peer<'_>>,
 ) -> Result<HnswReport> {
     let dim = 384;
     // Same seed for the centres of data and queries: queries fall into the data's clusters.
     let data = synthetic(n, dim, clusters, 1);
     let qs = synthetic_near(&data, queries, 2);
-    let rss0 = super::rss_bytes();
-    let mut index = VectorIndex::new(
-        dim,
-        IndexConfig {
-            hnsw_threshold: 0,
-            ..config.clone()
-        },
-    );
-    eprintln!("roe: building over {n} vectors ...");
-    let t = Instant::now();
+    let q_refs: Vec<&[f32]> = qs.iter().map(Vec::as_slice).collect();
     let items: Vec<(u64, &[f32])> = data
         .iter()
         .enumerate()
         .map(|(i, v)| (i as u64, v.as_slice()))
         .collect();
-    index.insert(&items).context("inserting")?;
-    drop(items);
+    // The ground truth from an index that never builds a graph.
+    eprintln!("exact ground truth over {n} vectors ...");
+    let (truth, exact_times) = {
+        let mut exact = VectorIndex::new(
+            dim,
+            IndexConfig {
+                hnsw_threshold: usize::MAX,
+                ..config.clone()
+            },
+        );
+        exact.insert(&items).context("inserting")?;
+        let truth: Vec<Vec<u64>> = exact
+            .search_exact_many(&q_refs, 10, &|_| true)
+            .into_iter()
+            .map(|hits| hits.into_iter().map(|h| h.point_id).collect())
+            .collect();
+        let mut exact_times: Vec<f64> = qs
+            .iter()
+            .take(20)
+            .map(|q| {
+                let t = Instant::now();
+                std::hint::black_box(exact.search_exact(q, 10, &|_| true));
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        exact_times.sort_by(|a, b| a.total_cmp(b));
+        (truth, exact_times)
+    };
+    let mut engines = Vec::new();
+    for &engine in engines_to_run {
+        engines.push(run_engine(
+            engine, dim, &items, &qs, &truth, &config, ef_sweep,
+        )?);
+    }
+    let (hnswlib, hnswlib_versions) = match peer {
+        None => (None, None),
+        Some(peer) => {
+            let out = run_hnswlib(&peer, &data, &qs, &truth, &config, ef_sweep)?;
+            (Some(out.0), Some(out.1))
+        }
+    };
+    let first = engines
+        .first()
+        .ok_or_else(|| anyhow!("no engine to measure"))?
+        .clone();
+    Ok(HnswReport {
+        vectors: n,
+        dim,
+        clusters,
+        queries: qs.len(),
+        max_connections: config.max_connections,
+        ef_construction: config.ef_construction,
+        build_threads: rayon::current_num_threads(),
+        raw_vector_bytes: (n * dim * 4) as u64,
+        roe: first.side.clone(),
+        roe_index_estimate_bytes: first.index_estimate_bytes,
+        roe_kernels: first.kernels.clone(),
+        exact_scan_p50_ms: super::percentile(&exact_times, 0.5),
+        route_q: ROUTE_Q,
+        route_ef_search: config.ef_search,
+        route_search_p50_ms: first.route_search_p50_ms,
+        route_search_p99_ms: first.route_search_p99_ms,
+        engines,
+        hnswlib,
+        hnswlib_versions,
+    })
+}
+
+/// The queries of one Route.
+const ROUTE_Q: usize = 32;
+
+/// Builds an index of `engine` over `items` on all cores and measures it.
+fn run_engine(
+    engine: IndexEngine,
+    dim: usize,
+    items: &[(u64, &[f32])],
+    qs: &[Vec<f32>],
+    truth: &[Vec<u64>],
+    config: &IndexConfig,
+    ef_sweep: &[usize],
+) -> Result<EngineReport> {
+    let n = items.len();
+    let rss0 = super::rss_bytes();
+    let mut index = VectorIndex::new(
+        dim,
+        IndexConfig {
+            hnsw_threshold: 0,
+            engine,
+            ..config.clone()
+        },
+    );
+    eprintln!("{engine}: building over {n} vectors ...");
+    let t = Instant::now();
+    index.insert(items).context("inserting")?;
     let build_s = t.elapsed().as_secs_f64();
     let rss_growth = match (rss0, super::rss_bytes()) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
-    eprintln!("roe: built in {build_s:.1} s; exact ground truth ...");
-    let q_refs: Vec<&[f32]> = qs.iter().map(Vec::as_slice).collect();
-    let truth: Vec<Vec<u64>> = index
-        .search_exact_many(&q_refs, 10, &|_| true)
-        .into_iter()
-        .map(|hits| hits.into_iter().map(|h| h.point_id).collect())
-        .collect();
-    let mut exact_times: Vec<f64> = qs
-        .iter()
-        .take(20)
-        .map(|q| {
-            let t = Instant::now();
-            std::hint::black_box(index.search_exact(q, 10, &|_| true));
-            t.elapsed().as_secs_f64() * 1000.0
-        })
-        .collect();
-    exact_times.sort_by(|a, b| a.total_cmp(b));
+    eprintln!("{engine}: built in {build_s:.1} s; reachability ...");
+    let unreachable = index.unreachable_points().len();
     let mut curve = Vec::new();
     for &ef in ef_sweep {
         index.set_ef_search(ef);
         let mut times = Vec::with_capacity(qs.len());
         let mut found = 0usize;
-        for (q, want) in qs.iter().zip(&truth) {
+        for (q, want) in qs.iter().zip(truth) {
             let t = Instant::now();
             let hits = index.search(q, 10, &|_| true);
             times.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -186,14 +271,14 @@ pub fn run(
             p99_ms: super::percentile(&times, 0.99),
             recall_at_10: found as f64 / (10 * qs.len()) as f64,
         };
-        eprintln!("roe: {point:?}");
+        eprintln!("{engine}: {point:?}");
         curve.push(point);
     }
     index.set_ef_search(config.ef_search);
-    let route_q = 32;
+    let q_refs: Vec<&[f32]> = qs.iter().map(Vec::as_slice).collect();
     let mut route_times: Vec<f64> = q_refs
-        .chunks(route_q)
-        .filter(|c| c.len() == route_q)
+        .chunks(ROUTE_Q)
+        .filter(|c| c.len() == ROUTE_Q)
         .map(|chunk| {
             let t = Instant::now();
             std::hint::black_box(index.search_many(chunk, 10, &|_| true));
@@ -201,39 +286,18 @@ pub fn run(
         })
         .collect();
     route_times.sort_by(|a, b| a.total_cmp(b));
-    let roe_index_estimate_bytes = index.approx_memory_bytes();
-    let roe_kernels = index.graph_kernels();
-    drop(index);
-    let (hnswlib, hnswlib_versions) = match peer {
-        None => (None, None),
-        Some(peer) => {
-            let out = run_hnswlib(&peer, &data, &qs, &truth, &config, ef_sweep)?;
-            (Some(out.0), Some(out.1))
-        }
-    };
-    Ok(HnswReport {
-        vectors: n,
-        dim,
-        clusters,
-        queries: qs.len(),
-        max_connections: config.max_connections,
-        ef_construction: config.ef_construction,
-        build_threads: rayon::current_num_threads(),
-        raw_vector_bytes: (n * dim * 4) as u64,
-        roe: SideReport {
+    Ok(EngineReport {
+        engine,
+        side: SideReport {
             build_s,
             rss_growth_bytes: rss_growth,
             curve,
         },
-        roe_index_estimate_bytes,
-        roe_kernels,
-        exact_scan_p50_ms: super::percentile(&exact_times, 0.5),
-        route_q,
-        route_ef_search: config.ef_search,
+        index_estimate_bytes: index.approx_memory_bytes(),
+        kernels: index.graph_kernels(),
+        unreachable_points: unreachable,
         route_search_p50_ms: super::percentile(&route_times, 0.5),
         route_search_p99_ms: super::percentile(&route_times, 0.99),
-        hnswlib,
-        hnswlib_versions,
     })
 }
 
@@ -298,11 +362,22 @@ pub fn draw_curve(r: &HnswReport, path: &Path) -> Result<()> {
     let with_text = super::eval_chart::load_font();
     let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("chart: {e}"))?;
-    let mut series: Vec<(&str, RGBColor, &[CurvePoint])> = vec![(
-        "roe (own HNSW, bf16 + f32 rescoring)",
-        RGBColor(44, 160, 44),
-        &r.roe.curve,
-    )];
+    let mut series: Vec<(&str, RGBColor, &[CurvePoint])> = r
+        .engines
+        .iter()
+        .map(|e| match e.engine {
+            IndexEngine::Graph => (
+                "roe graph (own HNSW, bf16 + f32 rescoring)",
+                RGBColor(44, 160, 44),
+                &e.side.curve[..],
+            ),
+            IndexEngine::HnswRs => (
+                "roe on hnsw_rs 0.3.5 (f32)",
+                RGBColor(214, 39, 40),
+                &e.side.curve[..],
+            ),
+        })
+        .collect();
     if let Some(h) = &r.hnswlib {
         series.push(("hnswlib 0.8.0", RGBColor(31, 119, 180), &h.curve));
     }

@@ -65,12 +65,15 @@ impl Variant {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct AccuracySetup {
     pub s: usize,
     pub q: usize,
     pub seeds: Vec<u64>,
     /// Force HNSW (threshold 0) so that HNSW vs exact agreement is measured on this library.
     pub force_hnsw: bool,
+    /// The index engine of the graph when HNSW is on.
+    pub engine: roe_expert_library::engine::IndexEngine,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +144,7 @@ pub fn run(
                 } else {
                     IndexConfig::default().hnsw_threshold
                 },
+                engine: setup.engine,
                 ..IndexConfig::default()
             },
             ..LibraryConfig::default()

@@ -81,6 +81,16 @@ pub struct OpenPhase {
     pub route: Option<RouteTiming>,
     /// Warm phase: registering one more expert of 1,000 instances (synthetic encoder).
     pub register_s: Option<f64>,
+    /// Warm phase: Route as in `route`, 100 routes idle ...
+    #[serde(default)]
+    pub route_idle: Option<RouteTiming>,
+    /// ... and 100 routes while experts of 1,000 instances register back to back on
+    /// another thread (goal: p99 <= 2x idle p99).
+    #[serde(default)]
+    pub route_while_registering: Option<RouteTiming>,
+    /// Experts registered during those routes.
+    #[serde(default)]
+    pub registered_while_routing: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,10 +207,24 @@ pub fn open_phase(dir: &Path, index: IndexConfig, persist: bool) -> Result<OpenP
     let (route, register_s) = if persist {
         (None, None)
     } else {
-        let route = time_routes(&library, report.experts)?;
+        let route = time_routes(&library, report.experts, 20)?;
         let t = Instant::now();
-        register_one_more(&library)?;
+        register_one_more(&library, "synthetic-late")?;
         (Some(route), Some(t.elapsed().as_secs_f64()))
+    };
+    let (route_idle, busy) = if persist {
+        (None, None)
+    } else {
+        eprintln!("routes idle, then while experts register ...");
+        let idle = time_routes(&library, report.experts, 100)?;
+        (
+            Some(idle),
+            Some(routes_while_registering(&library, report.experts, 100)?),
+        )
+    };
+    let (route_while_registering, registered_while_routing) = match busy {
+        Some((timing, registered)) => (Some(timing), Some(registered)),
+        None => (None, None),
     };
     Ok(OpenPhase {
         vectors: report.vectors,
@@ -219,12 +243,43 @@ pub fn open_phase(dir: &Path, index: IndexConfig, persist: bool) -> Result<OpenP
         dump_bytes: dump_bytes(dir),
         route,
         register_s,
+        route_idle,
+        route_while_registering,
+        registered_while_routing,
     })
 }
 
-/// Routes 20 query sets, each of Q=32 perturbed copies of one stored expert's vectors.
-fn time_routes(library: &ExpertLibrary, experts: usize) -> Result<RouteTiming> {
-    let (routes, q) = (20usize, 32usize);
+/// [`time_routes`] while another thread registers experts of 1,000 instances back to back;
+/// returns the routes' timing and how many experts registered meanwhile.
+fn routes_while_registering(
+    library: &ExpertLibrary,
+    experts: usize,
+    routes: usize,
+) -> Result<(RouteTiming, usize)> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let registering = s.spawn(|| -> Result<usize> {
+            let mut k = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                register_one_more(library, &format!("synthetic-busy-{k:04}"))?;
+                k += 1;
+            }
+            Ok(k)
+        });
+        // Let the first registration start before timing.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let timing = time_routes(library, experts, routes);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let registered = registering
+            .join()
+            .map_err(|_| anyhow::anyhow!("the registering thread panicked"))??;
+        Ok((timing?, registered))
+    })
+}
+
+/// Routes `routes` query sets, each of Q=32 perturbed copies of one stored expert's vectors.
+fn time_routes(library: &ExpertLibrary, experts: usize, routes: usize) -> Result<RouteTiming> {
+    let q = 32usize;
     let options = roe_expert_library::RouteOptions::default();
     let mut times = Vec::with_capacity(routes);
     let mut correct = 0;
@@ -255,8 +310,8 @@ fn time_routes(library: &ExpertLibrary, experts: usize) -> Result<RouteTiming> {
     })
 }
 
-fn register_one_more(library: &ExpertLibrary) -> Result<()> {
-    let id = "synthetic-late".to_string();
+fn register_one_more(library: &ExpertLibrary, id: &str) -> Result<()> {
+    let id = id.to_string();
     let instances = (0..1000)
         .map(|i| Instance {
             input: format!("late instance {i} of {id}"),

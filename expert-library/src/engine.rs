@@ -40,7 +40,7 @@ impl IndexEngine {
     pub(crate) fn file_suffixes(self) -> &'static [&'static str] {
         match self {
             Self::Graph => &[".hnsw"],
-            Self::HnswRs => &[".hnsw.graph", ".hnsw.data"],
+            Self::HnswRs => &[".hnsw.graph", ".hnsw.data", ".strays"],
         }
     }
 }

@@ -8,6 +8,9 @@
 //!   asserts `1 - dot >= 0` and panics when a unit vector's dot with itself rounds above 1;
 //! - the first point inserted alone (concurrent first inserts can leave one without links);
 //! - `max_layer` 16, the only value hnsw_rs can dump;
+//! - findability: after each insertion every new point is searched for with its own vector,
+//!   and the few a search misses (hnsw_rs leaves some, and offers no way to add a link) are
+//!   kept aside with their vectors and scanned exactly by every search ([`Strays`]);
 //! - a reload that cannot panic the process (hnsw_rs asserts on malformed files: the
 //!   manifest's checksums keep those from reaching it, and a panic is turned into an error
 //!   all the same) and that yields an owned graph: hnsw_rs's reloaded graph borrows its
@@ -51,8 +54,17 @@ impl FilterT for Keep<'_> {
     }
 }
 
+/// Points hnsw_rs holds but its search does not return for their own vector: each row with
+/// its vector, scanned exactly by every search.
+#[derive(Default)]
+struct Strays {
+    rows: Vec<usize>,
+    vectors: Vec<f32>,
+}
+
 pub(crate) struct HnswRsGraph {
     hnsw: Hnsw<'static, f32, DotDistance>,
+    strays: parking_lot::RwLock<Strays>,
     dim: usize,
     m: usize,
     ef_search: AtomicUsize,
@@ -89,6 +101,7 @@ impl HnswRsGraph {
     ) -> Self {
         Self {
             hnsw,
+            strays: parking_lot::RwLock::new(Strays::default()),
             dim,
             m: config.max_connections,
             ef_search: AtomicUsize::new(config.ef_search.max(1)),
@@ -155,7 +168,11 @@ impl HnswRsGraph {
                 hnsw.get_nb_point()
             ));
         }
-        Ok(Self::wrap(hnsw, dim, config, highest))
+        let strays_path = dir.join(format!("{basename}.strays"));
+        let strays = read_strays(&strays_path, dim, row_limit)?;
+        let graph = Self::wrap(hnsw, dim, config, highest);
+        *graph.strays.write() = strays;
+        Ok(graph)
     }
 
     fn check_query(&self, query: &[f32]) -> Result<(), String> {
@@ -169,11 +186,50 @@ impl HnswRsGraph {
         Ok(())
     }
 
-    fn rows_of(found: Vec<hnsw_rs::prelude::Neighbour>, count: usize) -> Vec<usize> {
-        found
+    /// The graph's answer merged with the strays `keep` accepts, nearest first, `count` at
+    /// most.
+    fn with_strays(
+        &self,
+        query: &[f32],
+        found: Vec<hnsw_rs::prelude::Neighbour>,
+        count: usize,
+        keep: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Vec<usize> {
+        let mut all: Vec<(f32, usize)> = found
             .into_iter()
-            .take(count)
-            .map(|n| n.get_origin_id())
+            .map(|n| (n.get_distance(), n.get_origin_id()))
+            .collect();
+        let strays = self.strays.read();
+        for (i, &row) in strays.rows.iter().enumerate() {
+            if keep(row) && !all.iter().any(|(_, r)| *r == row) {
+                let v = &strays.vectors[i * self.dim..(i + 1) * self.dim];
+                all.push((DotDistance.eval(query, v), row));
+            }
+        }
+        drop(strays);
+        all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        all.truncate(count);
+        all.into_iter().map(|(_, row)| row).collect()
+    }
+
+    /// Rows among `rows` whose own vector does not find them (an exact twin found instead
+    /// counts as found).
+    fn unfindable<'a>(
+        &self,
+        rows: &[usize],
+        vector_of: &(dyn Fn(usize) -> &'a [f32] + Sync),
+    ) -> Vec<usize> {
+        use rayon::prelude::*;
+        let ef = self.ef_search.load(Ordering::Relaxed).max(2);
+        rows.par_iter()
+            .copied()
+            .filter(|&r| {
+                let v = vector_of(r);
+                let found = self.hnsw.search(v, 1, ef);
+                found.first().is_none_or(|n| {
+                    n.get_origin_id() != r && n.get_distance() > DotDistance.eval(v, v)
+                })
+            })
             .collect()
     }
 }
@@ -210,7 +266,10 @@ impl AnnGraph for HnswRsGraph {
     fn memory_bytes(&self) -> usize {
         // hnsw_rs does not say: per point its f32 vector, its Arc'd point and lock, and per
         // link an Arc'd neighbour entry (about 2M links at level 0).
+        let strays = self.strays.read();
         self.size() * (4 * self.dim + 160 + 2 * self.m * 48)
+            + 4 * strays.vectors.len()
+            + 8 * strays.rows.len()
     }
 
     fn search(
@@ -229,7 +288,7 @@ impl AnnGraph for HnswRsGraph {
         let found = self
             .hnsw
             .search_filter(query, count, ef, Some(&filter as &dyn FilterT));
-        Ok(Self::rows_of(found, count))
+        Ok(self.with_strays(query, found, count, keep))
     }
 
     fn search_unfiltered(&self, query: &[f32], count: usize) -> Result<Vec<usize>, String> {
@@ -238,7 +297,8 @@ impl AnnGraph for HnswRsGraph {
             return Ok(Vec::new());
         }
         let ef = self.ef_search.load(Ordering::Relaxed).max(count);
-        Ok(Self::rows_of(self.hnsw.search(query, count, ef), count))
+        let found = self.hnsw.search(query, count, ef);
+        Ok(self.with_strays(query, found, count, &|_| true))
     }
 
     fn add_rows<'a>(
@@ -272,6 +332,19 @@ impl AnnGraph for HnswRsGraph {
         if !items.is_empty() {
             self.hnsw.parallel_insert_slice(&items);
         }
+        let lost = self.unfindable(rows, vector_of);
+        if !lost.is_empty() {
+            tracing::debug!(
+                lost = lost.len(),
+                rows = rows.len(),
+                "hnsw_rs points its search misses, kept aside"
+            );
+            let mut strays = self.strays.write();
+            for r in lost {
+                strays.rows.push(r);
+                strays.vectors.extend_from_slice(vector_of(r));
+            }
+        }
         self.complete_below
             .fetch_max(highest + 1, Ordering::Release);
         Ok(())
@@ -294,6 +367,9 @@ impl AnnGraph for HnswRsGraph {
                 "hnsw_rs dumped under {written} instead of {basename}"
             ));
         }
+        let strays_path = dir.join(format!("{basename}.strays"));
+        write_strays(&self.strays.read(), self.dim, &strays_path)
+            .map_err(|e| format!("writing {}: {e}", strays_path.display()))?;
         Ok(IndexEngine::HnswRs
             .file_suffixes()
             .iter()
@@ -332,8 +408,70 @@ impl AnnGraph for HnswRsGraph {
                 }
             }
         }
-        all.retain(|r| !reached.contains(r));
+        // Strays are found by the exact scan beside the graph.
+        let strays = self.strays.read();
+        all.retain(|r| !reached.contains(r) && !strays.rows.contains(r));
         all.sort_unstable();
         all
     }
+}
+
+const STRAYS_MAGIC: &[u8; 8] = b"ROESTRAY";
+
+/// `"ROESTRAY"`, count u64, dim u64, the rows (u64 each), their vectors (f32 each), all
+/// little-endian.
+fn write_strays(strays: &Strays, dim: usize, path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    out.write_all(STRAYS_MAGIC)?;
+    out.write_all(&(strays.rows.len() as u64).to_le_bytes())?;
+    out.write_all(&(dim as u64).to_le_bytes())?;
+    for r in &strays.rows {
+        out.write_all(&(*r as u64).to_le_bytes())?;
+    }
+    for x in &strays.vectors {
+        out.write_all(&x.to_le_bytes())?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?;
+    Ok(())
+}
+
+fn read_strays(path: &Path, dim: usize, row_limit: usize) -> Result<Strays, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let bad = |m: &str| format!("{}: {m}", path.display());
+    let head = bytes.get(..24).ok_or_else(|| bad("too short"))?;
+    if &head[..8] != STRAYS_MAGIC {
+        return Err(bad("not a strays file"));
+    }
+    let word = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&head[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    let (n, file_dim) = (word(8), word(16));
+    if file_dim != dim as u64 {
+        return Err(bad("another dimension"));
+    }
+    let body = &bytes[24..];
+    let expected = n.checked_mul(8 + 4 * dim as u64);
+    if expected != Some(body.len() as u64) {
+        return Err(bad("length does not match its count"));
+    }
+    let n = n as usize;
+    let (rows_bytes, vector_bytes) = body.split_at(8 * n);
+    let mut rows = Vec::with_capacity(n);
+    for chunk in rows_bytes.chunks_exact(8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        let r = u64::from_le_bytes(b);
+        if r >= row_limit as u64 {
+            return Err(bad("a row past the index's rows"));
+        }
+        rows.push(r as usize);
+    }
+    let vectors = vector_bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Strays { rows, vectors })
 }

@@ -267,7 +267,7 @@ fn corrupt_or_incompatible_dumps_are_rebuilt_without_failing_on(engine: IndexEng
     // Every file of the engine's graph, and the row table.
     let graph_files: Vec<&'static str> = match engine {
         IndexEngine::Graph => vec![".hnsw"],
-        IndexEngine::HnswRs => vec![".hnsw.graph", ".hnsw.data"],
+        IndexEngine::HnswRs => vec![".hnsw.graph", ".hnsw.data", ".strays"],
     };
     let mut cases: Vec<(&str, Damage)> = Vec::new();
     for suffix in graph_files {
