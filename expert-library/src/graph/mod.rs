@@ -20,8 +20,10 @@
 //! they are read as plain memory.
 //!
 //! Every node stays reachable: a node's own list write keeps the links others made to it
-//! meanwhile, and after each insertion the nodes the neighbour heuristic left without a
-//! way in are linked from their nearest reachable node ([`Graph::unreachable`] is empty).
+//! meanwhile; after each insertion every new node is searched for with its own vector and,
+//! when the search misses it, linked from the nearest node it returns; and the nodes the
+//! neighbour heuristic left without a way in are linked from their nearest reachable node
+//! ([`Graph::unreachable`] is empty).
 
 mod file;
 pub(crate) mod kernels;
@@ -51,6 +53,9 @@ const LINE_WORDS: usize = 16;
 
 /// Lines of a vector prefetched ahead of its dot product: all of it (384 bf16 = 12 lines).
 const PREFETCH_VECTOR_LINES: usize = 12;
+
+/// ef of the search that checks each new node finds itself.
+const FINDABLE_EF: usize = 32;
 
 /// Nodes of one chunk: 2^14 (16 MB of blocks at 384 dimensions).
 const CHUNK_BITS: u32 = 14;
@@ -209,8 +214,6 @@ pub(crate) struct Graph {
     complete_below: AtomicUsize,
     /// One [`Self::add_rows`] at a time.
     adding: Mutex<()>,
-    /// Level-0 links pruned during the current insertion: their nodes are checked after it.
-    dropped: Mutex<Vec<u32>>,
     visited: Mutex<Vec<Visited>>,
 }
 
@@ -252,7 +255,6 @@ impl Graph {
             node_of: RwLock::new(Vec::new()),
             complete_below: AtomicUsize::new(0),
             adding: Mutex::new(()),
-            dropped: Mutex::new(Vec::new()),
             visited: Mutex::new(Vec::new()),
         }
     }
@@ -652,10 +654,8 @@ impl Graph {
             .into_par_iter()
             .with_min_len(16)
             .for_each(|node| self.insert(node as u32));
-        let mut check: Vec<u32> = std::mem::take(&mut *self.dropped.lock());
-        check.extend(first as u32..(first + rows.len()) as u32);
+        let mut check: Vec<u32> = (first as u32..(first + rows.len()) as u32).collect();
         self.make_findable(&mut check);
-        self.dropped.lock().clear();
         self.repair();
         self.complete_below
             .fetch_max(highest + 1, Ordering::Release);
@@ -764,11 +764,6 @@ impl Graph {
             .collect();
         candidates.sort_unstable();
         let kept = self.select(&candidates, cap);
-        if level == 0 {
-            // Their way in may have been this link: checked after the insertion.
-            let mut dropped = self.dropped.lock();
-            dropped.extend(links.iter().filter(|x| !kept.contains(x)));
-        }
         self.store_list(list, &kept);
     }
 
@@ -780,11 +775,12 @@ impl Graph {
     fn make_findable(&self, nodes: &mut Vec<u32>) -> usize {
         nodes.sort_unstable();
         nodes.dedup();
-        let ef = self
-            .ef_search
-            .load(Ordering::Relaxed)
-            .min(self.ef_construction)
+        // A narrow search: a node it finds, a wider one finds too; one it misses is relinked
+        // (harmless when a wider search would have found it).
+        let ef = FINDABLE_EF
+            .min(self.ef_search.load(Ordering::Relaxed))
             .max(1);
+        let started = std::time::Instant::now();
         let lost: Vec<(u32, u32)> = nodes
             .par_iter()
             .filter_map(|&z| {
@@ -798,10 +794,18 @@ impl Graph {
         if lost.is_empty() {
             return 0;
         }
+        let searched = started.elapsed();
         let in_degree = self.in_degrees();
         for &(host, z) in &lost {
             self.relink(host, z, &in_degree);
         }
+        tracing::debug!(
+            checked = nodes.len(),
+            relinked = lost.len(),
+            search_ms = searched.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "graph nodes made findable"
+        );
         lost.len()
     }
 
