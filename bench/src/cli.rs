@@ -1427,8 +1427,10 @@ fn hnsw_markdown(r: &hnsw::HnswReport) -> String {
          beside their links; `hnsw_rs` is the hnsw_rs crate on f32 vectors; both have their \
          candidates scored again on roe's own f32 rows (kernels: {}). RSS growth is the \
          process's resident memory after the build less before it, the vectors already loaded \
-         (roe's index holds its own f32 copy of them). Unreachable: live points no graph search \
-         can reach after the build.\n\n\
+         (roe's index holds its own f32 copy of them); the first engine is measured first, the \
+         others in the same process after it was dropped, where freed memory the allocator \
+         reuses can make their growth read low; hnswlib runs in a process of its own. \
+         Unreachable: live points no graph search can reach after the build.\n\n\
          | index | build s | RSS growth MiB | RSS / raw vectors | unreachable points |\n|---|---|---|---|---|\n",
         r.vectors,
         r.dim,

@@ -146,45 +146,29 @@ pub fn run(
     // Same seed for the centres of data and queries: queries fall into the data's clusters.
     let data = synthetic(n, dim, clusters, 1);
     let qs = synthetic_near(&data, queries, 2);
-    let q_refs: Vec<&[f32]> = qs.iter().map(Vec::as_slice).collect();
     let items: Vec<(u64, &[f32])> = data
         .iter()
         .enumerate()
         .map(|(i, v)| (i as u64, v.as_slice()))
         .collect();
-    // The ground truth from an index that never builds a graph.
-    eprintln!("exact ground truth over {n} vectors ...");
-    let (truth, exact_times) = {
-        let mut exact = VectorIndex::new(
-            dim,
-            IndexConfig {
-                hnsw_threshold: usize::MAX,
-                ..config.clone()
-            },
-        );
-        exact.insert(&items).context("inserting")?;
-        let truth: Vec<Vec<u64>> = exact
-            .search_exact_many(&q_refs, 10, &|_| true)
-            .into_iter()
-            .map(|hits| hits.into_iter().map(|h| h.point_id).collect())
-            .collect();
-        let mut exact_times: Vec<f64> = qs
-            .iter()
-            .take(20)
-            .map(|q| {
-                let t = Instant::now();
-                std::hint::black_box(exact.search_exact(q, 10, &|_| true));
-                t.elapsed().as_secs_f64() * 1000.0
-            })
-            .collect();
-        exact_times.sort_by(|a, b| a.total_cmp(b));
-        (truth, exact_times)
-    };
+    // The first engine is built before anything else is allocated (its RSS growth is the
+    // cleanest), and its rows give the exact ground truth; later engines are measured in
+    // the same process after it was dropped.
     let mut engines = Vec::new();
+    let mut truth: Vec<Vec<u64>> = Vec::new();
+    let mut exact_times: Vec<f64> = Vec::new();
     for &engine in engines_to_run {
-        engines.push(run_engine(
-            engine, dim, &items, &qs, &truth, &config, ef_sweep,
-        )?);
+        let report = run_engine(
+            engine,
+            dim,
+            &items,
+            &qs,
+            &mut truth,
+            &mut exact_times,
+            &config,
+            ef_sweep,
+        )?;
+        engines.push(report);
     }
     let (hnswlib, hnswlib_versions) = match peer {
         None => (None, None),
@@ -224,12 +208,16 @@ pub fn run(
 const ROUTE_Q: usize = 32;
 
 /// Builds an index of `engine` over `items` on all cores and measures it.
+/// `truth` and `exact_times` are filled by the first engine's index (exact scans of its
+/// rows) when empty.
+#[allow(clippy::too_many_arguments)]
 fn run_engine(
     engine: IndexEngine,
     dim: usize,
     items: &[(u64, &[f32])],
     qs: &[Vec<f32>],
-    truth: &[Vec<u64>],
+    truth: &mut Vec<Vec<u64>>,
+    exact_times: &mut Vec<f64>,
     config: &IndexConfig,
     ef_sweep: &[usize],
 ) -> Result<EngineReport> {
@@ -251,6 +239,25 @@ fn run_engine(
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
+    if truth.is_empty() {
+        eprintln!("{engine}: built in {build_s:.1} s; exact ground truth ...");
+        let q_refs: Vec<&[f32]> = qs.iter().map(Vec::as_slice).collect();
+        *truth = index
+            .search_exact_many(&q_refs, 10, &|_| true)
+            .into_iter()
+            .map(|hits| hits.into_iter().map(|h| h.point_id).collect())
+            .collect();
+        *exact_times = qs
+            .iter()
+            .take(20)
+            .map(|q| {
+                let t = Instant::now();
+                std::hint::black_box(index.search_exact(q, 10, &|_| true));
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        exact_times.sort_by(|a, b| a.total_cmp(b));
+    }
     eprintln!("{engine}: built in {build_s:.1} s; reachability ...");
     let unreachable = index.unreachable_points().len();
     let mut curve = Vec::new();
@@ -258,7 +265,7 @@ fn run_engine(
         index.set_ef_search(ef);
         let mut times = Vec::with_capacity(qs.len());
         let mut found = 0usize;
-        for (q, want) in qs.iter().zip(truth) {
+        for (q, want) in qs.iter().zip(truth.iter()) {
             let t = Instant::now();
             let hits = index.search(q, 10, &|_| true);
             times.push(t.elapsed().as_secs_f64() * 1000.0);
