@@ -972,13 +972,22 @@ impl ExpertLibrary {
     /// `hnsw_threshold`, runs after it, so routes never wait for graph work. It ends before
     /// the write is acknowledged. Callers hold `writes`, which serialises graph work too.
     fn apply(&self, f: impl FnOnce(&mut RoutingState) -> Result<()>) -> Result<()> {
-        let (result, due) = {
+        let waited = Instant::now();
+        let (result, due, held) = {
             let mut state = self.state.write();
+            let locked = Instant::now();
             let result = f(&mut state);
             self.dumps.changed();
-            (result, state.needs_compaction())
+            (result, state.needs_compaction(), locked)
         };
+        let graph_started = Instant::now();
         crate::retrieval::run_graph_work(&self.state);
+        tracing::debug!(
+            lock_wait_ms = (held - waited).as_secs_f64() * 1e3,
+            lock_held_ms = (graph_started - held).as_secs_f64() * 1e3,
+            graph_work_ms = graph_started.elapsed().as_secs_f64() * 1e3,
+            "write applied"
+        );
         if due {
             self.compactor.request();
         }
