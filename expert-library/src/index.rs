@@ -441,38 +441,17 @@ impl VectorIndex {
     /// leaves no graph either (searches scan exactly), logged.
     fn build_hnsw_unless(&mut self, cancelled: &dyn Fn() -> bool) -> bool {
         self.hnsw = None;
-        let live: Vec<usize> = (0..self.points.len())
-            .filter(|r| !self.deleted.contains(r))
-            .collect();
-        let graph = match crate::engine::new_graph(
-            self.config.engine,
-            self.dim,
-            &self.config,
-            live.len(),
-        ) {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!("no graph for {} vectors: {e}", live.len());
-                return true;
-            }
-        };
+        let live = self.rows_from(0);
         let (data, dim) = (&self.data, self.dim);
-        for rows in live.chunks(GRAPH_BATCH) {
-            if cancelled() {
-                return false;
-            }
-            if let Err(e) = graph.add_rows(rows, &|r| &data[r * dim..(r + 1) * dim]) {
-                tracing::error!("no graph for {} vectors: {e}", live.len());
-                return true;
+        let vector_of = |r: usize| &data[r * dim..(r + 1) * dim];
+        match build_graph(dim, &self.config, &live, &vector_of, cancelled) {
+            Build::Cancelled => false,
+            Build::Failed => true,
+            Build::Built(graph) => {
+                self.hnsw = Some(Arc::from(graph));
+                true
             }
         }
-        tracing::debug!(
-            vectors = live.len(),
-            kernels = %graph.kernels(),
-            "built an HNSW graph"
-        );
-        self.hnsw = Some(Arc::from(graph));
-        true
     }
 
     /// The `k` live points most similar to `query` among those `allow` accepts, best first,
@@ -974,17 +953,43 @@ fn add_to_graph<'a>(
         }
         return None;
     }
+    match build_graph(dim, config, rows, vector_of, &|| false) {
+        Build::Built(graph) => Some(graph),
+        Build::Failed | Build::Cancelled => None,
+    }
+}
+
+/// What [`build_graph`] gave.
+enum Build {
+    Built(Box<dyn AnnGraph>),
+    /// Logged; the rows stay covered by the exact scan.
+    Failed,
+    Cancelled,
+}
+
+/// A new graph of the configured engine over `rows`, inserted in batches, giving up as soon
+/// as `cancelled` says so.
+fn build_graph<'a>(
+    dim: usize,
+    config: &IndexConfig,
+    rows: &[usize],
+    vector_of: &(dyn Fn(usize) -> &'a [f32] + Sync),
+    cancelled: &dyn Fn() -> bool,
+) -> Build {
     let graph = match crate::engine::new_graph(config.engine, dim, config, rows.len()) {
         Ok(g) => g,
         Err(e) => {
             tracing::error!("no graph for {} vectors: {e}", rows.len());
-            return None;
+            return Build::Failed;
         }
     };
     for batch in rows.chunks(GRAPH_BATCH) {
+        if cancelled() {
+            return Build::Cancelled;
+        }
         if let Err(e) = graph.add_rows(batch, vector_of) {
             tracing::error!("no graph for {} vectors: {e}", rows.len());
-            return None;
+            return Build::Failed;
         }
     }
     tracing::debug!(
@@ -993,7 +998,7 @@ fn add_to_graph<'a>(
         kernels = %graph.kernels(),
         "built an HNSW graph"
     );
-    Some(graph)
+    Build::Built(graph)
 }
 
 /// Reads a row table: the point id of each row and the tombstoned rows.

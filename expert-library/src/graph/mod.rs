@@ -492,11 +492,28 @@ impl Graph {
         count: usize,
         keep: Option<&dyn Fn(u32) -> bool>,
     ) -> Vec<Near> {
-        let top = *self.top.lock();
-        if top.node == NONE || count == 0 {
+        if count == 0 {
             return Vec::new();
         }
-        let q = q.as_ptr();
+        let ef = self.ef_search.load(Ordering::Relaxed).max(count);
+        let mut found = self.search_from_top(q.as_ptr(), ef, keep);
+        found.truncate(count);
+        found
+    }
+
+    /// A search's descent from the entry point through the upper levels, then its level-0
+    /// search keeping the `ef` nearest nodes `keep` accepts: nearest first, empty for an
+    /// empty graph.
+    fn search_from_top(
+        &self,
+        q: *const u32,
+        ef: usize,
+        keep: Option<&dyn Fn(u32) -> bool>,
+    ) -> Vec<Near> {
+        let top = *self.top.lock();
+        if top.node == NONE {
+            return Vec::new();
+        }
         let mut at = Near {
             d: self.dist(q, top.node),
             node: top.node,
@@ -504,11 +521,8 @@ impl Graph {
         for level in (1..=top.level).rev() {
             at = self.greedy(q, at, level);
         }
-        let ef = self.ef_search.load(Ordering::Relaxed).max(count);
-        let found = self.with_visited(|v| self.search_level(q, at, ef, 0, keep, v));
-        let mut found = found.into_sorted_vec();
-        found.truncate(count);
-        found
+        self.with_visited(|v| self.search_level(q, at, ef, 0, keep, v))
+            .into_sorted_vec()
     }
 
     fn pack_query(&self, query: &[f32]) -> Result<Vec<u32>, String> {
@@ -786,7 +800,8 @@ impl Graph {
             .filter_map(|&z| {
                 let q = self.vector_ptr(z);
                 let own = self.dist(q, z);
-                let host = self.search_from_top(q, ef, z)?;
+                let found = self.search_from_top(q, ef, None);
+                let host = *found.iter().find(|c| c.node == z).or(found.first())?;
                 // Found, or an exact twin of it found first.
                 (host.node != z && host.d > own).then_some((host.node, z))
             })
@@ -807,29 +822,6 @@ impl Graph {
             "graph nodes made findable"
         );
         lost.len()
-    }
-
-    /// The nearest node to `q` that a search for it (ef `ef`) finds, `z` itself if found.
-    fn search_from_top(&self, q: *const u32, ef: usize, z: u32) -> Option<Near> {
-        let top = *self.top.lock();
-        if top.node == NONE {
-            return None;
-        }
-        let mut at = Near {
-            d: self.dist(q, top.node),
-            node: top.node,
-        };
-        for level in (1..=top.level).rev() {
-            at = self.greedy(q, at, level);
-        }
-        let found = self
-            .with_visited(|v| self.search_level(q, at, ef, 0, None, v))
-            .into_sorted_vec();
-        found
-            .iter()
-            .find(|c| c.node == z)
-            .or(found.first())
-            .copied()
     }
 
     /// Stores `links` into `list`, the count last, so a reader never sees a count beyond
@@ -913,25 +905,14 @@ impl Graph {
     /// The node nearest to `z` among those `reached`, preferring one with room in its
     /// level-0 list (the entry point when the search finds none).
     fn nearest_host(&self, z: u32, reached: &[bool]) -> u32 {
-        let top = *self.top.lock();
-        let q = self.vector_ptr(z);
-        let mut at = Near {
-            d: self.dist(q, top.node),
-            node: top.node,
-        };
-        for level in (1..=top.level).rev() {
-            at = self.greedy(q, at, level);
-        }
         let keep = |x: u32| x != z && reached[x as usize];
-        let found = self
-            .with_visited(|v| self.search_level(q, at, self.ef_construction, 0, Some(&keep), v))
-            .into_sorted_vec();
+        let found = self.search_from_top(self.vector_ptr(z), self.ef_construction, Some(&keep));
         let has_room = |x: u32| self.links(self.list(x, 0)).count() < self.m0;
         found
             .iter()
             .find(|c| has_room(c.node))
             .or(found.first())
-            .map_or(top.node, |c| c.node)
+            .map_or(self.top.lock().node, |c| c.node)
     }
 
     /// Adds `z` to `host`'s level-0 list; when the list is full, `z` takes the slot of the
