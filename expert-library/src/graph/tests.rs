@@ -286,16 +286,25 @@ fn parallel_insertion_of_similar_runs_leaves_every_node_reachable() {
         ef_search: 64,
         ..IndexConfig::default()
     };
-    let many = build_on(16, &data, &config, 3);
-    assert_eq!(many.size(), data.len());
-    assert_eq!(many.unreachable(), Vec::<u32>::new());
     let one = build_on(1, &data, &config, 1);
     assert_eq!(one.unreachable(), Vec::<u32>::new());
-    // Recall matches a one-thread build's.
     let queries: Vec<Vec<f32>> = data.iter().step_by(37).cloned().collect();
-    let r_many = recall(&many, &data, &queries, &|_| true);
     let r_one = recall(&one, &data, &queries, &|_| true);
-    assert!(r_many >= r_one - 0.01, "16 threads {r_many}, one {r_one}");
+    // A parallel build's order, hence its recall, differs from run to run: over 16 builds
+    // (4 seeds) 0.0 to 0.028 below the one-thread build's, 0.004 to 0.011 on average per
+    // seed. So three builds: each within 0.05, their mean within 0.02 (a build that lost
+    // links would fall far below both).
+    let mut r_many = Vec::new();
+    for _ in 0..3 {
+        let many = build_on(16, &data, &config, 3);
+        assert_eq!(many.size(), data.len());
+        assert_eq!(many.unreachable(), Vec::<u32>::new());
+        let r = recall(&many, &data, &queries, &|_| true);
+        assert!(r >= r_one - 0.05, "16 threads {r}, one {r_one}");
+        r_many.push(r);
+    }
+    let mean = r_many.iter().sum::<f64>() / r_many.len() as f64;
+    assert!(mean >= r_one - 0.02, "16 threads {r_many:?}, one {r_one}");
 }
 
 #[test]
