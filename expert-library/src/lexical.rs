@@ -8,6 +8,7 @@
 //! count for little. Profiles add up instance by instance: adding an expert retrains nothing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Terms of one instance: those of its text ([`text_terms`]) and its answer labels.
 pub fn terms(input: &str, choices: &[String]) -> Vec<String> {
@@ -91,11 +92,13 @@ impl TermProfile {
 /// Profiles of all experts and, per term, how many experts use it.
 #[derive(Debug, Clone, Default)]
 pub struct LexicalIndex {
-    profiles: HashMap<String, TermProfile>,
+    /// Shared, so that a copy to change off the routing lock (see
+    /// `retrieval::RoutingState::lexical_after`) does not copy every profile.
+    profiles: HashMap<String, Arc<TermProfile>>,
     expert_freq: HashMap<String, u32>,
     norms: HashMap<String, f32>,
     /// Built by [`Self::refresh`], dropped by any change: which experts use each term.
-    postings: Option<Postings>,
+    postings: Option<Arc<Postings>>,
 }
 
 /// The profiles turned inside out, so that a query set's similarities cost one lookup per
@@ -115,13 +118,13 @@ impl LexicalIndex {
         for t in profile.counts.keys() {
             *self.expert_freq.entry(t.clone()).or_insert(0) += 1;
         }
-        self.profiles.insert(expert.to_string(), profile);
+        self.profiles.insert(expert.to_string(), Arc::new(profile));
         self.norms.clear();
         self.postings = None;
     }
 
     pub fn profile(&self, expert: &str) -> Option<&TermProfile> {
-        self.profiles.get(expert)
+        self.profiles.get(expert).map(Arc::as_ref)
     }
 
     pub fn remove_expert(&mut self, expert: &str) {
@@ -229,11 +232,11 @@ impl LexicalIndex {
             }
         }
         let post_norms = experts.iter().map(|id| norms[id]).collect();
-        self.postings = Some(Postings {
+        self.postings = Some(Arc::new(Postings {
             experts,
             norms: post_norms,
             terms,
-        });
+        }));
         self.norms = norms;
     }
 }

@@ -22,7 +22,9 @@ use crate::expert::{
 use crate::index::IndexConfig;
 use crate::merge::{merge_adapters, normalise_weights, MergeRequest, MAX_MERGE_SOURCES};
 use crate::persist::{Dumps, IndexLoad, PersistReport, RebuildReason, StoredVectors};
-use crate::retrieval::{InstanceVectors, Query, RouteOptions, RouteResult, RoutingState};
+use crate::retrieval::{
+    ExpertChange, InstanceVectors, Query, RouteOptions, RouteResult, RoutingState,
+};
 use crate::route_cache::{RouteCache, RouteCacheStats};
 use crate::store::{CompactReport, ExpertStore, StoredInstance};
 
@@ -400,11 +402,11 @@ impl ExpertLibrary {
         self.check_library_bytes(&meta.id, bytes)?;
         let replaced = self.store.put_expert(meta, adapter, rows)?;
         self.usage.lock().set(&meta.id, bytes);
-        self.apply(|state| {
-            if replacing {
-                state.remove(&meta.id, &replaced);
-            }
-            state.add(&meta.id, meta.kind, &vectors_of(rows))
+        let items = vectors_of(rows);
+        self.apply(ExpertChange {
+            expert_id: &meta.id,
+            removed: replacing.then_some(replaced.as_slice()),
+            added: Some((meta.kind, &items)),
         })
     }
 
@@ -811,9 +813,10 @@ impl ExpertLibrary {
         let meta = self.get(id)?;
         let points = self.store.delete(id)?.ok_or_else(|| not_found(id))?;
         self.usage.lock().remove(id);
-        self.apply(|state| {
-            state.remove(id, &points);
-            Ok(())
+        self.apply(ExpertChange {
+            expert_id: id,
+            removed: Some(&points),
+            added: None,
         })?;
         tracing::info!(id, "expert deleted");
         Ok(meta)
@@ -843,7 +846,12 @@ impl ExpertLibrary {
         self.check_library_bytes(id, bytes)?;
         self.store.append_instances(&meta, &rows)?;
         self.usage.lock().set(id, bytes);
-        self.apply(|state| state.add(id, meta.kind, &vectors_of(&rows)))?;
+        let items = vectors_of(&rows);
+        self.apply(ExpertChange {
+            expert_id: id,
+            removed: None,
+            added: Some((meta.kind, &items)),
+        })?;
         Ok(meta)
     }
 
@@ -965,18 +973,22 @@ impl ExpertLibrary {
 
     /// Applies a committed write to the routing state and, when it left an index due for
     /// compaction, wakes the background worker (never compacts inline). The index is marked
-    /// changed even when `f` fails half way.
+    /// changed even when applying fails half way.
     ///
     /// The write lock is held only while the rows are stored (routes scan rows not yet in
-    /// the graph exactly); their graph insertion, or the graph's first build past
-    /// `hnsw_threshold`, runs after it, so routes never wait for graph work. It ends before
-    /// the write is acknowledged. Callers hold `writes`, which serialises graph work too.
-    fn apply(&self, f: impl FnOnce(&mut RoutingState) -> Result<()>) -> Result<()> {
+    /// the graph exactly) and the lexical views, made anew before it, are swapped in; the
+    /// graph insertion, or the graph's first build past `hnsw_threshold`, runs after it, so
+    /// routes never wait for graph work or lexical refreshes. It ends before the write is
+    /// acknowledged. Callers hold `writes`, which serialises graph work and keeps the lexical
+    /// views unchanged between their copy and their replacement.
+    fn apply(&self, change: ExpertChange<'_>) -> Result<()> {
+        let lexical = self.state.read().lexical();
+        let lexical = Arc::new(lexical.after(&change));
         let waited = Instant::now();
         let (result, due, held) = {
             let mut state = self.state.write();
             let locked = Instant::now();
-            let result = f(&mut state);
+            let result = state.apply(&change, lexical);
             self.dumps.changed();
             (result, state.needs_compaction(), locked)
         };

@@ -220,11 +220,71 @@ pub struct RoutingState {
     expert_kind: HashMap<Arc<str>, ExpertKind>,
     /// Sum of instance vectors and their count, per expert and format.
     centroid_sums: HashMap<(Arc<str>, TextFormat), (Vec<f32>, usize)>,
-    lexical: LexicalIndex,
-    /// Term profiles of the instances' targets, compared with labeled queries' targets.
-    lexical_targets: LexicalIndex,
+    /// Replaced whole by a write, with a copy changed off the routing lock (see
+    /// [`LexicalViews::after`]): its refresh costs every expert's terms.
+    lexical: Arc<LexicalViews>,
     /// Points whose choice_instance vector differs from their instance vector.
     with_choices: std::collections::HashSet<u64>,
+}
+
+/// The lexical views routing reads, beside the vectors.
+#[derive(Debug, Clone, Default)]
+pub struct LexicalViews {
+    /// Profiles of the instances' inputs and answer labels.
+    inputs: LexicalIndex,
+    /// Profiles of the instances' targets, compared with labeled queries' targets.
+    targets: LexicalIndex,
+}
+
+impl LexicalViews {
+    /// These views as they are after `change`, refreshed, for [`RoutingState::apply`]. Costs
+    /// a pass over every expert's terms (the IDFs, hence every norm, depend on the number of
+    /// experts): run it without the routing lock. The writes a library serialises keep the
+    /// views unchanged between this and the [`RoutingState::apply`] that installs the result.
+    pub fn after(&self, change: &ExpertChange<'_>) -> Self {
+        let mut next = self.clone();
+        if change.removed.is_some() {
+            next.remove_expert(change.expert_id);
+        }
+        if let Some((_, items)) = &change.added {
+            next.add_items(change.expert_id, items);
+        }
+        next.refresh();
+        next
+    }
+
+    fn add_items(&mut self, expert_id: &str, items: &[InstanceVectors<'_>]) {
+        let mut profile = self.inputs.profile(expert_id).cloned().unwrap_or_default();
+        let mut targets = self.targets.profile(expert_id).cloned().unwrap_or_default();
+        for it in items {
+            profile.add(it.input, it.choices);
+            if let Some(t) = it.target {
+                targets.add_terms(crate::lexical::text_terms(t));
+            }
+        }
+        self.inputs.set_profile(expert_id, profile);
+        self.targets.set_profile(expert_id, targets);
+    }
+
+    fn remove_expert(&mut self, expert_id: &str) {
+        self.inputs.remove_expert(expert_id);
+        self.targets.remove_expert(expert_id);
+    }
+
+    fn refresh(&mut self) {
+        self.inputs.refresh();
+        self.targets.refresh();
+    }
+}
+
+/// One write's change to one expert, as the routing state applies it.
+pub struct ExpertChange<'a> {
+    pub expert_id: &'a str,
+    /// Points removed first, with the expert's profile: a delete, or the version a
+    /// registration replaces.
+    pub removed: Option<&'a [u64]>,
+    /// Instances added then: a registration, or instances added to the expert.
+    pub added: Option<(ExpertKind, &'a [InstanceVectors<'a>])>,
 }
 
 /// The text formats with an index of their own.
@@ -253,8 +313,7 @@ impl RoutingState {
             point_expert: HashMap::new(),
             expert_kind: HashMap::new(),
             centroid_sums: HashMap::new(),
-            lexical: LexicalIndex::default(),
-            lexical_targets: LexicalIndex::default(),
+            lexical: Default::default(),
             with_choices: Default::default(),
         }
     }
@@ -271,8 +330,7 @@ impl RoutingState {
             point_expert: HashMap::new(),
             expert_kind: HashMap::new(),
             centroid_sums: HashMap::new(),
-            lexical: LexicalIndex::default(),
-            lexical_targets: LexicalIndex::default(),
+            lexical: Default::default(),
             with_choices: Default::default(),
         })
     }
@@ -353,8 +411,30 @@ impl RoutingState {
         kind: ExpertKind,
         items: &[InstanceVectors<'_>],
     ) -> Result<()> {
-        self.add_inner(expert_id, kind, items, true)?;
-        self.refresh_lexical();
+        let change = ExpertChange {
+            expert_id,
+            removed: None,
+            added: Some((kind, items)),
+        };
+        let lexical = Arc::new(self.lexical.after(&change));
+        self.apply(&change, lexical)
+    }
+
+    /// The lexical views now, to change off the lock with [`LexicalViews::after`].
+    pub fn lexical(&self) -> Arc<LexicalViews> {
+        self.lexical.clone()
+    }
+
+    /// Applies `change` to the vectors and installs `lexical`, the views after it. Appending
+    /// rows and swapping the views is all a write holds the routing lock for.
+    pub fn apply(&mut self, change: &ExpertChange<'_>, lexical: Arc<LexicalViews>) -> Result<()> {
+        if let Some(points) = change.removed {
+            self.remove_vectors(change.expert_id, points);
+        }
+        self.lexical = lexical;
+        if let Some((kind, items)) = &change.added {
+            self.add_inner(change.expert_id, *kind, items, true)?;
+        }
         Ok(())
     }
 
@@ -367,10 +447,19 @@ impl RoutingState {
         experts: impl IntoIterator<Item = (&'a str, ExpertKind, Vec<InstanceVectors<'a>>)>,
         indexed: bool,
     ) -> Result<()> {
+        let mut lexical = std::mem::take(&mut self.lexical);
+        let views = Arc::make_mut(&mut lexical);
+        let mut added = Ok(());
         for (id, kind, items) in experts {
-            self.add_inner(id, kind, &items, !indexed)?;
+            views.add_items(id, &items);
+            added = self.add_inner(id, kind, &items, !indexed);
+            if added.is_err() {
+                break;
+            }
         }
-        self.refresh_lexical();
+        views.refresh();
+        self.lexical = lexical;
+        added?;
         // Nothing routes yet: the graphs are built here, once, over every row.
         for index in self.indexes.values_mut() {
             index.settle_graph();
@@ -392,11 +481,6 @@ impl RoutingState {
         self.indexes
             .get_mut(&format)
             .is_some_and(|i| i.install_graph(built))
-    }
-
-    fn refresh_lexical(&mut self) {
-        self.lexical.refresh();
-        self.lexical_targets.refresh();
     }
 
     fn add_inner(
@@ -455,26 +539,23 @@ impl RoutingState {
                 self.with_choices.insert(it.point_id);
             }
         }
-        let mut profile = self.lexical.profile(expert_id).cloned().unwrap_or_default();
-        let mut targets = self
-            .lexical_targets
-            .profile(expert_id)
-            .cloned()
-            .unwrap_or_default();
-        for it in items {
-            profile.add(it.input, it.choices);
-            if let Some(t) = it.target {
-                targets.add_terms(crate::lexical::text_terms(t));
-            }
-        }
-        self.lexical.set_profile(expert_id, profile);
-        self.lexical_targets.set_profile(expert_id, targets);
         Ok(())
     }
 
     /// Removes an expert and its points; searches stop seeing them at once (tombstones,
     /// compacted later: see [`Self::needs_compaction`]).
     pub fn remove(&mut self, expert_id: &str, point_ids: &[u64]) {
+        let change = ExpertChange {
+            expert_id,
+            removed: Some(point_ids),
+            added: None,
+        };
+        let lexical = Arc::new(self.lexical.after(&change));
+        self.remove_vectors(expert_id, point_ids);
+        self.lexical = lexical;
+    }
+
+    fn remove_vectors(&mut self, expert_id: &str, point_ids: &[u64]) {
         for idx in self.indexes.values_mut() {
             idx.remove(point_ids);
         }
@@ -486,10 +567,6 @@ impl RoutingState {
         for f in FORMATS {
             self.centroid_sums.remove(&(Arc::from(expert_id), f));
         }
-        self.lexical.remove_expert(expert_id);
-        self.lexical.refresh();
-        self.lexical_targets.remove_expert(expert_id);
-        self.lexical_targets.refresh();
     }
 
     /// Ranks experts for queries already embedded in `options.text_format`.
@@ -658,7 +735,7 @@ impl RoutingState {
             for qu in queries {
                 profile.add(&qu.input, &qu.choices);
             }
-            let mut sims = self.lexical.similarities(&profile);
+            let mut sims = self.lexical.inputs.similarities(&profile);
             // Labeled queries: their answers against the stored instances' answers, averaged
             // in with the input similarity.
             let mut targets = TermProfile::default();
@@ -666,7 +743,7 @@ impl RoutingState {
                 targets.add_terms(crate::lexical::text_terms(t));
             }
             if targets.texts > 0 {
-                let by_target = self.lexical_targets.similarities(&targets);
+                let by_target = self.lexical.targets.similarities(&targets);
                 for (id, s) in sims.iter_mut() {
                     *s = 0.5 * (*s + by_target.get(*id).copied().unwrap_or(0.0));
                 }
