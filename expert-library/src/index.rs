@@ -439,12 +439,13 @@ impl VectorIndex {
     /// Builds the graph over the live rows, in batches, giving up (and leaving no graph) as
     /// soon as `cancelled` says so; false when it gave up. A graph that cannot be built
     /// leaves no graph either (searches scan exactly), logged.
-    fn build_hnsw_unless(&mut self, cancelled: &dyn Fn() -> bool) -> bool {
+    fn build_hnsw_unless(&mut self, cancelled: &(dyn Fn() -> bool + Sync)) -> bool {
         self.hnsw = None;
         let live = self.rows_from(0);
         let (data, dim) = (&self.data, self.dim);
         let vector_of = |r: usize| &data[r * dim..(r + 1) * dim];
-        match build_graph(dim, &self.config, &live, &vector_of, cancelled) {
+        let built = in_background(|| build_graph(dim, &self.config, &live, &vector_of, cancelled));
+        match built {
             Build::Cancelled => false,
             Build::Failed => true,
             Build::Built(graph) => {
@@ -856,7 +857,7 @@ impl CompactionSnapshot {
 
     /// Builds the compacted index from the copied rows (needs no lock on the source); `None`
     /// when `cancelled` said so during the graph build.
-    pub fn build(self, cancelled: &dyn Fn() -> bool) -> Option<CompactedIndex> {
+    pub fn build(self, cancelled: &(dyn Fn() -> bool + Sync)) -> Option<CompactedIndex> {
         let mut index = VectorIndex::new(self.dim, self.config);
         index.row_of = self
             .points
@@ -923,17 +924,43 @@ impl GraphWork {
             Ok(i) => &self.data[i * dim..(i + 1) * dim],
             Err(_) => &[][..],
         };
-        let graph = add_to_graph(
-            self.graph.as_deref(),
-            dim,
-            &self.config,
-            &self.rows,
-            &vector_of,
-        )?;
+        let graph = in_background(|| {
+            add_to_graph(
+                self.graph.as_deref(),
+                dim,
+                &self.config,
+                &self.rows,
+                &vector_of,
+            )
+        })?;
         Some(BuiltGraph {
             graph,
             epoch: self.epoch,
         })
+    }
+}
+
+/// Runs `work` on the threads graph work and compactions use, apart from rayon's global
+/// pool, where routes search their queries in parallel: in one pool a route's searches
+/// queued behind every insertion task a registration had split its rows into. One core
+/// fewer than the machine has, so routes always find one: at 200k vectors on 2 cores, Route
+/// p99 while experts register was 2.0x idle with both cores, 1.5x with one, and a
+/// registration of 1,000 instances took 1.19 s and 1.32 s (bench/results/startup-200k.md).
+fn in_background<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = cores.saturating_sub(1).max(1);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("roe-graph-{i}"))
+            .build()
+            .map_err(|e| tracing::warn!("no graph thread pool ({e}): graph work shares rayon's"))
+            .ok()
+    });
+    match pool {
+        Some(pool) => pool.install(work),
+        None => work(),
     }
 }
 
@@ -974,7 +1001,7 @@ fn build_graph<'a>(
     config: &IndexConfig,
     rows: &[usize],
     vector_of: &(dyn Fn(usize) -> &'a [f32] + Sync),
-    cancelled: &dyn Fn() -> bool,
+    cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Build {
     let graph = match crate::engine::new_graph(config.engine, dim, config, rows.len()) {
         Ok(g) => g,
