@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use roe_services::auth::{ApiKeys, AuthLayer};
 use roe_services::proto;
-use roe_tests::{queries, register_request, task, TestServer};
+use roe_tests::{announced, queries, register_request, task, TestServer};
 use tonic::{Code, Request};
 
 const ADMIN: &str = "admin-key-for-tests-0001";
@@ -238,7 +238,7 @@ async fn past_the_concurrency_bound_calls_are_refused_at_once() {
     // another is opened.
     let open_upload = || {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut header = register_request("held", "prompt", "sms_spam", 0);
+        let mut header = announced(register_request("held", "prompt", "sms_spam", 0));
         header
             .adapter
             .as_mut()

@@ -599,6 +599,9 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         cases: Vec::new(),
     };
     let huge_id = "x".repeat(16 * KIB);
+    // Past the 128 characters an id may have: INVALID_ARGUMENT wherever it is read, never a
+    // lookup that ends NOT_FOUND.
+    let id_200 = "x".repeat(200);
     let long_text = |n: usize| "x".repeat(n);
 
     // ------------------------------------------------------------ RegisterExpert
@@ -675,6 +678,29 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
             r#"{"peft_type":"IA3"}"#,
             prompt.adapter_model_safetensors.clone(),
         ),
+    );
+    for (name, peft_type) in [
+        (
+            "peft_type lower case (PEFT writes PROMPT_TUNING)",
+            "prompt_tuning",
+        ),
+        ("peft_type mixed case", "Prompt_Tuning"),
+    ] {
+        s.register(
+            name,
+            Code::InvalidArgument,
+            lib("adapter_config.peft_type"),
+            with_adapter(
+                &config_with(&prompt.adapter_config_json, "peft_type", peft_type.into()),
+                prompt.adapter_model_safetensors.clone(),
+            ),
+        );
+    }
+    s.register(
+        "lora peft_type lower case (PEFT writes LORA)",
+        Code::InvalidArgument,
+        lib("adapter_config.peft_type"),
+        lora_config("peft_type", "lora".into()),
     );
     s.register(
         "peft_type missing",
@@ -1074,15 +1100,45 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
             &rows,
         )),
     );
+    s.register_stream(
+        "safetensors_bytes missing",
+        Code::InvalidArgument,
+        "safetensors_bytes",
+        tokio_stream::iter(reg_stream(
+            &with(&header, |h| h.safetensors_bytes = None),
+            &file_chunks,
+            &rows,
+        )),
+    );
+    s.register_stream(
+        "safetensors_sha256 missing",
+        Code::InvalidArgument,
+        "safetensors_sha256",
+        tokio_stream::iter(reg_stream(
+            &with(&header, |h| h.safetensors_sha256.clear()),
+            &file_chunks,
+            &rows,
+        )),
+    );
+    s.register_stream(
+        "safetensors_bytes and safetensors_sha256 missing",
+        Code::InvalidArgument,
+        "safetensors_bytes",
+        tokio_stream::iter(reg_stream(
+            &with(&header, |h| {
+                h.safetensors_bytes = None;
+                h.safetensors_sha256.clear();
+            }),
+            &file_chunks,
+            &rows,
+        )),
+    );
     {
-        // Unannounced: refused at the chunk that passes the limit (61 chunks of 1 MiB, made as
-        // they are sent).
-        let h = with(&header, |h| {
-            h.safetensors_bytes = None;
-            h.safetensors_sha256.clear();
-        });
+        // Announced under the limit but sent past it: refused at the chunk that passes the
+        // limit (61 chunks of 1 MiB, made as they are sent).
+        let h = with(&header, |h| h.safetensors_bytes = Some(MIB as u64));
         s.register_stream(
-            "unannounced chunks over max_adapter_bytes",
+            "chunks over max_adapter_bytes past what was announced",
             Code::ResourceExhausted,
             "adapter.adapter_model_safetensors",
             tokio_stream::iter(
@@ -1126,12 +1182,8 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         Code::InvalidArgument,
         lib("adapter_config"),
         tokio_stream::iter(reg_stream(
-            &with(&header, |h| {
-                h.adapter = None;
-                h.safetensors_bytes = None;
-                h.safetensors_sha256.clear();
-            }),
-            &[],
+            &with(&header, |h| h.adapter = None),
+            &file_chunks,
             &rows,
         )),
     );
@@ -1176,21 +1228,27 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         get_req("nope"),
     );
     s.get(
+        "id of 200 characters",
+        Code::InvalidArgument,
+        "id",
+        get_req(&id_200),
+    );
+    s.get(
         "id of 16 KiB",
-        Code::NotFound,
-        "expert not found",
+        Code::InvalidArgument,
+        "id",
         get_req(&huge_id),
     );
     s.get(
         "id ../../etc/passwd",
-        Code::NotFound,
-        "expert not found",
+        Code::InvalidArgument,
+        "id",
         get_req("../../etc/passwd"),
     );
     s.get(
         "id unicode",
-        Code::NotFound,
-        "expert not found",
+        Code::InvalidArgument,
+        "id",
         get_req("sp\u{e4}m"),
     );
     s.get(
@@ -1229,16 +1287,23 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         "nope".into(),
     );
     s.delete(
-        "id of 16 KiB",
-        Code::NotFound,
-        "expert not found",
-        huge_id.clone(),
+        "id of 200 characters",
+        Code::InvalidArgument,
+        "id",
+        id_200.clone(),
+    );
+    s.delete("id of 16 KiB", Code::InvalidArgument, "id", huge_id.clone());
+    s.delete(
+        "id an expert's with a trailing /",
+        Code::InvalidArgument,
+        "id",
+        "qt/".into(),
     );
     s.delete(
         "id a prefix of an expert's",
         Code::NotFound,
         "expert not found",
-        "qt/".into(),
+        "q".into(),
     );
 
     // ------------------------------------------------------------ AddInstances
@@ -1264,6 +1329,12 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         Code::NotFound,
         "expert not found",
         add("nope", good.clone()),
+    );
+    s.add(
+        "id of 200 characters",
+        Code::InvalidArgument,
+        "id",
+        add(&id_200, good.clone()),
     );
     s.add(
         "no instances",
@@ -1370,6 +1441,12 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         Code::InvalidArgument,
         lib("sources[0].expert_id"),
         merge("m", vec![src("", None)]),
+    );
+    s.merge(
+        "source id of 200 characters",
+        Code::InvalidArgument,
+        lib("sources[1].expert_id"),
+        merge("m", vec![src("qt", None), src(&id_200, None)]),
     );
     s.merge(
         "weight on some sources only",
@@ -1697,9 +1774,15 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         score.clone(),
     );
     s.score(
+        "expert id of 200 characters",
+        Code::InvalidArgument,
+        "expert_id",
+        with(&score, |r| r.expert_id = id_200.clone()),
+    );
+    s.score(
         "expert id of 16 KiB",
-        Code::NotFound,
-        "expert not found",
+        Code::InvalidArgument,
+        "expert_id",
         with(&score, |r| r.expert_id = huge_id.clone()),
     );
 
@@ -1755,6 +1838,12 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         Code::NotFound,
         "expert_ids[0]",
         with(&ensemble, |r| r.expert_ids.reverse()),
+    );
+    s.ensemble(
+        "member id of 200 characters",
+        Code::InvalidArgument,
+        "expert_ids[1]",
+        with(&ensemble, |r| r.expert_ids[1] = id_200.clone()),
     );
     s.ensemble(
         "work over max_work_bytes",
@@ -1895,9 +1984,15 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         generate.clone(),
     );
     s.generate(
+        "expert id of 200 characters",
+        Code::InvalidArgument,
+        "expert_id",
+        with(&generate, |r| r.expert_id = id_200.clone()),
+    );
+    s.generate(
         "expert id of 16 KiB",
-        Code::NotFound,
-        "expert not found",
+        Code::InvalidArgument,
+        "expert_id",
         with(&generate, |r| r.expert_id = huge_id.clone()),
     );
 

@@ -4,7 +4,7 @@
 use proto::expert_library_client::ExpertLibraryClient;
 use roe_expert_library::library::{LibraryConfig, Limits};
 use roe_services::proto;
-use roe_tests::{queries, register_request, task, ServerExtras, TestServer};
+use roe_tests::{announced, queries, register_request, task, ServerExtras, TestServer};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -151,9 +151,8 @@ async fn adapters_past_their_limit_are_refused_before_they_are_held() {
     );
 
     // Streamed with its length announced: refused on the header, before any weights.
-    let mut header = register_request("a", "prompt", "sms_spam", 8);
+    let mut header = announced(register_request("a", "prompt", "sms_spam", 8));
     let weights = std::mem::take(&mut header.adapter.as_mut().unwrap().adapter_model_safetensors);
-    header.safetensors_bytes = Some(weights.len() as u64);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(proto::RegisterExpertChunk {
         part: Some(Part::Header(header.clone())),
@@ -168,8 +167,8 @@ async fn adapters_past_their_limit_are_refused_before_they_are_held() {
     assert_exhausted(&e, "safetensors_bytes:", "max_adapter_bytes is 10000");
     drop(tx);
 
-    // Unannounced: refused at the chunk that passes the limit.
-    header.safetensors_bytes = None;
+    // Announced under the limit but sent past it: refused at the chunk that passes the limit.
+    header.safetensors_bytes = Some(1000);
     let mut chunks = vec![proto::RegisterExpertChunk {
         part: Some(Part::Header(header)),
     }];
@@ -278,9 +277,9 @@ async fn uploads_at_once_are_bounded() {
     let open_upload = || {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.try_send(proto::RegisterExpertChunk {
-            part: Some(Part::Header(register_request(
+            part: Some(Part::Header(announced(register_request(
                 "held", "prompt", "sms_spam", 2,
-            ))),
+            )))),
         })
         .unwrap();
         let url = server.url.clone();

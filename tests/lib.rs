@@ -127,6 +127,25 @@ pub fn register_request(
     }
 }
 
+/// `req` as a streamed registration's header carries it: the weights' length and SHA-256 (hex)
+/// announced, which RegisterExpertStream requires. Announced from the weights in `req`, so
+/// clear them afterwards to send them as chunks.
+pub fn announced(mut req: proto::RegisterExpertRequest) -> proto::RegisterExpertRequest {
+    use sha2::Digest;
+    let weights: &[u8] = req
+        .adapter
+        .as_ref()
+        .map(|a| a.adapter_model_safetensors.as_slice())
+        .unwrap_or_default();
+    let (bytes, sha256) = (
+        weights.len() as u64,
+        format!("{:x}", sha2::Sha256::digest(weights)),
+    );
+    req.safetensors_bytes = Some(bytes);
+    req.safetensors_sha256 = sha256;
+    req
+}
+
 /// What a test server may add to the defaults of [`ServeOptions`].
 #[derive(Default)]
 pub struct ServerExtras {

@@ -271,6 +271,45 @@ async fn metrics_count_a_known_workload() {
     );
 }
 
+/// Ids like the README's (`org/task`) are reachable over HTTP as they are: the `/` needs no
+/// `%2F` (though that works too).
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_with_a_slash_are_reachable_without_escaping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, grpc, http) = start_serve_http(&tmp.path().join("library"), &[]);
+    let _server = KillOnDrop(child);
+    let mut c = ExpertLibraryClient::connect(grpc).await.unwrap();
+    c.register_expert(common::register_request(
+        "org/task",
+        "lora",
+        &task("sms_spam"),
+        8,
+        false,
+    ))
+    .await
+    .unwrap();
+    for path in ["/v1/models/org/task", "/v1/models/org%2Ftask"] {
+        let (status, body) = http_call(&http, "GET", path, None);
+        assert_eq!(status, 200, "{path}: {body}");
+        let model: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(model["id"], "org/task", "{path}: {model}");
+    }
+    for path in [
+        "/v1/roe/experts/org/task",
+        "/v1/roe/experts/org/task?include_instances=true",
+    ] {
+        let (status, body) = http_call(&http, "GET", path, None);
+        assert_eq!(status, 200, "{path}: {body}");
+        let got: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(got["expert"]["id"], "org/task", "{path}: {got}");
+    }
+    // A longer path is another id, missing: the handler's 404 for the model.
+    let (status, body) = http_call(&http, "GET", "/v1/models/org/task/more", None);
+    assert_eq!(status, 404, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found", "{e}");
+}
+
 const ADMIN: &str = "http-test-admin-key-0000000001";
 const READ: &str = "http-test-read-key-00000000001";
 

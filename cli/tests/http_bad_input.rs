@@ -27,6 +27,8 @@ fn bad_requests_get_openai_errors_naming_the_field() {
     let (child, _grpc, http) = start_serve_http(&tmp.path().join("library"), &[]);
     let _server = KillOnDrop(child);
     let long = "x".repeat(100_000);
+    // Past the 128 characters an expert id may have.
+    let id_200 = "x".repeat(200);
     let cases: Vec<(&str, &str, String, u16, Option<&str>)> = vec![
         // (endpoint, what, body, status, param)
         ("/v1/completions", "not JSON", "{".into(), 400, Some("body")),
@@ -46,10 +48,21 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         ("/v1/completions", "empty prompt", json!({"model": "base", "prompt": "  "}).to_string(), 400, Some("prompt")),
         ("/v1/completions", "no prompts", json!({"model": "base", "prompt": []}).to_string(), 400, Some("prompt")),
         ("/v1/completions", "too long a prompt", json!({"model": "base", "prompt": long}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", "max_tokens a string", json!({"model": "base", "prompt": "x", "max_tokens": "many"}).to_string(), 400, None),
+        ("/v1/completions", "max_tokens a string", json!({"model": "base", "prompt": "x", "max_tokens": "many"}).to_string(), 400, Some("max_tokens")),
+        ("/v1/completions", "max_tokens -1", json!({"model": "base", "prompt": "x", "max_tokens": -1}).to_string(), 400, Some("max_tokens")),
+        ("/v1/completions", "prompt a number", json!({"model": "base", "prompt": 42}).to_string(), 400, Some("prompt")),
+        ("/v1/completions", "stream a string", json!({"model": "base", "prompt": "x", "stream": "yes"}).to_string(), 400, Some("stream")),
+        ("/v1/completions", "stream_options with an unknown key", json!({"model": "base", "prompt": "x", "stream": true, "stream_options": {"include_usage": true, "frobnicate": 1}}).to_string(), 400, Some("stream_options.frobnicate")),
+        ("/v1/completions", "stream_options without stream", json!({"model": "base", "prompt": "x", "stream_options": {"include_usage": true}}).to_string(), 400, Some("stream_options")),
+        ("/v1/completions", "stream_options with stream false", json!({"model": "base", "prompt": "x", "stream": false, "stream_options": {}}).to_string(), 400, Some("stream_options")),
+        ("/v1/completions", "model of 200 characters", json!({"model": id_200, "prompt": "x"}).to_string(), 400, Some("model")),
         ("/v1/completions", "routing options without auto", json!({"model": "base", "prompt": "x", "roe": {"queries": ["q"]}}).to_string(), 400, Some("roe")),
         ("/v1/completions", "auto on an empty library", json!({"model": "auto", "prompt": "x"}).to_string(), 400, None),
         ("/v1/chat/completions", "no messages", json!({"model": "base", "messages": []}).to_string(), 400, Some("messages")),
+        ("/v1/chat/completions", "a message without content", json!({"model": "base", "messages": [{"role": "user"}]}).to_string(), 400, Some("messages[0].content")),
+        ("/v1/chat/completions", "a role of the wrong type", json!({"model": "base", "messages": [{"role": 7, "content": "x"}]}).to_string(), 400, Some("messages[0].role")),
+        ("/v1/chat/completions", "stream_options without stream", json!({"model": "base", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}).to_string(), 400, Some("stream_options")),
+        ("/v1/chat/completions", "model of 200 characters", json!({"model": id_200, "messages": [{"role": "user", "content": "x"}]}).to_string(), 400, Some("model")),
         ("/v1/chat/completions", "a robot's role", json!({"model": "base", "messages": [{"role": "robot", "content": "x"}]}).to_string(), 400, Some("messages[0].role")),
         ("/v1/chat/completions", "an image part", json!({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(), 400, Some("messages[0].content[0].type")),
         ("/v1/chat/completions", "the assistant last", json!({"model": "base", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}).to_string(), 400, Some("messages[1].role")),
@@ -116,6 +129,21 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         error_of(status, &body),
         (404, Some("model".into()), Some("model_not_found".into()))
     );
+    // An id with a `/` reaches the handler as it is (a missing model, not an unknown URL).
+    let (status, body) = http_call(&http, "GET", "/v1/models/org/task", None);
+    assert_eq!(
+        error_of(status, &body),
+        (404, Some("model".into()), Some("model_not_found".into()))
+    );
+    // An id no expert could have is the caller's mistake, named, not a missing model.
+    for endpoint in ["/v1/models", "/v1/roe/experts"] {
+        let (status, body) = http_call(&http, "GET", &format!("{endpoint}/{id_200}"), None);
+        assert_eq!(
+            error_of(status, &body),
+            (400, Some("id".into()), None),
+            "{endpoint}"
+        );
+    }
     // Nothing was stored by any of it.
     let (status, body) = http_call(&http, "GET", "/v1/roe/experts", None);
     assert_eq!(status, 200);

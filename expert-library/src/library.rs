@@ -648,6 +648,13 @@ impl ExpertLibrary {
                     "is empty",
                 ));
             }
+            // An id no expert could have is the caller's mistake, not a missing expert.
+            validate_expert_id(s).map_err(|e| match e {
+                LibraryError::InvalidArgument { message, .. } => {
+                    LibraryError::invalid(format!("sources[{i}].expert_id"), message)
+                }
+                other => other,
+            })?;
             if !listed.insert(s.as_str()) {
                 return Err(LibraryError::invalid(
                     "sources",

@@ -248,10 +248,10 @@ fn cases() -> Vec<Case> {
             Accept,
         ),
         lora(
-            "lora lower-case peft_type",
+            "lora lower-case peft_type (PEFT writes LORA)",
             json!({"peft_type": "lora"}),
             qv(f32),
-            Accept,
+            Refuse("peft_type \"lora\""),
         ),
         lora(
             "lora layers_to_transform subset",
@@ -519,11 +519,16 @@ fn cases() -> Vec<Case> {
             Accept,
         ),
         prompt(
-            "prompt 7 x 8 bf16, lower-case peft_type, no counts",
-            json!({"peft_type": "prompt_tuning", "num_virtual_tokens": null,
-                   "token_dim": null, "num_layers": null}),
+            "prompt 7 x 8 bf16, no counts",
+            json!({"num_virtual_tokens": null, "token_dim": null, "num_layers": null}),
             vec![prompt_tensor(7, 8, Dtype::BF16)],
             Accept,
+        ),
+        prompt(
+            "prompt lower-case peft_type (PEFT writes PROMPT_TUNING)",
+            json!({"peft_type": "prompt_tuning"}),
+            vec![prompt_tensor(4, 8, f32)],
+            Refuse("peft_type \"prompt_tuning\""),
         ),
         prompt(
             "prompt of 512 tokens",

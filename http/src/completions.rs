@@ -98,10 +98,13 @@ async fn target(
             expert_id: String::new(),
             info: None,
         }),
-        id => Ok(Target {
-            expert_id: id.to_string(),
-            info: None,
-        }),
+        id => {
+            roe_serving::check_expert_id("model", id)?;
+            Ok(Target {
+                expert_id: id.to_string(),
+                info: None,
+            })
+        }
     }
 }
 
@@ -210,6 +213,17 @@ struct Job {
 /// Whether a response reports usage: always when whole, on request when streamed.
 fn reports_usage(stream: bool, options: Option<&StreamOptions>) -> bool {
     !stream || options.is_some_and(|o| o.include_usage)
+}
+
+/// `stream_options` without `stream: true` would be ignored: refused, as OpenAI refuses it.
+fn check_stream_options(stream: bool, options: Option<&StreamOptions>) -> ApiResult<()> {
+    if options.is_some() && !stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "only allowed when stream is true",
+        ));
+    }
+    Ok(())
 }
 
 /// Starts `job`'s generation; returns its tokens and, when `count` (the response reports
@@ -341,8 +355,8 @@ pub async fn completions(
 ) -> ApiResult<Response> {
     let body = body.0;
     check_fields(&body, COMPLETION_FIELDS)?;
-    let req: CompletionRequest =
-        serde_json::from_value(body).map_err(|e| crate::shape_error(&e))?;
+    let req: CompletionRequest = crate::from_body(body)?;
+    check_stream_options(req.stream, req.stream_options.as_ref())?;
     if req.logprobs.is_some_and(|n| n > 0) {
         return Err(ApiError::unsupported(
             "logprobs",
@@ -559,7 +573,8 @@ pub async fn chat_completions(
 ) -> ApiResult<Response> {
     let body = body.0;
     check_fields(&body, CHAT_FIELDS)?;
-    let req: ChatRequest = serde_json::from_value(body).map_err(|e| crate::shape_error(&e))?;
+    let req: ChatRequest = crate::from_body(body)?;
+    check_stream_options(req.stream, req.stream_options.as_ref())?;
     if req.top_logprobs.is_some_and(|n| n > 0) {
         return Err(ApiError::unsupported(
             "top_logprobs",

@@ -147,26 +147,50 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     }
 }
 
+/// A request body (already parsed as JSON) as `T`: a value of the wrong type is a 400 naming
+/// the field it is at (`max_tokens`, `messages[0].content`), a missing field by its name.
+pub(crate) fn from_body<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> ApiResult<T> {
+    serde_path_to_error::deserialize(body).map_err(|e| shape_error(&e))
+}
+
+/// Longest field path quoted as `param` (map keys in it are the client's).
+const MAX_PARAM_BYTES: usize = 128;
+
 /// A request whose JSON has the wrong shape for its type: the field and why.
-pub(crate) fn shape_error(e: &serde_json::Error) -> ApiError {
-    let text = e.to_string();
-    // serde_json names neither the field of an untagged enum nor its path; its message says
-    // what was expected.
-    let field = text
-        .split('`')
-        .nth(1)
-        .filter(|f| text.starts_with("missing field") && !f.is_empty())
-        .unwrap_or("body")
-        .to_string();
+fn shape_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let text = e.inner().to_string();
+    let path = e.path().to_string();
+    // serde reports a missing field at the object that lacks it, naming it in backticks.
+    let missing = text
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name)
+        .filter(|name| !name.is_empty());
+    let mut field = match (path.as_str(), missing) {
+        (".", Some(name)) => name.to_string(),
+        (".", None) => "body".to_string(),
+        (at, Some(name)) => format!("{at}.{name}"),
+        (at, None) => at.to_string(),
+    };
+    if field.len() > MAX_PARAM_BYTES {
+        let mut end = MAX_PARAM_BYTES;
+        while !field.is_char_boundary(end) {
+            end -= 1;
+        }
+        field.truncate(end);
+    }
     ApiError::invalid(&field, text)
 }
 
-/// The API keys, as the gRPC server checks them: every endpoint but `/health`, `/metrics`
-/// and `/openapi.json` reads, and needs a key when the server has any (all HTTP endpoints
-/// are reads: writes go over gRPC).
+/// The endpoints anyone may call, keys or not (the API description says so too).
+pub(crate) const PUBLIC_PATHS: &[&str] = &["/health", "/metrics", "/openapi.json"];
+
+/// The API keys, as the gRPC server checks them: every endpoint but the [`PUBLIC_PATHS`]
+/// reads, and needs a key when the server has any (all HTTP endpoints are reads: writes go
+/// over gRPC).
 async fn authorize(State(state): State<HttpState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let public = matches!(path, "/health" | "/metrics" | "/openapi.json");
+    let public = PUBLIC_PATHS.contains(&path);
     if state.keys.is_empty() || public {
         return next.run(req).await;
     }
@@ -299,7 +323,9 @@ async fn not_found(req: Request) -> ApiError {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v1/models", get(models::list))
-        .route("/v1/models/{id}", get(models::get))
+        // Ids may hold `/` (`org/task`): the rest of the path is the id, so clients need
+        // not escape it (`%2F` is decoded too).
+        .route("/v1/models/{*id}", get(models::get))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/roe/route", post(roe_api::route))
@@ -307,7 +333,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/roe/score-ensemble", post(roe_api::score_ensemble))
         .route("/v1/roe/answer", post(roe_api::answer))
         .route("/v1/roe/experts", get(roe_api::list_experts))
-        .route("/v1/roe/experts/{id}", get(roe_api::get_expert))
+        .route("/v1/roe/experts/{*id}", get(roe_api::get_expert))
         .route("/openapi.json", get(openapi::serve))
         .route("/metrics", get(metrics::render))
         .route("/health", get(health))
@@ -340,4 +366,56 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn param_of<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Option<String> {
+        match from_body::<T>(body) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.param,
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_field_they_are_at() {
+        use crate::openai::{ChatRequest, CompletionRequest};
+        let completion = |extra: serde_json::Value| {
+            let mut body = json!({"model": "base", "prompt": "x"});
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                body[k.as_str()] = v.clone();
+            }
+            param_of::<CompletionRequest>(body)
+        };
+        assert_eq!(
+            completion(json!({"max_tokens": -1})).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(completion(json!({"prompt": 42})).as_deref(), Some("prompt"));
+        assert_eq!(
+            completion(json!({"stream_options": {"include_usage": true, "nope": 1}})).as_deref(),
+            Some("stream_options.nope")
+        );
+        assert_eq!(
+            param_of::<CompletionRequest>(json!({"prompt": "x"})).as_deref(),
+            Some("model")
+        );
+        assert_eq!(
+            param_of::<ChatRequest>(json!({"model": "base", "messages": [{"role": "user"}]}))
+                .as_deref(),
+            Some("messages[0].content")
+        );
+        // A client's key in the path is quoted cut.
+        let mut options = serde_json::Map::new();
+        options.insert("k".repeat(10_000), json!(1));
+        let param = completion(json!({ "stream_options": options })).unwrap_or_default();
+        assert!(
+            param.starts_with("stream_options.k") && param.len() <= MAX_PARAM_BYTES,
+            "{} bytes",
+            param.len()
+        );
+    }
 }

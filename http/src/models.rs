@@ -81,6 +81,8 @@ pub async fn get(State(state): State<HttpState>, Path(id): Path<String>) -> ApiR
         AUTO_MODEL => return Ok(Json(auto_model(&state))),
         _ => {}
     }
+    // An id no expert could have is the caller's mistake (400), not a missing model (404).
+    roe_serving::check_expert_id("id", &id)?;
     let library = state.library.clone();
     let meta = tokio::task::spawn_blocking(move || library.get(&id))
         .await

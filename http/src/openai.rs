@@ -121,7 +121,9 @@ impl OneOrMany {
     }
 }
 
+/// Options of a streamed response (with `stream: true` only, as OpenAI has it).
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with the usage counts before `[DONE]`.
     #[serde(default)]

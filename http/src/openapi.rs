@@ -95,7 +95,9 @@ fn openai_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
-/// One operation: a JSON body of schema `request` (if any) answered by `response`.
+/// One operation: a JSON body of schema `request` (if any) answered by `response`. It needs
+/// an API key when the server has keys (every operation but the public `/health` and
+/// `/metrics`, which are described without one).
 fn operation(summary: &str, request: Option<Value>, response: Value, sse: bool) -> Value {
     let mut content = Map::new();
     content.insert("application/json".into(), json!({ "schema": response }));
@@ -108,6 +110,7 @@ fn operation(summary: &str, request: Option<Value>, response: Value, sse: bool) 
     }
     let mut op = json!({
         "summary": summary,
+        "security": [{"bearer": []}],
         "responses": {
             "200": { "description": "OK", "content": content },
             "default": { "description": "An error",
@@ -120,6 +123,19 @@ fn operation(summary: &str, request: Option<Value>, response: Value, sse: bool) 
             "content": {"application/json": {"schema": request}}
         });
     }
+    op
+}
+
+/// `op` for a path ending in `{id}`: the expert id (or model name), declared as the path
+/// parameter OpenAPI requires for every template in a path.
+fn with_id(mut op: Value, description: &str) -> Value {
+    op["parameters"] = json!([{
+        "name": "id",
+        "in": "path",
+        "required": true,
+        "description": description,
+        "schema": {"type": "string"},
+    }]);
     op
 }
 
@@ -139,9 +155,13 @@ fn document() -> Value {
             "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}),
     );
     let roe = |m: &str| proto_ref(&format!("{PACKAGE}.{m}"));
+    // Ids may hold `/` (`org/task`): the routes take the rest of the path, so a client sends
+    // them as they are (or with `%2F`).
+    const EXPERT_ID: &str = "An expert id; a `/` in it is sent as it is";
+    const MODEL_ID: &str = "An expert id (a `/` in it is sent as it is), `base` or `auto`";
     let paths = json!({
         "/v1/models": {"get": operation("Every expert, plus base (the bare backbone) and auto (routed)", None, openai_ref("ModelList"), false)},
-        "/v1/models/{id}": {"get": operation("One model", None, openai_ref("Model"), false)},
+        "/v1/models/{id}": {"get": with_id(operation("One model", None, openai_ref("Model"), false), MODEL_ID)},
         "/v1/completions": {"post": operation("OpenAI completions; model: an expert id, base or auto", Some(openai_ref("CompletionRequest")), openai_ref("Completion"), true)},
         "/v1/chat/completions": {"post": operation("OpenAI chat completions; model: an expert id, base or auto", Some(openai_ref("ChatRequest")), openai_ref("ChatCompletion"), true)},
         "/v1/roe/route": {"post": operation("roe.v1.Router/Route", Some(roe("RouteRequest")), roe("RouteResponse"), false)},
@@ -149,9 +169,9 @@ fn document() -> Value {
         "/v1/roe/score-ensemble": {"post": operation("roe.v1.Inference/ScoreEnsemble", Some(roe("ScoreEnsembleRequest")), roe("ScoreEnsembleResponse"), false)},
         "/v1/roe/answer": {"post": operation("roe.v1.Answerer/Answer", Some(roe("AnswerRequest")), roe("AnswerResponse"), false)},
         "/v1/roe/experts": {"get": operation("roe.v1.ExpertLibrary/ListExperts (query: page_size, page_token)", None, roe("ListExpertsResponse"), false)},
-        "/v1/roe/experts/{id}": {"get": operation("roe.v1.ExpertLibrary/GetExpert (query: include_instances)", None, roe("GetExpertResponse"), false)},
-        "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {"200": {"description": "OK"}}}},
-        "/health": {"get": {"summary": "200 while the encoder and the backbone's queues run, else 503", "responses": {"200": {"description": "OK"}}}},
+        "/v1/roe/experts/{id}": {"get": with_id(operation("roe.v1.ExpertLibrary/GetExpert (query: include_instances)", None, roe("GetExpertResponse"), false), EXPERT_ID)},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [], "responses": {"200": {"description": "OK"}}}},
+        "/health": {"get": {"summary": "200 while the encoder and the backbone's queues run, else 503", "security": [], "responses": {"200": {"description": "OK"}}}},
     });
     json!({
         "openapi": "3.1.0",
@@ -164,8 +184,7 @@ fn document() -> Value {
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
-        },
-        "security": [{"bearer": []}]
+        }
     })
 }
 
@@ -201,6 +220,90 @@ mod tests {
                 doc["components"]["schemas"].get(name).is_some(),
                 "{name} is referenced but not described"
             );
+        }
+    }
+
+    /// The document passes `openapi-spec-validator` (an OpenAPI 3.1 validator, in the venv
+    /// of scripts/openai-venv.sh, which scripts/test.sh makes), as schemathesis and code
+    /// generators read it.
+    #[test]
+    fn the_document_passes_an_openapi_validator() {
+        let python = std::env::var_os("ROE_OPENAI_PYTHON")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-openai/bin/python")
+            });
+        assert!(
+            python.exists(),
+            "{} is missing: run scripts/openai-venv.sh (scripts/test.sh does)",
+            python.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("openapi.json");
+        std::fs::write(&file, document().to_string()).unwrap();
+        let out = std::process::Command::new(&python)
+            .args(["-m", "openapi_spec_validator"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The `{name}`s of a path template.
+    fn templates(path: &str) -> Vec<&str> {
+        path.split('{')
+            .skip(1)
+            .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
+            .collect()
+    }
+
+    #[test]
+    fn every_path_template_is_declared_as_a_path_parameter() {
+        let doc = document();
+        let paths = doc["paths"].as_object().expect("paths");
+        assert!(paths.keys().any(|p| p.contains('{')), "no templated path");
+        for (path, item) in paths {
+            let templated = templates(path);
+            for (method, op) in item.as_object().expect("a path item") {
+                let declared: Vec<&str> = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "path" && p["required"] == true)
+                    .filter_map(|p| p["name"].as_str())
+                    .collect();
+                for name in &templated {
+                    assert!(
+                        declared.contains(name),
+                        "{method} {path}: {{{name}}} is not a declared, required path parameter"
+                    );
+                }
+                for name in &declared {
+                    assert!(
+                        templated.contains(name),
+                        "{method} {path}: path parameter {name} is not in the path"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_public_endpoints_go_without_a_key() {
+        let doc = document();
+        // A document-wide requirement would cover the public endpoints too.
+        assert!(doc.get("security").is_none(), "{}", doc["security"]);
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            let public = crate::PUBLIC_PATHS.contains(&path.as_str());
+            for (method, op) in item.as_object().expect("a path item") {
+                let needs_key = op["security"].as_array().is_some_and(|s| !s.is_empty());
+                assert_eq!(needs_key, !public, "{method} {path}: {}", op["security"]);
+            }
         }
     }
 }

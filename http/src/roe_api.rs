@@ -144,6 +144,8 @@ pub async fn get_expert(
     params: Result<Query<GetParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<proto::GetExpertResponse>> {
     let Query(p) = params.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    // An id no expert could have is the caller's mistake (400), not a missing expert (404).
+    roe_serving::check_expert_id("id", &id)?;
     let library = state.library.clone();
     let got = tokio::task::spawn_blocking(move || {
         let meta = library.get(&id)?;

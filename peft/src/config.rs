@@ -28,12 +28,31 @@ impl PeftType {
         }
     }
 
-    /// Case-insensitive: PEFT writes upper case, hand-written configs often do not.
+    /// Exactly as PEFT writes it: its `PeftType` is an upper-case string enum, and a config
+    /// is looked up by that exact value, so `"lora"` is not a PEFT config.
     pub fn parse(s: &str) -> Option<Self> {
         [Self::PromptTuning, Self::Lora]
             .into_iter()
-            .find(|t| t.as_str().eq_ignore_ascii_case(s))
+            .find(|t| t.as_str() == s)
     }
+}
+
+/// The `peft_type` values accepted, for the error that refuses another.
+const ACCEPTED_PEFT_TYPES: &str = "\"PROMPT_TUNING\" or \"LORA\", upper case as PEFT writes them";
+
+/// Most bytes of a refused `peft_type` quoted back (the rest of the config may be 1 MiB).
+const MAX_QUOTED_PEFT_TYPE_BYTES: usize = 64;
+
+/// `text` cut to `max` bytes on a character boundary, marked when cut.
+fn clipped(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// Where an adapter comes from; carried over by writers, never checked.
@@ -120,9 +139,9 @@ impl PeftConfig {
         let cfg = Fields(&map);
         let peft_type = match cfg.string("peft_type")? {
             None => return Err(PeftError::field_error("peft_type", "missing")),
-            Some(t) => PeftType::parse(&t).ok_or(PeftError::PeftType {
-                found: t,
-                expected: "PROMPT_TUNING or LORA",
+            Some(t) => PeftType::parse(&t).ok_or_else(|| PeftError::PeftType {
+                found: clipped(&t, MAX_QUOTED_PEFT_TYPE_BYTES),
+                expected: ACCEPTED_PEFT_TYPES,
             })?,
         };
         match peft_type {
@@ -440,13 +459,40 @@ mod tests {
     }
 
     #[test]
-    fn peft_type_is_case_insensitive() {
-        assert_eq!(PeftType::parse("lora"), Some(PeftType::Lora));
+    fn peft_type_is_matched_as_peft_writes_it() {
+        assert_eq!(PeftType::parse("LORA"), Some(PeftType::Lora));
         assert_eq!(
-            PeftType::parse("Prompt_Tuning"),
+            PeftType::parse("PROMPT_TUNING"),
             Some(PeftType::PromptTuning)
         );
-        assert_eq!(PeftType::parse("IA3"), None);
+        for other in [
+            "lora",
+            "Lora",
+            "prompt_tuning",
+            "Prompt_Tuning",
+            " LORA",
+            "IA3",
+            "",
+        ] {
+            assert_eq!(PeftType::parse(other), None, "{other:?}");
+        }
+        // Refused by name, listing what is accepted.
+        let e =
+            PeftConfig::from_json(r#"{"peft_type": "lora", "r": 4, "target_modules": "q_proj"}"#)
+                .unwrap_err();
+        assert!(matches!(e, PeftError::PeftType { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("peft_type \"lora\"")
+                && text.contains("\"LORA\"")
+                && text.contains("\"PROMPT_TUNING\""),
+            "{text}"
+        );
+        assert_eq!(field_of(e), "adapter_config.peft_type");
+        // A long value is quoted cut.
+        let long = format!(r#"{{"peft_type": "{}"}}"#, "x".repeat(10_000));
+        let text = PeftConfig::from_json(&long).unwrap_err().to_string();
+        assert!(text.len() < 300, "{} bytes", text.len());
         let e = PeftConfig::from_json(r#"{"peft_type": "P_TUNING"}"#).unwrap_err();
         assert!(matches!(e, PeftError::PeftType { .. }), "{e:?}");
         let e = PeftConfig::from_json(r#"{"r": 4}"#).unwrap_err();
@@ -468,7 +514,7 @@ mod tests {
 
     #[test]
     fn target_module_forms() {
-        let json = |t: &str| format!(r#"{{"peft_type": "lora", "r": 2, "target_modules": {t}}}"#);
+        let json = |t: &str| format!(r#"{{"peft_type": "LORA", "r": 2, "target_modules": {t}}}"#);
         let targets = |t: &str| match PeftConfig::from_json(&json(t)) {
             Ok(PeftConfig::Lora(c)) => Ok(c.target_modules),
             Ok(other) => panic!("{other:?}"),

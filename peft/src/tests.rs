@@ -223,7 +223,7 @@ fn prompt_file(n: usize, d: usize, dtype: Dtype) -> Vec<u8> {
 
 #[test]
 fn reads_soft_prompts() {
-    let cfg = r#"{"peft_type": "prompt_tuning", "num_virtual_tokens": 3, "token_dim": 8}"#;
+    let cfg = r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "token_dim": 8}"#;
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
         let p = SoftPromptAdapter::from_peft(cfg, &prompt_file(3, 8, dtype), &TINY).unwrap();
         assert_eq!((p.num_virtual_tokens(), p.token_dim()), (3, 8));

@@ -10,7 +10,7 @@ use crate::convert::{
     expert_to_proto, instance_from_proto, instance_to_proto, merge_request, new_expert,
 };
 use crate::proto::{self, expert_library_server::ExpertLibrary as Api};
-use crate::status::library_status as status;
+use crate::status::{library_status as status, serving_status};
 
 pub struct LibraryService {
     library: Arc<ExpertLibrary>,
@@ -54,12 +54,14 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
 }
 
-/// An expert named by a request: an empty id names none (INVALID_ARGUMENT, not NOT_FOUND).
+/// An expert named by a request: an empty id names none, and an id no expert could have
+/// been registered under (over 128 characters, outside the id alphabet) names none either;
+/// both are INVALID_ARGUMENT naming `id`, not NOT_FOUND.
 fn named(id: &str) -> Result<(), Status> {
     if id.is_empty() {
         return Err(Status::invalid_argument("id: empty; name an expert"));
     }
-    Ok(())
+    roe_serving::check_expert_id("id", id).map_err(serving_status)
 }
 
 impl LibraryService {
@@ -105,22 +107,33 @@ impl Api for LibraryService {
                 "stream: the first message must be the header",
             ));
         };
+        // A file that arrives in chunks is only known whole by what the client announced: a
+        // lost, repeated or reordered chunk would otherwise be stored unnoticed.
+        let Some(announced) = header.safetensors_bytes else {
+            return Err(Status::invalid_argument(
+                "safetensors_bytes: missing; a streamed registration's header announces the \
+                 weights' length (and safetensors_sha256 their digest)",
+            ));
+        };
+        if header.safetensors_sha256.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "safetensors_sha256: missing; a streamed registration's header announces the \
+                 weights' SHA-256 in hex, as sha256sum prints it",
+            ));
+        }
         let mut adapter = header.adapter.take().unwrap_or_default();
         let max_instances = self.library.limits().max_instances_per_request;
         // The announced length is checked against the limit before any weights arrive, and
         // reserved exactly: a growing buffer would hold two copies while it moves.
-        if let Some(announced) = header.safetensors_bytes {
-            let announced = usize::try_from(announced).unwrap_or(usize::MAX);
-            let max = self.library.limits().max_adapter_bytes;
-            if announced > max {
-                return Err(Status::resource_exhausted(format!(
-                    "safetensors_bytes: {announced} announced, the limit max_adapter_bytes is \
-                     {max}"
-                )));
-            }
-            let more = announced.saturating_sub(adapter.adapter_model_safetensors.len());
-            adapter.adapter_model_safetensors.reserve_exact(more);
+        let announced = usize::try_from(announced).unwrap_or(usize::MAX);
+        let max = self.library.limits().max_adapter_bytes;
+        if announced > max {
+            return Err(Status::resource_exhausted(format!(
+                "safetensors_bytes: {announced} announced, the limit max_adapter_bytes is {max}"
+            )));
         }
+        let more = announced.saturating_sub(adapter.adapter_model_safetensors.len());
+        adapter.adapter_model_safetensors.reserve_exact(more);
         while let Some(chunk) = stream.next().await {
             match chunk?.part {
                 Some(Part::SafetensorsChunk(bytes)) => {

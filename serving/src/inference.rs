@@ -15,7 +15,7 @@ use crate::experts::{ExpertRef, ExpertSource};
 use crate::generation_queue::{GenerationQueue, GenerationRequest, TokenStream};
 use crate::score_queue::{ScoreItem, ScoreQueue};
 use crate::stats::InferenceStats;
-use crate::validate::GenerateOptions;
+use crate::validate::{check_expert_id, GenerateOptions};
 
 /// Score the choices of one input with one expert ("" = the bare backbone).
 #[derive(Debug, Clone, Default)]
@@ -193,6 +193,7 @@ impl<B: Backend> Inference<B> {
         self.config
             .limits
             .check_score_input("", &req.input, &req.choices)?;
+        check_requested_expert("expert_id", &req.expert_id)?;
         let expert = self.resolve(&req.expert_id).await?;
         self.score_items(vec![ScoreItem {
             expert,
@@ -214,6 +215,7 @@ impl<B: Backend> Inference<B> {
             ));
         }
         for (i, id) in req.expert_ids.iter().enumerate() {
+            check_requested_expert(&format!("expert_ids[{i}]"), id)?;
             if req.expert_ids[..i].contains(id) {
                 return Err(ServingError::invalid(
                     &format!("expert_ids[{i}]"),
@@ -249,6 +251,7 @@ impl<B: Backend> Inference<B> {
         // The options first: a bad stop string is named as such, not as an input too long.
         let params = limits.generate_params(&req.options)?;
         limits.check_text_input("", &req.input, req.options.stop_bytes())?;
+        check_requested_expert("expert_id", &req.expert_id)?;
         let expert = self.resolve(&req.expert_id).await?;
         self.generations
             .submit(vec![GenerationRequest {
@@ -290,6 +293,14 @@ impl<B: Backend> Inference<B> {
         }
         texts
     }
+}
+
+/// An expert id from a request, where "" names the bare backbone.
+fn check_requested_expert(field: &str, id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Ok(());
+    }
+    check_expert_id(field, id)
 }
 
 /// The whole text of a stream and why it finished.

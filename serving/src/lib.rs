@@ -39,7 +39,7 @@ pub use inference::{EnsembleOutput, EnsembleRequest, GenerateRequest, Inference,
 pub use routing::{LocalRouter, RouteOverrides, RouteService};
 pub use score_queue::{ScoreItem, ScoreQueue};
 pub use stats::InferenceStats;
-pub use validate::GenerateOptions;
+pub use validate::{check_expert_id, GenerateOptions};
 
 /// The serving core over the GGUF backbone, as `roe serve` runs it.
 pub type BackboneInference = Inference<roe_backbone::Backbone>;

@@ -2,9 +2,22 @@
 //! the field (with a prefix such as `inputs[2].` where one call carries several inputs).
 
 use roe_backbone::GenerateParams;
+use roe_expert_library::LibraryError;
 
 use crate::config::RequestLimits;
 use crate::error::{Result, ServingError};
+
+/// An expert id a client names, checked before it is looked up: an id no expert could have
+/// been registered under (over 128 characters, outside the id alphabet, an empty segment) is
+/// the caller's mistake, INVALID_ARGUMENT naming `field`, not an expert NOT_FOUND. The empty
+/// id (the bare backbone, where a request allows it) is the caller's to handle first.
+pub fn check_expert_id(field: &str, id: &str) -> Result<()> {
+    roe_expert_library::validate_expert_id(id).map_err(|e| match e {
+        // The library names the field `id`; the request may call it otherwise.
+        LibraryError::InvalidArgument { message, .. } => ServingError::invalid(field, message),
+        other => ServingError::from(other),
+    })
+}
 
 /// Longest stop string (bytes).
 pub const MAX_STOP_BYTES: usize = 256;
@@ -219,6 +232,17 @@ mod tests {
         ] {
             let e = l.generate_params(&bad).unwrap_err();
             assert!(e.message.starts_with(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn expert_ids_no_expert_could_have_are_invalid_by_their_field() {
+        assert!(check_expert_id("expert_id", "org/task").is_ok());
+        for bad in ["x".repeat(200), "a b".into(), "a//b".into(), "q/".into()] {
+            let e = check_expert_id("expert_ids[1]", &bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidArgument, "{bad:?}: {e}");
+            assert!(e.message.starts_with("expert_ids[1]: "), "{bad:?}: {e}");
+            assert!(e.message.len() < 300, "{bad:?}: {e}");
         }
     }
 }

@@ -117,7 +117,7 @@ pub struct JobStatus {
     /// Each ensemble member's held-out score (one entry for a single expert).
     #[serde(default)]
     pub member_scores: Vec<f64>,
-    /// The step the run continued from after a restart (0 when it never stopped).
+    /// The step the run continued from after its latest restart (0 when it never stopped).
     pub resumed_from_step: usize,
     /// The registered expert's version (0 until it is registered).
     pub expert_version: u64,
@@ -815,7 +815,9 @@ impl Inner {
             s.phase = "training".into();
             s.queue_position = 0;
             s.step = done_before + state.step;
-            if resumed > 0 && s.resumed_from_step == 0 {
+            // The latest restart's point, not the first: checkpoints only move forward, so
+            // a later resume (or a later member of this one) is the one the run goes on from.
+            if resumed > 0 {
                 s.resumed_from_step = done_before + resumed;
             }
             if let Some(&l) = state.losses.last() {

@@ -1,6 +1,7 @@
 //! The job queue over the real backbone and a real sled library: a job stopped by a restart
-//! resumes from its checkpoint and registers its expert; a job whose checkpoint is unusable
-//! is reported as failed with the reason, never lost.
+//! resumes from its checkpoint and registers its expert (after several restarts it reports
+//! the latest one's step); a job whose checkpoint is unusable is reported as failed with the
+//! reason, never lost.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -130,6 +131,42 @@ fn a_job_stopped_by_a_restart_resumes_from_its_checkpoint() {
     drop(jobs);
     let jobs = open(&jobs_dir, &lib);
     assert_eq!(jobs.list()[0].state, JobState::Succeeded);
+}
+
+#[test]
+fn a_job_restarted_twice_reports_the_latest_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = library(&tmp.path().join("library"));
+    let jobs_dir = tmp.path().join("training");
+    let (spec, rows) = spec("spam_twice", 14);
+    let id = {
+        let jobs = open(&jobs_dir, &lib);
+        let first = jobs.submit(spec, rows).unwrap();
+        wait_until(&jobs, &first.id, |s| s.step >= 2);
+        first.id
+    };
+    // Second run: note where it went on from, then stop it again two steps later (the
+    // checkpoint is written every step, before the step is published).
+    let first_resume = {
+        let jobs = open(&jobs_dir, &lib);
+        let at = wait_until(&jobs, &id, |s| s.resumed_from_step > 0);
+        let first_resume = at.resumed_from_step;
+        let later = wait_until(&jobs, &id, |s| {
+            s.step >= first_resume + 2 || s.state.is_finished()
+        });
+        assert!(
+            !later.state.is_finished(),
+            "finished before the second stop: {later:?}"
+        );
+        first_resume
+    };
+    let jobs = open(&jobs_dir, &lib);
+    let end = wait_until(&jobs, &id, |s| s.state.is_finished());
+    assert_eq!(end.state, JobState::Succeeded, "{end:?}");
+    assert!(
+        end.resumed_from_step >= first_resume + 2,
+        "kept the first resume ({first_resume}) rather than the latest: {end:?}"
+    );
 }
 
 #[test]
