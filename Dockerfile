@@ -1,7 +1,10 @@
 # roe service image. Models are not baked in: mount the folder filled by
 # scripts/fetch-models.sh at /models (read-only). The expert library lives on /data.
 # It listens on 0.0.0.0, so it needs API keys: docker run -e ROE_ADMIN_KEYS=... -e
-# ROE_READ_KEYS=... (or -e ROE_ALLOW_UNAUTHENTICATED=true on a network you trust).
+# ROE_READ_KEYS=... (or -e ROE_ALLOW_UNAUTHENTICATED=true on a network you trust). With keys,
+# the HTTP API also needs TLS (-e ROE_TLS_CERT=... -e ROE_TLS_KEY=..., HTTPS with gRPC's
+# certificate), or -e ROE_HTTP_ALLOW_PLAINTEXT=true when a proxy terminates TLS in front or
+# the port is published only on the host's loopback (-p 127.0.0.1:8080:8080).
 FROM rust:1.89-bookworm AS build
 WORKDIR /src
 COPY . .

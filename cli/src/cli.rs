@@ -63,7 +63,8 @@ pub struct Global {
     #[arg(long, env = "ROE_API_KEY", global = true, hide_env_values = true)]
     pub api_key: Option<String>,
     /// CA certificate (PEM) to trust for an https:// server besides the system's roots (a
-    /// private CA, a self-signed server).
+    /// private CA, or a self-signed server's own certificate: one made as a CA, as `openssl
+    /// req -x509` does, is accepted when the server presents exactly it).
     #[arg(long, env = "ROE_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
     /// Name the server's certificate must carry when the URL names it otherwise (e.g.
@@ -108,6 +109,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// TLS certificates for a private deployment.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// The evaluation report (bare, oracle, routed, merged, ensemble, leave-one-out) under
     /// bench/results/eval.{md,json,png} (runs `roe-bench eval`).
     #[command(disable_help_flag = true)]
@@ -115,6 +119,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Make a private CA (ca.pem, for clients' --tls-ca) and a server certificate it signs
+    /// (cert.pem and key.pem, for roe serve --tls-cert/--tls-key) in --out-dir; the CA's key
+    /// is not kept.
+    SelfSigned(crate::tls::SelfSignedArgs),
 }
 
 #[derive(Args)]
@@ -176,12 +188,18 @@ struct ServeArgs {
     access: AccessArgs,
     #[command(flatten)]
     limits: LimitsArgs,
-    /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
+    /// Serve gRPC and the HTTP API over TLS (HTTPS) with this certificate chain (PEM); needs
+    /// --tls-key. `roe tls self-signed` makes one for a private deployment.
     #[arg(long, env = "ROE_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "ROE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve the HTTP API in plaintext beyond loopback although API keys are set (they and
+    /// the prompts then cross the network in clear): behind a proxy that terminates TLS, or
+    /// a port published only on the host's loopback (docker compose).
+    #[arg(long, env = "ROE_HTTP_ALLOW_PLAINTEXT")]
+    http_allow_plaintext: bool,
     /// Requests in flight (streams count until they end) past which calls are refused with
     /// RESOURCE_EXHAUSTED; health is never refused. 0: no bound.
     #[arg(long, env = "ROE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
@@ -196,6 +214,14 @@ impl ServeArgs {
     fn tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Ok(Some(roe_services::tls::server_config(cert, key)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The HTTP API's TLS configuration, from the same files as gRPC's.
+    fn https(&self) -> Result<Option<roe_services::tls::HttpsConfig>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(roe_services::tls::https_config(cert, key)?)),
             _ => Ok(None),
         }
     }
@@ -241,16 +267,44 @@ struct AccessArgs {
     allow_unauthenticated: bool,
 }
 
+/// Whether every address `addr` resolves to is loopback (only this machine reaches it).
+async fn is_loopback(addr: &str) -> Result<bool> {
+    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolving {addr}"))?
+        .collect();
+    Ok(resolved.iter().all(|a| a.ip().is_loopback()))
+}
+
+/// API keys sent in clear are as good as published, and prompts with them: the HTTP API in
+/// plaintext beyond loopback with keys set is refused at start, as an open server is, unless
+/// asked for (TLS terminated by a proxy in front, a port published only on loopback).
+async fn refuse_plaintext_http(addr: &str, keys: &ApiKeys, allowed: bool) -> Result<()> {
+    if keys.is_empty() || is_loopback(addr).await? {
+        return Ok(());
+    }
+    if !allowed {
+        bail!(
+            "refusing to serve the HTTP API on {addr} in plaintext with API keys: the keys and \
+             the prompts would cross the network in clear. Set --tls-cert and --tls-key \
+             (HTTPS, the same as gRPC's), bind --http-addr to 127.0.0.1, or pass \
+             --http-allow-plaintext (behind a proxy that terminates TLS)"
+        );
+    }
+    tracing::warn!(
+        %addr,
+        "the HTTP API is served in plaintext beyond loopback (--http-allow-plaintext): API keys \
+         and prompts cross the network in clear up to whatever terminates TLS"
+    );
+    Ok(())
+}
+
 impl AccessArgs {
     /// The key check for every service, refusing to expose an open server by accident.
     async fn layer(&self, addr: &str) -> Result<AuthLayer> {
         let keys = ApiKeys::parse(&self.admin_keys, &self.read_keys)?;
         if keys.is_empty() {
-            let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
-                .await
-                .with_context(|| format!("resolving {addr}"))?
-                .collect();
-            let loopback = resolved.iter().all(|a| a.ip().is_loopback());
+            let loopback = is_loopback(addr).await?;
             if !loopback && !self.allow_unauthenticated {
                 bail!(
                     "refusing to serve {addr} without API keys: anyone who reaches it could \
@@ -648,6 +702,7 @@ pub fn main() -> Result<()> {
         Command::Train(c) => rt.block_on(crate::training::cmd_train(&cli.global, c)),
         Command::Bench { args } => run_bench(&cli.global, None, args),
         Command::Eval { args } => run_bench(&cli.global, Some("eval"), args),
+        Command::Tls(TlsCommand::SelfSigned(a)) => crate::tls::cmd_self_signed(&a),
     }
 }
 
@@ -696,10 +751,17 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         .http_addr
         .clone()
         .unwrap_or_else(|| DEFAULT_HTTP_ADDR.to_string());
-    if !http_addr.is_empty() {
-        a.access.layer(&http_addr).await?;
-    }
     let tls = a.tls()?;
+    let https = if http_addr.is_empty() {
+        None
+    } else {
+        a.access.layer(&http_addr).await?;
+        let https = a.https()?;
+        if https.is_none() {
+            refuse_plaintext_http(&http_addr, auth.keys(), a.http_allow_plaintext).await?;
+        }
+        https
+    };
     // Installed before anything records: the exporter /metrics renders.
     let metrics = roe_http::metrics::install();
     // The router role is the library and router of the single process, without the backbone.
@@ -837,8 +899,9 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&http_addr)
             .await
             .with_context(|| format!("binding --http-addr {http_addr}"))?;
+        // Tests read this line (the scheme follows from --tls-cert).
         println!("roe HTTP listening on {}", listener.local_addr()?);
-        Some((listener, state))
+        Some((listener, state, https))
     };
     let options = ServeOptions {
         auth,
@@ -862,10 +925,10 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        if let Some((listener, state)) = http {
+        if let Some((listener, state, https)) = http {
             let shutdown = until(stopped.clone());
             tokio::spawn(async move {
-                if let Err(e) = roe_http::serve(listener, state, shutdown).await {
+                if let Err(e) = roe_http::serve(listener, state, https, shutdown).await {
                     tracing::error!("the HTTP server stopped: {e}");
                 }
             });

@@ -1,10 +1,14 @@
 //! `roe serve` with API keys, driven by the `roe` CLI as people use it: clients pass
-//! `--api-key` / `ROE_API_KEY`; an open server refuses to listen beyond loopback.
+//! `--api-key` / `ROE_API_KEY`; an open server refuses to listen beyond loopback, and so does
+//! a plaintext HTTP API with keys; TLS covers gRPC and the HTTP API with one certificate.
 mod common;
 
 use std::process::{Command, Output, Stdio};
 
-use common::{models_dir, repo, KillOnDrop};
+use common::{
+    https_call_with, loopback_root, models_dir, plaintext_answer, repo, start_serve_http_on,
+    KillOnDrop,
+};
 
 const ADMIN: &str = "admin-key-for-cli-tests-1";
 const READ: &str = "read-key-for-cli-tests-22";
@@ -258,4 +262,180 @@ fn tls_server_and_cli_clients() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("--tls-key"), "{}", text(&out));
+}
+
+/// `roe tls self-signed` writes a private CA and a server certificate it signed (CA:FALSE, for
+/// the names asked, for server authentication), the key readable by its owner only; it
+/// never overwrites.
+#[test]
+fn tls_self_signed_writes_a_ca_and_a_server_certificate_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tls");
+    let (ca, cert, key) = common::self_signed(&dir);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    assert!(read(&ca).contains("BEGIN CERTIFICATE"));
+    assert!(read(&cert).contains("BEGIN CERTIFICATE"));
+    assert!(read(&key).contains("PRIVATE KEY"));
+    // The CA's key is not kept.
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["ca.pem", "cert.pem", "key.pem"]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "key.pem is readable by others: {mode:o}");
+    }
+    // OpenSSL agrees, strict checks included (Python 3.13 verifies with them).
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        (out.status.success(), text(&out))
+    };
+    let (ca_s, cert_s) = (ca.to_str().unwrap(), cert.to_str().unwrap());
+    let (ok, out) = openssl(&[
+        "verify",
+        "-x509_strict",
+        "-purpose",
+        "sslserver",
+        "-CAfile",
+        ca_s,
+        cert_s,
+    ]);
+    assert!(ok, "{out}");
+    let (_, leaf) = openssl(&["x509", "-noout", "-text", "-in", cert_s]);
+    for expected in [
+        "CA:FALSE",
+        "DNS:localhost",
+        "IP Address:127.0.0.1",
+        "TLS Web Server Authentication",
+    ] {
+        assert!(leaf.contains(expected), "{expected} not in {leaf}");
+    }
+    let (_, root) = openssl(&["x509", "-noout", "-text", "-in", ca_s]);
+    assert!(root.contains("CA:TRUE"), "{root}");
+
+    // A second run leaves the files as they are.
+    let before = read(&cert);
+    let out = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args(["tls", "self-signed", "--san", "localhost", "--out-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("not overwriting"), "{}", text(&out));
+    assert_eq!(read(&cert), before);
+    // A name is required, and named.
+    let out = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args(["tls", "self-signed", "--out-dir"])
+        .arg(tmp.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--san"), "{}", text(&out));
+}
+
+/// The HTTP API over TLS with the gRPC server's certificate and key (`roe tls self-signed`'s
+/// pair): listening beyond loopback with API keys is then allowed, keys still apply, a
+/// plaintext request to the port gets no HTTP answer (and the listener goes on), and gRPC
+/// answers the CLI over https with the same CA.
+#[test]
+fn the_http_api_is_served_over_https_with_the_grpc_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = common::self_signed(&tmp.path().join("tls"));
+    let (child, grpc, http) = start_serve_http_on(
+        &tmp.path().join("data"),
+        "0.0.0.0:0",
+        &[
+            "--no-inference",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--admin-keys",
+            ADMIN,
+        ],
+    );
+    let _server = KillOnDrop(child);
+    let https = loopback_root(&http, "https");
+    let (status, body) = https_call_with(&https, &ca, "GET", "/health", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let bearer = format!("Bearer {ADMIN}");
+    let (status, body) = https_call_with(
+        &https,
+        &ca,
+        "GET",
+        "/v1/models",
+        None,
+        &[("Authorization", &bearer)],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"auto\""), "{body}");
+    let (status, body) = https_call_with(&https, &ca, "GET", "/v1/models", None, &[]);
+    assert_eq!(status, 401, "{body}");
+
+    // Plaintext to the HTTPS port: no HTTP answer; the listener is still there after it.
+    let answer = plaintext_answer(https.trim_start_matches("https://"));
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let (status, _) = https_call_with(&https, &ca, "GET", "/health", None, &[]);
+    assert_eq!(status, 200);
+
+    // gRPC with the same certificate: the CLI trusts the CA (the URL's IP address is in the
+    // certificate, so no --tls-domain).
+    let grpc = grpc.replace("http://", "https://");
+    let out = roe(
+        &grpc,
+        Some(ADMIN),
+        &["--tls-ca", ca.to_str().unwrap(), "expert", "ls"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// API keys over plaintext HTTP beyond loopback would cross the network in clear: refused at
+/// start, naming the ways out, unless --http-allow-plaintext.
+#[test]
+fn plaintext_http_beyond_loopback_with_keys_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--http-addr", "0.0.0.0:0"])
+        .args(["--no-inference", "--admin-keys", ADMIN, "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .arg("--models-dir")
+        .arg(models_dir())
+        .env_remove("ROE_HTTP_ALLOW_PLAINTEXT")
+        .env_remove("ROE_TLS_CERT")
+        .env_remove("ROE_TLS_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains("refusing to serve the HTTP API on 0.0.0.0:0 in plaintext with API keys"),
+        "{msg}"
+    );
+    for way_out in ["--tls-cert", "127.0.0.1", "--http-allow-plaintext"] {
+        assert!(msg.contains(way_out), "{way_out} not in {msg}");
+    }
+
+    // Asked for (a proxy terminates TLS in front): it serves.
+    let (child, _, http) = start_serve_http_on(
+        &tmp.path().join("data"),
+        "0.0.0.0:0",
+        &[
+            "--no-inference",
+            "--admin-keys",
+            ADMIN,
+            "--http-allow-plaintext",
+        ],
+    );
+    let _server = KillOnDrop(child);
+    let (status, body) = common::http_call(&loopback_root(&http, "http"), "GET", "/health", None);
+    assert_eq!(status, 200, "{body}");
 }

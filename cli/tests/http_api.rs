@@ -1,6 +1,7 @@
 //! The HTTP API of a real `roe serve`: the official `openai` Python client drives it
-//! unchanged (cli/tests/openai_client.py, with the venv of scripts/openai-venv.sh), and a
-//! scrape of `/metrics` after a known workload shows the counters at the values it implies.
+//! unchanged (cli/tests/openai_client.py, with the venv of scripts/openai-venv.sh; over HTTPS
+//! cli/tests/openai_https.py), and a scrape of `/metrics` after a known workload shows the
+//! counters at the values it implies.
 mod common;
 
 use std::collections::BTreeMap;
@@ -88,6 +89,46 @@ async fn the_openai_python_client_works_against_roe_unchanged() {
     eprintln!("openai client: {summary}");
     assert_eq!(summary["models"], 6);
     assert!(summary["readme_curl"].as_u64().unwrap() >= 4, "{summary}");
+}
+
+/// The official `openai` client over HTTPS (`roe serve --tls-cert/--tls-key` with `roe tls
+/// self-signed`'s pair; cli/tests/openai_https.py), given the CA: models listed with the key,
+/// a wrong key refused (401), and without the CA the certificate refused.
+#[test]
+fn the_openai_python_client_works_over_https() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = common::self_signed(&tmp.path().join("tls"));
+    let admin = "admin-key-for-https-tests-1";
+    let (child, _, http) = start_serve_http(
+        &tmp.path().join("library"),
+        &[
+            "--no-inference",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--admin-keys",
+            admin,
+        ],
+    );
+    let _server = KillOnDrop(child);
+    let out = std::process::Command::new(openai_python())
+        .arg(repo().join("cli/tests/openai_https.py"))
+        .env("ROE_HTTPS_ROOT", http.replace("http://", "https://"))
+        .env("ROE_HTTPS_CA", &ca)
+        .env("ROE_HTTPS_KEY", admin)
+        // The CA reaches the client as the script gives it, not through the environment.
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["models"], json!(["auto", "base"]), "{summary}");
+    assert_eq!(summary["wrong_key"], 401, "{summary}");
+    assert_eq!(summary["without_ca"], "refused", "{summary}");
 }
 
 /// `name{labels} value` lines of a Prometheus scrape.

@@ -5,7 +5,8 @@
 //!
 //! The handlers call the serving core and the library, never the gRPC handlers; requests
 //! meet the same checks (the core validates), the same API keys and the same bound on
-//! requests in flight as gRPC. One module maps errors to responses ([`error`]).
+//! requests in flight as gRPC. One module maps errors to responses ([`error`]). With the
+//! server's `--tls-cert` it is served over TLS ([`tls`]).
 
 pub mod completions;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod models;
 pub mod openai;
 pub mod openapi;
 pub mod roe_api;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,6 +30,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use roe_expert_library::ExpertLibrary;
 use roe_services::auth::{presented, ApiKeys};
+use roe_services::tls::HttpsConfig;
 use roe_serving::{BackboneAnswerer, BackboneInference, LocalRouter, RequestLimits};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -349,23 +352,48 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Serves the HTTP API on an already bound listener until `shutdown` resolves.
+/// Serves the HTTP API on an already bound listener until `shutdown` resolves: over TLS
+/// (HTTPS) with `tls`, else in plaintext.
 pub async fn serve(
     listener: TcpListener,
     state: HttpState,
+    tls: Option<HttpsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    tracing::info!(addr = ?listener.local_addr().ok(), "roe HTTP API serving");
-    use axum::serve::ListenerExt;
-    // Nagle off, as for gRPC: a small response is not held back for the client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("could not set TCP_NODELAY: {e}");
+    serve_app(listener, router(state), tls, shutdown).await
+}
+
+/// [`serve`] for any router (the TLS tests serve a small one).
+pub async fn serve_app(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<HttpsConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr().ok();
+    match tls {
+        Some(config) => {
+            tracing::info!(?addr, "roe HTTP API serving over TLS (https)");
+            let listener = crate::tls::TlsListener::new(listener, config)?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
         }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+        None => {
+            tracing::info!(?addr, "roe HTTP API serving");
+            use axum::serve::ListenerExt;
+            // Nagle off, as for gRPC: a small response is not held back for the client's
+            // delayed ACK.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("could not set TCP_NODELAY: {e}");
+                }
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }
 
 #[cfg(test)]

@@ -100,14 +100,18 @@ impl Drop for KillOnDrop {
 /// [`start_serve_with`] with the HTTP API on a port the kernel picks: the child, the gRPC URL
 /// and the HTTP root (`http://127.0.0.1:PORT`).
 pub fn start_serve_http(data: &Path, flags: &[&str]) -> (Child, String, String) {
+    start_serve_http_on(data, "127.0.0.1:0", flags)
+}
+
+/// [`start_serve_http`] with the HTTP API on `http_addr` (`0.0.0.0:0`: beyond loopback); the
+/// HTTP root names the address it printed (`http://0.0.0.0:PORT`: see [`loopback_root`]).
+pub fn start_serve_http_on(
+    data: &Path,
+    http_addr: &str,
+    flags: &[&str],
+) -> (Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_roe"))
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--addr", "127.0.0.1:0", "--http-addr", http_addr])
         .arg("--data-dir")
         .arg(data)
         .args(flags)
@@ -132,6 +136,13 @@ pub fn start_serve_http(data: &Path, flags: &[&str]) -> (Child, String, String) 
     (child, format!("http://{grpc}"), format!("http://{http}"))
 }
 
+/// `scheme://127.0.0.1:PORT` for a root that names the port of a server listening beyond
+/// loopback (`http://0.0.0.0:PORT`).
+pub fn loopback_root(root: &str, scheme: &str) -> String {
+    let port = root.rsplit(':').next().unwrap();
+    format!("{scheme}://127.0.0.1:{port}")
+}
+
 /// One HTTP/1.1 request over a plain socket (the tests need no client library for it): the
 /// status and the body (chunked bodies, as streams come, are joined).
 pub fn http_call(root: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
@@ -146,9 +157,102 @@ pub fn http_call_with(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    use std::io::{Read, Write};
     let addr = root.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    exchange(&mut s, addr, method, path, body, headers)
+}
+
+/// `roe tls self-signed` for `localhost` and `127.0.0.1` into `dir`: the CA (what clients
+/// trust), the server's certificate and its key.
+pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let out = Command::new(env!("CARGO_BIN_EXE_roe"))
+        .args([
+            "tls",
+            "self-signed",
+            "--san",
+            "localhost",
+            "--san",
+            "127.0.0.1",
+        ])
+        .arg("--out-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+/// A rustls client trusting the CA certificates (PEM) in `ca`, and nothing else.
+pub fn tls_client(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
+}
+
+/// [`http_call_with`] over HTTPS (`https://127.0.0.1:PORT`), trusting the CA in `ca`; the
+/// server's certificate must name `localhost`.
+pub fn https_call_with(
+    root: &str,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let addr = root.trim_start_matches("https://");
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    let name = "localhost".try_into().unwrap();
+    let conn = rustls::ClientConnection::new(tls_client(ca), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    exchange(&mut s, addr, method, path, body, headers)
+}
+
+/// What a server answers a plaintext HTTP request with, within 10 s (a TLS port answers no
+/// HTTP: an alert, or nothing, then it closes).
+pub fn plaintext_answer(addr: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    // A reset or the timeout ends it as well as a close: what came is the answer.
+    let _ = s.read_to_end(&mut raw);
+    raw
+}
+
+/// Writes one request on `s` and reads the response to its end.
+fn exchange(
+    s: &mut (impl std::io::Read + std::io::Write),
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let body = body.unwrap_or("");
     let extra: String = headers
         .iter()
@@ -162,7 +266,12 @@ pub fn http_call_with(
     )
     .unwrap();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    match std::io::Read::read_to_end(s, &mut raw) {
+        Ok(_) => {}
+        // A TLS peer that closed without close_notify: what came is the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => panic!("reading the response from {addr}: {e}"),
+    }
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
     let mut rest = &raw[split + 4..];
