@@ -1134,13 +1134,13 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         )),
     );
     {
-        // Announced under the limit but sent past it: refused at the chunk that passes the
-        // limit (61 chunks of 1 MiB, made as they are sent).
+        // Announced under the limit but sent past it (61 chunks of 1 MiB, made as they are
+        // sent): refused at the first chunk past what was announced, long before the limit.
         let h = with(&header, |h| h.safetensors_bytes = Some(MIB as u64));
         s.register_stream(
             "chunks over max_adapter_bytes past what was announced",
-            Code::ResourceExhausted,
-            "adapter.adapter_model_safetensors",
+            Code::InvalidArgument,
+            "safetensors_bytes: 1048576 announced, 2097152 received",
             tokio_stream::iter(
                 std::iter::once(reg_chunk(RegPart::Header(h)))
                     .chain((0..61).map(|_| reg_chunk(RegPart::SafetensorsChunk(vec![0; MIB])))),

@@ -1,8 +1,11 @@
 //! Quotas and limits over gRPC against a real server: each refusal is RESOURCE_EXHAUSTED
 //! naming the field and the limit, and leaves the library as it was.
 
+use std::time::{Duration, Instant};
+
 use proto::expert_library_client::ExpertLibraryClient;
 use roe_expert_library::library::{LibraryConfig, Limits};
+use roe_services::library_service::{registration_bytes, streamed_registration_bytes};
 use roe_services::proto;
 use roe_tests::{announced, queries, register_request, task, ServerExtras, TestServer};
 use tonic::transport::Channel;
@@ -167,7 +170,8 @@ async fn adapters_past_their_limit_are_refused_before_they_are_held() {
     assert_exhausted(&e, "safetensors_bytes:", "max_adapter_bytes is 10000");
     drop(tx);
 
-    // Announced under the limit but sent past it: refused at the chunk that passes the limit.
+    // Announced under the limit but sent past it: refused at the first chunk past what was
+    // announced, before the limit.
     header.safetensors_bytes = Some(1000);
     let mut chunks = vec![proto::RegisterExpertChunk {
         part: Some(Part::Header(header)),
@@ -181,10 +185,11 @@ async fn adapters_past_their_limit_are_refused_before_they_are_held() {
         .register_expert_stream(tokio_stream::iter(chunks))
         .await
         .unwrap_err();
-    assert_exhausted(
-        &e,
-        "adapter.adapter_model_safetensors:",
-        "max_adapter_bytes is 10000",
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("safetensors_bytes: 1000 announced, 4096 received"),
+        "{e:?}"
     );
     assert!(ids(&mut lib).await.is_empty());
 }
@@ -253,26 +258,31 @@ async fn choices_and_route_text_are_bounded_everywhere() {
     assert_eq!(a.num_instances, 4);
 }
 
-/// Past --max-concurrent-uploads a registration is refused at once; the place is free again
-/// when the upload in progress ends.
+/// Past --max-concurrent-uploads a streamed registration waits for a place, and is refused
+/// when none comes free within --upload-queue-timeout-ms; unary registrations are not
+/// counted (they are bounded by their bytes), and the place is free again when the upload in
+/// progress ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uploads_at_once_are_bounded() {
+async fn streamed_uploads_at_once_are_bounded() {
     use proto::register_expert_chunk::Part;
     let server = TestServer::start_with(
         LibraryConfig::default(),
         false,
         ServerExtras {
             max_uploads: 1,
+            upload_queue_timeout: Some(Duration::from_secs(1)),
             ..Default::default()
         },
     )
     .await;
     let mut lib = server.library().await;
-    // Refused on its own merits while no upload is in progress (an empty id).
+    // A whole stream refused on its own merits once it has a place (an empty id).
     let probe = || {
         let mut r = register_request("", "prompt", "sms_spam", 2);
         r.id.clear();
-        r
+        tokio_stream::iter(vec![proto::RegisterExpertChunk {
+            part: Some(Part::Header(r)),
+        }])
     };
     let open_upload = || {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -293,37 +303,246 @@ async fn uploads_at_once_are_bounded() {
         (tx, upload)
     };
     let (mut tx, mut upload) = open_upload();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let refused = loop {
-        assert!(std::time::Instant::now() < deadline, "never refused");
-        // The probe may hold the place as the upload arrives: that upload is refused and
-        // another opened.
+        assert!(Instant::now() < deadline, "never refused");
+        // The probe may hold the place as the upload arrives: the upload then waits for it
+        // (and is refused only if the probe outlasts the timeout; another is opened).
         if upload.is_finished() {
             let lost = upload.await.unwrap().unwrap_err();
             assert_eq!(lost.code(), Code::ResourceExhausted, "{lost:?}");
             (tx, upload) = open_upload();
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let e = lib.register_expert(probe()).await.unwrap_err();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let e = lib.register_expert_stream(probe()).await.unwrap_err();
         if e.code() == Code::ResourceExhausted {
+            assert!(started.elapsed() >= Duration::from_secs(1), "{e:?}");
             break e;
         }
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     };
     assert!(refused.message().starts_with("uploads:"), "{refused:?}");
-    assert!(
-        refused.message().contains("--max-concurrent-uploads"),
-        "{refused:?}"
-    );
-    // The upload ends and is stored; the next registration has its place.
-    drop(tx);
-    upload.await.unwrap().unwrap();
-    let e = lib.register_expert(probe()).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    lib.register_expert(register_request("next", "prompt", "sms_spam", 2))
+    for flag in ["--max-concurrent-uploads", "--upload-queue-timeout-ms"] {
+        assert!(refused.message().contains(flag), "{flag}: {refused:?}");
+    }
+    // A unary registration takes no place among the streams.
+    lib.register_expert(register_request("unary", "prompt", "sms_spam", 2))
         .await
         .unwrap();
-    assert_eq!(ids(&mut lib).await, ["held", "next"]);
+    // The upload ends and is stored; the next stream has its place.
+    drop(tx);
+    upload.await.unwrap().unwrap();
+    let e = lib.register_expert_stream(probe()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(ids(&mut lib).await, ["held", "unary"]);
+}
+
+/// The byte budget of uploads in flight: 8 clients registering 5 small experts each, with
+/// room for about two registrations at once, all succeed: they queue for the budget instead
+/// of being refused for their number (issue 26: `--max-concurrent-uploads 4` refused 36 of
+/// these 40).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_small_registrations_queues_for_the_byte_budget() {
+    let request = |client: usize, k: usize| {
+        register_request(&format!("c{client}-{k}"), "prompt", "sms_spam", 5)
+    };
+    let largest = (0..8)
+        .flat_map(move |c| (0..5).map(move |k| registration_bytes(&request(c, k))))
+        .max()
+        .unwrap();
+    let server = TestServer::start_with(
+        LibraryConfig::default(),
+        false,
+        ServerExtras {
+            upload_budget_bytes: largest * 5 / 2,
+            // Long enough for the whole burst to pass through two places on a busy machine:
+            // what is tested is that nothing is refused for waiting its turn.
+            upload_queue_timeout: Some(Duration::from_secs(120)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let mut lib = server.library().await;
+        clients.push(tokio::spawn(async move {
+            for k in 0..5 {
+                lib.register_expert(request(c, k)).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        }));
+    }
+    for client in clients {
+        client.await.unwrap().unwrap();
+    }
+    let mut lib = server.library().await;
+    assert_eq!(ids(&mut lib).await.len(), 40);
+}
+
+/// A registration larger than the whole byte budget is refused at once, unary or streamed
+/// (announced on its header, before any weights): no wait could make room for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_over_the_whole_budget_is_refused_at_once() {
+    use proto::register_expert_chunk::Part;
+    let server = TestServer::start_with(
+        LibraryConfig::default(),
+        false,
+        ServerExtras {
+            upload_budget_bytes: 10_000,
+            upload_queue_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut lib = server.library().await;
+    let whole = register_request("big", "prompt", "sms_spam", 2);
+    let needs = registration_bytes(&whole);
+    assert!(needs > 10_000, "{needs}");
+    let started = Instant::now();
+    let e = lib.register_expert(whole.clone()).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(30), "it waited");
+    assert_exhausted(&e, "uploads:", "budget of uploads in flight, 10000 bytes");
+    assert!(
+        e.message().contains(&format!("needs {needs} bytes")),
+        "{e:?}"
+    );
+    assert!(
+        e.message().contains("--max-upload-bytes-in-flight"),
+        "{e:?}"
+    );
+
+    // Streamed, its length announced: refused on the header while the stream stays open.
+    let mut header = announced(whole);
+    std::mem::take(&mut header.adapter.as_mut().unwrap().adapter_model_safetensors);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(proto::RegisterExpertChunk {
+        part: Some(Part::Header(header)),
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let e = lib
+        .register_expert_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(30), "it waited");
+    assert_exhausted(&e, "uploads:", "budget of uploads in flight, 10000 bytes");
+    drop(tx);
+    assert!(ids(&mut lib).await.is_empty());
+}
+
+/// While a streamed registration holds most of the byte budget, another that needs more than
+/// what remains waits: it is refused after --upload-queue-timeout-ms, naming the budget, its
+/// size, its own bytes and the wait, and it passes when the first ends within the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_waits_for_the_budget_then_passes_or_is_refused() {
+    use proto::register_expert_chunk::Part;
+    // Long enough for the held registration to be stored (its instances embedded) on a busy
+    // machine once it is let go, short enough to wait out.
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let mut held = announced(register_request("held", "prompt", "sms_spam", 2));
+    let weights = std::mem::take(&mut held.adapter.as_mut().unwrap().adapter_model_safetensors);
+    let held_bytes = streamed_registration_bytes(&held, Limits::default().max_adapter_bytes);
+    let second = register_request("second", "prompt", "sms_spam", 2);
+    let second_bytes = registration_bytes(&second);
+    // Either fits alone, not both together.
+    let budget = held_bytes + second_bytes / 2;
+    assert!(second_bytes <= budget && held_bytes + second_bytes > budget + 1024);
+    let server = TestServer::start_with(
+        LibraryConfig::default(),
+        false,
+        ServerExtras {
+            upload_budget_bytes: budget,
+            upload_queue_timeout: Some(TIMEOUT),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut lib = server.library().await;
+    // As large as the second, refused on its own merits once it has its share (an empty id).
+    let probe = || {
+        let mut r = second.clone();
+        r.id.clear();
+        r
+    };
+    let probe_bytes = registration_bytes(&probe());
+    assert!(held_bytes + probe_bytes > budget + 1024);
+    // The held registration announces its weights and sends none until told to: its share
+    // stays taken for as long as its stream is open.
+    let open_upload = || {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.try_send(proto::RegisterExpertChunk {
+            part: Some(Part::Header(held.clone())),
+        })
+        .unwrap();
+        let url = server.url.clone();
+        let upload = tokio::spawn(async move {
+            ExpertLibraryClient::connect(url)
+                .await
+                .unwrap()
+                .register_expert_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        (tx, upload)
+    };
+    let (mut tx, mut upload) = open_upload();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        assert!(Instant::now() < deadline, "never refused");
+        // The probe may take the budget as the upload arrives: the upload then waits for it.
+        if upload.is_finished() {
+            let lost = upload.await.unwrap().unwrap_err();
+            assert_eq!(lost.code(), Code::ResourceExhausted, "{lost:?}");
+            (tx, upload) = open_upload();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let e = lib.register_expert(probe()).await.unwrap_err();
+        if e.code() == Code::ResourceExhausted {
+            assert!(
+                started.elapsed() >= TIMEOUT,
+                "refused before the timeout: {e:?}"
+            );
+            break e;
+        }
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    };
+    assert_exhausted(
+        &refused,
+        "uploads: waited",
+        &format!("budget of uploads in flight, {budget} bytes (--max-upload-bytes-in-flight)"),
+    );
+    assert!(
+        refused
+            .message()
+            .contains(&format!("for {probe_bytes} bytes")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("--upload-queue-timeout-ms"),
+        "{refused:?}"
+    );
+
+    // The second waits for the held one, which ends within the timeout: both are stored.
+    let waiting = {
+        let mut lib = server.library().await;
+        let second = second.clone();
+        tokio::spawn(async move { lib.register_expert(second).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the second did not wait");
+    for chunk in weights.chunks(16 << 10) {
+        tx.send(proto::RegisterExpertChunk {
+            part: Some(Part::SafetensorsChunk(chunk.to_vec())),
+        })
+        .await
+        .unwrap();
+    }
+    drop(tx);
+    upload.await.unwrap().unwrap();
+    waiting.await.unwrap().unwrap();
+    assert_eq!(ids(&mut lib).await, ["held", "second"]);
 }
 
 /// A message over the server's 64 MiB limit is RESOURCE_EXHAUSTED (as gRPC specifies), not

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use roe_encoder::{BatchingEncoder, BertEncoder, Encoder, DEFAULT_ENCODER_DIR};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
+use roe_services::library_service::{UploadLimits, DEFAULT_UPLOAD_QUEUE_TIMEOUT};
 use roe_services::proto::{
     self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
     inference_client::InferenceClient, router_client::RouterClient,
@@ -151,8 +152,12 @@ pub fn announced(mut req: proto::RegisterExpertRequest) -> proto::RegisterExpert
 pub struct ServerExtras {
     pub auth: roe_services::auth::AuthLayer,
     pub concurrency: roe_services::load_shed::ConcurrencyLimitLayer,
-    /// `--max-concurrent-uploads` (0: no bound).
+    /// `--max-concurrent-uploads`: streamed registrations at once (0: no bound).
     pub max_uploads: usize,
+    /// `--max-upload-bytes-in-flight` (0: no bound).
+    pub upload_budget_bytes: u64,
+    /// `--upload-queue-timeout-ms` (None: the server's default).
+    pub upload_queue_timeout: Option<std::time::Duration>,
     /// Serve over TLS (the URL is then https://127.0.0.1:port; its certificate names
     /// `localhost`).
     pub tls: Option<tonic::transport::ServerTlsConfig>,
@@ -333,7 +338,13 @@ impl TestServer {
                     training,
                     auth: extras.auth,
                     concurrency: extras.concurrency,
-                    max_concurrent_uploads: extras.max_uploads,
+                    uploads: UploadLimits {
+                        bytes_in_flight: extras.upload_budget_bytes,
+                        queue_timeout: extras
+                            .upload_queue_timeout
+                            .unwrap_or(DEFAULT_UPLOAD_QUEUE_TIMEOUT),
+                        max_streams: extras.max_uploads,
+                    },
                     tls: extras.tls,
                     ..ServeOptions::default()
                 },

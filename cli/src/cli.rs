@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig, Limits};
 use roe_expert_library::PeftAdapter;
 use roe_services::auth::{ApiKeys, AuthLayer, ClientKey, KeyedChannel};
+use roe_services::library_service::{least_upload_budget, UploadLimits};
 use roe_services::load_shed::ConcurrencyLimitLayer;
 use roe_services::proto::{
     self, answerer_client::AnswererClient, expert_library_client::ExpertLibraryClient,
@@ -337,8 +338,20 @@ struct LimitsArgs {
     /// can be read back whole).
     #[arg(long, env = "ROE_MAX_ADAPTER_BYTES", default_value_t = Limits::default().max_adapter_bytes)]
     max_adapter_bytes: usize,
-    /// Registrations at once (each holds its adapter in memory until stored); 0: no bound.
-    #[arg(long, env = "ROE_MAX_CONCURRENT_UPLOADS", default_value_t = 4)]
+    /// Bytes that registrations in progress may hold at once: a unary one its message, a
+    /// streamed one its header and announced weights (--max-adapter-bytes unannounced) and
+    /// each instance it streams. A registration waits for room up to
+    /// --upload-queue-timeout-ms. Default: 4 × --max-adapter-bytes (240 MiB); at least the
+    /// largest registration (64 MiB, or --max-adapter-bytes and 1 MiB); 0: no bound.
+    #[arg(long, env = "ROE_MAX_UPLOAD_BYTES_IN_FLIGHT")]
+    max_upload_bytes_in_flight: Option<u64>,
+    /// How long a registration waits for room under --max-upload-bytes-in-flight (or a place
+    /// under --max-concurrent-uploads) before RESOURCE_EXHAUSTED (ms).
+    #[arg(long, env = "ROE_UPLOAD_QUEUE_TIMEOUT_MS", default_value_t = 10_000)]
+    upload_queue_timeout_ms: u64,
+    /// Streamed registrations at once (each holds its place for as long as its client
+    /// sends); 0: no bound. Unary registrations are bounded by their bytes only.
+    #[arg(long, env = "ROE_MAX_CONCURRENT_UPLOADS", default_value_t = 0)]
     max_concurrent_uploads: usize,
     /// Bytes of one input, target, description or query.
     #[arg(long, env = "ROE_MAX_TEXT_BYTES", default_value_t = Limits::default().max_text_bytes)]
@@ -366,6 +379,26 @@ impl LimitsArgs {
             max_route_text_bytes: self.max_route_text_bytes,
             ..Limits::default()
         }
+    }
+
+    /// The bounds on registrations in progress; a byte budget too small for the largest
+    /// registration the limits allow is refused at start (that registration could never pass).
+    fn uploads(&self) -> Result<UploadLimits> {
+        let least = least_upload_budget(self.max_adapter_bytes);
+        let bytes_in_flight = match self.max_upload_bytes_in_flight {
+            None => (self.max_adapter_bytes as u64).saturating_mul(4).max(least),
+            Some(bytes) if bytes > 0 && bytes < least => bail!(
+                "--max-upload-bytes-in-flight {bytes}: below the largest registration the limits \
+                 allow, {least} bytes (a 64 MiB message, or --max-adapter-bytes and 1 MiB); \
+                 raise it, or give 0 for no bound"
+            ),
+            Some(bytes) => bytes,
+        };
+        Ok(UploadLimits {
+            bytes_in_flight,
+            queue_timeout: std::time::Duration::from_millis(self.upload_queue_timeout_ms),
+            max_streams: self.max_concurrent_uploads,
+        })
     }
 
     fn requests(&self) -> RequestLimits {
@@ -762,6 +795,13 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         }
         https
     };
+    let uploads = a.limits.uploads()?;
+    tracing::info!(
+        bytes_in_flight = uploads.bytes_in_flight,
+        queue_timeout_ms = uploads.queue_timeout.as_millis() as u64,
+        max_streams = uploads.max_streams,
+        "upload bounds"
+    );
     // Installed before anything records: the exporter /metrics renders.
     let metrics = roe_http::metrics::install();
     // The router role is the library and router of the single process, without the backbone.
@@ -906,7 +946,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     let options = ServeOptions {
         auth,
         concurrency,
-        max_concurrent_uploads: a.limits.max_concurrent_uploads,
+        uploads,
         tls,
         route_defaults,
         inference,

@@ -20,7 +20,7 @@ use tonic_health::ServingStatus;
 use crate::answer_service::AnswerService;
 use crate::auth::AuthLayer;
 use crate::inference_service::InferenceService;
-use crate::library_service::LibraryService;
+use crate::library_service::{LibraryService, UploadLimits};
 use crate::load_shed::ConcurrencyLimitLayer;
 use crate::message_limit::MessageLimitLayer;
 use crate::proto::{
@@ -55,8 +55,9 @@ pub struct ServeOptions {
     /// Requests in flight past which calls are refused with RESOURCE_EXHAUSTED (default: no
     /// bound; health is never refused).
     pub concurrency: ConcurrencyLimitLayer,
-    /// Registrations at once (each holds its adapter in memory); 0: no bound.
-    pub max_concurrent_uploads: usize,
+    /// Bytes of registrations in flight, how long one waits for room, streamed ones at once
+    /// (default: no bound).
+    pub uploads: UploadLimits,
     /// Serve over TLS with this identity (None: plaintext).
     pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
@@ -193,12 +194,10 @@ pub async fn serve(
         answerer: options.inference.is_some(),
     })
     .await;
-    let library_api = ExpertLibraryServer::new(LibraryService::new(
-        library.clone(),
-        options.max_concurrent_uploads,
-    ))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let library_api =
+        ExpertLibraryServer::new(LibraryService::new(library.clone(), &options.uploads))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router_api = RouterServer::new(RouterService::new(
         library.clone(),
         options.route_defaults.clone(),

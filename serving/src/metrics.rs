@@ -22,6 +22,30 @@ pub const EXPERT_CACHE_MISSES: &str = "roe_expert_cache_misses_total";
 pub const EXPERT_LOADS: &str = "roe_expert_loads_total";
 pub const EXPERT_LOAD_DURATION: &str = "roe_expert_load_duration_seconds";
 pub const EXPERT_CACHE_BYTES: &str = "roe_expert_cache_bytes";
+pub const UPLOAD_BYTES_IN_FLIGHT: &str = "roe_upload_bytes_in_flight";
+pub const UPLOAD_REFUSALS: &str = "roe_upload_refusals_total";
+
+/// Why a registration was refused by the upload bounds (the `reason` label of
+/// [`UPLOAD_REFUSALS`]): a fixed set, so that clients cannot mint label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadRefusal {
+    /// Larger than the whole byte budget: refused without waiting.
+    OverBudget,
+    /// No room in the byte budget within the queue timeout.
+    BudgetTimeout,
+    /// No place among the streamed registrations within the queue timeout.
+    StreamsTimeout,
+}
+
+impl UploadRefusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::OverBudget => "over_budget",
+            Self::BudgetTimeout => "budget_timeout",
+            Self::StreamsTimeout => "streams_timeout",
+        }
+    }
+}
 
 /// Registers the descriptions and units of the serving core's metrics with the recorder.
 pub fn describe() {
@@ -77,6 +101,17 @@ pub fn describe() {
         EXPERT_CACHE_BYTES,
         Unit::Bytes,
         "Bytes of the experts the cache holds"
+    );
+    describe_gauge!(
+        UPLOAD_BYTES_IN_FLIGHT,
+        Unit::Bytes,
+        "Bytes of the upload budget (--max-upload-bytes-in-flight) held by registrations in \
+         progress"
+    );
+    describe_counter!(
+        UPLOAD_REFUSALS,
+        "Registrations refused by the upload bounds, by reason (over_budget, budget_timeout, \
+         streams_timeout)"
     );
 }
 
@@ -159,4 +194,18 @@ pub(crate) fn expert_loaded(took: Duration) {
 
 pub(crate) fn cache_bytes(bytes: u64) {
     gauge!(EXPERT_CACHE_BYTES).set(bytes as f64);
+}
+
+/// A registration took `bytes` more of the upload budget.
+pub fn upload_bytes_held(bytes: u64) {
+    gauge!(UPLOAD_BYTES_IN_FLIGHT).increment(bytes as f64);
+}
+
+/// A registration gave `bytes` of the upload budget back (stored, refused or abandoned).
+pub fn upload_bytes_released(bytes: u64) {
+    gauge!(UPLOAD_BYTES_IN_FLIGHT).decrement(bytes as f64);
+}
+
+pub fn upload_refused(reason: UploadRefusal) {
+    counter!(UPLOAD_REFUSALS, "reason" => reason.label()).increment(1);
 }
