@@ -278,6 +278,12 @@ async fn metrics_count_a_known_workload() {
     );
     assert_eq!(value(&m, "roe_routes_total", &[("outcome", "routed")]), 3.0);
     assert_eq!(value(&m, "roe_library_experts", &[]), 2.0);
+    // The process itself: a server with the backbone and the encoder loaded holds more than
+    // 100 MB, its listeners and library files open.
+    let rss = value(&m, "process_resident_memory_bytes", &[]);
+    assert!(rss > 100e6, "{rss}");
+    assert!(value(&m, "process_resident_memory_max_bytes", &[]) >= rss);
+    assert!(value(&m, "process_open_fds", &[]) >= 5.0);
     assert_eq!(value(&m, "roe_library_vectors", &[]), (2 * S) as f64);
     assert_eq!(value(&m, "roe_generated_tokens_total", &[]), generated);
     assert_eq!(value(&m, "roe_time_to_first_token_seconds_count", &[]), 1.0);

@@ -63,6 +63,7 @@ pub async fn render(State(state): State<HttpState>) -> Response {
             .into_response();
     };
     roe_expert_library::metrics::record_sizes(&state.library);
+    roe_serving::metrics::record_process();
     handle.run_upkeep();
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

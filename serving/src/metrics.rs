@@ -24,6 +24,12 @@ pub const EXPERT_LOAD_DURATION: &str = "roe_expert_load_duration_seconds";
 pub const EXPERT_CACHE_BYTES: &str = "roe_expert_cache_bytes";
 pub const UPLOAD_BYTES_IN_FLIGHT: &str = "roe_upload_bytes_in_flight";
 pub const UPLOAD_REFUSALS: &str = "roe_upload_refusals_total";
+// The process's own, under the names Prometheus' client libraries give them, so that the
+// usual dashboards and alerts find them.
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+pub const PROCESS_PEAK_RESIDENT_MEMORY: &str = "process_resident_memory_max_bytes";
+pub const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 
 /// Why a registration was refused by the upload bounds (the `reason` label of
 /// [`UPLOAD_REFUSALS`]): a fixed set, so that clients cannot mint label values.
@@ -108,6 +114,22 @@ pub fn describe() {
         "Bytes of the upload budget (--max-upload-bytes-in-flight) held by registrations in \
          progress"
     );
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY,
+        Unit::Bytes,
+        "Resident memory of the process (Linux: VmRSS), read at each scrape"
+    );
+    describe_gauge!(
+        PROCESS_PEAK_RESIDENT_MEMORY,
+        Unit::Bytes,
+        "Peak resident memory of the process since it started (Linux: VmHWM)"
+    );
+    describe_gauge!(
+        PROCESS_VIRTUAL_MEMORY,
+        Unit::Bytes,
+        "Virtual memory of the process (Linux: VmSize)"
+    );
+    describe_gauge!(PROCESS_OPEN_FDS, "File descriptors the process holds open");
     describe_counter!(
         UPLOAD_REFUSALS,
         "Registrations refused by the upload bounds, by reason (over_budget, budget_timeout, \
@@ -208,4 +230,93 @@ pub fn upload_bytes_released(bytes: u64) {
 
 pub fn upload_refused(reason: UploadRefusal) {
     counter!(UPLOAD_REFUSALS, "reason" => reason.label()).increment(1);
+}
+
+/// The process's memory and open file descriptors, as the kernel reports them now: called
+/// before each scrape is rendered. Reads `/proc/self` on Linux; elsewhere records nothing.
+pub fn record_process() {
+    let Some(process) = ProcessStats::read() else {
+        return;
+    };
+    gauge!(PROCESS_RESIDENT_MEMORY).set(process.resident_bytes as f64);
+    gauge!(PROCESS_PEAK_RESIDENT_MEMORY).set(process.peak_resident_bytes as f64);
+    gauge!(PROCESS_VIRTUAL_MEMORY).set(process.virtual_bytes as f64);
+    if let Some(fds) = process.open_fds {
+        gauge!(PROCESS_OPEN_FDS).set(fds as f64);
+    }
+}
+
+/// What `/proc/self` says of this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessStats {
+    pub resident_bytes: u64,
+    pub peak_resident_bytes: u64,
+    pub virtual_bytes: u64,
+    /// None where `/proc/self/fd` cannot be listed.
+    pub open_fds: Option<u64>,
+}
+
+impl ProcessStats {
+    /// None where `/proc/self/status` cannot be read (not Linux).
+    pub fn read() -> Option<Self> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as u64);
+        Some(Self::parse(&status, open_fds))
+    }
+
+    /// The `VmRSS`, `VmHWM` and `VmSize` lines of a `/proc/<pid>/status` ("VmRSS:  1234 kB").
+    fn parse(status: &str, open_fds: Option<u64>) -> Self {
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .map_or(0, |k| k * 1024)
+        };
+        Self {
+            resident_bytes: kib("VmRSS"),
+            peak_resident_bytes: kib("VmHWM"),
+            virtual_bytes: kib("VmSize"),
+            open_fds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod process_tests {
+    use super::ProcessStats;
+
+    #[test]
+    fn status_lines_are_read_in_bytes() {
+        let status = "Name:\troe\nVmPeak:\t  900 kB\nVmSize:\t  800 kB\nVmHWM:\t  300 kB\n\
+                      VmRSS:\t  200 kB\n";
+        let s = ProcessStats::parse(status, Some(7));
+        assert_eq!(
+            s,
+            ProcessStats {
+                resident_bytes: 200 * 1024,
+                peak_resident_bytes: 300 * 1024,
+                virtual_bytes: 800 * 1024,
+                open_fds: Some(7),
+            }
+        );
+        assert_eq!(ProcessStats::parse("", None).resident_bytes, 0);
+    }
+
+    #[test]
+    fn this_process_is_seen() {
+        if let Some(s) = ProcessStats::read() {
+            assert!(s.resident_bytes > 1 << 20, "{s:?}");
+            assert!(s.peak_resident_bytes >= s.resident_bytes, "{s:?}");
+            // stdin, stdout, stderr at least.
+            assert!(s.open_fds.is_some_and(|n| n >= 3), "{s:?}");
+        } else {
+            assert!(
+                !cfg!(target_os = "linux"),
+                "/proc/self/status unreadable on Linux"
+            );
+        }
+    }
 }
