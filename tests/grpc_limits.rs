@@ -29,6 +29,31 @@ async fn ids(lib: &mut ExpertLibraryClient<Channel>) -> Vec<String> {
         .collect()
 }
 
+/// A streamed registration that sends `header` and then nothing until `tx` sends more or is
+/// dropped: it holds its place (and its share of the budget) for as long as the stream is open.
+type HeldUpload = (
+    tokio::sync::mpsc::Sender<proto::RegisterExpertChunk>,
+    tokio::task::JoinHandle<Result<tonic::Response<proto::RegisterExpertResponse>, tonic::Status>>,
+);
+
+fn held_upload(url: &str, header: proto::RegisterExpertRequest) -> HeldUpload {
+    use proto::register_expert_chunk::Part;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.try_send(proto::RegisterExpertChunk {
+        part: Some(Part::Header(header)),
+    })
+    .unwrap();
+    let url = url.to_string();
+    let upload = tokio::spawn(async move {
+        ExpertLibraryClient::connect(url)
+            .await
+            .unwrap()
+            .register_expert_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    (tx, upload)
+}
+
 fn assert_exhausted(e: &tonic::Status, field: &str, limit: &str) {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().starts_with(field), "{field}: {e:?}");
@@ -285,22 +310,8 @@ async fn streamed_uploads_at_once_are_bounded() {
         }])
     };
     let open_upload = || {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.try_send(proto::RegisterExpertChunk {
-            part: Some(Part::Header(announced(register_request(
-                "held", "prompt", "sms_spam", 2,
-            )))),
-        })
-        .unwrap();
-        let url = server.url.clone();
-        let upload = tokio::spawn(async move {
-            ExpertLibraryClient::connect(url)
-                .await
-                .unwrap()
-                .register_expert_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
-        (tx, upload)
+        let header = announced(register_request("held", "prompt", "sms_spam", 2));
+        held_upload(&server.url, header)
     };
     let (mut tx, mut upload) = open_upload();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -470,22 +481,7 @@ async fn a_registration_waits_for_the_budget_then_passes_or_is_refused() {
     assert!(held_bytes + probe_bytes > budget + 1024);
     // The held registration announces its weights and sends none until told to: its share
     // stays taken for as long as its stream is open.
-    let open_upload = || {
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tx.try_send(proto::RegisterExpertChunk {
-            part: Some(Part::Header(held.clone())),
-        })
-        .unwrap();
-        let url = server.url.clone();
-        let upload = tokio::spawn(async move {
-            ExpertLibraryClient::connect(url)
-                .await
-                .unwrap()
-                .register_expert_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
-        (tx, upload)
-    };
+    let open_upload = || held_upload(&server.url, held.clone());
     let (mut tx, mut upload) = open_upload();
     let deadline = Instant::now() + Duration::from_secs(60);
     let refused = loop {

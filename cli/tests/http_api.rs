@@ -49,6 +49,16 @@ fn openai_python() -> PathBuf {
     p
 }
 
+/// Runs one of the client scripts; it must succeed, and its last line of output is its JSON
+/// summary.
+fn run_python(command: &mut std::process::Command) -> Value {
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_python_client_works_against_roe_unchanged() {
     let tmp = tempfile::tempdir().unwrap();
@@ -77,15 +87,11 @@ async fn the_openai_python_client_works_against_roe_unchanged() {
     });
     let cases_file = tmp.path().join("cases.json");
     std::fs::write(&cases_file, cases.to_string()).unwrap();
-    let out = std::process::Command::new(openai_python())
-        .arg(repo().join("cli/tests/openai_client.py"))
-        .env("ROE_OPENAI_CASES", &cases_file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let summary = run_python(
+        std::process::Command::new(openai_python())
+            .arg(repo().join("cli/tests/openai_client.py"))
+            .env("ROE_OPENAI_CASES", &cases_file),
+    );
     eprintln!("openai client: {summary}");
     assert_eq!(summary["models"], 6);
     assert!(summary["readme_curl"].as_u64().unwrap() >= 4, "{summary}");
@@ -112,20 +118,16 @@ fn the_openai_python_client_works_over_https() {
         ],
     );
     let _server = KillOnDrop(child);
-    let out = std::process::Command::new(openai_python())
-        .arg(repo().join("cli/tests/openai_https.py"))
-        .env("ROE_HTTPS_ROOT", http.replace("http://", "https://"))
-        .env("ROE_HTTPS_CA", &ca)
-        .env("ROE_HTTPS_KEY", admin)
-        // The CA reaches the client as the script gives it, not through the environment.
-        .env_remove("SSL_CERT_FILE")
-        .env_remove("SSL_CERT_DIR")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let summary = run_python(
+        std::process::Command::new(openai_python())
+            .arg(repo().join("cli/tests/openai_https.py"))
+            .env("ROE_HTTPS_ROOT", http.replace("http://", "https://"))
+            .env("ROE_HTTPS_CA", &ca)
+            .env("ROE_HTTPS_KEY", admin)
+            // The CA reaches the client as the script gives it, not through the environment.
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR"),
+    );
     assert_eq!(summary["models"], json!(["auto", "base"]), "{summary}");
     assert_eq!(summary["wrong_key"], 401, "{summary}");
     assert_eq!(summary["without_ca"], "refused", "{summary}");
