@@ -48,6 +48,7 @@ async fn score(
         expert_id: expert.to_string(),
         input: input.to_string(),
         choices: choices.to_vec(),
+        truncate: false,
     })
     .await
     .unwrap_or_else(|e| panic!("score with {expert:?}: {e:?}"))
@@ -561,6 +562,7 @@ async fn score_ensemble_is_the_vote_of_its_members_in_one_batch() {
                     expert_ids: members.iter().map(|m| m.to_string()).collect(),
                     input: inp.input.clone(),
                     choices: choices.clone(),
+                    truncate: false,
                 })
                 .await
                 .expect("score ensemble")
@@ -608,6 +610,7 @@ async fn score_ensemble_is_the_vote_of_its_members_in_one_batch() {
         expert_ids: vec!["sms_prompt".into(), "sms_lora".into()],
         input: "WINNER! claim your prize".into(),
         choices: choices.clone(),
+        truncate: false,
     };
     let cases: Vec<(proto::ScoreEnsembleRequest, Code, &str)> = vec![
         (

@@ -143,6 +143,7 @@ async fn keys_decide_who_reads_and_who_writes() {
                 expert_id: "spam".into(),
                 input: row.input.clone(),
                 choices: row.choices.clone(),
+                truncate: false,
             },
             "api-key",
             READ,

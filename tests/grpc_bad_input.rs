@@ -1721,6 +1721,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         expert_id: "no_such_expert".into(),
         input: "WINNER! Claim your prize now".into(),
         choices: vec!["ham".into(), "spam".into()],
+        truncate: false,
     };
     s.score(
         "input empty",
@@ -1792,6 +1793,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         expert_ids: vec![String::new(), "no_such_expert".into()],
         input: "WINNER! Claim your prize now".into(),
         choices: vec!["ham".into(), "spam".into()],
+        truncate: false,
     };
     s.ensemble(
         "no members",

@@ -55,6 +55,7 @@ async fn score(
         expert_id: expert.to_string(),
         input: input.to_string(),
         choices: choices(),
+        truncate: false,
     })
     .await
     .map(|r| r.into_inner())
@@ -271,6 +272,7 @@ async fn bad_requests_get_clear_statuses() {
         expert_id: PROMPT.to_string(),
         input: "hello".to_string(),
         choices: choices(),
+        truncate: false,
     };
     let cases: Vec<(proto::ScoreRequest, Code, &str)> = vec![
         (

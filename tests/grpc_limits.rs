@@ -570,6 +570,7 @@ async fn work_per_request_is_bounded() {
             expert_id: String::new(),
             input: "is it?".into(),
             choices: vec!["yes".into(), long],
+            truncate: false,
         })
         .await
         .unwrap_err();
@@ -581,6 +582,7 @@ async fn work_per_request_is_bounded() {
             expert_ids: (0..16).map(|i| format!("m{i}")).collect(),
             input: "x ".repeat(10_000),
             choices: vec!["yes".into(), "no".into()],
+            truncate: false,
         })
         .await
         .unwrap_err();

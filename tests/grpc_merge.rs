@@ -375,6 +375,7 @@ async fn scores(
                 expert_id: expert.to_string(),
                 input: input.clone(),
                 choices: vec!["ham".into(), "spam".into()],
+                truncate: false,
             })
             .await
             .unwrap_or_else(|s| panic!("score with {expert:?}: {s}"))

@@ -148,6 +148,7 @@ async fn a_trained_expert_is_registered_routed_to_and_beats_the_bare_backbone() 
                     expert_id: expert.into(),
                     input: row.input.clone(),
                     choices: row.choices.clone(),
+                    truncate: false,
                 })
                 .await
                 .unwrap()
@@ -496,6 +497,7 @@ async fn one_call_trains_a_prompt_ensemble_that_score_ensemble_uses() {
             expert_ids: job.expert_ids.clone(),
             input: row.input.clone(),
             choices: row.choices.clone(),
+            truncate: false,
         })
         .await
         .unwrap()

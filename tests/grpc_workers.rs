@@ -137,6 +137,7 @@ async fn a_stopped_router_process_is_unavailable_to_inference() {
             expert_id: "sms_spam_prompt".into(),
             input: "Win a free phone".into(),
             choices: vec!["spam".into(), "ham".into()],
+            truncate: false,
         })
         .await
         .unwrap_err();
@@ -161,6 +162,7 @@ async fn a_stopped_router_process_is_unavailable_to_inference() {
             expert_id: String::new(),
             input: "Win a free phone".into(),
             choices: vec!["spam".into(), "ham".into()],
+            truncate: false,
         })
         .await
         .unwrap()

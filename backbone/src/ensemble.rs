@@ -102,6 +102,8 @@ mod tests {
             best,
             best_by_mean: best,
             alt_end_sums: Vec::new(),
+            prompt_tokens: 5,
+            truncated_tokens: 0,
         }
     }
 

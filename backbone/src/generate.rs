@@ -194,15 +194,10 @@ impl Backbone {
                     .collect::<Vec<_>>(),
             )?;
             let mut cache = KvCache::with_capacity(extra);
-            let hidden = self.forward(&embeds, &group_lens, &mut cache, &loras)?;
-            let last: Vec<(usize, usize)> = group_lens
-                .iter()
-                .enumerate()
-                .map(|(r, &l)| (r, l - 1))
-                .collect();
-            let group_logits = self
-                .logits(&self.gather_positions(&hidden, &last)?)?
-                .to_vec2::<f32>()?;
+            let last = self
+                .prefill_while(&embeds, &group_lens, &mut cache, &loras, &|| true)?
+                .ok_or_else(|| BackboneError::InvalidInput("a prefill was withdrawn".into()))?;
+            let group_logits = self.logits(&last)?.to_vec2::<f32>()?;
             for (&i, l) in members.iter().zip(group_logits) {
                 logits[i] = l;
             }
@@ -269,10 +264,18 @@ impl Backbone {
 }
 
 /// What every generation request must satisfy before its prompt runs.
-fn validate_request(r: &GenerateRequest<'_>) -> Result<()> {
+fn validate_request(r: &GenerateRequest<'_>, context: usize) -> Result<()> {
     let params = &r.params;
     if r.prompt_ids.is_empty() && r.adapters.prompt.is_none() {
         return Err(BackboneError::InvalidInput("empty prompt".into()));
+    }
+    // Every generated token but the last is read back: prompt + max_new_tokens - 1 positions.
+    let prompt = r.prompt_ids.len() + r.adapters.prompt.map_or(0, |p| p.num_virtual_tokens());
+    if prompt + params.max_new_tokens.saturating_sub(1) > context {
+        return Err(BackboneError::InvalidInput(format!(
+            "a prompt of {prompt} tokens and up to {} new ones exceed the context length {context}",
+            params.max_new_tokens
+        )));
     }
     if !(params.top_p > 0.0 && params.top_p <= 1.0 && params.temperature.is_finite()) {
         return Err(BackboneError::InvalidInput(format!(
@@ -486,10 +489,10 @@ impl<'a> BatchGenerator<'a> {
                 self.rows.len() + reqs.len()
             )));
         }
-        for r in reqs {
-            validate_request(r)?;
-        }
         let bb = self.bb;
+        for r in reqs {
+            validate_request(r, bb.context_length())?;
+        }
         // Room for the longest remaining generation, running rows and new ones alike.
         let extra = self
             .rows

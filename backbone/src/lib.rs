@@ -32,8 +32,8 @@ pub use generate::{
     Generator, MAX_GENERATE_BATCH,
 };
 pub use model::{
-    AnswerLoss, AnswerRow, Backbone, BackboneOptions, KvCache, LoraBatch, QuantKernel,
-    TrainAdapter, TrainLora,
+    keep_last, AnswerLoss, AnswerRow, Backbone, BackboneOptions, KvCache, LoraBatch, QuantKernel,
+    TrainAdapter, TrainLora, DEFAULT_MAX_BATCH_PREFILL_TOKENS, MIN_PREFILL_CHUNK,
 };
 pub use roe_peft::PeftError;
 pub use score::{ChoiceScore, RenderOptions, ScoreIdsRequest, ScoreOutput, ScoreRequest};

@@ -53,6 +53,17 @@ pub enum QuantKernel {
     Ggml,
 }
 
+/// Positions one prompt forward pass holds over all its rows unless set otherwise
+/// ([`Backbone::with_max_batch_prefill_tokens`]; `roe serve --max-batch-prefill-tokens`): a
+/// longer prompt runs in chunks of this many positions, so the attention scores of a pass,
+/// [rows, heads, chunk, context], stay bounded (one 8,192-token prompt in one pass would hold
+/// 2.4 GB of them). Short prompts share passes up to the same budget.
+pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS: usize = 2048;
+
+/// Fewest positions per row of one prefill chunk: below it a pass costs more in fixed
+/// per-pass work (every weight expanded, the workers synchronised per op) than it saves.
+pub const MIN_PREFILL_CHUNK: usize = 16;
+
 /// Up to this many activation rows, Q4_1 and Q8_0 weights run through the block kernels
 /// ([`crate::kernels`]) instead of being expanded to f32.
 const SMALL_BATCH_ROWS: usize = 4;
@@ -128,6 +139,8 @@ pub struct Backbone {
     tokenizer: TextTokenizer,
     /// From the GGUF metadata (None when the file has none).
     chat_template: Option<crate::chat::ChatTemplate>,
+    /// Positions of one prompt forward pass, over all its rows.
+    max_batch_prefill_tokens: usize,
 }
 
 /// The chat template of the GGUF metadata, compiled, with the special tokens it may name.
@@ -353,6 +366,7 @@ impl Backbone {
             sin,
             tokenizer,
             chat_template,
+            max_batch_prefill_tokens: DEFAULT_MAX_BATCH_PREFILL_TOKENS,
         })
     }
 
@@ -405,7 +419,27 @@ impl Backbone {
             sin,
             tokenizer,
             chat_template: None,
+            max_batch_prefill_tokens: DEFAULT_MAX_BATCH_PREFILL_TOKENS,
         })
+    }
+
+    /// The backbone with prompts run in passes of at most `tokens` positions over all rows
+    /// (at least [`MIN_PREFILL_CHUNK`] per row): bounds the memory of a long prompt's prefill.
+    pub fn with_max_batch_prefill_tokens(mut self, tokens: usize) -> Self {
+        self.max_batch_prefill_tokens = tokens.max(MIN_PREFILL_CHUNK);
+        self
+    }
+
+    /// Positions one prompt forward pass holds over all its rows.
+    pub fn max_batch_prefill_tokens(&self) -> usize {
+        self.max_batch_prefill_tokens
+    }
+
+    /// Positions the backbone reads: its context length from the GGUF metadata
+    /// (`llama.context_length`, 8,192 for SmolLM2), soft-prompt tokens and generated tokens
+    /// included.
+    pub fn context_length(&self) -> usize {
+        self.config.context_length.max(1)
     }
 
     /// The chat template of the GGUF file, if it has one.
@@ -426,15 +460,10 @@ impl Backbone {
     }
 
     /// Prompt ids of `text` as it is, special tokens included (a plain continuation or a
-    /// rendered chat): the last [`RenderOptions::max_prompt_tokens`] kept, as the canonical
-    /// rendering keeps them.
+    /// rendered chat), all of them: what does not fit the context is the caller's to refuse or
+    /// cut ([`keep_last`]).
     pub fn raw_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.encode(text)?;
-        let most = crate::score::RenderOptions::default().max_prompt_tokens;
-        if ids.len() > most {
-            ids.drain(..ids.len() - most);
-        }
-        Ok(ids)
+        self.encode(text)
     }
 
     pub fn config(&self) -> &BackboneConfig {
@@ -683,6 +712,66 @@ impl Backbone {
         Ok(Some(candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?))
     }
 
+    /// Runs prompt rows (`embeds` [b, t, hidden], row i `lens[i]` ≥ 1 real positions) into
+    /// `cache` in passes of at most [`Self::max_batch_prefill_tokens`] positions over all rows,
+    /// and returns the final hidden state at each row's last real position, [b, hidden]. The
+    /// cache is sized for the whole prompt (plus its reserved room) before the first pass, so
+    /// no pass copies it. `wanted()` is asked before every layer of every pass; `None` once it
+    /// says no (the cache must then be dropped).
+    pub fn prefill_while(
+        &self,
+        embeds: &Tensor,
+        lens: &[usize],
+        cache: &mut KvCache,
+        loras: &LoraBatch,
+        wanted: &dyn Fn() -> bool,
+    ) -> Result<Option<Tensor>> {
+        let (b, t, _) = embeds.dims3()?;
+        if lens.len() != b || lens.iter().any(|&l| l == 0 || l > t) {
+            return Err(BackboneError::InvalidInput(format!(
+                "prompt rows of lengths {lens:?} for a batch [{b}, {t}]"
+            )));
+        }
+        let per_row = (self.max_batch_prefill_tokens / b).max(MIN_PREFILL_CHUNK);
+        // Passes of equal size: no short last pass paying a whole pass's fixed cost.
+        let passes = t.div_ceil(per_row);
+        let size = t.div_ceil(passes);
+        if passes > 1 {
+            cache.prepare(b, &self.config)?;
+            cache.reserve(t)?;
+        }
+        let mut last: Vec<Option<Tensor>> = vec![None; b];
+        let mut start = 0;
+        while start < t {
+            let n = size.min(t - start);
+            let part_lens: Vec<usize> = lens
+                .iter()
+                .map(|&l| l.saturating_sub(start).min(n))
+                .collect();
+            let part = if passes == 1 {
+                embeds.clone()
+            } else {
+                embeds.narrow(1, start, n)?
+            };
+            let Some(hidden) = self.forward_while(&part, &part_lens, cache, loras, wanted)? else {
+                return Ok(None);
+            };
+            for (i, &l) in lens.iter().enumerate() {
+                if (start..start + n).contains(&(l - 1)) {
+                    last[i] = Some(hidden.get(i)?.get(l - 1 - start)?);
+                }
+            }
+            start += n;
+        }
+        let last = last
+            .into_iter()
+            .map(|h| {
+                h.ok_or_else(|| BackboneError::InvalidInput("a row without a last position".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::stack(&last, 0)?))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -799,12 +888,31 @@ impl Backbone {
         Ok(hidden.reshape((b * t, h))?.index_select(&idx, 0)?)
     }
 
+    /// Log-probabilities [n, vocab] of the next token after hidden states [n, hidden].
+    pub fn log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.logits(hidden)?;
+        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+
     /// Log-probabilities [n, vocab] of the next token after each of the given (row, position)
     /// pairs of a forward's hidden states.
     pub fn log_probs_at(&self, hidden: &Tensor, at: &[(usize, usize)]) -> Result<Tensor> {
         let hs = self.gather_positions(hidden, at)?;
         let logits = self.logits(&hs)?;
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+}
+
+/// `ids` with only their last `keep` left (all of them when `keep` is None or not below their
+/// number); returns how many were cut.
+pub fn keep_last(ids: &mut Vec<u32>, keep: Option<usize>) -> usize {
+    match keep {
+        Some(k) if ids.len() > k => {
+            let cut = ids.len() - k;
+            ids.drain(..cut);
+            cut
+        }
+        _ => 0,
     }
 }
 

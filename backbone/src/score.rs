@@ -14,7 +14,10 @@ use crate::model::{Backbone, KvCache, LoraBatch};
 pub struct RenderOptions {
     /// Appended to the input before tokenisation.
     pub answer_suffix: String,
-    /// Keep at most this many prompt ids (the last ones).
+    /// Keep at most this many prompt ids (the last ones). The canonical rendering that the
+    /// experts were trained with keeps 384 (training still does); serving reads whole prompts
+    /// up to the backbone's context ([`Backbone::serving_render_options`]) and cuts only when
+    /// a request asks for it.
     pub max_prompt_tokens: usize,
     /// Keep at most this many ids of `" " + choice` (the first ones).
     pub max_choice_tokens: usize,
@@ -60,6 +63,8 @@ pub struct ScoreIdsRequest<'a> {
     pub lora: Option<&'a Lora>,
     /// Ids that replace each continuation's last id in [`ScoreOutput::alt_end_sums`].
     pub alt_end_ids: Vec<u32>,
+    /// Ids the rendering cut from the front of the prompt (reported in the output).
+    pub truncated_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -81,6 +86,10 @@ pub struct ScoreOutput {
     /// Per choice, `sum_logprob` with the last continuation id replaced by each of the
     /// request's `alt_end_ids` (empty when none were asked for).
     pub alt_end_sums: Vec<Vec<f32>>,
+    /// Prompt ids read (soft-prompt tokens not counted).
+    pub prompt_tokens: usize,
+    /// Prompt ids cut from the front before reading.
+    pub truncated_tokens: usize,
 }
 
 fn argmax(xs: impl Iterator<Item = f32>) -> usize {
@@ -95,8 +104,9 @@ fn argmax(xs: impl Iterator<Item = f32>) -> usize {
     best
 }
 
-/// Padded-token budget of one prompt batch.
-const PROMPT_TOKEN_BUDGET: usize = 2048;
+/// Padded-token budget of one prompt batch (the backbone's default prefill budget: a longer
+/// prompt goes alone, in chunks).
+const PROMPT_TOKEN_BUDGET: usize = crate::model::DEFAULT_MAX_BATCH_PREFILL_TOKENS;
 /// Continuation rows per batch.
 const CHOICE_ROW_BUDGET: usize = 96;
 /// What one more group costs beyond its padded tokens, in tokens: each group runs two
@@ -106,6 +116,10 @@ const GROUP_OVERHEAD_TOKENS: usize = 64;
 /// Fed continuation tokens per forward pass of a group (at least one row each): bounds the
 /// [tokens, vocab] log-probs one pass holds.
 const CONTINUATION_TOKEN_BUDGET: usize = 1024;
+/// Prompt cache slots the continuation rows of one pass copy (each row a copy of its
+/// prompt's keys and values, 46 KB a slot for SmolLM2): 96 rows of a 384-token prompt fit,
+/// an 8,192-token prompt's choices go four at a time (1.5 GB).
+const CONTINUATION_SLOT_BUDGET: usize = 32768;
 
 /// Splits requests into batches by prompt length (`lens`; `rows`: continuation rows of each)
 /// and returns each batch's request indices, shortest prompts first. Sorted by length, the
@@ -173,13 +187,29 @@ impl Backbone {
         }
     }
 
+    /// How serving renders Score requests: [`Self::score_render_options`] without the cut
+    /// (a prompt is read whole, or cut as its request asks).
+    pub fn serving_render_options(&self) -> RenderOptions {
+        RenderOptions {
+            max_prompt_tokens: usize::MAX,
+            ..self.score_render_options()
+        }
+    }
+
     /// Prompt ids of the canonical rendering: tokens of `input + suffix`, last N kept.
     pub fn render_prompt(&self, input: &str, opts: &RenderOptions) -> Result<Vec<u32>> {
+        Ok(self.render_prompt_counted(input, opts)?.0)
+    }
+
+    /// [`Self::render_prompt`], and how many ids it cut from the front.
+    pub fn render_prompt_counted(
+        &self,
+        input: &str,
+        opts: &RenderOptions,
+    ) -> Result<(Vec<u32>, usize)> {
         let mut ids = self.encode(&format!("{input}{}", opts.answer_suffix))?;
-        if ids.len() > opts.max_prompt_tokens {
-            ids.drain(..ids.len() - opts.max_prompt_tokens);
-        }
-        Ok(ids)
+        let cut = crate::model::keep_last(&mut ids, Some(opts.max_prompt_tokens));
+        Ok((ids, cut))
     }
 
     /// Continuation ids of the canonical rendering: tokens of `" " + choice`, first N kept,
@@ -259,8 +289,10 @@ impl Backbone {
                 .iter()
                 .map(|c| self.render_choice(c, opts))
                 .collect::<Result<Vec<_>>>()?;
+            let (prompt_ids, truncated_tokens) = self.render_prompt_counted(r.input, opts)?;
             rendered.push(ScoreIdsRequest {
-                prompt_ids: self.render_prompt(r.input, opts)?,
+                prompt_ids,
+                truncated_tokens,
                 continuations,
                 prompt: r.adapters.prompt,
                 lora: r.adapters.lora,
@@ -357,12 +389,11 @@ impl Backbone {
             .unwrap_or(1);
         let mut cache = KvCache::new();
         let any_wanted = || (0..reqs.len()).any(wanted);
-        let Some(hidden) = self.forward_while(&embeds, &lens, &mut cache, &loras, &any_wanted)?
+        let Some(last) = self.prefill_while(&embeds, &lens, &mut cache, &loras, &any_wanted)?
         else {
             return Ok(None);
         };
-        let last: Vec<(usize, usize)> = lens.iter().enumerate().map(|(i, &l)| (i, l - 1)).collect();
-        let first_lp = self.log_probs_at(&hidden, &last)?; // [R, V]
+        let first_lp = self.log_probs(&last)?; // [R, V]
 
         // First continuation token of every choice from the prompt's last position.
         let mut first_rows = Vec::new();
@@ -430,7 +461,9 @@ impl Backbone {
                 let mut end = start;
                 let mut tokens = 0;
                 while end < sel.len()
-                    && (end == start || tokens + fed[end].len() <= CONTINUATION_TOKEN_BUDGET)
+                    && (end == start
+                        || (tokens + fed[end].len() <= CONTINUATION_TOKEN_BUDGET
+                            && (end + 1 - start) * cache.len() <= CONTINUATION_SLOT_BUDGET))
                 {
                     tokens += fed[end].len();
                     end += 1;
@@ -507,6 +540,8 @@ impl Backbone {
                 best,
                 best_by_mean,
                 alt_end_sums,
+                prompt_tokens: r.prompt_ids.len(),
+                truncated_tokens: r.truncated_tokens,
             });
         }
         Ok(Some(outs))

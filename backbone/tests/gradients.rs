@@ -232,6 +232,7 @@ fn served_sums(
             prompt,
             lora,
             alt_end_ids: Vec::new(),
+            truncated_tokens: 0,
         })
         .collect();
     bb.score_ids(&reqs)

@@ -250,6 +250,8 @@ def main():
         raise SystemExit(f"unknown mode {mode!r} ({' | '.join(handlers)})")
     llm = load(req, logits_all=(mode == "score"))
     out = handlers[mode](llm, req)
+    import resource
+    out["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out.update({"mode": mode, "threads": int(req.get("threads", 2)), "n_ctx": llm.n_ctx(),
                 "n_batch": int(req.get("n_batch", 512)), "loadavg": list(os.getloadavg()),
                 "versions": versions()})

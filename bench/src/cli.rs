@@ -39,6 +39,9 @@ pub enum BenchCommand {
     /// Backbone prefill/decode tokens/s and next-token log-probs against llama.cpp
     /// (needs scripts/setup-peers.sh for the peer).
     Generate(GenerateArgs),
+    /// Long prompts: time and peak memory of Score and Generate at 512, 2k and 8k-token
+    /// prompts, run in passes of --max-batch-prefill-tokens, against llama.cpp's prefill.
+    Context(ContextArgs),
     /// Score throughput through gRPC: 16 concurrent requests on 16 experts vs one expert vs
     /// one at a time, and expert cold-load latency.
     Serving(ServingArgs),
@@ -61,9 +64,51 @@ pub enum BenchCommand {
     /// Resource attacks (upload memory, disk after deletes), CPU after a deadline, auth
     /// overhead and a kill -9 crash loop against real `roe serve` processes.
     Reliability(ReliabilityArgs),
+    /// Memory under a long mixed load on one real `roe serve`: routes, scores and
+    /// generations over gRPC and HTTP, registrations and cancelled training from concurrent
+    /// clients; RSS over time, after the load and after an idle period.
+    Soak(SoakArgs),
     /// HTTP /v1/completions (whole and streamed) against gRPC Generate for the same requests
     /// on one real `roe serve`.
     Http(HttpArgs),
+}
+
+#[derive(Args)]
+pub struct SoakArgs {
+    /// Length of the load (the goal is judged at 10 minutes or more; CI runs it shorter).
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// Concurrent clients, each with gRPC and HTTP connections of its own.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Seconds the RSS is followed after the load, the server idle.
+    #[arg(long, default_value_t = 60)]
+    idle_after_secs: u64,
+    /// Milliseconds between two RSS readings.
+    #[arg(long, default_value_t = 1000)]
+    sample_ms: u64,
+    /// The server's --expert-cache-mb (the caches count in the goal).
+    #[arg(long, default_value_t = 64)]
+    expert_cache_mb: u64,
+    /// The server's --embedding-cache-mb.
+    #[arg(long, default_value_t = 16)]
+    embedding_cache_mb: u64,
+    /// The server's --route-cache-mb.
+    #[arg(long, default_value_t = 8)]
+    route_cache_mb: u64,
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    /// The `roe` binary (default: beside this one).
+    #[arg(long)]
+    roe: Option<PathBuf>,
+    /// More arguments of `roe serve`, e.g. `--extra-serve-args --idle-trim-ms 0`. Last on
+    /// the line: every argument after it is passed on.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    extra_serve_args: Vec<String>,
+    #[arg(long, default_value = "bench/results/soak.json")]
+    json: PathBuf,
 }
 
 #[derive(Args)]
@@ -291,6 +336,35 @@ pub struct GenerateArgs {
 }
 
 #[derive(Args)]
+pub struct ContextArgs {
+    /// Prompt lengths in tokens (each at most the context less --new-tokens).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+    lengths: Vec<usize>,
+    #[arg(long, default_value_t = roe_backbone::DEFAULT_MAX_BATCH_PREFILL_TOKENS)]
+    max_batch_prefill_tokens: usize,
+    /// Greedy tokens of each Generate (and the room kept for them in the context).
+    #[arg(long, default_value_t = 16)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    repeats: usize,
+    /// Skip the longest Score in one pass (no prefill budget).
+    #[arg(long)]
+    no_one_pass: bool,
+    /// Python with llama-cpp-python (default: .venv/bin/python if present).
+    #[arg(long, env = "ROE_PEERS_PYTHON")]
+    python: Option<PathBuf>,
+    #[arg(long, default_value = "bench/peers/llamacpp_bench.py")]
+    peer_script: PathBuf,
+    /// Measure roe alone.
+    #[arg(long)]
+    no_peer: bool,
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    #[arg(long, default_value = "bench/results/context.json")]
+    json: PathBuf,
+}
+
+#[derive(Args)]
 pub struct ScoreArgs {
     #[arg(long, default_value = "assets/tasks")]
     tasks_dir: PathBuf,
@@ -450,6 +524,7 @@ pub fn run(
         BenchCommand::Startup(a) => startup_bench(a),
         BenchCommand::Score(a) => score_bench(models_dir, a),
         BenchCommand::Generate(a) => generate_bench(models_dir, a),
+        BenchCommand::Context(a) => context_bench(models_dir, a),
         BenchCommand::Serving(a) => serving_bench(models_dir, encoder, a, rt),
         BenchCommand::Arrivals(a) => arrivals_bench(models_dir, encoder, a, rt),
         BenchCommand::Answer(a) => answer_bench(models_dir, encoder, a, rt),
@@ -457,6 +532,7 @@ pub fn run(
         BenchCommand::TrainParity(a) => train_parity(models_dir, a),
         BenchCommand::TrainLoop(a) => train_loop_bench(models_dir, encoder, a, rt),
         BenchCommand::Reliability(a) => reliability_bench(models_dir, a, rt),
+        BenchCommand::Soak(a) => soak_bench(models_dir, encoder, a, rt),
         BenchCommand::Http(a) => {
             let exe = match a.roe {
                 Some(p) => p,
@@ -524,6 +600,42 @@ fn reliability_bench(
     crate::write_results(&a.out, "reliability", &json, &md)?;
     println!("{md}");
     Ok(())
+}
+
+fn soak_bench(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    a: SoakArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let exe = match a.roe {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("roe"),
+    };
+    if !exe.is_file() {
+        anyhow::bail!(
+            "no roe binary at {} (cargo build --release --bin roe)",
+            exe.display()
+        );
+    }
+    let report = rt.block_on(crate::soak::run(crate::soak::SoakInput {
+        exe,
+        models_dir,
+        encoder: enc,
+        tasks_dir: &a.tasks_dir,
+        experts_dir: &a.experts,
+        minutes: a.minutes,
+        clients: a.clients,
+        idle_after_secs: a.idle_after_secs,
+        sample_ms: a.sample_ms,
+        expert_cache_mb: a.expert_cache_mb,
+        embedding_cache_mb: a.embedding_cache_mb,
+        route_cache_mb: a.route_cache_mb,
+        extra_serve_args: a.extra_serve_args,
+    }))?;
+    let md = crate::soak::markdown(&report);
+    println!("{md}");
+    save_report(&a.json, &report, &md)
 }
 
 fn train_parity(models_dir: &Path, a: TrainParityArgs) -> Result<()> {
@@ -728,6 +840,35 @@ fn generate_bench(models_dir: &Path, a: GenerateArgs) -> Result<()> {
     };
     let report = generate::run(&setup)?;
     let md = generate::markdown(&report);
+    println!("{md}");
+    save_report(&a.json, &report, &md)
+}
+
+fn context_bench(models_dir: &Path, a: ContextArgs) -> Result<()> {
+    let gguf = a
+        .backbone
+        .clone()
+        .unwrap_or_else(|| models::backbone_path(models_dir));
+    let python = if a.no_peer {
+        None
+    } else {
+        super::peer_python(a.python.as_deref())
+    };
+    if python.is_none() && !a.no_peer {
+        eprintln!("no peer Python (run scripts/setup-peers.sh): llama.cpp not measured");
+    }
+    let setup = super::context::ContextSetup {
+        gguf: &gguf,
+        lengths: a.lengths.clone(),
+        max_batch_prefill_tokens: a.max_batch_prefill_tokens,
+        new_tokens: a.new_tokens,
+        repeats: a.repeats,
+        one_pass: !a.no_one_pass,
+        python: python.as_deref(),
+        peer_script: &a.peer_script,
+    };
+    let report = super::context::run(&setup)?;
+    let md = super::context::markdown(&report);
     println!("{md}");
     save_report(&a.json, &report, &md)
 }

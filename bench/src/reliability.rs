@@ -530,6 +530,7 @@ async fn upload_and_deadlines(
             expert_id: "sms_spam".into(),
             input: "warm up".into(),
             choices: vec!["ham".into(), "spam".into()],
+            truncate: false,
         })
         .await?;
 
@@ -652,6 +653,7 @@ async fn upload_and_deadlines(
                                     expert_id: "sms_spam".into(),
                                     input,
                                     choices,
+                                    truncate: false,
                                 },
                                 d,
                             ))

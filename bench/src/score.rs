@@ -96,6 +96,8 @@ pub fn with_end(out: &ScoreOutput, end: usize) -> ScoreOutput {
         best_by_mean,
         choices,
         alt_end_sums: Vec::new(),
+        prompt_tokens: 0,
+        truncated_tokens: 0,
     }
 }
 
@@ -393,6 +395,8 @@ mod tests {
             best: 0,
             best_by_mean: 0,
             alt_end_sums: alts.iter().map(|a| a.to_vec()).collect(),
+            prompt_tokens: 0,
+            truncated_tokens: 0,
         }
     }
 

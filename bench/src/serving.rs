@@ -109,6 +109,7 @@ async fn request(
                     expert_id: expert.to_string(),
                     input: row.input.clone(),
                     choices: row.choices.clone(),
+                    truncate: false,
                 })
                 .await
                 .with_context(|| format!("Score with {expert}"))?;

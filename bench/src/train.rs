@@ -518,6 +518,7 @@ fn latencies_ms(
             expert_id: "sms_spam".into(),
             input: r.input.clone(),
             choices: r.choices.clone(),
+            truncate: false,
         }))?;
         out.push(started.elapsed().as_secs_f64() * 1e3);
     }

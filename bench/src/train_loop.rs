@@ -230,6 +230,7 @@ pub async fn run(
                 expert_id: String::new(),
                 input: row.input.clone(),
                 choices: row.choices.clone(),
+                truncate: false,
             })
             .await?
             .into_inner();

@@ -208,6 +208,11 @@ struct ServeArgs {
     /// After SIGTERM or Ctrl-C, how long requests in flight may take to finish (ms).
     #[arg(long, env = "ROE_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
+    /// After this long without work (ms of the process using next to no CPU), return the
+    /// freed heap memory kept for reuse to the kernel; 0: never (the resident size then stays
+    /// at its high-water mark).
+    #[arg(long, env = "ROE_IDLE_TRIM_MS", default_value_t = 2_000)]
+    idle_trim_ms: u64,
 }
 
 impl ServeArgs {
@@ -366,6 +371,12 @@ struct LimitsArgs {
     /// choices, members together).
     #[arg(long, env = "ROE_MAX_WORK_BYTES", default_value_t = RequestLimits::default().max_work_bytes)]
     max_work_bytes: usize,
+    /// Input tokens (prompt and soft prompt) of one Score, Generate or Answer input; 0: the
+    /// backbone's context (8,192 for SmolLM2). A prompt must also leave room for its answer
+    /// in the context; past either, the request is refused naming its field, or cut from the
+    /// front when it asks to `truncate`.
+    #[arg(long, env = "ROE_MAX_INPUT_LENGTH", default_value_t = 0)]
+    max_input_length: usize,
 }
 
 impl LimitsArgs {
@@ -405,6 +416,7 @@ impl LimitsArgs {
         RequestLimits {
             max_choice_bytes: self.max_choice_bytes,
             max_work_bytes: self.max_work_bytes,
+            max_input_tokens: self.max_input_length,
             ..RequestLimits::default()
         }
     }
@@ -434,6 +446,11 @@ struct ServingArgs {
     /// Memory for loaded experts (MiB of weights).
     #[arg(long, env = "ROE_EXPERT_CACHE_MB", default_value_t = 512)]
     expert_cache_mb: u64,
+    /// Positions one prompt forward pass holds over all its rows: a longer prompt runs in
+    /// chunks of this many, which bounds a pass's attention scores (an 8,192-token prompt in
+    /// one pass would hold 2.4 GB of them); short prompts share passes up to it.
+    #[arg(long, env = "ROE_MAX_BATCH_PREFILL_TOKENS", default_value_t = roe_backbone::DEFAULT_MAX_BATCH_PREFILL_TOKENS)]
+    max_batch_prefill_tokens: usize,
     /// Memory for the vectors of texts already embedded (MiB; 0: no cache): a query or an
     /// instance seen before is not embedded again.
     #[arg(long, env = "ROE_EMBEDDING_CACHE_MB", default_value_t = 64)]
@@ -515,6 +532,10 @@ struct AnswerArgs {
     /// Fall back when the winner's share is below this (default: the server's).
     #[arg(long)]
     abstain_threshold: Option<f32>,
+    /// Keep the input's last tokens that fit when it is longer than the backbone may read
+    /// (its context less the answer's tokens), instead of an error; the cut is reported.
+    #[arg(long)]
+    truncate: bool,
     /// Print the whole response as JSON.
     #[arg(long)]
     json: bool,
@@ -530,6 +551,10 @@ struct ScoreArgs {
     /// An answer choice (repeat for each).
     #[arg(long = "choice", required = true)]
     choices: Vec<String>,
+    /// Keep the input's last tokens that fit when it is longer than the backbone may read
+    /// (its context less the answer's tokens), instead of an error; the cut is reported.
+    #[arg(long)]
+    truncate: bool,
     /// Print the whole response as JSON.
     #[arg(long)]
     json: bool,
@@ -556,6 +581,10 @@ struct GenerateArgs {
     /// A stop string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
+    /// Keep the input's last tokens that fit when it is longer than the backbone may read
+    /// (its context less the answer's tokens), instead of an error; the cut is reported.
+    #[arg(long)]
+    truncate: bool,
 }
 
 #[derive(Subcommand)]
@@ -770,6 +799,7 @@ fn run_bench(g: &Global, first: Option<&str>, args: Vec<std::ffi::OsString>) -> 
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
 
 async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
+    crate::process::spawn_idle_trimmer(std::time::Duration::from_millis(a.idle_trim_ms));
     match a.role {
         ServeRole::Inference => return cmd_serve_inference(g, a).await,
         _ if a.library_url.is_some() => bail!(
@@ -1068,7 +1098,11 @@ async fn load_backbone(g: &Global, a: &ServeArgs) -> Result<roe_backbone::Backbo
     let t = std::time::Instant::now();
     let backbone = tokio::task::spawn_blocking({
         let path = path.clone();
-        move || roe_backbone::Backbone::load(&path, None)
+        let prefill = a.serving.max_batch_prefill_tokens;
+        move || {
+            roe_backbone::Backbone::load(&path, None)
+                .map(|b| b.with_max_batch_prefill_tokens(prefill))
+        }
     })
     .await?
     .with_context(|| {
@@ -1078,7 +1112,13 @@ async fn load_backbone(g: &Global, a: &ServeArgs) -> Result<roe_backbone::Backbo
             path.display()
         )
     })?;
-    tracing::info!(path = %path.display(), seconds = t.elapsed().as_secs_f64(), "backbone loaded");
+    tracing::info!(
+        path = %path.display(),
+        seconds = t.elapsed().as_secs_f64(),
+        context_length = backbone.context_length(),
+        max_batch_prefill_tokens = backbone.max_batch_prefill_tokens(),
+        "backbone loaded"
+    );
     Ok(backbone)
 }
 
@@ -1630,6 +1670,7 @@ async fn cmd_score(g: &Global, a: ScoreArgs) -> Result<()> {
             expert_id: a.expert,
             input: a.input,
             choices: a.choices,
+            truncate: a.truncate,
         })
         .await?
         .into_inner();
@@ -1651,6 +1692,8 @@ async fn cmd_score(g: &Global, a: ScoreArgs) -> Result<()> {
             "choices": choices,
             "best": r.best,
             "best_by_mean": r.best_by_mean,
+            "prompt_tokens": r.prompt_tokens,
+            "truncated_tokens": r.truncated_tokens,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -1669,6 +1712,12 @@ async fn cmd_score(g: &Global, a: ScoreArgs) -> Result<()> {
     if let Some(best) = r.choices.get(r.best as usize) {
         println!("best: {}", best.choice);
     }
+    if r.truncated_tokens > 0 {
+        eprintln!(
+            "[input cut to its last {} tokens: {} cut]",
+            r.prompt_tokens, r.truncated_tokens
+        );
+    }
     Ok(())
 }
 
@@ -1684,14 +1733,17 @@ async fn cmd_generate(g: &Global, a: GenerateArgs) -> Result<()> {
             top_p: a.top_p,
             seed: a.seed,
             stop: a.stop,
+            truncate: a.truncate,
         })
         .await?
         .into_inner();
     let mut out = std::io::stdout();
     let mut finish = String::new();
     let mut tokens = 0usize;
+    let mut cut = 0;
     while let Some(msg) = stream.message().await? {
         tokens += 1;
+        cut = cut.max(msg.truncated_tokens);
         write!(out, "{}", msg.text)?;
         out.flush()?;
         if !msg.finish_reason.is_empty() {
@@ -1699,6 +1751,9 @@ async fn cmd_generate(g: &Global, a: GenerateArgs) -> Result<()> {
         }
     }
     writeln!(out)?;
+    if cut > 0 {
+        eprintln!("[input cut from the front: {cut} tokens]");
+    }
     eprintln!("[{tokens} tokens, finish: {finish}]");
     Ok(())
 }
@@ -1763,6 +1818,7 @@ async fn cmd_answer(g: &Global, a: AnswerArgs) -> Result<()> {
                 proto::AnswerMode::Unspecified
             } as i32,
             max_new_tokens: a.max_new_tokens,
+            truncate: a.truncate,
             ..Default::default()
         })
         .await?

@@ -100,6 +100,7 @@ async fn scores(
                 expert_id: expert.into(),
                 input: input.clone(),
                 choices: vec!["ham".into(), "spam".into()],
+                truncate: false,
             })
             .await
             .unwrap_or_else(|s| panic!("score with {expert:?}: {s}"))
@@ -203,6 +204,7 @@ async fn router_and_inference_processes_answer_like_one_process() {
                 expert_id: "nope".into(),
                 input: "hello".into(),
                 choices: vec!["a".into()],
+                truncate: false,
             })
             .await
             .unwrap_err()
@@ -268,6 +270,7 @@ async fn router_and_inference_processes_answer_like_one_process() {
             expert_id: String::new(),
             input: "hello".into(),
             choices: vec!["a".into()],
+            truncate: false,
         })
         .await
         .unwrap_err();
@@ -309,6 +312,7 @@ async fn router_and_inference_processes_answer_like_one_process() {
             expert_id: "sms_lora".into(),
             input: "hello".into(),
             choices: vec!["a".into()],
+            truncate: false,
         })
         .await
         .unwrap_err();

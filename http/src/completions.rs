@@ -19,7 +19,9 @@ use roe_backbone::{ChatMessage, FinishReason, GeneratedToken};
 use roe_expert_library::Query;
 use roe_services::convert::{route_overrides, route_result_to_proto};
 use roe_services::proto;
-use roe_serving::{ErrorKind, GenerateOptions, GenerateRequest, PromptFormat, TokenStream};
+use roe_serving::{
+    ErrorKind, GenerateOptions, GenerateRequest, PromptFormat, PromptUsage, TokenStream,
+};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
@@ -208,6 +210,8 @@ struct Job {
     target: Target,
     input: String,
     format: PromptFormat,
+    /// Cut a prompt that does not fit the context from the front (the request's `truncate`).
+    truncate: bool,
 }
 
 /// Whether a response reports usage: always when whole, on request when streamed.
@@ -226,37 +230,28 @@ fn check_stream_options(stream: bool, options: Option<&StreamOptions>) -> ApiRes
     Ok(())
 }
 
-/// Starts `job`'s generation; returns its tokens and, when `count` (the response reports
-/// usage), its prompt's token count (0 otherwise: the prompt is not tokenized again).
+/// Starts `job`'s generation; returns its tokens and what was read of its prompt.
 async fn start(
     state: &HttpState,
     job: &Job,
     options: &GenerateOptions,
     renames: &[(&str, &str)],
-    count: bool,
-) -> ApiResult<(TokenStream, usize)> {
+) -> ApiResult<(TokenStream, PromptUsage)> {
     let inference = state.inference()?;
-    let tokens = inference
-        .generate(GenerateRequest {
+    let started = inference
+        .start_generation(GenerateRequest {
             expert_id: job.target.expert_id.clone(),
             input: job.input.clone(),
             format: job.format,
             options: options.clone(),
+            truncate: job.truncate,
         })
         .await
         .map_err(|e| match e.kind {
             ErrorKind::NotFound => ApiError::not_found("model", e.message),
             _ => ApiError::from(e).renamed(renames),
         })?;
-    let prompt_tokens = if count {
-        inference
-            .prompt_tokens(job.input.clone(), job.format)
-            .await
-            .map_err(ApiError::from)?
-    } else {
-        0
-    };
-    Ok((tokens, prompt_tokens))
+    Ok((started.tokens, started.usage))
 }
 
 /// A whole generation, read to its end.
@@ -309,12 +304,24 @@ fn chat_logprobs(tokens: &[GeneratedToken]) -> ChatLogprobs {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Usage {
+/// Usage counts; `truncated` (the prompt tokens cut) only when the request asked to truncate.
+fn usage(prompt: PromptUsage, completion: usize, truncate: bool) -> Usage {
     Usage {
-        prompt_tokens: prompt as u32,
+        prompt_tokens: prompt.prompt_tokens as u32,
         completion_tokens: completion as u32,
-        total_tokens: (prompt + completion) as u32,
+        total_tokens: (prompt.prompt_tokens + completion) as u32,
+        truncated_prompt_tokens: truncate.then_some(prompt.truncated_tokens as u32),
     }
+}
+
+/// The prompt usage of several generations together.
+fn total(usages: impl IntoIterator<Item = PromptUsage>) -> PromptUsage {
+    usages
+        .into_iter()
+        .fold(PromptUsage::default(), |a, u| PromptUsage {
+            prompt_tokens: a.prompt_tokens + u.prompt_tokens,
+            truncated_tokens: a.truncated_tokens + u.truncated_tokens,
+        })
 }
 
 /// The response's model: the one expert that answered, or "auto" when several did.
@@ -395,6 +402,7 @@ pub async fn completions(
             target: t,
             input: prompt,
             format,
+            truncate: req.truncate,
         });
     }
     let include_usage = reports_usage(req.stream, req.stream_options.as_ref());
@@ -402,7 +410,7 @@ pub async fn completions(
     let mut started = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
         started.push(
-            start(&state, job, &opts, COMPLETION_RENAMES, include_usage)
+            start(&state, job, &opts, COMPLETION_RENAMES)
                 .await
                 .map_err(|e| at(e, i, many))?,
         );
@@ -414,10 +422,10 @@ pub async fn completions(
     let top_info = (!many).then(|| jobs[0].target.info.clone()).flatten();
     if !req.stream {
         let mut choices = Vec::with_capacity(started.len());
-        let (mut prompt_total, mut completion_total) = (0, 0);
-        for (i, ((stream, prompt_tokens), job)) in started.into_iter().zip(&jobs).enumerate() {
+        let prompt_total = total(started.iter().map(|(_, u)| *u));
+        let mut completion_total = 0;
+        for (i, ((stream, _), job)) in started.into_iter().zip(&jobs).enumerate() {
             let c = collect(stream).await.map_err(|e| at(e, i, many))?;
-            prompt_total += prompt_tokens;
             completion_total += c.tokens.len();
             choices.push(CompletionChoice {
                 logprobs: with_logprobs.then(|| completion_logprobs(&c.tokens)),
@@ -433,18 +441,18 @@ pub async fn completions(
             created,
             model,
             choices,
-            usage: Some(usage(prompt_total, completion_total)),
+            usage: Some(usage(prompt_total, completion_total, req.truncate)),
             roe: top_info,
         })
         .into_response());
     }
     let infos: Vec<Option<RoeResponseInfo>> = jobs.into_iter().map(|j| j.target.info).collect();
+    let truncate = req.truncate;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut streams = StreamMap::new();
-        let mut prompt_total = 0;
-        for (i, (stream, prompt_tokens)) in started.into_iter().enumerate() {
-            prompt_total += prompt_tokens;
+        let prompt_total = total(started.iter().map(|(_, u)| *u));
+        for (i, (stream, _)) in started.into_iter().enumerate() {
             streams.insert(i, UnboundedReceiverStream::new(stream));
         }
         let mut first = vec![true; infos.len()];
@@ -486,7 +494,7 @@ pub async fn completions(
                 created,
                 model,
                 choices: vec![],
-                usage: Some(usage(prompt_total, completion_total)),
+                usage: Some(usage(prompt_total, completion_total, truncate)),
                 roe: None,
             };
             let _ = tx.send(event(&last)).await;
@@ -610,6 +618,7 @@ pub async fn chat_completions(
             target,
             input,
             format: PromptFormat::Raw,
+            truncate: req.truncate,
         }
     } else {
         // An expert was tuned on task inputs, not conversations: it reads their text.
@@ -622,11 +631,13 @@ pub async fn chat_completions(
             target,
             input,
             format: PromptFormat::Canonical,
+            truncate: req.truncate,
         }
     };
     let renames: Vec<(&str, &str)> = vec![("max_new_tokens", max_field), ("input", "messages")];
     let include_usage = reports_usage(req.stream, req.stream_options.as_ref());
-    let (stream, prompt_tokens) = start(&state, &job, &opts, &renames, include_usage).await?;
+    let (stream, prompt_tokens) = start(&state, &job, &opts, &renames).await?;
+    let truncate = job.truncate;
     let id = response_id("chatcmpl");
     let created = now_unix();
     let model = model_name(&job.target.expert_id);
@@ -647,7 +658,7 @@ pub async fn chat_completions(
                 },
                 finish_reason: Some(finish_name(c.finish.unwrap_or(FinishReason::Length)).into()),
             }],
-            usage: usage(prompt_tokens, c.tokens.len()),
+            usage: usage(prompt_tokens, c.tokens.len(), truncate),
             roe: job.target.info,
         })
         .into_response());
@@ -706,7 +717,7 @@ pub async fn chat_completions(
         if include_usage {
             let mut last = chunk(ChatDelta::default(), None, None, None);
             last.choices.clear();
-            last.usage = Some(usage(prompt_tokens, completion_tokens));
+            last.usage = Some(usage(prompt_tokens, completion_tokens, truncate));
             let _ = tx.send(event(&last)).await;
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;

@@ -138,6 +138,11 @@ impl From<ServingError> for ApiError {
     fn from(e: ServingError) -> Self {
         let (status, kind, code) = match e.kind {
             ErrorKind::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            ErrorKind::ContextLengthExceeded => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+            ),
             ErrorKind::NotFound => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",

@@ -36,6 +36,7 @@ pub const COMPLETION_FIELDS: &[&str] = &[
     "logit_bias",
     "suffix",
     "roe",
+    "truncate",
 ];
 
 pub const CHAT_FIELDS: &[&str] = &[
@@ -57,6 +58,7 @@ pub const CHAT_FIELDS: &[&str] = &[
     "frequency_penalty",
     "logit_bias",
     "roe",
+    "truncate",
 ];
 
 /// Checks a request object's fields: unknown ones, and known ones roe cannot honour unless
@@ -187,6 +189,12 @@ pub struct CompletionRequest {
     pub user: Option<String>,
     #[serde(default)]
     pub roe: Option<RoeRequestOptions>,
+    /// roe's extension, as text-embeddings-inference's `truncate`: a prompt longer than the
+    /// backbone's context (less `max_tokens`) keeps its last tokens that fit, and
+    /// `usage.truncated_prompt_tokens` says how many were cut. Without it such a prompt is
+    /// refused with 400 `context_length_exceeded`.
+    #[serde(default)]
+    pub truncate: bool,
 }
 
 /// Message content: a string or a list of text parts.
@@ -244,6 +252,12 @@ pub struct ChatRequest {
     pub user: Option<String>,
     #[serde(default)]
     pub roe: Option<RoeRequestOptions>,
+    /// roe's extension, as text-embeddings-inference's `truncate`: a prompt longer than the
+    /// backbone's context (less `max_tokens`) keeps its last tokens that fit, and
+    /// `usage.truncated_prompt_tokens` says how many were cut. Without it such a prompt is
+    /// refused with 400 `context_length_exceeded`.
+    #[serde(default)]
+    pub truncate: bool,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -251,6 +265,10 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// roe's extension, only when the request asked to `truncate`: prompt tokens cut from
+    /// the front (not counted in `prompt_tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_prompt_tokens: Option<u32>,
 }
 
 /// An expert that routing ranked, for the evidence.

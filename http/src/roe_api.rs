@@ -51,6 +51,7 @@ pub async fn score(
             expert_id: req.expert_id.clone(),
             input: req.input,
             choices: req.choices,
+            truncate: req.truncate,
         })
         .await?;
     Ok(Json(score_response(req.expert_id, &choices, &out)))
@@ -66,6 +67,7 @@ pub async fn score_ensemble(
             expert_ids: req.expert_ids.clone(),
             input: req.input,
             choices: req.choices.clone(),
+            truncate: req.truncate,
         })
         .await?;
     Ok(Json(proto::ScoreEnsembleResponse {

@@ -422,6 +422,8 @@ pub fn score_response(
         best: out.best as u32,
         best_by_mean: out.best_by_mean as u32,
         expert_id,
+        prompt_tokens: out.prompt_tokens as u32,
+        truncated_tokens: out.truncated_tokens as u32,
     }
 }
 
@@ -474,6 +476,7 @@ pub fn answer_request(req: proto::AnswerRequest) -> Result<AnswerRequest, Status
             seed: req.seed,
             stop: req.stop,
         },
+        truncate: req.truncate,
     })
 }
 
@@ -488,12 +491,16 @@ pub fn answered_to_proto(a: Answered) -> proto::AnswerResponse {
                     Answer::Scored { choices, output } => proto::answer::Kind::Score(
                         score_response(expert_id.clone(), &choices, &output),
                     ),
-                    Answer::Generated { text, finish } => {
-                        proto::answer::Kind::Generated(proto::Generated {
-                            text,
-                            finish_reason: finish_name(finish).to_string(),
-                        })
-                    }
+                    Answer::Generated {
+                        text,
+                        finish,
+                        usage,
+                    } => proto::answer::Kind::Generated(proto::Generated {
+                        text,
+                        finish_reason: finish_name(finish).to_string(),
+                        prompt_tokens: usage.prompt_tokens as u32,
+                        truncated_tokens: usage.truncated_tokens as u32,
+                    }),
                 }),
             })
             .collect(),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use roe_serving::{
-    BackboneInference, EnsembleRequest, GenerateRequest, PromptFormat, ScoreRequest,
+    BackboneInference, EnsembleRequest, GenerateRequest, PromptFormat, ScoreRequest, Started,
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
@@ -39,6 +39,7 @@ impl Api for InferenceService {
                 expert_id: req.expert_id.clone(),
                 input: req.input,
                 choices: req.choices,
+                truncate: req.truncate,
             })
             .await
             .map_err(serving_status)?;
@@ -56,6 +57,7 @@ impl Api for InferenceService {
                 expert_ids: req.expert_ids.clone(),
                 input: req.input,
                 choices: req.choices.clone(),
+                truncate: req.truncate,
             })
             .await
             .map_err(serving_status)?;
@@ -83,23 +85,28 @@ impl Api for InferenceService {
         let req = request.into_inner();
         let options = generate_options(&req);
         // The prompt runs before the answer, so that its errors become the status.
-        let tokens = self
+        let Started { tokens, usage } = self
             .inference
-            .generate(GenerateRequest {
+            .start_generation(GenerateRequest {
                 expert_id: req.expert_id,
                 input: req.input,
                 format: PromptFormat::Canonical,
                 options,
+                truncate: req.truncate,
             })
             .await
             .map_err(serving_status)?;
-        let stream = UnboundedReceiverStream::new(tokens).map(|token| {
+        let mut first = Some(usage);
+        let stream = UnboundedReceiverStream::new(tokens).map(move |token| {
+            let usage = first.take().unwrap_or_default();
             token
                 .map(|t| proto::GenerateResponse {
                     text: t.text,
                     token_id: t.id,
                     logprob: t.logprob,
                     finish_reason: t.finish.map(finish_name).unwrap_or_default().to_string(),
+                    prompt_tokens: usage.prompt_tokens as u32,
+                    truncated_tokens: usage.truncated_tokens as u32,
                 })
                 .map_err(serving_status)
         });

@@ -46,7 +46,8 @@ pub fn training_status(e: TrainError) -> Status {
 /// A serving-core error, by its kind.
 pub fn serving_status(e: ServingError) -> Status {
     let code = match e.kind {
-        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        // OpenAI's context_length_exceeded is a 400: the caller's request, not a capacity.
+        ErrorKind::InvalidArgument | ErrorKind::ContextLengthExceeded => Code::InvalidArgument,
         ErrorKind::NotFound => Code::NotFound,
         ErrorKind::AlreadyExists => Code::AlreadyExists,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,

@@ -14,9 +14,10 @@ use roe_backbone::{FinishReason, GenerateParams, ScoreOutput};
 use roe_expert_library::{Query, RouteResult};
 
 use crate::backend::{Backend, PromptFormat};
+use crate::context::PromptUsage;
 use crate::error::{Result, ServingError};
 use crate::generation_queue::GenerationRequest;
-use crate::inference::Inference;
+use crate::inference::{Inference, PromptCheck};
 use crate::routing::{RouteOverrides, RouteService};
 use crate::score_queue::ScoreItem;
 use crate::validate::GenerateOptions;
@@ -43,6 +44,9 @@ pub struct AnswerRequest {
     pub mode: AnswerMode,
     pub route: RouteOverrides,
     pub generate: GenerateOptions,
+    /// Cut each input's prompt from the front when it does not fit (see [`crate::context`]),
+    /// instead of CONTEXT_LENGTH_EXCEEDED.
+    pub truncate: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +58,8 @@ pub enum Answer {
     Generated {
         text: String,
         finish: FinishReason,
+        /// What was read of the input's prompt.
+        usage: PromptUsage,
     },
 }
 
@@ -157,16 +163,39 @@ impl<B: Backend> Answerer<B> {
             }
             Err(e) => return Err(e.prefixed(&format!("routed expert {expert_id:?}"))),
         };
+        // Where each input came from, to name it in an error.
+        let field = |n: usize| {
+            if req.inputs.is_empty() {
+                format!("queries[{n}].input")
+            } else {
+                format!("inputs[{n}].input")
+            }
+        };
         let answers = match work {
             Work::Score(inputs) => {
-                let items = inputs
-                    .iter()
-                    .map(|i| ScoreItem {
+                let mut items = Vec::with_capacity(inputs.len());
+                for (n, i) in inputs.iter().enumerate() {
+                    let fit = self
+                        .inference
+                        .fit_prompt(
+                            PromptCheck {
+                                field: &field(n),
+                                input: &i.input,
+                                format: PromptFormat::Canonical,
+                                choices: &i.choices,
+                                new_tokens: None,
+                                truncate: req.truncate,
+                            },
+                            expert.as_ref(),
+                        )
+                        .await?;
+                    items.push(ScoreItem {
                         expert: expert.clone(),
                         input: i.input.clone(),
                         choices: i.choices.clone(),
-                    })
-                    .collect();
+                        keep: fit.keep,
+                    });
+                }
                 let outs = self.inference.score_items(items).await?;
                 inputs
                     .into_iter()
@@ -178,25 +207,47 @@ impl<B: Backend> Answerer<B> {
                     .collect()
             }
             Work::Generate(inputs, params) => {
-                let requests = inputs
-                    .into_iter()
-                    .map(|i| GenerationRequest {
+                let mut requests = Vec::with_capacity(inputs.len());
+                let mut usages = Vec::with_capacity(inputs.len());
+                for (n, i) in inputs.into_iter().enumerate() {
+                    let fit = self
+                        .inference
+                        .fit_prompt(
+                            PromptCheck {
+                                field: &field(n),
+                                input: &i.input,
+                                format: PromptFormat::Canonical,
+                                choices: &[],
+                                new_tokens: Some(params.max_new_tokens),
+                                truncate: req.truncate,
+                            },
+                            expert.as_ref(),
+                        )
+                        .await?;
+                    usages.push(fit.usage);
+                    requests.push(GenerationRequest {
                         expert: expert.clone(),
                         input: i.input,
                         format: PromptFormat::Canonical,
                         params: params.clone(),
-                    })
-                    .collect();
+                        keep: fit.keep,
+                    });
+                }
                 let mut answers = Vec::new();
-                for (n, text) in self
+                for (n, (text, usage)) in self
                     .inference
                     .generate_texts(requests)
                     .await
                     .into_iter()
+                    .zip(usages)
                     .enumerate()
                 {
                     let (text, finish) = text.map_err(|e| e.prefixed(&format!("inputs[{n}]")))?;
-                    answers.push(Answer::Generated { text, finish });
+                    answers.push(Answer::Generated {
+                        text,
+                        finish,
+                        usage,
+                    });
                 }
                 answers
             }

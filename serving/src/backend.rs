@@ -16,6 +16,8 @@ pub struct ScoreInput<'a, E> {
     /// True once the request has been withdrawn (its client went away or its deadline
     /// passed): a backend asks it between forward passes and leaves the input out.
     pub withdrawn: &'a (dyn Fn() -> bool + Sync),
+    /// Keep only the last this many prompt ids (the request asked for the cut); None: all.
+    pub keep: Option<usize>,
 }
 
 /// A [`ScoreInput::withdrawn`] for inputs nobody withdraws.
@@ -40,6 +42,8 @@ pub struct GenerationInput<'a, E> {
     pub format: PromptFormat,
     pub expert: Option<&'a E>,
     pub params: &'a GenerateParams,
+    /// Keep only the last this many prompt ids (the request asked for the cut); None: all.
+    pub keep: Option<usize>,
 }
 
 /// A model runtime the serving core drives. Its methods block (CPU work); the core calls
@@ -70,8 +74,20 @@ pub trait Backend: Send + Sync + 'static {
     /// template or the messages do not fit it.
     fn chat_prompt(&self, messages: &[roe_backbone::ChatMessage]) -> Result<String>;
 
-    /// How many tokens the prompt of `input` in `format` has (for usage counts).
-    fn prompt_tokens(&self, input: &str, format: PromptFormat) -> Result<usize>;
+    /// Token counts of `input`'s prompt in `format` and of the longest of `choices` as
+    /// scoring renders them: what [`crate::context`] checks against the context.
+    fn count_tokens(
+        &self,
+        input: &str,
+        format: PromptFormat,
+        choices: &[String],
+    ) -> Result<crate::context::PromptCount>;
+
+    /// Positions the backbone reads (prompt, soft prompt and answer together).
+    fn context_length(&self) -> usize;
+
+    /// Positions `expert` adds in front of every prompt (a soft prompt's virtual tokens).
+    fn soft_prompt_tokens(&self, expert: &Self::Expert) -> usize;
 }
 
 /// Rows decoded together, one forward per step for the rows still generating. Rows are

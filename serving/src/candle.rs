@@ -1,12 +1,13 @@
 //! [`Backend`] for the GGUF backbone on candle ([`roe_backbone::Backbone`]).
 
 use roe_backbone::{
-    Adapters, Backbone, BatchGenerator, FinishReason, GenerateRequest, GeneratedToken, Lora,
-    RenderOptions, ScoreOutput, SoftPrompt,
+    keep_last, Adapters, Backbone, BatchGenerator, FinishReason, GenerateRequest, GeneratedToken,
+    Lora, ScoreIdsRequest, ScoreOutput, SoftPrompt,
 };
 use roe_expert_library::{ExpertKind, PeftAdapter};
 
 use crate::backend::{Backend, GenerationBatch, GenerationInput, PromptFormat, ScoreInput};
+use crate::context::PromptCount;
 use crate::error::{Result, ServingError};
 
 /// An expert loaded for the backbone.
@@ -65,19 +66,38 @@ impl Backend for Backbone {
         &self,
         inputs: &[ScoreInput<'_, LoadedExpert>],
     ) -> Result<Vec<Option<ScoreOutput>>> {
-        let reqs: Vec<roe_backbone::ScoreRequest<'_>> = inputs
-            .iter()
-            .map(|i| roe_backbone::ScoreRequest {
-                input: i.input,
-                choices: i.choices,
-                adapters: adapters(i.expert),
-            })
-            .collect();
-        Ok(
-            self.score_batch_while(&reqs, &self.score_render_options(), &|i| {
-                !(inputs[i].withdrawn)()
-            })?,
-        )
+        let opts = self.serving_render_options();
+        let mut rendered = Vec::with_capacity(inputs.len());
+        let mut at = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.iter().enumerate() {
+            // Rendering a long input is work too: a withdrawn one is not rendered.
+            if (input.withdrawn)() {
+                continue;
+            }
+            let (mut prompt_ids, _) = self.render_prompt_counted(input.input, &opts)?;
+            let truncated_tokens = keep_last(&mut prompt_ids, input.keep);
+            let continuations = input
+                .choices
+                .iter()
+                .map(|c| self.render_choice(c, &opts))
+                .collect::<roe_backbone::Result<Vec<_>>>()?;
+            let adapters = adapters(input.expert);
+            rendered.push(ScoreIdsRequest {
+                prompt_ids,
+                continuations,
+                prompt: adapters.prompt,
+                lora: adapters.lora,
+                alt_end_ids: Vec::new(),
+                truncated_tokens,
+            });
+            at.push(i);
+        }
+        let outs = self.score_ids_while(&rendered, &|k| !(inputs[at[k]].withdrawn)())?;
+        let mut results: Vec<Option<ScoreOutput>> = vec![None; inputs.len()];
+        for (i, o) in at.into_iter().zip(outs) {
+            results[i] = o;
+        }
+        Ok(results)
     }
 
     fn generation(&self) -> BackboneGeneration<'_> {
@@ -91,12 +111,50 @@ impl Backend for Backbone {
         Ok(self.render_chat(messages)?)
     }
 
-    fn prompt_tokens(&self, input: &str, format: PromptFormat) -> Result<usize> {
-        Ok(match format {
-            PromptFormat::Canonical => self.render_prompt(input, &RenderOptions::default())?,
-            PromptFormat::Raw => self.raw_prompt(input)?,
+    fn count_tokens(
+        &self,
+        input: &str,
+        format: PromptFormat,
+        choices: &[String],
+    ) -> Result<PromptCount> {
+        let opts = self.serving_render_options();
+        let prompt = self.prompt_ids(input, format)?.len();
+        let mut longest_choice = 0;
+        for c in choices {
+            longest_choice = longest_choice.max(self.render_choice(c, &opts)?.len());
         }
-        .len())
+        Ok(PromptCount {
+            prompt,
+            longest_choice,
+        })
+    }
+
+    fn context_length(&self) -> usize {
+        Backbone::context_length(self)
+    }
+
+    fn soft_prompt_tokens(&self, expert: &LoadedExpert) -> usize {
+        match expert {
+            LoadedExpert::Prompt(p) => p.num_virtual_tokens(),
+            LoadedExpert::Lora(_) => 0,
+        }
+    }
+}
+
+/// The prompt ids of `input` in `format`, whole.
+trait PromptIds {
+    fn prompt_ids(&self, input: &str, format: PromptFormat) -> Result<Vec<u32>>;
+}
+
+impl PromptIds for Backbone {
+    fn prompt_ids(&self, input: &str, format: PromptFormat) -> Result<Vec<u32>> {
+        Ok(match format {
+            PromptFormat::Canonical => {
+                self.render_prompt_counted(input, &self.serving_render_options())?
+                    .0
+            }
+            PromptFormat::Raw => self.raw_prompt(input)?,
+        })
     }
 }
 
@@ -110,12 +168,8 @@ impl GenerationBatch<LoadedExpert> for BackboneGeneration<'_> {
     fn admit(&mut self, inputs: &[GenerationInput<'_, LoadedExpert>]) -> Result<()> {
         let mut reqs = Vec::with_capacity(inputs.len());
         for i in inputs {
-            let prompt_ids = match i.format {
-                PromptFormat::Canonical => self
-                    .backbone
-                    .render_prompt(i.input, &RenderOptions::default())?,
-                PromptFormat::Raw => self.backbone.raw_prompt(i.input)?,
-            };
+            let mut prompt_ids = self.backbone.prompt_ids(i.input, i.format)?;
+            keep_last(&mut prompt_ids, i.keep);
             reqs.push(GenerateRequest {
                 prompt_ids,
                 adapters: adapters(i.expert),

@@ -69,6 +69,9 @@ pub struct RequestLimits {
     pub max_choices: usize,
     /// Most bytes of input (plus choices, plus stop strings) of one request.
     pub max_input_bytes: usize,
+    /// Most input tokens (prompt and soft prompt) of one request (`--max-input-length`);
+    /// 0: the backbone's context. Within it a prompt must also leave room for its answer.
+    pub max_input_tokens: usize,
     /// Most new tokens of one generation.
     pub max_new_tokens: u32,
     /// New tokens when a request leaves max_new_tokens at 0.
@@ -96,6 +99,7 @@ impl Default for RequestLimits {
         Self {
             max_choices: 64,
             max_input_bytes: 64 * 1024,
+            max_input_tokens: 0,
             max_new_tokens: 512,
             default_new_tokens: 64,
             max_temperature: 5.0,

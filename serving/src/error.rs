@@ -18,6 +18,10 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The expert exists but cannot serve this request (wrong backbone, unusable adapter).
     FailedPrecondition,
+    /// The request's prompt is longer than the backbone may read for it (its context, less
+    /// what the answer needs): the caller's to shorten or to ask to be cut. The message names
+    /// the field. INVALID_ARGUMENT over gRPC; OpenAI's `context_length_exceeded` over HTTP.
+    ContextLengthExceeded,
     /// The request is larger than a limit allows.
     ResourceExhausted,
     /// A part of the service is not reachable or has stopped (a remote library, a worker).
@@ -52,6 +56,13 @@ impl ServingError {
     /// `field: message`, over a limit.
     pub fn too_large(field: &str, message: impl std::fmt::Display) -> Self {
         Self::new(ErrorKind::ResourceExhausted, format!("{field}: {message}"))
+    }
+    /// `field: message`, a prompt past the context.
+    pub fn context_length(field: &str, message: impl std::fmt::Display) -> Self {
+        Self::new(
+            ErrorKind::ContextLengthExceeded,
+            format!("{field}: {message}"),
+        )
     }
     pub fn precondition(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::FailedPrecondition, message)

@@ -27,6 +27,8 @@ pub struct GenerationRequest<E> {
     pub input: String,
     pub format: PromptFormat,
     pub params: GenerateParams,
+    /// Keep only the last this many prompt ids (see [`crate::context`]); None: all.
+    pub keep: Option<usize>,
 }
 
 /// The tokens of one generation as they come; the last one carries its finish reason.
@@ -329,6 +331,7 @@ fn admit<E, G: GenerationBatch<E>>(
             format: job.request.format,
             expert: job.request.expert.as_deref(),
             params: &job.request.params,
+            keep: job.request.keep,
         }
     }
     let together = {

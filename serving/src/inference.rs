@@ -10,7 +10,8 @@ use roe_backbone::{ensemble_vote, EnsembleVote, FinishReason, ScoreOutput};
 use crate::backend::{Backend, PromptFormat};
 use crate::cache::{ExpertCache, Loaded};
 use crate::config::ServingConfig;
-use crate::error::{blocking, Result, ServingError};
+use crate::context::{fit_prompt, ContextBudget, PromptFit, PromptUsage, Reserve};
+use crate::error::{blocking, ErrorKind, Result, ServingError};
 use crate::experts::{ExpertRef, ExpertSource};
 use crate::generation_queue::{GenerationQueue, GenerationRequest, TokenStream};
 use crate::score_queue::{ScoreItem, ScoreQueue};
@@ -23,6 +24,9 @@ pub struct ScoreRequest {
     pub expert_id: String,
     pub input: String,
     pub choices: Vec<String>,
+    /// Cut the prompt from the front when it does not fit (see [`crate::context`]), instead
+    /// of CONTEXT_LENGTH_EXCEEDED.
+    pub truncate: bool,
 }
 
 /// Score one input with several experts and let them vote.
@@ -31,6 +35,8 @@ pub struct EnsembleRequest {
     pub expert_ids: Vec<String>,
     pub input: String,
     pub choices: Vec<String>,
+    /// As [`ScoreRequest::truncate`], for every member.
+    pub truncate: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +53,27 @@ pub struct GenerateRequest {
     pub input: String,
     pub format: PromptFormat,
     pub options: GenerateOptions,
+    /// As [`ScoreRequest::truncate`].
+    pub truncate: bool,
+}
+
+/// One prompt to fit the context ([`Inference::fit_prompt`]).
+pub(crate) struct PromptCheck<'a> {
+    /// The field an error names (`input`, `inputs[2].input`).
+    pub field: &'a str,
+    pub input: &'a str,
+    pub format: PromptFormat,
+    /// A Score's choices (the longest needs room); empty for a generation.
+    pub choices: &'a [String],
+    /// A generation's new tokens (None: scoring).
+    pub new_tokens: Option<usize>,
+    pub truncate: bool,
+}
+
+/// A generation started: its tokens as they come, and what was read of its prompt.
+pub struct Started {
+    pub tokens: TokenStream,
+    pub usage: PromptUsage,
 }
 
 pub struct Inference<B: Backend> {
@@ -177,10 +204,46 @@ impl<B: Backend> Inference<B> {
         blocking(move || backend.chat_prompt(&messages)).await
     }
 
-    /// Tokens of the prompt `input` makes in `format` (usage counts).
-    pub async fn prompt_tokens(&self, input: String, format: PromptFormat) -> Result<usize> {
+    /// How much of `input`'s prompt in `format` the backbone may read beside `reserve`
+    /// (scoring: the longest of `choices`; generation: its new tokens) with `expert` in front:
+    /// whole, cut from the front when `truncate`, or CONTEXT_LENGTH_EXCEEDED naming `field`.
+    /// Tokenizes on a blocking thread (a 64 KB input takes milliseconds).
+    pub(crate) async fn fit_prompt(
+        &self,
+        check: PromptCheck<'_>,
+        expert: Option<&Arc<B::Expert>>,
+    ) -> Result<PromptFit> {
+        let PromptCheck {
+            field,
+            input,
+            format,
+            choices,
+            new_tokens,
+            truncate,
+        } = check;
         let backend = self.backend.clone();
-        blocking(move || backend.prompt_tokens(&input, format)).await
+        let (input, choices) = (input.to_string(), choices.to_vec());
+        let count = blocking(move || backend.count_tokens(&input, format, &choices)).await?;
+        let soft_prompt = expert.map_or(0, |e| self.backend.soft_prompt_tokens(e));
+        let reserve = match new_tokens {
+            Some(n) => Reserve::NewTokens(n),
+            None => Reserve::Choices(count.longest_choice),
+        };
+        let context = self.backend.context_length();
+        let max_input_tokens = match self.config.limits.max_input_tokens {
+            0 => context,
+            n => n.min(context),
+        };
+        let budget = ContextBudget {
+            context,
+            max_input_tokens,
+        };
+        fit_prompt(field, count.prompt, soft_prompt, reserve, budget, truncate)
+    }
+
+    /// Positions the backbone reads.
+    pub fn context_length(&self) -> usize {
+        self.backend.context_length()
     }
 
     /// Checks that expert `id` ("" = bare backbone) exists, fits this backbone and loads
@@ -195,10 +258,24 @@ impl<B: Backend> Inference<B> {
             .check_score_input("", &req.input, &req.choices)?;
         check_requested_expert("expert_id", &req.expert_id)?;
         let expert = self.resolve(&req.expert_id).await?;
+        let fit = self
+            .fit_prompt(
+                PromptCheck {
+                    field: "input",
+                    input: &req.input,
+                    format: PromptFormat::Canonical,
+                    choices: &req.choices,
+                    new_tokens: None,
+                    truncate: req.truncate,
+                },
+                expert.as_ref(),
+            )
+            .await?;
         self.score_items(vec![ScoreItem {
             expert,
             input: req.input,
             choices: req.choices,
+            keep: fit.keep,
         }])
         .await?
         .pop()
@@ -233,10 +310,31 @@ impl<B: Backend> Inference<B> {
                 .resolve(id)
                 .await
                 .map_err(|e| e.prefixed(&format!("expert_ids[{i}]")))?;
+            // Members' soft prompts differ in length: each fits on its own.
+            let fit = self
+                .fit_prompt(
+                    PromptCheck {
+                        field: "input",
+                        input: &req.input,
+                        format: PromptFormat::Canonical,
+                        choices: &req.choices,
+                        new_tokens: None,
+                        truncate: req.truncate,
+                    },
+                    expert.as_ref(),
+                )
+                .await
+                .map_err(|e| match e.kind {
+                    ErrorKind::ContextLengthExceeded if expert.is_some() => {
+                        ServingError::new(e.kind, format!("{} (with expert_ids[{i}])", e.message))
+                    }
+                    _ => e,
+                })?;
             items.push(ScoreItem {
                 expert,
                 input: req.input.clone(),
                 choices: req.choices.clone(),
+                keep: fit.keep,
             });
         }
         // One submission: the members share one batch.
@@ -247,18 +345,38 @@ impl<B: Backend> Inference<B> {
 
     /// Starts a generation; resolves once its prompt has run (or with why it could not).
     pub async fn generate(&self, req: GenerateRequest) -> Result<TokenStream> {
+        Ok(self.start_generation(req).await?.tokens)
+    }
+
+    /// [`Self::generate`], with what was read of the prompt (usage counts).
+    pub async fn start_generation(&self, req: GenerateRequest) -> Result<Started> {
         let limits = &self.config.limits;
         // The options first: a bad stop string is named as such, not as an input too long.
         let params = limits.generate_params(&req.options)?;
         limits.check_text_input("", &req.input, req.options.stop_bytes())?;
         check_requested_expert("expert_id", &req.expert_id)?;
         let expert = self.resolve(&req.expert_id).await?;
-        self.generations
+        let fit = self
+            .fit_prompt(
+                PromptCheck {
+                    field: "input",
+                    input: &req.input,
+                    format: req.format,
+                    choices: &[],
+                    new_tokens: Some(params.max_new_tokens),
+                    truncate: req.truncate,
+                },
+                expert.as_ref(),
+            )
+            .await?;
+        let tokens = self
+            .generations
             .submit(vec![GenerationRequest {
                 expert,
                 input: req.input,
                 format: req.format,
                 params,
+                keep: fit.keep,
             }])
             .await
             .pop()
@@ -266,7 +384,11 @@ impl<B: Backend> Inference<B> {
                 Err(ServingError::internal(
                     "the generation queue lost a request",
                 ))
-            })
+            })?;
+        Ok(Started {
+            tokens,
+            usage: fit.usage,
+        })
     }
 
     /// Scores `items` through the Score queue, in order.

@@ -16,6 +16,7 @@ pub mod backend;
 pub mod cache;
 pub mod candle;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod experts;
 pub mod generation_queue;
@@ -32,10 +33,13 @@ pub use backend::{Backend, GenerationBatch, GenerationInput, PromptFormat, Score
 pub use cache::ExpertCache;
 pub use candle::{answer_end_id, LoadedExpert};
 pub use config::{RequestLimits, ServingConfig};
+pub use context::{PromptCount, PromptFit, PromptUsage};
 pub use error::{ErrorKind, Result, ServingError};
 pub use experts::{ExpertRef, ExpertSource, LocalExpertSource};
 pub use generation_queue::{GenerationQueue, GenerationRequest, TokenStream};
-pub use inference::{EnsembleOutput, EnsembleRequest, GenerateRequest, Inference, ScoreRequest};
+pub use inference::{
+    EnsembleOutput, EnsembleRequest, GenerateRequest, Inference, ScoreRequest, Started,
+};
 pub use routing::{LocalRouter, RouteOverrides, RouteService};
 pub use score_queue::{ScoreItem, ScoreQueue};
 pub use stats::InferenceStats;

@@ -30,6 +30,10 @@ pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 pub const PROCESS_PEAK_RESIDENT_MEMORY: &str = "process_resident_memory_max_bytes";
 pub const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const HEAP_ALLOCATED: &str = "roe_heap_allocated_bytes";
+pub const HEAP_FREE: &str = "roe_heap_free_bytes";
+pub const MEMORY_TRIMS: &str = "roe_memory_trims_total";
+pub const MEMORY_RETURNED: &str = "roe_memory_returned_bytes_total";
 
 /// Why a registration was refused by the upload bounds (the `reason` label of
 /// [`UPLOAD_REFUSALS`]): a fixed set, so that clients cannot mint label values.
@@ -130,6 +134,28 @@ pub fn describe() {
         "Virtual memory of the process (Linux: VmSize)"
     );
     describe_gauge!(PROCESS_OPEN_FDS, "File descriptors the process holds open");
+    describe_gauge!(
+        HEAP_ALLOCATED,
+        Unit::Bytes,
+        "Heap memory the process's allocations hold (glibc mallinfo2: in use in the arenas \
+         and in mmapped blocks)"
+    );
+    describe_gauge!(
+        HEAP_FREE,
+        Unit::Bytes,
+        "Freed heap memory the allocator keeps for reuse: resident until the process goes \
+         idle (--idle-trim-ms) and it is returned"
+    );
+    describe_counter!(
+        MEMORY_TRIMS,
+        "Times freed heap memory was returned to the kernel after the process went idle \
+         (--idle-trim-ms)"
+    );
+    describe_counter!(
+        MEMORY_RETURNED,
+        Unit::Bytes,
+        "Resident memory those returns gave back"
+    );
     describe_counter!(
         UPLOAD_REFUSALS,
         "Registrations refused by the upload bounds, by reason (over_budget, budget_timeout, \
@@ -234,6 +260,12 @@ pub fn upload_refused(reason: UploadRefusal) {
 
 /// The process's memory and open file descriptors, as the kernel reports them now: called
 /// before each scrape is rendered. Reads `/proc/self` on Linux; elsewhere records nothing.
+/// One return of freed heap memory to the kernel after the process went idle.
+pub fn memory_trimmed(returned_bytes: u64) {
+    counter!(MEMORY_TRIMS).increment(1);
+    counter!(MEMORY_RETURNED).increment(returned_bytes);
+}
+
 pub fn record_process() {
     let Some(process) = ProcessStats::read() else {
         return;
@@ -243,6 +275,37 @@ pub fn record_process() {
     gauge!(PROCESS_VIRTUAL_MEMORY).set(process.virtual_bytes as f64);
     if let Some(fds) = process.open_fds {
         gauge!(PROCESS_OPEN_FDS).set(fds as f64);
+    }
+    if let Some(heap) = HeapStats::read() {
+        gauge!(HEAP_ALLOCATED).set(heap.allocated_bytes as f64);
+        gauge!(HEAP_FREE).set(heap.free_bytes as f64);
+    }
+}
+
+/// Where the heap's memory is: held by live allocations, or freed and kept by the allocator.
+/// RSS far above `allocated_bytes` is memory kept for reuse, not a leak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapStats {
+    pub allocated_bytes: u64,
+    pub free_bytes: u64,
+}
+
+impl HeapStats {
+    /// glibc's counts over every arena (None elsewhere). Walks the arenas under their locks:
+    /// for a scrape, not for a hot path.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn read() -> Option<Self> {
+        // SAFETY: mallinfo2 only reads the allocator's own bookkeeping.
+        let m = unsafe { libc::mallinfo2() };
+        Some(Self {
+            allocated_bytes: (m.uordblks + m.hblkhd) as u64,
+            free_bytes: m.fordblks as u64,
+        })
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    pub fn read() -> Option<Self> {
+        None
     }
 }
 

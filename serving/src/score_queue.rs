@@ -21,6 +21,8 @@ pub struct ScoreItem<E> {
     pub expert: Option<Arc<E>>,
     pub input: String,
     pub choices: Vec<String>,
+    /// Keep only the last this many prompt ids (see [`crate::context`]); None: all.
+    pub keep: Option<usize>,
 }
 
 struct ScoreJob<E> {
@@ -137,6 +139,7 @@ fn run_batch<B: Backend>(backend: &B, stats: &InferenceStats, jobs: Vec<ScoreJob
             choices: &j.item.choices,
             expert: j.item.expert.as_deref(),
             withdrawn: w,
+            keep: j.item.keep,
         })
         .collect();
     let started = std::time::Instant::now();

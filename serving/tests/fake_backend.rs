@@ -12,8 +12,8 @@ use roe_backbone::{ChoiceScore, FinishReason, GeneratedToken, ScoreOutput};
 use roe_expert_library::{ExpertKind, PeftAdapter};
 use roe_serving::{
     Backend, EnsembleRequest, ErrorKind, ExpertRef, ExpertSource, GenerateOptions, GenerateRequest,
-    GenerationBatch, GenerationInput, Inference, Result, ScoreInput, ScoreRequest, ServingConfig,
-    ServingError, TokenStream,
+    GenerationBatch, GenerationInput, Inference, PromptCount, Result, ScoreInput, ScoreRequest,
+    ServingConfig, ServingError, TokenStream,
 };
 
 /// Inputs that make the fake misbehave.
@@ -76,6 +76,9 @@ impl Backend for Fake {
                     best,
                     best_by_mean: best,
                     alt_end_sums: Vec::new(),
+                    // A word is a token here; `keep` cuts the prompt from the front.
+                    prompt_tokens: words(i.input).min(i.keep.unwrap_or(usize::MAX)),
+                    truncated_tokens: words(i.input).saturating_sub(i.keep.unwrap_or(usize::MAX)),
                 })
             })
             .collect())
@@ -89,9 +92,32 @@ impl Backend for Fake {
         Ok(messages.iter().map(|m| m.content.as_str()).collect())
     }
 
-    fn prompt_tokens(&self, input: &str, _format: roe_serving::PromptFormat) -> Result<usize> {
-        Ok(input.split_whitespace().count())
+    fn count_tokens(
+        &self,
+        input: &str,
+        _format: roe_serving::PromptFormat,
+        choices: &[String],
+    ) -> Result<PromptCount> {
+        Ok(PromptCount {
+            prompt: words(input),
+            longest_choice: choices.iter().map(|c| words(c)).max().unwrap_or(0),
+        })
     }
+
+    fn context_length(&self) -> usize {
+        FAKE_CONTEXT
+    }
+
+    fn soft_prompt_tokens(&self, _expert: &String) -> usize {
+        0
+    }
+}
+
+/// The fake's context, in words.
+const FAKE_CONTEXT: usize = 256;
+
+fn words(text: &str) -> usize {
+    text.split_whitespace().count()
 }
 
 struct FakeRow {
@@ -217,11 +243,15 @@ impl ExpertSource for FakeSource {
 }
 
 fn core(source: Arc<FakeSource>) -> (Arc<Fake>, Arc<Inference<Fake>>) {
+    core_with(source, ServingConfig::default())
+}
+
+fn core_with(source: Arc<FakeSource>, config: ServingConfig) -> (Arc<Fake>, Arc<Inference<Fake>>) {
     let fake = Arc::new(Fake::default());
     let config = ServingConfig {
         score_batch_wait: Duration::from_millis(30),
         generate_batch_wait: Duration::from_millis(30),
-        ..ServingConfig::default()
+        ..config
     };
     let inference = Arc::new(Inference::start(fake.clone(), source, "fake", config));
     (fake, inference)
@@ -232,6 +262,7 @@ fn score(expert: &str, input: &str) -> ScoreRequest {
         expert_id: expert.into(),
         input: input.into(),
         choices: vec!["a".into(), "b".into(), "c".into()],
+        truncate: false,
     }
 }
 
@@ -245,6 +276,7 @@ fn generate(input: &str, tokens: u32) -> GenerateRequest {
             seed: Some(1),
             ..Default::default()
         },
+        truncate: false,
     }
 }
 
@@ -307,6 +339,7 @@ async fn a_withdrawn_request_stops_at_the_next_pass() {
         expert_ids: members.iter().map(|(id, _)| id.clone()).collect(),
         input: input.into(),
         choices: vec!["a".into(), "b".into()],
+        truncate: false,
     };
     // Left alone, all eight members are scored.
     inference.score_ensemble(ensemble(SLOW)).await.unwrap();
@@ -448,6 +481,7 @@ async fn experts_resolve_once_and_errors_name_the_member() {
             expert_ids: vec!["a".into(), "".into()],
             input: "q".into(),
             choices: vec!["x".into(), "y".into()],
+            truncate: false,
         })
         .await
         .unwrap();
@@ -458,6 +492,7 @@ async fn experts_resolve_once_and_errors_name_the_member() {
             expert_ids: vec!["a".into(), "bad".into()],
             input: "q".into(),
             choices: vec!["x".into()],
+            truncate: false,
         })
         .await
         .unwrap_err();
@@ -482,4 +517,63 @@ async fn experts_resolve_once_and_errors_name_the_member() {
         assert_eq!(t.await.unwrap().unwrap().best, 0);
     }
     assert_eq!(fresh.stats().expert_loads.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn prompts_past_the_context_are_refused_by_field_or_cut_when_asked() {
+    let (fake, inference) = core(FakeSource::with(&[]));
+    let long = "word ".repeat(300);
+    // Score: 300 tokens, one kept for the longest choice.
+    let e = inference.score(score("", &long)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ContextLengthExceeded, "{e}");
+    assert!(
+        e.message
+            .starts_with("input: 300 tokens, more than the 255"),
+        "{e}"
+    );
+    assert!(
+        e.message.contains("set truncate to keep its last 255"),
+        "{e}"
+    );
+    assert_eq!(fake.scored.load(Ordering::SeqCst), 0, "nothing ran");
+    let cut = inference
+        .score(ScoreRequest {
+            truncate: true,
+            ..score("", &long)
+        })
+        .await
+        .unwrap();
+    assert_eq!((cut.prompt_tokens, cut.truncated_tokens), (255, 45));
+    let whole = inference.score(score("", "a short one")).await.unwrap();
+    assert_eq!((whole.prompt_tokens, whole.truncated_tokens), (3, 0));
+
+    // Generate: the prompt leaves room for max_new_tokens.
+    let e = inference
+        .start_generation(generate(&"word ".repeat(250), 10))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(e.kind, ErrorKind::ContextLengthExceeded, "{e}");
+    assert!(e.message.contains("10 for the new tokens asked for"), "{e}");
+    let started = inference
+        .start_generation(GenerateRequest {
+            truncate: true,
+            ..generate(&"word ".repeat(250), 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(started.usage.prompt_tokens, 246);
+    assert_eq!(started.usage.truncated_tokens, 4);
+    let (texts, error) = drain(started.tokens).await;
+    assert!(error.is_none() && !texts.is_empty(), "{error:?}");
+
+    // A per-request budget below the context binds first, and says so.
+    let mut config = ServingConfig::default();
+    config.limits.max_input_tokens = 100;
+    let (_, inference) = core_with(FakeSource::with(&[]), config);
+    let e = inference
+        .score(score("", &"word ".repeat(150)))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("max_input_length is 100"), "{e}");
 }

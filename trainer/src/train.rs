@@ -280,6 +280,7 @@ pub fn evaluate_ensemble(
                     prompt: a.prompt,
                     lora: a.lora,
                     alt_end_ids: Vec::new(),
+                    truncated_tokens: 0,
                 }
             })
             .collect();
@@ -325,6 +326,7 @@ pub fn evaluate(
                             prompt: adapters.prompt,
                             lora: adapters.lora,
                             alt_end_ids: Vec::new(),
+                            truncated_tokens: 0,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
