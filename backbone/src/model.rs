@@ -60,6 +60,10 @@ pub enum QuantKernel {
 /// 2.4 GB of them). Short prompts share passes up to the same budget.
 pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS: usize = 2048;
 
+/// Attention scores of one pass (rows x heads x chunk x context) past which they are made
+/// one KV head at a time: 64 Mi f32 elements, 256 MB.
+const ATTENTION_GROUP_ELEMENTS: usize = 64 << 20;
+
 /// Fewest positions per row of one prefill chunk: below it a pass costs more in fixed
 /// per-pass work (every weight expanded, the workers synchronised per op) than it saves.
 pub const MIN_PREFILL_CHUNK: usize = 16;
@@ -817,16 +821,36 @@ impl Backbone {
         let g = nh / nkv;
         // Group the query heads that share a KV head: [b, nkv, g * t, hd].
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let att = q.matmul(&k_all.t()?)?; // [b, nkv, g*t, kv_len]
-        let att = match mask {
-            Some(m) => att
-                .reshape((b, nkv, g, t, kv_len))?
-                .broadcast_add(m)?
-                .reshape((b, nkv, g * t, kv_len))?,
-            None => att,
+        let scores = |q: &Tensor, k: &Tensor, v: &Tensor, heads: usize| -> Result<Tensor> {
+            let att = q.matmul(&k.t()?)?; // [b, heads, g*t, kv_len]
+            let att = match mask {
+                Some(m) => att
+                    .reshape((b, heads, g, t, kv_len))?
+                    .broadcast_add(m)?
+                    .reshape((b, heads, g * t, kv_len))?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            Ok(att.matmul(v)?) // [b, heads, g*t, hd]
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v_all)?; // [b, nkv, g*t, hd]
+        // A long prompt's scores are [b, nkv, g*t, kv_len] f32 three times over (product,
+        // masked, softmax): past ATTENTION_GROUP_ELEMENTS they are made one KV head at a
+        // time, so a pass holds a third of them (SmolLM2 has 3 KV heads).
+        let y = if b * nh * t * kv_len > ATTENTION_GROUP_ELEMENTS && nkv > 1 {
+            let parts = (0..nkv)
+                .map(|h| {
+                    scores(
+                        &q.narrow(1, h, 1)?.contiguous()?,
+                        &k_all.narrow(1, h, 1)?,
+                        &v_all.narrow(1, h, 1)?,
+                        1,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 1)?
+        } else {
+            scores(&q, &k_all, &v_all, nkv)?
+        };
         let y = y
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?

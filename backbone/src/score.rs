@@ -19,7 +19,8 @@ pub struct RenderOptions {
     /// up to the backbone's context ([`Backbone::serving_render_options`]) and cuts only when
     /// a request asks for it.
     pub max_prompt_tokens: usize,
-    /// Keep at most this many ids of `" " + choice` (the first ones).
+    /// Keep at most this many ids of `" " + choice` (the first ones): 64 in the canonical
+    /// rendering (training); serving reads choices whole.
     pub max_choice_tokens: usize,
     /// Append EOS to every continuation.
     pub append_eos: bool,
@@ -187,11 +188,12 @@ impl Backbone {
         }
     }
 
-    /// How serving renders Score requests: [`Self::score_render_options`] without the cut
-    /// (a prompt is read whole, or cut as its request asks).
+    /// How serving renders Score requests: [`Self::score_render_options`] without the cuts
+    /// (a prompt is read whole, or cut as its request asks; a choice is read whole).
     pub fn serving_render_options(&self) -> RenderOptions {
         RenderOptions {
             max_prompt_tokens: usize::MAX,
+            max_choice_tokens: usize::MAX,
             ..self.score_render_options()
         }
     }

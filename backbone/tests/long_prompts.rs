@@ -139,3 +139,62 @@ fn a_generation_past_the_context_is_refused_before_it_runs() {
     // (Five new tokens would fit: four read back. The serving tests and `roe bench context`
     // run prompts at the context's length.)
 }
+
+#[test]
+fn serving_reads_a_long_choice_whole_where_training_keeps_64_ids() {
+    common::require_model();
+    let bb = common::quantized();
+    let choices = vec![format!("river{}", " river".repeat(99)), "sea".to_string()];
+    let req = ScoreRequest {
+        input: "Name a long thing.",
+        choices: &choices,
+        adapters: Adapters::none(),
+    };
+    let served = bb
+        .score_batch_with(&[req], &bb.serving_render_options())
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        served.choices[0].num_tokens,
+        100 + 1,
+        "every id and the end id"
+    );
+    let canonical = bb
+        .score_batch_with(&[req], &bb.score_render_options())
+        .unwrap()
+        .remove(0);
+    assert_eq!(canonical.choices[0].num_tokens, 64 + 1);
+}
+
+#[test]
+fn long_attention_made_one_kv_head_at_a_time_gives_the_same_scores() {
+    common::require_model();
+    // About 3,000 positions in one pass: 9 heads x 3,000 x 3,000 scores, past the 64 Mi elements
+    // after which a pass makes them one KV head at a time; in passes of 512 they stay below.
+    let one_pass = chunked(4096);
+    let small_passes = chunked(512);
+    let input = passage(160);
+    let choices = vec!["violet".to_string(), "orange".to_string()];
+    let req = ScoreRequest {
+        input: &input,
+        choices: &choices,
+        adapters: Adapters::none(),
+    };
+    let opts = one_pass.serving_render_options();
+    let a = one_pass.score_batch_with(&[req], &opts).unwrap().remove(0);
+    assert!(
+        9 * a.prompt_tokens * a.prompt_tokens > 64 << 20,
+        "{} tokens",
+        a.prompt_tokens
+    );
+    let b = small_passes
+        .score_batch_with(&[req], &opts)
+        .unwrap()
+        .remove(0);
+    for (x, y) in a.choices.iter().zip(&b.choices) {
+        assert!(
+            (x.sum_logprob - y.sum_logprob).abs() < 2e-3,
+            "{x:?} vs {y:?}"
+        );
+    }
+}

@@ -119,7 +119,10 @@ pub fn fit_prompt(
             limit - soft_prompt
         )
     } else {
-        "the expert's soft prompt leaves no room: lower the answer's length".to_string()
+        format!(
+            "the answer's {} tokens and the expert's soft prompt leave no room for it",
+            reserve.tokens()
+        )
     };
     Err(ServingError::context_length(
         field,
@@ -188,7 +191,7 @@ mod tests {
         // A soft prompt that leaves no room cannot be helped by cutting the input.
         let e = fit_prompt("input", 50, 8150, Reserve::NewTokens(64), BUDGET, true).unwrap_err();
         assert_eq!(e.kind, ErrorKind::ContextLengthExceeded);
-        assert!(e.message.contains("leaves no room"), "{e}");
+        assert!(e.message.contains("leave no room"), "{e}");
     }
 
     #[test]
