@@ -225,6 +225,12 @@ pub fn markdown(r: &ContextReport) -> String {
         r.new_tokens,
         r.cases.first().map_or(0.0, |c| c.rss_before_mib).round()
     );
+    if r.cases.iter().all(|c| c.peer_prefill_seconds.is_none()) {
+        md = md.replace(
+            "llama.cpp: llama-cpp-python built natively",
+            "llama.cpp (not measured in this run; columns –): llama-cpp-python built natively",
+        );
+    }
     for c in &r.cases {
         let prompt_time = c.first_token_seconds.unwrap_or(c.seconds);
         let ratio = c.peer_prefill_seconds.map(|p| prompt_time / p);

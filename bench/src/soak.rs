@@ -1111,8 +1111,8 @@ pub fn markdown(r: &SoakReport) -> String {
     ] {
         if let Some(h) = heap {
             md += &format!(
-                "- Heap {when}: {:.0} MiB held by live allocations, {:.0} MiB freed and kept \
-                 by the allocator.\n",
+                "- Heap {when}: {:.0} MiB held by live allocations, {:.0} MiB in the \
+                 allocator's free lists (resident or already returned).\n",
                 h.allocated, h.kept_free
             );
         }

@@ -213,6 +213,10 @@ struct ServeArgs {
     /// at its high-water mark).
     #[arg(long, env = "ROE_IDLE_TRIM_MS", default_value_t = 2_000)]
     idle_trim_ms: u64,
+    /// Freed heap memory kept for reuse past which it is returned to the kernel at once, busy
+    /// or not (MiB; 0: no bound, only --idle-trim-ms returns it).
+    #[arg(long, env = "ROE_MAX_KEPT_FREE_MB", default_value_t = 512)]
+    max_kept_free_mb: u64,
 }
 
 impl ServeArgs {
@@ -799,7 +803,10 @@ fn run_bench(g: &Global, first: Option<&str>, args: Vec<std::ffi::OsString>) -> 
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
 
 async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
-    crate::process::spawn_idle_trimmer(std::time::Duration::from_millis(a.idle_trim_ms));
+    crate::process::spawn_memory_returner(crate::process::MemoryReturn {
+        idle: std::time::Duration::from_millis(a.idle_trim_ms),
+        max_kept_bytes: a.max_kept_free_mb << 20,
+    });
     match a.role {
         ServeRole::Inference => return cmd_serve_inference(g, a).await,
         _ if a.library_url.is_some() => bail!(

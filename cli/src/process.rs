@@ -30,27 +30,42 @@ fn keep_freed_memory() {}
 /// an idle server's own timers and this thread stay far below it.
 const BUSY_SHARE: f64 = 0.05;
 
-/// Returns the heap memory that [`keep_freed_memory`] holds on to once the process has done
-/// no work for `idle` (measured by its own CPU time, so requests of every transport, training
-/// and index builds all count as work): glibc's `malloc_trim(0)` gives every arena's free
-/// pages back to the kernel. Busy, freed memory stays for reuse (no page faults between
-/// forward passes); idle, the resident size falls back to what is live. Each trim is counted
-/// in `roe_memory_trims_total` and `roe_memory_returned_bytes_total`. Runs on a thread of
-/// its own until the process exits; `idle` of zero: never.
-pub fn spawn_idle_trimmer(idle: std::time::Duration) {
-    if idle.is_zero() || !cfg!(all(target_os = "linux", target_env = "gnu")) {
+/// When the heap memory that [`keep_freed_memory`] holds on to goes back to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReturn {
+    /// Once the process has done no work this long (zero: never).
+    pub idle: std::time::Duration,
+    /// At once, busy or not, when the resident memory beyond the live heap allocations
+    /// passes this (0: no bound): under a long mixed load every thread's arena keeps its own
+    /// high-water mark of freed memory.
+    pub max_kept_bytes: u64,
+}
+
+/// Returns the heap memory that [`keep_freed_memory`] holds on to, as `when` says: glibc's
+/// `malloc_trim(0)` gives every arena's free pages back to the kernel. Work is measured by the
+/// process's own CPU time, so requests of every transport, training and index builds all
+/// count. Busy and under the bound, freed memory stays for reuse (no page faults between
+/// forward passes); idle, the resident size falls back to what is live. Each return is
+/// counted in `roe_memory_trims_total` and `roe_memory_returned_bytes_total`. Runs on a
+/// thread of its own until the process exits.
+pub fn spawn_memory_returner(when: MemoryReturn) {
+    let bounded = when.max_kept_bytes > 0;
+    if (when.idle.is_zero() && !bounded) || !cfg!(all(target_os = "linux", target_env = "gnu")) {
         return;
     }
-    let tick = (idle / 4).clamp(
-        std::time::Duration::from_millis(50),
-        std::time::Duration::from_secs(1),
-    );
+    let second = std::time::Duration::from_secs(1);
+    let tick = if when.idle.is_zero() {
+        second
+    } else {
+        (when.idle / 4).clamp(std::time::Duration::from_millis(50), second)
+    };
     let spawned = std::thread::Builder::new()
-        .name("roe-idle-trim".into())
+        .name("roe-memory-return".into())
         .spawn(move || {
             let mut last_cpu = cpu_seconds();
             let mut last_busy = std::time::Instant::now();
-            // Work since the last trim: nothing to give back otherwise.
+            let mut last_bound_check = std::time::Instant::now();
+            // Work since the last return: nothing to give back otherwise.
             let mut dirty = true;
             loop {
                 std::thread::sleep(tick);
@@ -60,20 +75,41 @@ pub fn spawn_idle_trimmer(idle: std::time::Duration) {
                     dirty = true;
                 }
                 last_cpu = cpu;
-                if dirty && last_busy.elapsed() >= idle {
+                let idle = !when.idle.is_zero() && dirty && last_busy.elapsed() >= when.idle;
+                // mallinfo2 walks every arena: about once a second is enough.
+                let over = bounded
+                    && last_bound_check.elapsed() >= second
+                    && roe_serving::metrics::HeapStats::read().is_some_and(|h| {
+                        // What is resident beyond the live allocations: freed memory kept
+                        // (the allocator's own free count also holds pages already given
+                        // back, so it cannot say this).
+                        resident_bytes().saturating_sub(h.allocated_bytes) > when.max_kept_bytes
+                    });
+                if bounded && last_bound_check.elapsed() >= second {
+                    last_bound_check = std::time::Instant::now();
+                }
+                if idle || over {
                     let before = resident_bytes();
                     trim();
                     let returned = before.saturating_sub(resident_bytes());
                     roe_serving::metrics::memory_trimmed(returned);
-                    tracing::debug!(returned_mib = returned >> 20, "idle: freed memory returned");
+                    tracing::debug!(
+                        returned_mib = returned >> 20,
+                        reason = if idle {
+                            "idle"
+                        } else {
+                            "over --max-kept-free-mb"
+                        },
+                        "freed memory returned"
+                    );
                     dirty = false;
-                    // The trim's own CPU time is not work.
+                    // The return's own CPU time is not work.
                     last_cpu = cpu_seconds();
                 }
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "the idle memory trimmer did not start");
+        tracing::warn!(error = %e, "the memory returner did not start");
     }
 }
 

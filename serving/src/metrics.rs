@@ -143,8 +143,9 @@ pub fn describe() {
     describe_gauge!(
         HEAP_FREE,
         Unit::Bytes,
-        "Freed heap memory the allocator keeps for reuse: resident until the process goes \
-         idle (--idle-trim-ms) and it is returned"
+        "Freed heap memory in the allocator's free lists, resident (kept for reuse) or \
+         already returned to the kernel; resident memory beyond roe_heap_allocated_bytes is \
+         what is kept"
     );
     describe_counter!(
         MEMORY_TRIMS,
