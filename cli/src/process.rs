@@ -102,7 +102,11 @@ pub fn spawn_memory_returner(when: MemoryReturn) {
                         },
                         "freed memory returned"
                     );
-                    dirty = false;
+                    // A return while busy leaves the idle one due: what the work in flight
+                    // frees after it is kept until the process goes idle.
+                    if idle {
+                        dirty = false;
+                    }
                     // The return's own CPU time is not work.
                     last_cpu = cpu_seconds();
                 }
