@@ -178,14 +178,7 @@ impl<B: Backend> Answerer<B> {
                     let fit = self
                         .inference
                         .fit_prompt(
-                            PromptCheck {
-                                field: &field(n),
-                                input: &i.input,
-                                format: PromptFormat::Canonical,
-                                choices: &i.choices,
-                                new_tokens: None,
-                                truncate: req.truncate,
-                            },
+                            PromptCheck::scoring(&field(n), &i.input, &i.choices, req.truncate),
                             expert.as_ref(),
                         )
                         .await?;
@@ -213,14 +206,13 @@ impl<B: Backend> Answerer<B> {
                     let fit = self
                         .inference
                         .fit_prompt(
-                            PromptCheck {
-                                field: &field(n),
-                                input: &i.input,
-                                format: PromptFormat::Canonical,
-                                choices: &[],
-                                new_tokens: Some(params.max_new_tokens),
-                                truncate: req.truncate,
-                            },
+                            PromptCheck::generation(
+                                &field(n),
+                                &i.input,
+                                PromptFormat::Canonical,
+                                params.max_new_tokens,
+                                req.truncate,
+                            ),
                             expert.as_ref(),
                         )
                         .await?;

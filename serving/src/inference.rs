@@ -70,6 +70,38 @@ pub(crate) struct PromptCheck<'a> {
     pub truncate: bool,
 }
 
+impl<'a> PromptCheck<'a> {
+    /// A Score input's prompt, in the canonical rendering, beside its choices.
+    pub fn scoring(field: &'a str, input: &'a str, choices: &'a [String], truncate: bool) -> Self {
+        Self {
+            field,
+            input,
+            format: PromptFormat::Canonical,
+            choices,
+            new_tokens: None,
+            truncate,
+        }
+    }
+
+    /// A generation's prompt beside its new tokens.
+    pub fn generation(
+        field: &'a str,
+        input: &'a str,
+        format: PromptFormat,
+        new_tokens: usize,
+        truncate: bool,
+    ) -> Self {
+        Self {
+            field,
+            input,
+            format,
+            choices: &[],
+            new_tokens: Some(new_tokens),
+            truncate,
+        }
+    }
+}
+
 /// A generation started: its tokens as they come, and what was read of its prompt.
 pub struct Started {
     pub tokens: TokenStream,
@@ -260,14 +292,7 @@ impl<B: Backend> Inference<B> {
         let expert = self.resolve(&req.expert_id).await?;
         let fit = self
             .fit_prompt(
-                PromptCheck {
-                    field: "input",
-                    input: &req.input,
-                    format: PromptFormat::Canonical,
-                    choices: &req.choices,
-                    new_tokens: None,
-                    truncate: req.truncate,
-                },
+                PromptCheck::scoring("input", &req.input, &req.choices, req.truncate),
                 expert.as_ref(),
             )
             .await?;
@@ -313,14 +338,7 @@ impl<B: Backend> Inference<B> {
             // Members' soft prompts differ in length: each fits on its own.
             let fit = self
                 .fit_prompt(
-                    PromptCheck {
-                        field: "input",
-                        input: &req.input,
-                        format: PromptFormat::Canonical,
-                        choices: &req.choices,
-                        new_tokens: None,
-                        truncate: req.truncate,
-                    },
+                    PromptCheck::scoring("input", &req.input, &req.choices, req.truncate),
                     expert.as_ref(),
                 )
                 .await
@@ -358,14 +376,13 @@ impl<B: Backend> Inference<B> {
         let expert = self.resolve(&req.expert_id).await?;
         let fit = self
             .fit_prompt(
-                PromptCheck {
-                    field: "input",
-                    input: &req.input,
-                    format: req.format,
-                    choices: &[],
-                    new_tokens: Some(params.max_new_tokens),
-                    truncate: req.truncate,
-                },
+                PromptCheck::generation(
+                    "input",
+                    &req.input,
+                    req.format,
+                    params.max_new_tokens,
+                    req.truncate,
+                ),
                 expert.as_ref(),
             )
             .await?;
