@@ -5,7 +5,7 @@
 # the HTTP API also needs TLS (-e ROE_TLS_CERT=... -e ROE_TLS_KEY=..., HTTPS with gRPC's
 # certificate), or -e ROE_HTTP_ALLOW_PLAINTEXT=true when a proxy terminates TLS in front or
 # the port is published only on the host's loopback (-p 127.0.0.1:8080:8080).
-FROM rust:1.89-bookworm AS build
+FROM rust:1.92-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin roe

@@ -49,6 +49,7 @@ async fn score(
         input: input.to_string(),
         choices: choices.to_vec(),
         truncate: false,
+        min_library_seq: 0,
     })
     .await
     .unwrap_or_else(|e| panic!("score with {expert:?}: {e:?}"))
@@ -241,6 +242,7 @@ async fn abstaining_falls_back_to_the_configured_expert() {
         .await
         .delete_expert(proto::DeleteExpertRequest {
             id: "movie_sentiment".into(),
+            expected_version: None,
         })
         .await
         .expect("delete");
@@ -563,6 +565,7 @@ async fn score_ensemble_is_the_vote_of_its_members_in_one_batch() {
                     input: inp.input.clone(),
                     choices: choices.clone(),
                     truncate: false,
+                    min_library_seq: 0,
                 })
                 .await
                 .expect("score ensemble")
@@ -611,6 +614,7 @@ async fn score_ensemble_is_the_vote_of_its_members_in_one_batch() {
         input: "WINNER! claim your prize".into(),
         choices: choices.clone(),
         truncate: false,
+        min_library_seq: 0,
     };
     let cases: Vec<(proto::ScoreEnsembleRequest, Code, &str)> = vec![
         (

@@ -28,6 +28,7 @@ fn list() -> proto::ListExpertsRequest {
     proto::ListExpertsRequest {
         page_size: 0,
         page_token: String::new(),
+        min_library_seq: 0,
     }
 }
 
@@ -114,6 +115,7 @@ async fn keys_decide_who_reads_and_who_writes() {
         id: id.into(),
         include_instances: true,
         include_adapter: false,
+        min_library_seq: 0,
     };
     let before = lib
         .get_expert(bearer(get("spam"), READ))
@@ -127,6 +129,7 @@ async fn keys_decide_who_reads_and_who_writes() {
             proto::RouteRequest {
                 queries: queries(&task("sms_spam"), 8, 1),
                 options: None,
+                min_library_seq: 0,
             },
             READ,
         ))
@@ -144,6 +147,7 @@ async fn keys_decide_who_reads_and_who_writes() {
                 input: row.input.clone(),
                 choices: row.choices.clone(),
                 truncate: false,
+                min_library_seq: 0,
             },
             "api-key",
             READ,
@@ -165,7 +169,10 @@ async fn keys_decide_who_reads_and_who_writes() {
     );
     denied(
         lib.delete_expert(bearer(
-            proto::DeleteExpertRequest { id: "spam".into() },
+            proto::DeleteExpertRequest {
+                id: "spam".into(),
+                expected_version: None,
+            },
             READ,
         ))
         .await
@@ -177,6 +184,7 @@ async fn keys_decide_who_reads_and_who_writes() {
             proto::AddInstancesRequest {
                 id: "spam".into(),
                 instances: before.instances.clone(),
+                expected_version: None,
             },
             READ,
         ))

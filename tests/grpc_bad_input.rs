@@ -240,7 +240,13 @@ impl Suite {
         let mut c = self.c.lib.clone();
         let name = format!("DeleteExpert: {name}");
         self.push(&name, code, field, async move {
-            done(c.delete_expert(proto::DeleteExpertRequest { id }).await)
+            done(
+                c.delete_expert(proto::DeleteExpertRequest {
+                    id,
+                    expected_version: None,
+                })
+                .await,
+            )
         });
     }
 
@@ -455,6 +461,7 @@ async fn snapshot(c: &mut Clients) -> Result<Snapshot, Status> {
         .list_experts(proto::ListExpertsRequest {
             page_size: 1000,
             page_token: String::new(),
+            min_library_seq: 0,
         })
         .await?
         .into_inner();
@@ -464,6 +471,7 @@ async fn snapshot(c: &mut Clients) -> Result<Snapshot, Status> {
             id: "spam".into(),
             include_instances: true,
             include_adapter: false,
+            min_library_seq: 0,
         })
         .await?
         .into_inner();
@@ -493,7 +501,10 @@ async fn restore(c: &mut Clients, baseline: &Snapshot, now: Snapshot) -> Snapsho
         if !baseline.experts.iter().any(|(b, ..)| b == id) {
             let _ = c
                 .lib
-                .delete_expert(proto::DeleteExpertRequest { id: id.clone() })
+                .delete_expert(proto::DeleteExpertRequest {
+                    id: id.clone(),
+                    expected_version: None,
+                })
                 .await;
         }
     }
@@ -1213,6 +1224,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         id: id.to_string(),
         include_instances: true,
         include_adapter: true,
+        min_library_seq: 0,
     };
     s.get("id empty", Code::InvalidArgument, "id", get_req(""));
     s.get(
@@ -1266,6 +1278,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         proto::ListExpertsRequest {
             page_size: 1001,
             page_token: String::new(),
+            min_library_seq: 0,
         },
     );
     s.list(
@@ -1275,6 +1288,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         proto::ListExpertsRequest {
             page_size: u32::MAX,
             page_token: "spam".into(),
+            min_library_seq: 0,
         },
     );
 
@@ -1310,6 +1324,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
     let add = |id: &str, instances: Vec<proto::Instance>| proto::AddInstancesRequest {
         id: id.to_string(),
         instances,
+        expected_version: None,
     };
     let good = instances(&sms, 2, 5);
     s.add(
@@ -1547,9 +1562,12 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
 
     // ------------------------------------------------------------ Route
     let route_queries = queries(&sms, 4, 1);
-    let route = |queries: Vec<proto::Query>, options: Option<proto::RouteOptions>| {
-        proto::RouteRequest { queries, options }
-    };
+    let route =
+        |queries: Vec<proto::Query>, options: Option<proto::RouteOptions>| proto::RouteRequest {
+            queries,
+            options,
+            min_library_seq: 0,
+        };
     let options = |change: fn(&mut proto::RouteOptions)| {
         route(
             route_queries.clone(),
@@ -1722,6 +1740,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         input: "WINNER! Claim your prize now".into(),
         choices: vec!["ham".into(), "spam".into()],
         truncate: false,
+        min_library_seq: 0,
     };
     s.score(
         "input empty",
@@ -1794,6 +1813,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         input: "WINNER! Claim your prize now".into(),
         choices: vec!["ham".into(), "spam".into()],
         truncate: false,
+        min_library_seq: 0,
     };
     s.ensemble(
         "no members",
@@ -2738,6 +2758,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
                 exclude: vec!["spam".into(), "qt".into()],
                 ..Default::default()
             }),
+            min_library_seq: 0,
         })
         .await
     {
@@ -2758,6 +2779,7 @@ async fn every_rpc_refuses_bad_input_by_field_and_changes_nothing() {
         .list_experts(proto::ListExpertsRequest {
             page_size: 10,
             page_token: "~~~ no such expert".into(),
+            min_library_seq: 0,
         })
         .await
     {

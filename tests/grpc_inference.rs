@@ -56,6 +56,7 @@ async fn score(
         input: input.to_string(),
         choices: choices(),
         truncate: false,
+        min_library_seq: 0,
     })
     .await
     .map(|r| r.into_inner())
@@ -273,6 +274,7 @@ async fn bad_requests_get_clear_statuses() {
         input: "hello".to_string(),
         choices: choices(),
         truncate: false,
+        min_library_seq: 0,
     };
     let cases: Vec<(proto::ScoreRequest, Code, &str)> = vec![
         (

@@ -59,6 +59,7 @@ async fn register_get_list_delete_and_versions() {
             id: "sms_spam".into(),
             include_instances: true,
             include_adapter: true,
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -89,6 +90,7 @@ async fn register_get_list_delete_and_versions() {
         .add_instances(proto::AddInstancesRequest {
             id: "sms_spam".into(),
             instances: instances(&t, 4, 9),
+            expected_version: None,
         })
         .await
         .unwrap()
@@ -110,6 +112,7 @@ async fn register_get_list_delete_and_versions() {
         .list_experts(proto::ListExpertsRequest {
             page_size: 2,
             page_token: String::new(),
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -124,6 +127,7 @@ async fn register_get_list_delete_and_versions() {
         .list_experts(proto::ListExpertsRequest {
             page_size: 2,
             page_token: p1.next_page_token,
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -137,6 +141,7 @@ async fn register_get_list_delete_and_versions() {
     // Delete, then it is gone everywhere.
     c.delete_expert(proto::DeleteExpertRequest {
         id: "sms_spam/lora".into(),
+        expected_version: None,
     })
     .await
     .unwrap();
@@ -151,6 +156,7 @@ async fn register_get_list_delete_and_versions() {
     let err = c
         .delete_expert(proto::DeleteExpertRequest {
             id: "sms_spam/lora".into(),
+            expected_version: None,
         })
         .await
         .unwrap_err();
@@ -218,6 +224,7 @@ async fn streaming_registration_assembles_chunks() {
             id: "streamed".into(),
             include_instances: false,
             include_adapter: false,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
@@ -457,6 +464,7 @@ async fn bad_experts_get_clear_statuses_and_change_nothing() {
         .add_instances(proto::AddInstancesRequest {
             id: "missing".into(),
             instances: instances(&task("sms_spam"), 1, 0),
+            expected_version: None,
         })
         .await
         .unwrap_err();
@@ -467,13 +475,17 @@ async fn bad_experts_get_clear_statuses_and_change_nothing() {
             id: String::new(),
             include_instances: false,
             include_adapter: false,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("id"), "{err:?}");
     let err = c
-        .delete_expert(proto::DeleteExpertRequest { id: String::new() })
+        .delete_expert(proto::DeleteExpertRequest {
+            id: String::new(),
+            expected_version: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -481,6 +493,7 @@ async fn bad_experts_get_clear_statuses_and_change_nothing() {
         .list_experts(proto::ListExpertsRequest {
             page_size: 1001,
             page_token: String::new(),
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
@@ -490,6 +503,7 @@ async fn bad_experts_get_clear_statuses_and_change_nothing() {
     c.list_experts(proto::ListExpertsRequest {
         page_size: 1000,
         page_token: String::new(),
+        min_library_seq: 0,
     })
     .await
     .unwrap();
@@ -509,6 +523,7 @@ async fn acknowledged_experts_survive_a_restart() {
     }
     c.delete_expert(proto::DeleteExpertRequest {
         id: "language_id".into(),
+        expected_version: None,
     })
     .await
     .unwrap();
@@ -543,6 +558,7 @@ async fn acknowledged_experts_survive_a_restart() {
         .route(proto::RouteRequest {
             queries: queries(&task("sms_spam"), 8, 3),
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap()

@@ -88,9 +88,12 @@ async fn expert_count_and_library_bytes_are_quotas() {
     let mut again = register_request("a", "prompt", "sms_spam", 8);
     again.new_version = true;
     lib.register_expert(again).await.unwrap();
-    lib.delete_expert(proto::DeleteExpertRequest { id: "b".into() })
-        .await
-        .unwrap();
+    lib.delete_expert(proto::DeleteExpertRequest {
+        id: "b".into(),
+        expected_version: None,
+    })
+    .await
+    .unwrap();
     lib.register_expert(register_request("c", "prompt", "sms_spam", 8))
         .await
         .unwrap();
@@ -130,6 +133,7 @@ async fn expert_count_and_library_bytes_are_quotas() {
         .add_instances(proto::AddInstancesRequest {
             id: "a".into(),
             instances: roe_tests::instances(&t, 400, 7),
+            expected_version: None,
         })
         .await
         .unwrap_err();
@@ -147,9 +151,12 @@ async fn expert_count_and_library_bytes_are_quotas() {
     assert_eq!(a.num_instances, 8);
     assert_eq!(ids(&mut lib).await, ["a"]);
     // Deleting gives the room back.
-    lib.delete_expert(proto::DeleteExpertRequest { id: "a".into() })
-        .await
-        .unwrap();
+    lib.delete_expert(proto::DeleteExpertRequest {
+        id: "a".into(),
+        expected_version: None,
+    })
+    .await
+    .unwrap();
     lib.register_expert(register_request("b", "prompt", "sms_spam", 8))
         .await
         .unwrap();
@@ -239,6 +246,7 @@ async fn choices_and_route_text_are_bounded_everywhere() {
                 choices: vec![long.clone()],
                 target: None,
             }],
+            expected_version: None,
         })
         .await
         .unwrap_err();
@@ -251,6 +259,7 @@ async fn choices_and_route_text_are_bounded_everywhere() {
         .route(proto::RouteRequest {
             queries: qs,
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
@@ -265,6 +274,7 @@ async fn choices_and_route_text_are_bounded_everywhere() {
         .route(proto::RouteRequest {
             queries: vec![big; 20],
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
@@ -571,6 +581,7 @@ async fn work_per_request_is_bounded() {
             input: "is it?".into(),
             choices: vec!["yes".into(), long],
             truncate: false,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
@@ -583,6 +594,7 @@ async fn work_per_request_is_bounded() {
             input: "x ".repeat(10_000),
             choices: vec!["yes".into(), "no".into()],
             truncate: false,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();

@@ -33,6 +33,7 @@ async fn get(
         id: id.to_string(),
         include_instances: true,
         include_adapter: adapter,
+        min_library_seq: 0,
     })
     .await
     .unwrap_or_else(|s| panic!("get {id}: {s}"))
@@ -216,6 +217,7 @@ async fn merged_experts_are_registered_with_rank_sum_and_instance_union() {
         .route(proto::RouteRequest {
             queries: roe_tests::queries(&task("snips_intent"), 8, 3),
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -376,6 +378,7 @@ async fn scores(
                 input: input.clone(),
                 choices: vec!["ham".into(), "spam".into()],
                 truncate: false,
+                min_library_seq: 0,
             })
             .await
             .unwrap_or_else(|s| panic!("score with {expert:?}: {s}"))

@@ -37,6 +37,7 @@ async fn routes_each_task_to_its_expert_with_evidence() {
                         evidence_per_query: 2,
                         ..Default::default()
                     }),
+                    min_library_seq: 0,
                 })
                 .await
                 .unwrap()
@@ -59,6 +60,7 @@ async fn routes_each_task_to_its_expert_with_evidence() {
     let req = proto::RouteRequest {
         queries: queries(&task("strategyqa"), 5, 7),
         options: None,
+        min_library_seq: 0,
     };
     let a = r.route(req.clone()).await.unwrap().into_inner();
     let b = r.route(req).await.unwrap().into_inner();
@@ -76,6 +78,7 @@ async fn new_experts_route_at_once_and_deleted_ones_never_win() {
         .route(proto::RouteRequest {
             queries: q.clone(),
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -93,6 +96,7 @@ async fn new_experts_route_at_once_and_deleted_ones_never_win() {
         .route(proto::RouteRequest {
             queries: q.clone(),
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -106,6 +110,7 @@ async fn new_experts_route_at_once_and_deleted_ones_never_win() {
                 kind: proto::ExpertKind::Prompt as i32,
                 ..Default::default()
             }),
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -119,6 +124,7 @@ async fn new_experts_route_at_once_and_deleted_ones_never_win() {
                 exclude: vec!["tweet_sentiment".into()],
                 ..Default::default()
             }),
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -129,6 +135,7 @@ async fn new_experts_route_at_once_and_deleted_ones_never_win() {
         .all(|e| e.expert_id != "tweet_sentiment"));
     c.delete_expert(proto::DeleteExpertRequest {
         id: "tweet_sentiment".into(),
+        expected_version: None,
     })
     .await
     .unwrap();
@@ -136,6 +143,7 @@ async fn new_experts_route_at_once_and_deleted_ones_never_win() {
         .route(proto::RouteRequest {
             queries: q,
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -160,6 +168,7 @@ async fn abstains_below_the_threshold() {
                 abstain_threshold: Some(1.0),
                 ..Default::default()
             }),
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -179,6 +188,7 @@ async fn bad_route_requests_get_clear_statuses() {
         .route(proto::RouteRequest {
             queries: queries(&task("sms_spam"), 2, 0),
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
@@ -198,6 +208,7 @@ async fn bad_route_requests_get_clear_statuses() {
             proto::RouteRequest {
                 queries: vec![],
                 options: None,
+                min_library_seq: 0,
             },
             Code::InvalidArgument,
             "queries",
@@ -207,6 +218,7 @@ async fn bad_route_requests_get_clear_statuses() {
             proto::RouteRequest {
                 queries: vec![q("ok"), q("   ")],
                 options: None,
+                min_library_seq: 0,
             },
             Code::InvalidArgument,
             "queries[1].input",
@@ -216,6 +228,7 @@ async fn bad_route_requests_get_clear_statuses() {
             proto::RouteRequest {
                 queries: vec![q(&"y".repeat(70_000))],
                 options: None,
+                min_library_seq: 0,
             },
             Code::ResourceExhausted,
             "queries[0].input",
@@ -225,6 +238,7 @@ async fn bad_route_requests_get_clear_statuses() {
             proto::RouteRequest {
                 queries: vec![q("a"); 2000],
                 options: None,
+                min_library_seq: 0,
             },
             Code::ResourceExhausted,
             "queries",
@@ -237,6 +251,7 @@ async fn bad_route_requests_get_clear_statuses() {
                     strategy: 42,
                     ..Default::default()
                 }),
+                min_library_seq: 0,
             },
             Code::InvalidArgument,
             "strategy",
@@ -249,6 +264,7 @@ async fn bad_route_requests_get_clear_statuses() {
                     kind: 9,
                     ..Default::default()
                 }),
+                min_library_seq: 0,
             },
             Code::InvalidArgument,
             "kind",
@@ -261,6 +277,7 @@ async fn bad_route_requests_get_clear_statuses() {
                     top_k: 100_000,
                     ..Default::default()
                 }),
+                min_library_seq: 0,
             },
             Code::InvalidArgument,
             "top_k",
@@ -273,6 +290,7 @@ async fn bad_route_requests_get_clear_statuses() {
                     abstain_threshold: Some(2.0),
                     ..Default::default()
                 }),
+                min_library_seq: 0,
             },
             Code::InvalidArgument,
             "abstain_threshold",
@@ -292,6 +310,7 @@ async fn bad_route_requests_get_clear_statuses() {
         .route(proto::RouteRequest {
             queries: vec![q("WINNER!! claim your prize now")],
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap();

@@ -108,6 +108,7 @@ async fn a_trained_expert_is_registered_routed_to_and_beats_the_bare_backbone() 
             id: "sms_spam_trained".into(),
             include_instances: true,
             include_adapter: true,
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -131,6 +132,7 @@ async fn a_trained_expert_is_registered_routed_to_and_beats_the_bare_backbone() 
         .route(proto::RouteRequest {
             queries: queries(&task("sms_spam"), 16, 2),
             options: None,
+            min_library_seq: 0,
         })
         .await
         .unwrap()
@@ -149,6 +151,7 @@ async fn a_trained_expert_is_registered_routed_to_and_beats_the_bare_backbone() 
                     input: row.input.clone(),
                     choices: row.choices.clone(),
                     truncate: false,
+                    min_library_seq: 0,
                 })
                 .await
                 .unwrap()
@@ -189,6 +192,7 @@ async fn a_trained_expert_is_registered_routed_to_and_beats_the_bare_backbone() 
             // The exported file is the stored one: the checksum the library reports holds.
             safetensors_bytes: Some(meta.weights_bytes),
             safetensors_sha256: meta.safetensors_sha256.clone(),
+            expected_version: None,
         })
         .await
         .unwrap()
@@ -437,6 +441,7 @@ async fn a_running_job_cancels_within_a_step_and_a_queued_one_at_once() {
             id: "long".into(),
             include_instances: false,
             include_adapter: false,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
@@ -479,6 +484,7 @@ async fn one_call_trains_a_prompt_ensemble_that_score_ensemble_uses() {
                 id: id.clone(),
                 include_instances: false,
                 include_adapter: true,
+                min_library_seq: 0,
             })
             .await
             .unwrap()
@@ -498,6 +504,7 @@ async fn one_call_trains_a_prompt_ensemble_that_score_ensemble_uses() {
             input: row.input.clone(),
             choices: row.choices.clone(),
             truncate: false,
+            min_library_seq: 0,
         })
         .await
         .unwrap()

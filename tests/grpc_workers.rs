@@ -138,6 +138,7 @@ async fn a_stopped_router_process_is_unavailable_to_inference() {
             input: "Win a free phone".into(),
             choices: vec!["spam".into(), "ham".into()],
             truncate: false,
+            min_library_seq: 0,
         })
         .await
         .unwrap_err();
@@ -163,6 +164,7 @@ async fn a_stopped_router_process_is_unavailable_to_inference() {
             input: "Win a free phone".into(),
             choices: vec!["spam".into(), "ham".into()],
             truncate: false,
+            min_library_seq: 0,
         })
         .await
         .unwrap()

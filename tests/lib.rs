@@ -125,6 +125,7 @@ pub fn register_request(
         new_version: false,
         safetensors_bytes: None,
         safetensors_sha256: String::new(),
+        expected_version: None,
     }
 }
 

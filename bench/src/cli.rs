@@ -71,6 +71,50 @@ pub enum BenchCommand {
     /// HTTP /v1/completions (whole and streamed) against gRPC Generate for the same requests
     /// on one real `roe serve`.
     Http(HttpArgs),
+    /// Replicas of `roe serve` sharing one library in PostgreSQL (needs a server whose role
+    /// may CREATE DATABASE): propagation lag between replicas, read-your-writes with
+    /// min_library_seq, write and Route latency against a sled server, replica start at scale.
+    Replicas(ReplicasArgs),
+}
+
+#[derive(Args)]
+pub struct ReplicasArgs {
+    /// PostgreSQL as a role that may CREATE DATABASE: the run creates `roe_bench_<random>`
+    /// there (one more per --startup-vectors size) and drops it at the end.
+    #[arg(
+        long,
+        env = "ROE_BENCH_DATABASE_URL",
+        default_value = crate::replicas::DEFAULT_ADMIN_URL,
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// Replicas on the database (the first writes, the others follow).
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Writes of the propagation and read-your-writes runs, and of the write throughput
+    /// run; a quarter of it per kind for write latency (default 200; --quick: 10).
+    #[arg(long)]
+    writes: Option<usize>,
+    /// Library sizes (vectors) of the replica start measurements, comma separated (default
+    /// 100000,1000000; --quick: 2000).
+    #[arg(long, value_delimiter = ',')]
+    startup_vectors: Option<Vec<usize>>,
+    /// Tiny sizes, for a smoke test (flags given explicitly still win).
+    #[arg(long)]
+    quick: bool,
+    /// The replicas' --follow-interval-ms (roe serve's default).
+    #[arg(long, default_value_t = 2000)]
+    follow_interval_ms: u64,
+    #[arg(long, default_value = "assets/tasks")]
+    tasks_dir: PathBuf,
+    #[arg(long, default_value = "assets/experts/smollm2-135m")]
+    experts: PathBuf,
+    /// The `roe` binary (default: beside this one).
+    #[arg(long)]
+    roe: Option<PathBuf>,
+    /// Where replicas.md and replicas.json go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -533,6 +577,7 @@ pub fn run(
         BenchCommand::TrainLoop(a) => train_loop_bench(models_dir, encoder, a, rt),
         BenchCommand::Reliability(a) => reliability_bench(models_dir, a, rt),
         BenchCommand::Soak(a) => soak_bench(models_dir, encoder, a, rt),
+        BenchCommand::Replicas(a) => replicas_bench(models_dir, encoder, a, rt),
         BenchCommand::Http(a) => {
             let exe = match a.roe {
                 Some(p) => p,
@@ -636,6 +681,47 @@ fn soak_bench(
     let md = crate::soak::markdown(&report);
     println!("{md}");
     save_report(&a.json, &report, &md)
+}
+
+fn replicas_bench(
+    models_dir: &Path,
+    enc: Option<&Path>,
+    a: ReplicasArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let exe = match a.roe {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("roe"),
+    };
+    if !exe.is_file() {
+        anyhow::bail!(
+            "no roe binary at {} (cargo build --release --bin roe)",
+            exe.display()
+        );
+    }
+    let input = crate::replicas::ReplicasInput {
+        exe,
+        models_dir,
+        encoder: enc,
+        tasks_dir: &a.tasks_dir,
+        experts_dir: &a.experts,
+        admin_url: a.database_url,
+        replicas: a.replicas,
+        writes: a.writes.unwrap_or(if a.quick { 10 } else { 200 }),
+        startup_vectors: a.startup_vectors.unwrap_or_else(|| {
+            if a.quick {
+                vec![2_000]
+            } else {
+                vec![100_000, 1_000_000]
+            }
+        }),
+        follow_interval_ms: a.follow_interval_ms,
+        quick: a.quick,
+    };
+    let (json, md) = crate::replicas::run(&input, rt)?;
+    write_results(&a.out, "replicas", &json, &md)?;
+    println!("{md}");
+    Ok(())
 }
 
 fn train_parity(models_dir: &Path, a: TrainParityArgs) -> Result<()> {

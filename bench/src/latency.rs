@@ -47,6 +47,7 @@ pub async fn route_latency(
                 let t = Instant::now();
                 client
                     .route(proto::RouteRequest {
+                        min_library_seq: Default::default(),
                         queries,
                         options: None,
                     })

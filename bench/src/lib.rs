@@ -15,6 +15,7 @@ pub mod host;
 pub mod http;
 pub mod latency;
 pub mod reliability;
+pub mod replicas;
 pub mod routing_accuracy;
 pub mod score;
 pub mod serving;

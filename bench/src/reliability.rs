@@ -527,6 +527,7 @@ async fn upload_and_deadlines(
     let mut inference = InferenceClient::new(channel.clone());
     inference
         .score(proto::ScoreRequest {
+            min_library_seq: Default::default(),
             expert_id: "sms_spam".into(),
             input: "warm up".into(),
             choices: vec!["ham".into(), "spam".into()],
@@ -560,8 +561,11 @@ async fn upload_and_deadlines(
         mb(idle_rss),
         mb(upload_peak)
     );
-    lib.delete_expert(proto::DeleteExpertRequest { id: "big".into() })
-        .await?;
+    lib.delete_expert(proto::DeleteExpertRequest {
+        expected_version: Default::default(),
+        id: "big".into(),
+    })
+    .await?;
 
     // Expensive in-limit calls.
     let router = RouterClient::new(channel.clone());
@@ -617,6 +621,7 @@ async fn upload_and_deadlines(
                         router
                             .route(with_deadline(
                                 proto::RouteRequest {
+                                    min_library_seq: Default::default(),
                                     queries,
                                     options: None,
                                 },
@@ -650,6 +655,7 @@ async fn upload_and_deadlines(
                         inference
                             .score(with_deadline(
                                 proto::ScoreRequest {
+                                    min_library_seq: Default::default(),
                                     expert_id: "sms_spam".into(),
                                     input,
                                     choices,
@@ -753,6 +759,7 @@ async fn disk_after_deletes(
     let full_bytes = dir_size(&disk_dir);
     for i in 0..3 {
         lib.delete_expert(proto::DeleteExpertRequest {
+            expected_version: Default::default(),
             id: format!("big{i}"),
         })
         .await?;
@@ -834,6 +841,7 @@ async fn auth_overhead(
     let calls = 300;
     for i in 0..calls + 20 {
         let req = || proto::RouteRequest {
+            min_library_seq: Default::default(),
             queries: small.clone(),
             options: None,
         };
@@ -852,6 +860,7 @@ async fn auth_overhead(
     // A call without the key is refused by the keyed server (the check is on).
     let unkeyed = RouterClient::new(Channel::from_shared(keyed.addr.clone())?.connect().await?)
         .route(proto::RouteRequest {
+            min_library_seq: Default::default(),
             queries: small.clone(),
             options: None,
         })
@@ -919,6 +928,7 @@ async fn crash_loop(
             loop {
                 let page = lib
                     .list_experts(proto::ListExpertsRequest {
+                        min_library_seq: Default::default(),
                         page_size: 1000,
                         page_token: token.clone(),
                     })
@@ -1023,7 +1033,10 @@ async fn crash_loop(
                             };
                             unsure.lock().insert(victim.clone());
                             if lib
-                                .delete_expert(proto::DeleteExpertRequest { id: victim.clone() })
+                                .delete_expert(proto::DeleteExpertRequest {
+                                    expected_version: Default::default(),
+                                    id: victim.clone(),
+                                })
                                 .await
                                 .is_ok()
                             {
@@ -1061,6 +1074,7 @@ async fn crash_loop(
     let mut lib = ExpertLibraryClient::new(server.channel().await?);
     let listed: std::collections::BTreeSet<String> = lib
         .list_experts(proto::ListExpertsRequest {
+            min_library_seq: Default::default(),
             page_size: 1000,
             page_token: String::new(),
         })

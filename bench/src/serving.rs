@@ -106,6 +106,7 @@ async fn request(
         Op::Score => {
             client
                 .score(proto::ScoreRequest {
+                    min_library_seq: Default::default(),
                     expert_id: expert.to_string(),
                     input: row.input.clone(),
                     choices: row.choices.clone(),

@@ -671,6 +671,7 @@ impl SoakClient {
             .collect();
         self.router
             .route(proto::RouteRequest {
+                min_library_seq: Default::default(),
                 queries,
                 options: None,
             })
@@ -778,7 +779,10 @@ impl SoakClient {
             return Ok(());
         };
         self.library
-            .delete_expert(proto::DeleteExpertRequest { id })
+            .delete_expert(proto::DeleteExpertRequest {
+                expected_version: Default::default(),
+                id,
+            })
             .await?;
         Ok(())
     }

@@ -13,8 +13,9 @@ use roe_expert_library::embedding::{normalize, Encoder};
 use roe_expert_library::expert::{BackboneSpec, ExpertMeta, Instance};
 use roe_expert_library::index::IndexConfig;
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig};
+use roe_expert_library::library_store::{Expect, LibraryStore, Quota};
 use roe_expert_library::persist::{dump_bytes, IndexLoad};
-use roe_expert_library::store::{ExpertStore, StoredInstance};
+use roe_expert_library::store::{SledStore, StoredInstance};
 use serde::{Deserialize, Serialize};
 
 use super::routing_accuracy::routing_only_adapter;
@@ -131,55 +132,82 @@ pub(crate) fn dir_size(p: &Path) -> u64 {
 
 /// Writes `n` synthetic vectors through the store into `dir`; returns (experts, seconds).
 fn write_store(n: usize, dir: &Path) -> Result<(usize, f64)> {
-    let per_expert = 1000;
+    let t = Instant::now();
+    let experts = {
+        let store = SledStore::open(dir)?;
+        write_synthetic(&store, n, 1000, SyntheticEncoder.id())?
+    };
+    Ok((experts, t.elapsed().as_secs_f64()))
+}
+
+/// Writes `n` synthetic 384-d vectors through `store` (sled or PostgreSQL) as experts
+/// `synthetic-00000`, ... of `per_expert` instances each (the last may hold fewer), every one
+/// carrying the routing-only prompt adapter; returns how many experts it wrote. The store is
+/// first marked as embedded by `encoder_id`: a `roe serve` opening it checks that id against
+/// its own encoder's. Expert `e`'s vectors are `hnsw::synthetic(count, 384, clusters, e + 10)`
+/// with 20 clusters per 1,000 instances (about 50 vectors per cluster, as sentence embeddings
+/// look), so that a reader can regenerate them.
+pub fn write_synthetic(
+    store: &dyn LibraryStore,
+    n: usize,
+    per_expert: usize,
+    encoder_id: &str,
+) -> Result<usize> {
+    if per_expert == 0 {
+        bail!("per_expert must be at least 1");
+    }
     let experts = n.div_ceil(per_expert);
+    let clusters = (20 * per_expert / 1000).max(1);
     let spec = BackboneSpec::smollm2_135m();
     let adapter = routing_only_adapter();
     let summary = adapter.validate(&spec)?;
-    let t = Instant::now();
-    {
-        let store = ExpertStore::open(dir)?;
-        store.check_encoder(SyntheticEncoder.id())?;
-        for e in 0..experts {
-            let count = per_expert.min(n - e * per_expert);
-            let vectors = super::hnsw::synthetic(count, 384, 20, e as u64 + 10);
-            let id = format!("synthetic-{e:05}");
-            let rows: Vec<StoredInstance> = vectors
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    Ok(StoredInstance {
-                        point_id: store.next_point_id()?,
-                        expert_id: id.clone(),
-                        instance: Instance {
-                            input: format!("synthetic instance {i} of {id}"),
-                            target: None,
-                            choices: vec![],
-                        },
-                        embedding: v,
-                        choice_embedding: None,
-                    })
-                })
-                .collect::<roe_expert_library::Result<_>>()?;
-            let meta = ExpertMeta {
-                id: id.clone(),
-                name: id.clone(),
-                description: String::new(),
-                kind: summary.peft_type().into(),
-                backbone: spec.name.clone(),
-                version: 1,
-                created_at_unix_ms: 0,
-                num_instances: rows.len(),
-                weights_sha256: adapter.sha256_hex(),
-                safetensors_sha256: adapter.safetensors_sha256_hex(),
-                weights_bytes: adapter.safetensors.len(),
-                adapter: summary.clone(),
-                training: None,
-            };
-            store.put_expert(&meta, &adapter, &rows)?;
-        }
+    store.check_encoder(encoder_id)?;
+    for e in 0..experts {
+        let count = per_expert.min(n - e * per_expert);
+        let vectors = super::hnsw::synthetic(count, 384, clusters, e as u64 + 10);
+        let id = format!("synthetic-{e:05}");
+        let point_ids = store.next_point_ids(vectors.len())?;
+        let rows: Vec<StoredInstance> = vectors
+            .into_iter()
+            .zip(point_ids)
+            .enumerate()
+            .map(|(i, (v, point_id))| StoredInstance {
+                point_id,
+                expert_id: id.clone(),
+                instance: Instance {
+                    input: format!("synthetic instance {i} of {id}"),
+                    target: None,
+                    choices: vec![],
+                },
+                embedding: v,
+                choice_embedding: None,
+            })
+            .collect();
+        let meta = ExpertMeta {
+            id: id.clone(),
+            name: id.clone(),
+            description: String::new(),
+            kind: summary.peft_type().into(),
+            backbone: spec.name.clone(),
+            version: 1,
+            created_at_unix_ms: 0,
+            num_instances: rows.len(),
+            weights_sha256: adapter.sha256_hex(),
+            safetensors_sha256: adapter.safetensors_sha256_hex(),
+            weights_bytes: adapter.safetensors.len(),
+            adapter: summary.clone(),
+            training: None,
+        };
+        let bytes = adapter.safetensors.len() as u64;
+        store.put_expert(
+            &meta,
+            &adapter,
+            &rows,
+            Expect::Absent,
+            &Quota::unlimited(bytes),
+        )?;
     }
-    Ok((experts, t.elapsed().as_secs_f64()))
+    Ok(experts)
 }
 
 /// Opens the library in `dir` in this process; with `persist`, persists its index after.

@@ -168,6 +168,7 @@ pub async fn run(
     )
     .await?
     .get_expert(proto::GetExpertRequest {
+        min_library_seq: Default::default(),
         id: expert_id.clone(),
         include_instances: false,
         include_adapter: false,
@@ -184,6 +185,7 @@ pub async fn run(
         let queries = sample(&t.test, setup.q, draw as u64);
         let r = router
             .route(proto::RouteRequest {
+                min_library_seq: Default::default(),
                 queries: queries.iter().map(to_query).collect(),
                 options: None,
             })
@@ -227,6 +229,7 @@ pub async fn run(
     for row in &rows {
         let s = inference
             .score(proto::ScoreRequest {
+                min_library_seq: Default::default(),
                 expert_id: String::new(),
                 input: row.input.clone(),
                 choices: row.choices.clone(),

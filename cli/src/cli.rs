@@ -140,9 +140,26 @@ struct ServeArgs {
     /// serves it).
     #[arg(long, env = "ROE_HTTP_ADDR")]
     http_addr: Option<String>,
-    /// Where the sled library lives.
+    /// Where the sled library lives; with --database-url, only this replica's dump of its
+    /// index (and the training jobs' files).
     #[arg(long, env = "ROE_DATA_DIR", default_value = "data/library")]
     data_dir: PathBuf,
+    /// Keep the library in PostgreSQL (postgres://user:password@host:port/db), shared by
+    /// every replica given the same URL: each follows the database's change log. Without
+    /// it, the library is sled's files under --data-dir (one process).
+    #[arg(long, env = "ROE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Idle connections kept to the database (with --database-url).
+    #[arg(long, env = "ROE_DATABASE_POOL", default_value_t = 4)]
+    database_pool: usize,
+    /// With --database-url: the longest a replica goes without reading the change log when
+    /// no notification arrives (notifications are only a doorbell; ms).
+    #[arg(long, env = "ROE_FOLLOW_INTERVAL_MS", default_value_t = 2000)]
+    follow_interval_ms: u64,
+    /// Longest a read that passes min_library_seq waits for this replica to apply it before
+    /// UNAVAILABLE (ms; the request's deadline also bounds it).
+    #[arg(long, env = "ROE_MIN_SEQ_WAIT_MS", default_value_t = 2000)]
+    min_seq_wait_ms: u64,
     /// Abstain when the winner's share of the evidence is below this (0: never).
     #[arg(long, env = "ROE_ABSTAIN_THRESHOLD", default_value_t = 0.0)]
     abstain_threshold: f32,
@@ -891,7 +908,23 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
-    let (library, report) = ExpertLibrary::open(&a.data_dir, encoder, config)?;
+    let (library, report) = match &a.database_url {
+        None => ExpertLibrary::open(&a.data_dir, encoder, config)?,
+        Some(url) => {
+            let pg = roe_library_pg::PgConfig {
+                url: url.clone(),
+                pool_size: a.database_pool.max(1),
+                ..roe_library_pg::PgConfig::default()
+            };
+            let dir = a.data_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let store = roe_library_pg::PgStore::connect(&pg)?;
+                tracing::info!(database = %store.url_redacted(), "library in PostgreSQL");
+                ExpertLibrary::open_shared(Arc::new(store), &dir, encoder, config)
+            })
+            .await??
+        }
+    };
     tracing::info!(
         experts = report.experts,
         vectors = report.vectors,
@@ -900,6 +933,11 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         "library loaded"
     );
     let library = Arc::new(library);
+    // A replica on a shared library applies the other replicas' writes as they commit.
+    ExpertLibrary::follow(
+        &library,
+        std::time::Duration::from_millis(a.follow_interval_ms.max(10)),
+    )?;
     if !report.index.is_reloaded() {
         // Rebuilt (first start, or after a crash): dump it now, not only at a clean shutdown,
         // so that a crash loop does not rebuild the graphs at every start. Writes wait for
@@ -973,6 +1011,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         state.keys = auth.keys().clone();
         state.limit = concurrency.permits();
         state.metrics = metrics;
+        state.min_seq_wait = std::time::Duration::from_millis(a.min_seq_wait_ms);
         let listener = tokio::net::TcpListener::bind(&http_addr)
             .await
             .with_context(|| format!("binding --http-addr {http_addr}"))?;
@@ -981,6 +1020,7 @@ async fn cmd_serve(g: &Global, a: ServeArgs) -> Result<()> {
         Some((listener, state, https))
     };
     let options = ServeOptions {
+        min_seq_wait: std::time::Duration::from_millis(a.min_seq_wait_ms),
         auth,
         concurrency,
         uploads,
@@ -1274,6 +1314,7 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
             );
             let resp = client
                 .register_expert(proto::RegisterExpertRequest {
+                    expected_version: Default::default(),
                     id: id.clone(),
                     name: id,
                     description,
@@ -1336,6 +1377,7 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
                     );
                     let res = client
                         .register_expert(proto::RegisterExpertRequest {
+                            expected_version: Default::default(),
                             id: id.clone(),
                             name: id.clone(),
                             description: task.info.description.clone(),
@@ -1365,6 +1407,7 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
                 "{} experts in the library",
                 client
                     .list_experts(proto::ListExpertsRequest {
+                        min_library_seq: Default::default(),
                         page_size: 1,
                         page_token: String::new()
                     })
@@ -1382,6 +1425,7 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
             loop {
                 let page = client
                     .list_experts(proto::ListExpertsRequest {
+                        min_library_seq: Default::default(),
                         page_size,
                         page_token: token.clone(),
                     })
@@ -1406,6 +1450,7 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
         ExpertCommand::Show { id, instances } => {
             let r = client
                 .get_expert(proto::GetExpertRequest {
+                    min_library_seq: Default::default(),
                     id,
                     include_instances: instances,
                     include_adapter: false,
@@ -1468,6 +1513,7 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
             };
             let e = client
                 .merge_experts(proto::MergeExpertsRequest {
+                    expected_version: Default::default(),
                     id: a.id,
                     name: a.name,
                     description: a.description,
@@ -1495,7 +1541,10 @@ async fn cmd_expert(g: &Global, c: ExpertCommand) -> Result<()> {
         }
         ExpertCommand::Rm { id } => {
             let r = client
-                .delete_expert(proto::DeleteExpertRequest { id })
+                .delete_expert(proto::DeleteExpertRequest {
+                    expected_version: Default::default(),
+                    id,
+                })
                 .await?
                 .into_inner();
             if let Some(e) = r.expert {
@@ -1558,6 +1607,7 @@ async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
             let queries = to_queries(&sample(&t.test, a.num_queries, a.seed), a.labeled);
             let r = client
                 .route(proto::RouteRequest {
+                    min_library_seq: Default::default(),
                     queries,
                     options: Some(options.clone()),
                 })
@@ -1610,6 +1660,7 @@ async fn cmd_route(g: &Global, a: RouteArgs) -> Result<()> {
     }
     let r = client
         .route(proto::RouteRequest {
+            min_library_seq: Default::default(),
             queries,
             options: Some(options),
         })
@@ -1674,6 +1725,7 @@ async fn cmd_score(g: &Global, a: ScoreArgs) -> Result<()> {
     let mut client = inference_client(g).await?;
     let r = client
         .score(proto::ScoreRequest {
+            min_library_seq: Default::default(),
             expert_id: a.expert,
             input: a.input,
             choices: a.choices,
@@ -1733,6 +1785,7 @@ async fn cmd_generate(g: &Global, a: GenerateArgs) -> Result<()> {
     let mut client = inference_client(g).await?;
     let mut stream = client
         .generate(proto::GenerateRequest {
+            min_library_seq: Default::default(),
             expert_id: a.expert,
             input: a.input,
             max_new_tokens: a.max_new_tokens,

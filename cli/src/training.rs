@@ -278,6 +278,7 @@ pub async fn cmd_export(g: &Global, id: String, out: PathBuf) -> Result<()> {
     let mut c = crate::cli::library_client(g).await?;
     let resp = c
         .get_expert(proto::GetExpertRequest {
+            min_library_seq: Default::default(),
             id: id.clone(),
             include_instances: false,
             include_adapter: true,

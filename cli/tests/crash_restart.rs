@@ -34,6 +34,7 @@ async fn sigkill_after_acknowledgement_loses_nothing() {
     v2.new_version = true;
     c.register_expert(v2).await.unwrap();
     c.delete_expert(proto::DeleteExpertRequest {
+        expected_version: Default::default(),
         id: "language_id".into(),
     })
     .await
@@ -71,6 +72,7 @@ async fn sigkill_after_acknowledgement_loses_nothing() {
         .collect();
     let routed = r
         .route(proto::RouteRequest {
+            min_library_seq: Default::default(),
             queries,
             options: None,
         })

@@ -206,6 +206,7 @@ async fn metrics_count_a_known_workload() {
         .unwrap();
     router
         .route(proto::RouteRequest {
+            min_library_seq: Default::default(),
             queries: vec![proto::Query {
                 input: tasks[0].test[0].input.clone(),
                 ..Default::default()

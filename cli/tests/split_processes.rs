@@ -97,6 +97,7 @@ async fn scores(
     for input in rows {
         out.push(
             c.score(proto::ScoreRequest {
+                min_library_seq: Default::default(),
                 expert_id: expert.into(),
                 input: input.clone(),
                 choices: vec!["ham".into(), "spam".into()],
@@ -201,6 +202,7 @@ async fn router_and_inference_processes_answer_like_one_process() {
         let mut c = c.clone();
         async move {
             c.score(proto::ScoreRequest {
+                min_library_seq: Default::default(),
                 expert_id: "nope".into(),
                 input: "hello".into(),
                 choices: vec!["a".into()],
@@ -267,6 +269,7 @@ async fn router_and_inference_processes_answer_like_one_process() {
         .await
         .unwrap()
         .score(proto::ScoreRequest {
+            min_library_seq: Default::default(),
             expert_id: String::new(),
             input: "hello".into(),
             choices: vec!["a".into()],
@@ -279,6 +282,7 @@ async fn router_and_inference_processes_answer_like_one_process() {
         .await
         .unwrap()
         .route(proto::RouteRequest {
+            min_library_seq: Default::default(),
             queries: vec![proto::Query {
                 input: rows[0].clone(),
                 choices: vec![],
@@ -301,6 +305,7 @@ async fn router_and_inference_processes_answer_like_one_process() {
     assert!(max_diff(&now, &by_expert[2]) < 1e-4);
     // And a deleted one is gone.
     lib.delete_expert(proto::DeleteExpertRequest {
+        expected_version: Default::default(),
         id: "sms_lora".into(),
     })
     .await
@@ -309,6 +314,7 @@ async fn router_and_inference_processes_answer_like_one_process() {
     assert_eq!(e.code(), Code::NotFound);
     let e = split_inf
         .score(proto::ScoreRequest {
+            min_library_seq: Default::default(),
             expert_id: "sms_lora".into(),
             input: "hello".into(),
             choices: vec!["a".into()],

@@ -25,6 +25,16 @@ pub enum LibraryError {
     /// work was done.
     #[error("the request was withdrawn before it was done")]
     Cancelled,
+    /// A write's expected version (compare-and-set) is not the stored one.
+    #[error("expert {id} is at version {actual}, the write expected version {expected}")]
+    Aborted {
+        id: String,
+        expected: u64,
+        actual: u64,
+    },
+    /// The store cannot be reached (the shared database is down): nothing was written.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("storage error: {0}")]
     Storage(String),
     #[error("encoder error: {0}")]

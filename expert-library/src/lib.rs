@@ -8,11 +8,13 @@ pub mod embedding;
 pub mod engine;
 mod error;
 pub mod expert;
+pub mod follow;
 mod graph;
 mod hnsw_rs_engine;
 pub mod index;
 mod lexical;
 pub mod library;
+pub mod library_store;
 pub mod merge;
 pub mod metrics;
 pub mod persist;
@@ -26,7 +28,8 @@ pub use expert::{
     validate_expert_id, BackboneSpec, ExpertKind, ExpertMeta, Instance, PeftAdapter, TextFormat,
     TrainingRecord,
 };
-pub use library::{ExpertLibrary, LibraryConfig, NewExpert};
+pub use follow::ReplicationStatus;
+pub use library::{Committed, ExpertLibrary, LibraryConfig, NewExpert, WriteOptions};
 pub use merge::{MergeRequest, PromptMergeMode};
 pub use retrieval::{Query, RouteOptions, RouteResult, Strategy};
 pub use route_cache::RouteCacheStats;

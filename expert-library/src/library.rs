@@ -1,15 +1,23 @@
 //! The expert library: the facade the services call. It owns the durable store, the encoder
-//! and the routing state, and keeps them consistent: a write is embedded first, committed and
-//! flushed to sled, and only then made visible to routing.
+//! and the routing state, and keeps them consistent: a write is embedded first, committed to
+//! the store ([`crate::library_store`]: sled, or PostgreSQL shared by replicas), and only then
+//! made visible to routing.
+//!
+//! Every committed write has a seq in the store's change log, and the routing state, the
+//! experts' metadata and the quota counts here are the store's as of the applied seq. A
+//! replica on a shared store applies other replicas' writes from the log
+//! ([`ExpertLibrary::catch_up`], run by [`ExpertLibrary::follow`]), always in seq order:
+//! before applying its own write it applies every earlier one.
 //!
 //! Nothing slow happens on the request path: compacting an index (minutes of HNSW rebuild at
 //! a million vectors) and dumping it afterwards run on the library's background worker
 //! ([`crate::compaction`]), so Route and writes keep going meanwhile.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -19,14 +27,16 @@ use crate::error::{LibraryError, Result};
 use crate::expert::{
     validate_expert_id, BackboneSpec, ExpertMeta, Instance, PeftAdapter, TextFormat, TrainingRecord,
 };
+use crate::follow::{backoff, FollowState, ReplicationStatus, SeqWatch};
 use crate::index::IndexConfig;
+use crate::library_store::{Change, ChangeOp, Expect, LibraryStore, Quota, SnapshotItem};
 use crate::merge::{merge_adapters, normalise_weights, MergeRequest, MAX_MERGE_SOURCES};
 use crate::persist::{Dumps, IndexLoad, PersistReport, RebuildReason, StoredVectors};
 use crate::retrieval::{
     ExpertChange, InstanceVectors, Query, RouteOptions, RouteResult, RoutingState,
 };
 use crate::route_cache::{RouteCache, RouteCacheStats};
-use crate::store::{CompactReport, ExpertStore, StoredInstance};
+use crate::store::{CompactReport, SledStore, StoredInstance};
 
 /// Most bytes of an expert's name.
 pub const MAX_NAME_BYTES: usize = 1024;
@@ -136,7 +146,7 @@ pub struct LibraryConfig {
     /// loaded or last persisted (see [`ExpertLibrary::persist_index`]).
     pub persist_index_on_drop: bool,
     /// Opening compacts the store (copies its live data into fresh sled files, see
-    /// [`ExpertStore::compact_if_worthwhile`]) when more than half of its files is garbage
+    /// [`SledStore::compact_if_worthwhile`]) when more than half of its files is garbage
     /// left by deleted and replaced experts and that garbage is more than this many bytes.
     /// `0` turns compaction at open off (an interrupted compaction is still finished or
     /// undone at open); `1` compacts whenever more than half is garbage.
@@ -178,8 +188,27 @@ pub struct NewExpert {
     pub instances: Vec<Instance>,
 }
 
+/// How a write may be made: a compare-and-set on the expert's version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// The version the expert must be at for the write to apply (ABORTED otherwise).
+    pub expected_version: Option<u64>,
+}
+
+/// A committed write's result and the change log's seq it committed at: a read that passes
+/// it as `min_library_seq` to any replica sees this write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed<T> {
+    pub value: T,
+    pub library_seq: u64,
+}
+
+/// Times a write re-reads the log and tries again after another replica's write to the same
+/// expert overtook it (only when the caller gave no expected version).
+const WRITE_RETRIES: usize = 4;
+
 pub struct ExpertLibrary {
-    store: ExpertStore,
+    store: Arc<dyn LibraryStore>,
     encoder: Arc<dyn Encoder>,
     /// Shared with the compaction worker, which swaps compacted indexes in.
     state: Arc<RwLock<RoutingState>>,
@@ -192,6 +221,12 @@ pub struct ExpertLibrary {
     route_cache: Option<RouteCache>,
     /// Changed under `writes` only.
     usage: Mutex<Usage>,
+    /// Every expert's metadata as of the applied seq (changed under `writes` only): reads
+    /// answer from memory, also while a shared store is unreachable.
+    metas: RwLock<BTreeMap<String, ExpertMeta>>,
+    /// The change log's seq the state above is at.
+    seq: Arc<SeqWatch>,
+    follow: Mutex<FollowState>,
 }
 
 /// How long opening took and what it loaded, for logs and the start-up benchmark.
@@ -227,17 +262,58 @@ impl ExpertLibrary {
         // The store is compacted (its files swapped) before it is opened for use; a failed
         // copy leaves it as it was and is only logged.
         let (store, store_compaction) = match config.compact_store_min_waste_bytes {
-            0 => (ExpertStore::open(&dir)?, None),
-            min => ExpertStore::open_compacting(&dir, min)?,
+            0 => (SledStore::open(&dir)?, None),
+            min => SledStore::open_compacting(&dir, min)?,
         };
+        Self::open_on(
+            Arc::new(store),
+            &dir,
+            encoder,
+            config,
+            store_compaction,
+            started,
+        )
+    }
+
+    /// Opens a library whose source of truth is `store` (PostgreSQL shared by replicas);
+    /// `dir` holds only this replica's dump of its index. The routing state is built from one
+    /// snapshot of the store and then follows its change log ([`Self::follow`]).
+    pub fn open_shared(
+        store: Arc<dyn LibraryStore>,
+        dir: impl AsRef<Path>,
+        encoder: Arc<dyn Encoder>,
+        config: LibraryConfig,
+    ) -> Result<(Self, OpenReport)> {
+        let started = Instant::now();
+        if config.backbones.is_empty() {
+            return Err(LibraryError::invalid("backbones", "at least one is needed"));
+        }
+        std::fs::create_dir_all(dir.as_ref()).map_err(|e| LibraryError::io(dir.as_ref(), e))?;
+        Self::open_on(store, dir.as_ref(), encoder, config, None, started)
+    }
+
+    fn open_on(
+        store: Arc<dyn LibraryStore>,
+        dir: &Path,
+        encoder: Arc<dyn Encoder>,
+        config: LibraryConfig,
+        store_compaction: Option<CompactReport>,
+        started: Instant,
+    ) -> Result<(Self, OpenReport)> {
+        let dir = dir.to_path_buf();
         store.check_encoder(encoder.id())?;
         let dim = encoder.dim();
         let mut by_expert: HashMap<String, Vec<StoredInstance>> = HashMap::new();
-        for si in store.all_instances() {
-            let si = si?;
-            by_expert.entry(si.expert_id.clone()).or_default().push(si);
-        }
-        let metas = store.list(None, usize::MAX)?;
+        let mut metas = Vec::new();
+        let snapshot_seq = store.snapshot(&mut |item| {
+            match item {
+                SnapshotItem::Meta(m) => metas.push(*m),
+                SnapshotItem::Instance(si) => {
+                    by_expert.entry(si.expert_id.clone()).or_default().push(si)
+                }
+            }
+            Ok(())
+        })?;
         // Instances of experts that exist (a committed write keeps both in step).
         let experts: Vec<(&ExpertMeta, Vec<StoredInstance>)> = metas
             .iter()
@@ -321,6 +397,8 @@ impl ExpertLibrary {
             "expert library opened"
         );
         drop(experts);
+        let metas: BTreeMap<String, ExpertMeta> =
+            metas.into_iter().map(|m| (m.id.clone(), m)).collect();
         // A rebuilt graph is worth persisting; a reloaded one is on disk already.
         let dumps = Arc::new(Dumps::new(&dir, dim, &config.index, index.is_reloaded()));
         let due = state.needs_compaction();
@@ -347,6 +425,12 @@ impl ExpertLibrary {
                 compactor,
                 route_cache,
                 usage: Mutex::new(usage),
+                metas: RwLock::new(metas),
+                seq: Arc::new(SeqWatch::new(snapshot_seq)),
+                follow: Mutex::new(FollowState {
+                    head_seq: snapshot_seq,
+                    ..FollowState::default()
+                }),
             },
             report,
         ))
@@ -378,36 +462,48 @@ impl ExpertLibrary {
         Ok(Some(report))
     }
 
-    /// Writes an expert (durably, replacing an older version when `replacing`) and makes it
-    /// routable: the old version's instances leave the index, the new ones enter it.
+    /// Writes an expert version (durably, replacing the stored one when `expect` allows) and
+    /// makes it routable: the old version's instances leave the index, the new ones enter it.
     /// Called under the write lock: the quotas are checked here, once, for every way an
-    /// expert is written (registered, trained, merged).
+    /// expert is written (registered, trained, merged), against this replica's view, and
+    /// again by a shared store inside its transaction. Returns the write's seq.
     fn store_and_index(
         &self,
         meta: &ExpertMeta,
         adapter: &PeftAdapter,
         rows: &[StoredInstance],
-        replacing: bool,
-    ) -> Result<()> {
+        expect: Expect,
+    ) -> Result<u64> {
         let l = &self.config.limits;
         self.check_adapter_bytes(adapter.safetensors.len())?;
-        if !replacing && self.store.len() >= l.max_experts {
+        let (held, replacing) = {
+            let metas = self.metas.read();
+            (metas.len(), metas.contains_key(&meta.id))
+        };
+        if !replacing && held >= l.max_experts {
             return Err(LibraryError::ResourceExhausted(format!(
-                "experts: the library holds {}, the quota max_experts is {}",
-                self.store.len(),
+                "experts: the library holds {held}, the quota max_experts is {}",
                 l.max_experts
             )));
         }
         let bytes = meta.weights_bytes as u64 + rows.iter().map(stored_bytes).sum::<u64>();
         self.check_library_bytes(&meta.id, bytes)?;
-        let replaced = self.store.put_expert(meta, adapter, rows)?;
-        self.usage.lock().set(&meta.id, bytes);
-        let items = vectors_of(rows);
-        self.apply(ExpertChange {
-            expert_id: &meta.id,
-            removed: replacing.then_some(replaced.as_slice()),
-            added: Some((meta.kind, &items)),
-        })
+        let quota = Quota {
+            max_experts: l.max_experts,
+            max_library_bytes: l.max_library_bytes,
+            expert_bytes: bytes,
+        };
+        let written = self.store.put_expert(meta, adapter, rows, expect, &quota)?;
+        let change = Change {
+            seq: written.seq,
+            op: ChangeOp::Put,
+            expert_id: meta.id.clone(),
+            version: meta.version,
+            meta: Some(meta.clone()),
+            removed_points: written.removed_points,
+        };
+        self.apply_committed(&change, rows)?;
+        Ok(written.seq)
     }
 
     pub fn encoder(&self) -> &Arc<dyn Encoder> {
@@ -518,26 +614,28 @@ impl ExpertLibrary {
             .map(|(n, _)| *n)
             .zip(choice_vectors)
             .collect();
-        instances
+        let point_ids = self.store.next_point_ids(instances.len())?;
+        Ok(instances
             .iter()
             .zip(vectors)
+            .zip(point_ids)
             .enumerate()
-            .map(|(n, (inst, v))| {
-                Ok(StoredInstance {
-                    point_id: self.store.next_point_id()?,
-                    expert_id: String::new(),
-                    instance: inst.clone(),
-                    embedding: v,
-                    choice_embedding: choice_of.remove(&n),
-                })
+            .map(|(n, ((inst, v), point_id))| StoredInstance {
+                point_id,
+                expert_id: String::new(),
+                instance: inst.clone(),
+                embedding: v,
+                choice_embedding: choice_of.remove(&n),
             })
-            .collect()
+            .collect())
     }
 
     /// Registers an expert. With `new_version` an existing id is replaced by the next
     /// version; without it an existing id is ALREADY_EXISTS. Durable once it returns.
     pub fn register(&self, new: NewExpert, new_version: bool) -> Result<ExpertMeta> {
-        self.register_trained(new, new_version, None)
+        Ok(self
+            .register_with(new, new_version, None, WriteOptions::default())?
+            .value)
     }
 
     /// [`Self::register`] for an expert trained inside roe: its metadata keeps `training`.
@@ -547,6 +645,21 @@ impl ExpertLibrary {
         new_version: bool,
         training: Option<TrainingRecord>,
     ) -> Result<ExpertMeta> {
+        Ok(self
+            .register_with(new, new_version, training, WriteOptions::default())?
+            .value)
+    }
+
+    /// [`Self::register`] with a compare-and-set (`options.expected_version`, which implies a
+    /// new version) and the seq it committed at.
+    pub fn register_with(
+        &self,
+        new: NewExpert,
+        new_version: bool,
+        training: Option<TrainingRecord>,
+        options: WriteOptions,
+    ) -> Result<Committed<ExpertMeta>> {
+        let new_version = new_version || options.expected_version.is_some();
         validate_expert_id(&new.id)?;
         check_name_and_description(&new.name, &new.description, &self.config.limits)?;
         let spec = self.backbone(new.backbone.as_deref())?.clone();
@@ -565,50 +678,52 @@ impl ExpertLibrary {
             )));
         }
         // Cheap early check; repeated under the write lock below.
-        let existing = self.store.get(&new.id)?;
-        if let (Some(old), false) = (&existing, new_version) {
-            return Err(LibraryError::AlreadyExists {
-                id: new.id,
-                version: old.version,
-            });
-        }
+        expectation(
+            &new.id,
+            self.metas.read().get(&new.id),
+            new_version,
+            options,
+        )?;
         let started = Instant::now();
         let mut rows = self.embed_instances(&new.instances)?;
         for r in &mut rows {
             r.expert_id = new.id.clone();
         }
         let _w = self.writes.lock();
-        let existing = self.store.get(&new.id)?;
-        let version = match (&existing, new_version) {
-            (Some(old), false) => {
-                return Err(LibraryError::AlreadyExists {
-                    id: new.id,
-                    version: old.version,
-                })
+        let mut tries = 0;
+        let (meta, seq) = loop {
+            self.catch_up_locked()?;
+            let expect = expectation(
+                &new.id,
+                self.metas.read().get(&new.id),
+                new_version,
+                options,
+            )?;
+            let meta = ExpertMeta {
+                id: new.id.clone(),
+                name: if new.name.is_empty() {
+                    new.id.clone()
+                } else {
+                    new.name.clone()
+                },
+                description: new.description.clone(),
+                kind: summary.peft_type().into(),
+                backbone: spec.name.clone(),
+                version: version_after(expect),
+                created_at_unix_ms: now_ms(),
+                num_instances: rows.len(),
+                weights_sha256: new.adapter.sha256_hex(),
+                safetensors_sha256: new.adapter.safetensors_sha256_hex(),
+                weights_bytes: new.adapter.safetensors.len(),
+                adapter: summary.clone(),
+                training: training.clone(),
+            };
+            match self.store_and_index(&meta, &new.adapter, &rows, expect) {
+                Ok(seq) => break (meta, seq),
+                Err(e) if overtaken(&e, options) && tries < WRITE_RETRIES => tries += 1,
+                Err(e) => return Err(e),
             }
-            (Some(old), true) => old.version + 1,
-            (None, _) => 1,
         };
-        let meta = ExpertMeta {
-            id: new.id.clone(),
-            name: if new.name.is_empty() {
-                new.id.clone()
-            } else {
-                new.name
-            },
-            description: new.description,
-            kind: summary.peft_type().into(),
-            backbone: spec.name.clone(),
-            version,
-            created_at_unix_ms: now_ms(),
-            num_instances: rows.len(),
-            weights_sha256: new.adapter.sha256_hex(),
-            safetensors_sha256: new.adapter.safetensors_sha256_hex(),
-            weights_bytes: new.adapter.safetensors.len(),
-            adapter: summary,
-            training,
-        };
-        self.store_and_index(&meta, &new.adapter, &rows, existing.is_some())?;
         tracing::info!(
             id = %meta.id,
             version = meta.version,
@@ -617,7 +732,10 @@ impl ExpertLibrary {
             ms = started.elapsed().as_millis() as u64,
             "expert registered"
         );
-        Ok(meta)
+        Ok(Committed {
+            value: meta,
+            library_seq: seq,
+        })
     }
 
     /// Merges experts of one kind into a new expert `req.id` (see [`crate::merge`] for the
@@ -626,6 +744,16 @@ impl ExpertLibrary {
     /// [`Self::register`]; an existing id is ALREADY_EXISTS unless `req.new_version`. The
     /// union must stay within `max_instances_per_expert`.
     pub fn merge(&self, req: MergeRequest) -> Result<ExpertMeta> {
+        Ok(self.merge_with(req, WriteOptions::default())?.value)
+    }
+
+    /// [`Self::merge`] with a compare-and-set on `req.id` and the seq it committed at.
+    pub fn merge_with(
+        &self,
+        req: MergeRequest,
+        options: WriteOptions,
+    ) -> Result<Committed<ExpertMeta>> {
+        let new_version = req.new_version || options.expected_version.is_some();
         validate_expert_id(&req.id)?;
         check_name_and_description(&req.name, &req.description, &self.config.limits)?;
         if req.sources.is_empty() {
@@ -669,13 +797,15 @@ impl ExpertLibrary {
         // no write to a source (or to `req.id`) interleaves with it. Merging only copies and
         // scales matrices (no encoder, no matrix products), so the lock is held briefly.
         let _w = self.writes.lock();
-        let existing = self.store.get(&req.id)?;
-        if let (Some(old), false) = (&existing, req.new_version) {
-            return Err(LibraryError::AlreadyExists {
-                id: req.id,
-                version: old.version,
-            });
-        }
+        self.catch_up_locked()?;
+        // Another replica's write to `req.id` between here and the commit is ABORTED by the
+        // store (the merge read its sources under this replica's lock only).
+        let expect = expectation(
+            &req.id,
+            self.metas.read().get(&req.id),
+            new_version,
+            options,
+        )?;
         let metas = req
             .sources
             .iter()
@@ -727,8 +857,9 @@ impl ExpertLibrary {
                 rows.len()
             )));
         }
-        for r in &mut rows {
-            r.point_id = self.store.next_point_id()?;
+        let point_ids = self.store.next_point_ids(rows.len())?;
+        for (r, point_id) in rows.iter_mut().zip(point_ids) {
+            r.point_id = point_id;
             r.expert_id = req.id.clone();
         }
         let description = if req.description.is_empty() {
@@ -746,7 +877,7 @@ impl ExpertLibrary {
             description,
             kind: merged.summary.peft_type().into(),
             backbone: spec.name.clone(),
-            version: existing.as_ref().map_or(1, |old| old.version + 1),
+            version: version_after(expect),
             created_at_unix_ms: now_ms(),
             num_instances: rows.len(),
             weights_sha256: merged.adapter.sha256_hex(),
@@ -755,7 +886,7 @@ impl ExpertLibrary {
             adapter: merged.summary,
             training: None,
         };
-        self.store_and_index(&meta, &merged.adapter, &rows, existing.is_some())?;
+        let seq = self.store_and_index(&meta, &merged.adapter, &rows, expect)?;
         tracing::info!(
             id = %meta.id,
             version = meta.version,
@@ -765,11 +896,19 @@ impl ExpertLibrary {
             ms = started.elapsed().as_millis() as u64,
             "experts merged"
         );
-        Ok(meta)
+        Ok(Committed {
+            value: meta,
+            library_seq: seq,
+        })
     }
 
+    /// The expert's metadata as of the applied seq (from memory).
     pub fn get(&self, id: &str) -> Result<ExpertMeta> {
-        self.store.get(id)?.ok_or_else(|| not_found(id))
+        self.metas
+            .read()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(id))
     }
 
     pub fn adapter(&self, id: &str) -> Result<PeftAdapter> {
@@ -795,19 +934,25 @@ impl ExpertLibrary {
                 format!("{page_size} is outside 1..={MAX_PAGE_SIZE}"),
             ));
         }
+        let metas = self.metas.read();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         // One extra row tells whether another page follows.
-        let mut page = self.store.list(after, page_size + 1)?;
+        let mut page: Vec<ExpertMeta> = metas
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(page_size + 1)
+            .map(|(_, m)| m.clone())
+            .collect();
         let more = page.len() > page_size;
         page.truncate(page_size);
         Ok((page, more))
     }
 
     pub fn len(&self) -> usize {
-        self.store.len()
+        self.metas.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.store.is_empty()
+        self.metas.read().is_empty()
     }
 
     /// Instance vectors in the routing index.
@@ -816,21 +961,51 @@ impl ExpertLibrary {
     }
 
     pub fn delete(&self, id: &str) -> Result<ExpertMeta> {
+        Ok(self.delete_with(id, WriteOptions::default())?.value)
+    }
+
+    /// [`Self::delete`] with a compare-and-set and the seq it committed at.
+    pub fn delete_with(&self, id: &str, options: WriteOptions) -> Result<Committed<ExpertMeta>> {
         let _w = self.writes.lock();
+        self.catch_up_locked()?;
         let meta = self.get(id)?;
-        let points = self.store.delete(id)?.ok_or_else(|| not_found(id))?;
-        self.usage.lock().remove(id);
-        self.apply(ExpertChange {
-            expert_id: id,
-            removed: Some(&points),
-            added: None,
-        })?;
+        let expect = options
+            .expected_version
+            .map_or(Expect::Any, Expect::Version);
+        let written = self
+            .store
+            .delete(id, expect)?
+            .ok_or_else(|| not_found(id))?;
+        let change = Change {
+            seq: written.seq,
+            op: ChangeOp::Delete,
+            expert_id: id.to_string(),
+            version: meta.version,
+            meta: None,
+            removed_points: written.removed_points,
+        };
+        self.apply_committed(&change, &[])?;
         tracing::info!(id, "expert deleted");
-        Ok(meta)
+        Ok(Committed {
+            value: meta,
+            library_seq: written.seq,
+        })
     }
 
     /// Adds instances to an expert; they are routable on the next request.
     pub fn add_instances(&self, id: &str, instances: Vec<Instance>) -> Result<ExpertMeta> {
+        Ok(self
+            .add_instances_with(id, instances, WriteOptions::default())?
+            .value)
+    }
+
+    /// [`Self::add_instances`] with a compare-and-set and the seq it committed at.
+    pub fn add_instances_with(
+        &self,
+        id: &str,
+        instances: Vec<Instance>,
+        options: WriteOptions,
+    ) -> Result<Committed<ExpertMeta>> {
         if instances.is_empty() {
             return Err(LibraryError::invalid("instances", "no instances given"));
         }
@@ -841,25 +1016,47 @@ impl ExpertLibrary {
             r.expert_id = id.to_string();
         }
         let _w = self.writes.lock();
-        let mut meta = self.get(id)?;
-        if meta.num_instances + rows.len() > self.config.limits.max_instances_per_expert {
-            return Err(LibraryError::ResourceExhausted(format!(
-                "instances: expert {id} would exceed {} instances",
-                self.config.limits.max_instances_per_expert
-            )));
+        let mut tries = 0;
+        loop {
+            self.catch_up_locked()?;
+            let mut meta = self.get(id)?;
+            let expect = expectation(id, Some(&meta), true, options)?;
+            if meta.num_instances + rows.len() > self.config.limits.max_instances_per_expert {
+                return Err(LibraryError::ResourceExhausted(format!(
+                    "instances: expert {id} would exceed {} instances",
+                    self.config.limits.max_instances_per_expert
+                )));
+            }
+            meta.num_instances += rows.len();
+            let bytes = self.usage.lock().of(id) + rows.iter().map(stored_bytes).sum::<u64>();
+            self.check_library_bytes(id, bytes)?;
+            let quota = Quota {
+                max_experts: self.config.limits.max_experts,
+                max_library_bytes: self.config.limits.max_library_bytes,
+                expert_bytes: rows.iter().map(stored_bytes).sum::<u64>(),
+            };
+            let written = match self.store.append_instances(&meta, &rows, expect, &quota) {
+                Ok(w) => w,
+                Err(e) if overtaken(&e, options) && tries < WRITE_RETRIES => {
+                    tries += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let change = Change {
+                seq: written.seq,
+                op: ChangeOp::Append,
+                expert_id: id.to_string(),
+                version: meta.version,
+                meta: Some(meta.clone()),
+                removed_points: Vec::new(),
+            };
+            self.apply_committed(&change, &rows)?;
+            return Ok(Committed {
+                value: meta,
+                library_seq: written.seq,
+            });
         }
-        meta.num_instances += rows.len();
-        let bytes = self.usage.lock().of(id) + rows.iter().map(stored_bytes).sum::<u64>();
-        self.check_library_bytes(id, bytes)?;
-        self.store.append_instances(&meta, &rows)?;
-        self.usage.lock().set(id, bytes);
-        let items = vectors_of(&rows);
-        self.apply(ExpertChange {
-            expert_id: id,
-            removed: None,
-            added: Some((meta.kind, &items)),
-        })?;
-        Ok(meta)
     }
 
     pub fn check_queries(&self, queries: &[Query]) -> Result<()> {
@@ -1013,6 +1210,207 @@ impl ExpertLibrary {
         result
     }
 
+    /// The change log's seq this library has applied: every write up to it is routable here.
+    pub fn library_seq(&self) -> u64 {
+        self.seq.applied()
+    }
+
+    /// Waits until this replica has applied `min` (a seq a write returned, on any replica),
+    /// reading the log at once rather than waiting for the follower's doorbell, at most
+    /// `timeout`; UNAVAILABLE naming both seqs otherwise.
+    pub fn wait_for_seq(&self, min: u64, timeout: Duration) -> Result<()> {
+        if self.seq.applied() >= min {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        if self.store.is_shared() {
+            if let Err(e) = self.catch_up() {
+                tracing::debug!("reading the change log for min_library_seq {min}: {e}");
+            }
+        }
+        if self.seq.wait_until(min, deadline) {
+            return Ok(());
+        }
+        Err(LibraryError::Unavailable(format!(
+            "min_library_seq: this replica has applied the library up to seq {}, the request \
+             asked for {min} (waited {} ms)",
+            self.seq.applied(),
+            timeout.as_millis()
+        )))
+    }
+
+    /// Applies every change the store's log holds past the applied seq (other replicas'
+    /// writes); the applied seq after it.
+    pub fn catch_up(&self) -> Result<u64> {
+        let _w = self.writes.lock();
+        self.catch_up_locked()
+    }
+
+    /// Where this replica stands against its store.
+    pub fn replication(&self) -> ReplicationStatus {
+        let f = self.follow.lock();
+        let applied_seq = self.seq.applied();
+        ReplicationStatus {
+            store: self.store.kind(),
+            shared: self.store.is_shared(),
+            applied_seq,
+            head_seq: f.head_seq.max(applied_seq),
+            since_caught_up: f.caught_up_at.map(|t| t.elapsed()),
+            last_error: f.last_error.clone(),
+        }
+    }
+
+    /// Follows a shared store's change log on a thread of its own: after every notification
+    /// (a doorbell only), every reconnect, and at least every `period`, it applies the log
+    /// from the applied seq, so a lost notification costs latency, never a change. The
+    /// thread ends once the library is dropped. Nothing to follow for an unshared store.
+    pub fn follow(
+        lib: &Arc<Self>,
+        period: Duration,
+    ) -> Result<Option<std::thread::JoinHandle<()>>> {
+        if !lib.store.is_shared() {
+            return Ok(None);
+        }
+        let store = lib.store.clone();
+        let weak: Weak<Self> = Arc::downgrade(lib);
+        let handle = std::thread::Builder::new()
+            .name("roe-library-follower".into())
+            .spawn(move || {
+                let mut failures = 0u32;
+                loop {
+                    let waited = store.wait_for_change(period);
+                    let Some(lib) = weak.upgrade() else { return };
+                    let caught_up = waited.and_then(|_| lib.catch_up());
+                    drop(lib);
+                    match caught_up {
+                        Ok(_) => failures = 0,
+                        Err(e) => {
+                            if failures == 0 {
+                                tracing::warn!("following the library's change log: {e}; retrying");
+                            }
+                            failures += 1;
+                            std::thread::sleep(backoff(failures));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| LibraryError::Storage(format!("could not start the follower: {e}")))?;
+        Ok(Some(handle))
+    }
+
+    /// [`Self::catch_up`] under the write lock, which serialises every apply.
+    fn catch_up_locked(&self) -> Result<u64> {
+        self.catch_up_through(u64::MAX)
+    }
+
+    /// Applies the log's changes past the applied seq, up to `last`.
+    fn catch_up_through(&self, last: u64) -> Result<u64> {
+        const PAGE: usize = 256;
+        let read = (|| -> Result<u64> {
+            loop {
+                let applied = self.seq.applied();
+                if applied >= last {
+                    return Ok(applied);
+                }
+                let changes = self.store.changes_since(applied, PAGE)?;
+                let Some(end) = changes.last().map(|c| c.seq) else {
+                    return Ok(applied);
+                };
+                self.follow.lock().head_seq = end;
+                for c in changes.iter().filter(|c| c.seq <= last) {
+                    let rows = self.store.instances_of_change(c)?;
+                    self.apply_change(c, &rows)?;
+                }
+            }
+        })();
+        let mut f = self.follow.lock();
+        match &read {
+            Ok(_) => {
+                f.caught_up_at = Some(Instant::now());
+                f.last_error = None;
+            }
+            Err(e) => f.last_error = Some(e.to_string()),
+        }
+        read
+    }
+
+    /// Applies this replica's own committed write: first every earlier write (other
+    /// replicas' may have committed before it), so changes apply in seq order. Should the
+    /// store fail meanwhile, the write stays committed and the follower applies it later.
+    fn apply_committed(&self, change: &Change, rows: &[StoredInstance]) -> Result<()> {
+        if change.seq > self.seq.applied() + 1 {
+            if let Err(e) = self.catch_up_through(change.seq - 1) {
+                tracing::warn!(
+                    seq = change.seq,
+                    "a committed write waits for the change log to be readable: {e}"
+                );
+                return Ok(());
+            }
+        }
+        self.apply_change(change, rows)
+    }
+
+    /// One change of the log onto the metadata, the quota counts and the routing state.
+    fn apply_change(&self, change: &Change, rows: &[StoredInstance]) -> Result<()> {
+        if change.seq <= self.seq.applied() {
+            return Ok(());
+        }
+        let id = change.expert_id.as_str();
+        let meta_of = |c: &Change| {
+            c.meta.clone().ok_or_else(|| {
+                LibraryError::Storage(format!("change {} of {id} has no metadata", c.seq))
+            })
+        };
+        let items = vectors_of(rows);
+        let added_bytes = rows.iter().map(stored_bytes).sum::<u64>();
+        match change.op {
+            ChangeOp::Put => {
+                let meta = meta_of(change)?;
+                let kind = meta.kind;
+                self.usage
+                    .lock()
+                    .set(id, meta.weights_bytes as u64 + added_bytes);
+                let had = self.metas.write().insert(id.to_string(), meta).is_some();
+                self.apply(ExpertChange {
+                    expert_id: id,
+                    removed: had.then_some(change.removed_points.as_slice()),
+                    added: Some((kind, &items)),
+                })?;
+            }
+            ChangeOp::Append => {
+                let mut meta = meta_of(change)?;
+                // Counted here, in seq order: the writer's count may predate another
+                // replica's append to the same expert.
+                if let Some(held) = self.metas.read().get(id) {
+                    meta.num_instances = held.num_instances + rows.len();
+                }
+                let kind = meta.kind;
+                {
+                    let mut usage = self.usage.lock();
+                    let bytes = usage.of(id) + added_bytes;
+                    usage.set(id, bytes);
+                }
+                self.metas.write().insert(id.to_string(), meta);
+                self.apply(ExpertChange {
+                    expert_id: id,
+                    removed: None,
+                    added: Some((kind, &items)),
+                })?;
+            }
+            ChangeOp::Delete => {
+                self.usage.lock().remove(id);
+                self.metas.write().remove(id);
+                self.apply(ExpertChange {
+                    expert_id: id,
+                    removed: Some(&change.removed_points),
+                    added: None,
+                })?;
+            }
+        }
+        self.seq.advance(change.seq);
+        Ok(())
+    }
+
     /// A background compaction is asked for or running.
     pub fn compaction_running(&self) -> bool {
         self.compactor.is_busy()
@@ -1119,6 +1517,51 @@ fn merge_description(sources: &[String], weights: &[f64]) -> String {
         })
         .collect();
     format!("merged from {from} (weights {})", w.join(", "))
+}
+
+/// What a write expects of the expert (as this replica sees it), and refusals the store
+/// would give anyway, early: an existing id without a new version is ALREADY_EXISTS, a stated
+/// version that is not the stored one ABORTED.
+fn expectation(
+    id: &str,
+    seen: Option<&ExpertMeta>,
+    new_version: bool,
+    options: WriteOptions,
+) -> Result<Expect> {
+    match (options.expected_version, seen) {
+        (Some(v), Some(m)) if m.version != v => Err(LibraryError::Aborted {
+            id: id.to_string(),
+            expected: v,
+            actual: m.version,
+        }),
+        (Some(v), Some(_)) => Ok(Expect::Version(v)),
+        (Some(_), None) => Err(not_found(id)),
+        (None, Some(m)) if !new_version => Err(LibraryError::AlreadyExists {
+            id: id.to_string(),
+            version: m.version,
+        }),
+        (None, Some(m)) => Ok(Expect::Version(m.version)),
+        (None, None) => Ok(Expect::Absent),
+    }
+}
+
+/// The version a write that expects `expect` creates.
+fn version_after(expect: Expect) -> u64 {
+    match expect {
+        Expect::Version(v) => v + 1,
+        _ => 1,
+    }
+}
+
+/// Whether a write failed only because another replica's write to the same expert committed
+/// first, against an expectation this library derived (the caller stated none): the write is
+/// tried again on the new state.
+fn overtaken(e: &LibraryError, options: WriteOptions) -> bool {
+    options.expected_version.is_none()
+        && matches!(
+            e,
+            LibraryError::Aborted { .. } | LibraryError::AlreadyExists { .. }
+        )
 }
 
 fn not_found(id: &str) -> LibraryError {

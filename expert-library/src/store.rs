@@ -15,7 +15,7 @@
 //! used hold the bytes inline; they are read as they are and become files when replaced.
 //!
 //! sled 0.34 never gives disk back: deleted and replaced experts' bytes stay in its segment
-//! and blob files. [`ExpertStore::compact_if_worthwhile`] copies the live data into a fresh
+//! and blob files. [`SledStore::compact_if_worthwhile`] copies the live data into a fresh
 //! sled store and swaps it in, crash-safely (see "Compaction of the store" below).
 
 use std::collections::HashSet;
@@ -29,6 +29,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use crate::error::{LibraryError, Result};
 use crate::expert::{ExpertMeta, Instance, PeftAdapter};
+use crate::library_store::{Change, ChangeOp, Expect, LibraryStore, Quota, SnapshotItem, Written};
 
 /// One stored instance: its text, the expert it belongs to and its embeddings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,11 +44,15 @@ pub struct StoredInstance {
     pub choice_embedding: Option<Vec<f32>>,
 }
 
-pub struct ExpertStore {
+pub struct SledStore {
     db: sled::Db,
     experts: sled::Tree,
     adapters: sled::Tree,
     instances: sled::Tree,
+    /// The change log ([`Change`]s under `c` + seq, big endian) and its head seq (`head`),
+    /// written in each write's transaction. Only the last [`LOG_KEEP`] entries are kept: no
+    /// other process follows a sled library.
+    log: sled::Tree,
     /// Added to sled's id generator for point ids (see [`META_POINT_BASE`]).
     point_base: u64,
     /// Where the adapters' safetensors files are ([`ADAPTER_DIR`]).
@@ -68,6 +73,11 @@ const META_POINT_BASE: &[u8] = b"point_id_base";
 const TREE_EXPERTS: &str = "experts";
 const TREE_ADAPTERS: &str = "adapters";
 const TREE_INSTANCES: &str = "instances";
+const TREE_LOG: &str = "change_log";
+const LOG_HEAD: &[u8] = b"head";
+const LOG_ENTRY: u8 = b'c';
+/// Change log entries a sled store keeps.
+pub const LOG_KEEP: u64 = 4096;
 
 /// How long `open` waits for sled's file lock (see `open_waiting`).
 const LOCK_WAIT: Duration = Duration::from_secs(3);
@@ -248,7 +258,7 @@ fn tx_err(e: TransactionError<LibraryError>) -> LibraryError {
     }
 }
 
-impl ExpertStore {
+impl SledStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::open_waiting(path, LOCK_WAIT)
     }
@@ -286,6 +296,7 @@ impl ExpertStore {
             experts: db.open_tree(TREE_EXPERTS)?,
             adapters: db.open_tree(TREE_ADAPTERS)?,
             instances: db.open_tree(TREE_INSTANCES)?,
+            log: db.open_tree(TREE_LOG)?,
             db,
             point_base,
             adapter_dir,
@@ -337,7 +348,11 @@ impl ExpertStore {
     /// Writes `safetensors` as a new adapter file, synced (the folder too), and returns its
     /// name. A failure (a full disk) leaves no file behind.
     fn write_adapter_file(&self, safetensors: &[u8]) -> Result<String> {
-        let name = format!("{:016x}.safetensors", self.next_point_id()?);
+        let id = self
+            .next_point_ids(1)?
+            .pop()
+            .ok_or_else(|| LibraryError::Storage("no point id for an adapter file name".into()))?;
+        let name = format!("{id:016x}.safetensors");
         let path = self.adapter_dir.join(&name);
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create_new(&path)?;
@@ -369,10 +384,150 @@ impl ExpertStore {
             None => Ok(None),
         }
     }
+}
 
-    /// Checks (or, for a new store, records) which encoder embedded the stored instances:
-    /// vectors from another encoder would route nonsense.
-    pub fn check_encoder(&self, encoder_id: &str) -> Result<()> {
+impl SledStore {
+    fn head(log: &impl LogReader) -> Result<u64> {
+        log.read(LOG_HEAD)?
+            .map_or(Ok(0), |v| decode_u64(&v, "change log head"))
+    }
+
+    fn list_since(&self, seq: u64, limit: usize) -> Result<Vec<Change>> {
+        let start = log_key(seq.saturating_add(1));
+        self.log
+            .range(start..=log_key(u64::MAX))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                if k.first() != Some(&LOG_ENTRY) {
+                    return Err(LibraryError::Storage("corrupt change log key".into()));
+                }
+                Ok(decode_entry(&v)?.change)
+            })
+            .collect()
+    }
+
+    /// Drops the log entry that fell out of the kept window with `seq`.
+    fn trim_log(&self, seq: u64) {
+        if seq > LOG_KEEP {
+            if let Err(e) = self.log.remove(log_key(seq - LOG_KEEP)) {
+                tracing::warn!("trimming the change log: {e}");
+            }
+        }
+    }
+}
+
+/// Reads inside and outside a sled transaction alike.
+trait LogReader {
+    fn read(&self, key: &[u8]) -> Result<Option<sled::IVec>>;
+}
+
+impl LogReader for sled::Tree {
+    fn read(&self, key: &[u8]) -> Result<Option<sled::IVec>> {
+        Ok(self.get(key)?)
+    }
+}
+
+/// A sled log entry: the change and the point ids it added (sled keeps no seq per
+/// instance).
+#[derive(Serialize, Deserialize)]
+struct LogEntry {
+    change: Change,
+    added_points: Vec<u64>,
+}
+
+fn decode_entry(v: &[u8]) -> Result<LogEntry> {
+    serde_json::from_slice(v)
+        .map_err(|e| LibraryError::Storage(format!("corrupt change log entry: {e}")))
+}
+
+fn log_key(seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(LOG_ENTRY);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn decode_u64(v: &[u8], what: &str) -> Result<u64> {
+    Ok(u64::from_be_bytes(v.try_into().map_err(|_| {
+        LibraryError::Storage(format!("corrupt {what} ({} bytes)", v.len()))
+    })?))
+}
+
+/// The compare-and-set check of a write, against the expert's stored metadata.
+pub(crate) fn check_expect(id: &str, stored: Option<&ExpertMeta>, expect: Expect) -> Result<()> {
+    match (expect, stored) {
+        (Expect::Absent, Some(old)) => Err(LibraryError::AlreadyExists {
+            id: id.to_string(),
+            version: old.version,
+        }),
+        (Expect::Present | Expect::Version(_), None) => Err(LibraryError::NotFound {
+            what: "expert",
+            id: id.to_string(),
+        }),
+        (Expect::Version(v), Some(old)) if old.version != v => Err(LibraryError::Aborted {
+            id: id.to_string(),
+            expected: v,
+            actual: old.version,
+        }),
+        _ => Ok(()),
+    }
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<LibraryError>>;
+
+fn tx_abort<T>(e: LibraryError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+/// Appends `change` (its seq the head's next) inside a transaction; returns the seq.
+fn tx_append_log(
+    log: &sled::transaction::TransactionalTree,
+    mut change: Change,
+    added_points: &[u64],
+) -> TxResult<u64> {
+    let head = match log.get(LOG_HEAD)? {
+        None => 0,
+        Some(v) => match decode_u64(&v, "change log head") {
+            Ok(h) => h,
+            Err(e) => return tx_abort(e),
+        },
+    };
+    change.seq = head + 1;
+    let entry = LogEntry {
+        change,
+        added_points: added_points.to_vec(),
+    };
+    let seq = entry.change.seq;
+    let bytes = match serde_json::to_vec(&entry) {
+        Ok(b) => b,
+        Err(e) => return tx_abort(LibraryError::Storage(format!("encoding a change: {e}"))),
+    };
+    log.insert(log_key(seq), bytes)?;
+    log.insert(LOG_HEAD, &seq.to_be_bytes())?;
+    Ok(seq)
+}
+
+fn tx_meta(
+    experts: &sled::transaction::TransactionalTree,
+    id: &str,
+) -> TxResult<Option<ExpertMeta>> {
+    match experts.get(id.as_bytes())? {
+        None => Ok(None),
+        Some(v) => match decode_meta(&v) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => tx_abort(e),
+        },
+    }
+}
+
+impl LibraryStore for SledStore {
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
+
+    /// Vectors from another encoder would route nonsense.
+    fn check_encoder(&self, encoder_id: &str) -> Result<()> {
         match self.db.get(META_ENCODER)? {
             Some(v) if v.as_ref() != encoder_id.as_bytes() => {
                 Err(LibraryError::FailedPrecondition(format!(
@@ -390,22 +545,24 @@ impl ExpertStore {
         }
     }
 
-    /// A fresh id for an instance vector, unique for the life of the store.
-    pub fn next_point_id(&self) -> Result<u64> {
-        let id = self.db.generate_id()?;
-        self.point_base
-            .checked_add(id)
-            .ok_or_else(|| LibraryError::Storage("point ids exhausted".into()))
+    fn next_point_ids(&self, n: usize) -> Result<Vec<u64>> {
+        (0..n)
+            .map(|_| {
+                self.point_base
+                    .checked_add(self.db.generate_id()?)
+                    .ok_or_else(|| LibraryError::Storage("point ids exhausted".into()))
+            })
+            .collect()
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<ExpertMeta>> {
+    fn get(&self, id: &str) -> Result<Option<ExpertMeta>> {
         self.experts
             .get(id.as_bytes())?
             .map(|v| decode_meta(&v))
             .transpose()
     }
 
-    pub fn adapter(&self, id: &str) -> Result<Option<PeftAdapter>> {
+    fn adapter(&self, id: &str) -> Result<Option<PeftAdapter>> {
         // A new version may replace the expert (and remove its file) between reading the
         // record and the file: the record is read again then.
         for _ in 0..4 {
@@ -451,8 +608,7 @@ impl ExpertStore {
         )))
     }
 
-    /// Experts in id order, starting after `after` (exclusive), at most `limit`.
-    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ExpertMeta>> {
+    fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ExpertMeta>> {
         let iter = match after {
             Some(a) => {
                 let mut start = a.as_bytes().to_vec();
@@ -469,15 +625,11 @@ impl ExpertStore {
             .collect()
     }
 
-    pub fn len(&self) -> usize {
-        self.experts.len()
+    fn len(&self) -> Result<usize> {
+        Ok(self.experts.len())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.experts.is_empty()
-    }
-
-    pub fn instances_of(&self, id: &str) -> Result<Vec<StoredInstance>> {
+    fn instances_of(&self, id: &str) -> Result<Vec<StoredInstance>> {
         self.instances
             .scan_prefix(instance_prefix(id))
             .map(|kv| {
@@ -487,30 +639,42 @@ impl ExpertStore {
             .collect()
     }
 
-    /// Every stored instance, for rebuilding the index at start-up.
-    pub fn all_instances(&self) -> impl Iterator<Item = Result<StoredInstance>> + '_ {
-        self.instances.iter().map(|kv| {
+    /// One process owns a sled store and the library serialises its writes, so reading the
+    /// trees one after the other (before any write) is a consistent snapshot.
+    fn snapshot(&self, f: &mut dyn FnMut(SnapshotItem) -> Result<()>) -> Result<u64> {
+        let seq = Self::head(&self.log)?;
+        for kv in self.experts.iter() {
             let (_, v) = kv?;
-            decode_instance(&v)
-        })
+            f(SnapshotItem::Meta(Box::new(decode_meta(&v)?)))?;
+        }
+        for kv in self.instances.iter() {
+            let (_, v) = kv?;
+            f(SnapshotItem::Instance(decode_instance(&v)?))?;
+        }
+        Ok(seq)
     }
 
-    /// Writes an expert, replacing whatever was stored under its id (old instances included),
-    /// atomically, and flushes before returning. Returns the point ids that were replaced.
-    pub fn put_expert(
+    /// The adapter file is written and synced before the transaction; the transaction
+    /// replaces the old version's instances, records and log entry at once; the store is
+    /// flushed before it returns. Quotas are the library's to check: one process owns a
+    /// sled store and serialises its writes.
+    fn put_expert(
         &self,
         meta: &ExpertMeta,
         adapter: &PeftAdapter,
         instances: &[StoredInstance],
-    ) -> Result<Vec<u64>> {
+        expect: Expect,
+        _quota: &Quota,
+    ) -> Result<Written> {
         let old_keys: Vec<sled::IVec> = self
             .instances
             .scan_prefix(instance_prefix(&meta.id))
             .keys()
             .collect::<std::result::Result<_, _>>()?;
-        let old_points = old_keys.iter().filter_map(|k| point_of_key(k)).collect();
+        let old_points: Vec<u64> = old_keys.iter().filter_map(|k| point_of_key(k)).collect();
         let old_file = self.adapter_file_of(&meta.id)?;
         let meta_bytes = encode_meta(meta)?;
+        let added: Vec<u64> = instances.iter().map(|si| si.point_id).collect();
         let rows: Vec<(Vec<u8>, Vec<u8>)> = instances
             .iter()
             .map(|si| Ok((instance_key(&meta.id, si.point_id), encode_instance(si)?)))
@@ -522,8 +686,20 @@ impl ExpertStore {
             &file,
             adapter.safetensors.len() as u64,
         );
-        let committed = (&self.experts, &self.adapters, &self.instances)
-            .transaction(|(experts, adapters, inst)| {
+        let change = Change {
+            seq: 0,
+            op: ChangeOp::Put,
+            expert_id: meta.id.clone(),
+            version: meta.version,
+            meta: Some(meta.clone()),
+            removed_points: old_points.clone(),
+        };
+        let committed = (&self.experts, &self.adapters, &self.instances, &self.log)
+            .transaction(|(experts, adapters, inst, log)| {
+                if let Err(e) = check_expect(&meta.id, tx_meta(experts, &meta.id)?.as_ref(), expect)
+                {
+                    return tx_abort(e);
+                }
                 for k in &old_keys {
                     inst.remove(k)?;
                 }
@@ -532,69 +708,158 @@ impl ExpertStore {
                 }
                 adapters.insert(meta.id.as_bytes(), record.as_slice())?;
                 experts.insert(meta.id.as_bytes(), meta_bytes.as_slice())?;
-                Ok::<_, ConflictableTransactionError<LibraryError>>(())
+                tx_append_log(log, change.clone(), &added)
             })
             .map_err(tx_err);
-        if let Err(e) = committed {
-            // Nothing names the file: the transaction applied nothing.
-            self.remove_adapter_file(&file);
-            return Err(e);
-        }
+        let seq = match committed {
+            Ok(seq) => seq,
+            Err(e) => {
+                // Nothing names the file: the transaction applied nothing.
+                self.remove_adapter_file(&file);
+                return Err(e);
+            }
+        };
         // Should the flush fail, the record may still reach the disk: its file stays.
         self.db.flush()?;
         if let Some(old) = old_file {
             self.remove_adapter_file(&old);
         }
-        Ok(old_points)
+        self.trim_log(seq);
+        Ok(Written {
+            seq,
+            removed_points: old_points,
+        })
     }
 
-    /// Adds instances to an existing expert and updates its instance count, atomically.
-    pub fn append_instances(&self, meta: &ExpertMeta, instances: &[StoredInstance]) -> Result<()> {
+    fn append_instances(
+        &self,
+        meta: &ExpertMeta,
+        instances: &[StoredInstance],
+        expect: Expect,
+        _quota: &Quota,
+    ) -> Result<Written> {
         let meta_bytes = encode_meta(meta)?;
+        let added: Vec<u64> = instances.iter().map(|si| si.point_id).collect();
         let rows: Vec<(Vec<u8>, Vec<u8>)> = instances
             .iter()
             .map(|si| Ok((instance_key(&meta.id, si.point_id), encode_instance(si)?)))
             .collect::<Result<_>>()?;
-        (&self.experts, &self.instances)
-            .transaction(|(experts, inst)| {
+        let change = Change {
+            seq: 0,
+            op: ChangeOp::Append,
+            expert_id: meta.id.clone(),
+            version: meta.version,
+            meta: Some(meta.clone()),
+            removed_points: Vec::new(),
+        };
+        let expect = match expect {
+            Expect::Any | Expect::Absent => Expect::Present,
+            e => e,
+        };
+        let seq = (&self.experts, &self.instances, &self.log)
+            .transaction(|(experts, inst, log)| {
+                if let Err(e) = check_expect(&meta.id, tx_meta(experts, &meta.id)?.as_ref(), expect)
+                {
+                    return tx_abort(e);
+                }
                 for (k, v) in &rows {
                     inst.insert(k.as_slice(), v.as_slice())?;
                 }
                 experts.insert(meta.id.as_bytes(), meta_bytes.as_slice())?;
-                Ok::<_, ConflictableTransactionError<LibraryError>>(())
+                tx_append_log(log, change.clone(), &added)
             })
             .map_err(tx_err)?;
         self.db.flush()?;
-        Ok(())
+        self.trim_log(seq);
+        Ok(Written {
+            seq,
+            removed_points: Vec::new(),
+        })
     }
 
-    /// Removes an expert with its adapter and instances; returns the removed point ids, or
-    /// `None` when there was no such expert.
-    pub fn delete(&self, id: &str) -> Result<Option<Vec<u64>>> {
-        if self.experts.get(id.as_bytes())?.is_none() {
-            return Ok(None);
-        }
+    fn delete(&self, id: &str, expect: Expect) -> Result<Option<Written>> {
+        let Some(stored) = self.get(id)? else {
+            return match expect {
+                Expect::Version(_) | Expect::Present => Err(LibraryError::NotFound {
+                    what: "expert",
+                    id: id.to_string(),
+                }),
+                _ => Ok(None),
+            };
+        };
         let keys: Vec<sled::IVec> = self
             .instances
             .scan_prefix(instance_prefix(id))
             .keys()
             .collect::<std::result::Result<_, _>>()?;
+        let removed_points: Vec<u64> = keys.iter().filter_map(|k| point_of_key(k)).collect();
         let file = self.adapter_file_of(id)?;
-        (&self.experts, &self.adapters, &self.instances)
-            .transaction(|(experts, adapters, inst)| {
+        let change = Change {
+            seq: 0,
+            op: ChangeOp::Delete,
+            expert_id: id.to_string(),
+            version: stored.version,
+            meta: None,
+            removed_points: removed_points.clone(),
+        };
+        let expect = match expect {
+            Expect::Absent => Expect::Any,
+            e => e,
+        };
+        let seq = (&self.experts, &self.adapters, &self.instances, &self.log)
+            .transaction(|(experts, adapters, inst, log)| {
+                if let Err(e) = check_expect(id, tx_meta(experts, id)?.as_ref(), expect) {
+                    return tx_abort(e);
+                }
                 for k in &keys {
                     inst.remove(k)?;
                 }
                 adapters.remove(id.as_bytes())?;
                 experts.remove(id.as_bytes())?;
-                Ok::<_, ConflictableTransactionError<LibraryError>>(())
+                tx_append_log(log, change.clone(), &[])
             })
             .map_err(tx_err)?;
         self.db.flush()?;
         if let Some(file) = file {
             self.remove_adapter_file(&file);
         }
-        Ok(Some(keys.iter().filter_map(|k| point_of_key(k)).collect()))
+        self.trim_log(seq);
+        Ok(Some(Written {
+            seq,
+            removed_points,
+        }))
+    }
+
+    fn head_seq(&self) -> Result<u64> {
+        Self::head(&self.log)
+    }
+
+    fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Change>> {
+        let head = self.head_seq()?;
+        if seq < head && self.log.get(log_key(seq + 1))?.is_none() {
+            return Err(LibraryError::FailedPrecondition(format!(
+                "the sled change log no longer holds seq {} (it keeps the last {LOG_KEEP})",
+                seq + 1
+            )));
+        }
+        self.list_since(seq, limit)
+    }
+
+    fn instances_of_change(&self, change: &Change) -> Result<Vec<StoredInstance>> {
+        let Some(entry) = self.log.get(log_key(change.seq))? else {
+            return Err(LibraryError::FailedPrecondition(format!(
+                "the sled change log no longer holds seq {}",
+                change.seq
+            )));
+        };
+        let added = decode_entry(&entry)?.added_points;
+        let mut rows = Vec::with_capacity(added.len());
+        for p in added {
+            if let Some(v) = self.instances.get(instance_key(&change.expert_id, p))? {
+                rows.push(decode_instance(&v)?);
+            }
+        }
+        Ok(rows)
     }
 }
 
@@ -604,7 +869,7 @@ fn point_of_key(k: &[u8]) -> Option<u64> {
 }
 
 /// Opens the sled database in `path`, waiting up to `wait` for its lock (see
-/// [`ExpertStore::open_waiting`]).
+/// [`SledStore::open_waiting`]).
 fn open_db(path: &Path, wait: Duration) -> Result<sled::Db> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(5);
@@ -657,7 +922,7 @@ fn open_db(path: &Path, wait: Duration) -> Result<sled::Db> {
 // each state a crash can leave recovers to exactly one complete store holding every
 // acknowledged write (writes are acknowledged only by a store that is open, and no store
 // is open during a compaction: the compaction lock keeps other processes that open the
-// store through `ExpertStore` out, sled's lock keeps a library that is open out of it).
+// store through `SledStore` out, sled's lock keeps a library that is open out of it).
 // Recovery runs under the compaction lock before every open, in this order:
 //
 //   - `compacting` exists (crash in step 1 or before 2): the copy may be partial and the old
@@ -1237,7 +1502,7 @@ impl Compacted {
     }
 }
 
-/// [`ExpertStore::compact_if_worthwhile`], with the compaction lock held and any earlier
+/// [`SledStore::compact_if_worthwhile`], with the compaction lock held and any earlier
 /// compaction recovered.
 fn compact_locked(
     dir: &Path,
@@ -1337,7 +1602,7 @@ fn compact_locked(
     })
 }
 
-impl ExpertStore {
+impl SledStore {
     /// Compacts the store in `dir` when it pays off: when more than half of its files is
     /// garbage and the garbage is more than `min_waste_bytes` (see [`worthwhile`]: with
     /// `disk` the bytes of sled's files and `live` those of the keys and values over every
@@ -1409,13 +1674,13 @@ mod tests {
     #[test]
     fn open_waits_for_a_lock_released_moments_later() {
         let dir = tempfile::tempdir().unwrap();
-        let held = ExpertStore::open(dir.path()).unwrap();
+        let held = SledStore::open(dir.path()).unwrap();
         let releaser = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
             drop(held);
         });
         // Without the wait this open fails at once: the first store still holds the lock.
-        let store = ExpertStore::open_waiting(dir.path(), Duration::from_secs(5)).unwrap();
+        let store = SledStore::open_waiting(dir.path(), Duration::from_secs(5)).unwrap();
         releaser.join().unwrap();
         store.check_encoder("e").unwrap();
     }
@@ -1423,9 +1688,9 @@ mod tests {
     #[test]
     fn a_store_held_open_fails_after_the_wait_with_a_clear_message() {
         let dir = tempfile::tempdir().unwrap();
-        let _held = ExpertStore::open(dir.path()).unwrap();
+        let _held = SledStore::open(dir.path()).unwrap();
         let started = Instant::now();
-        let err = match ExpertStore::open_waiting(dir.path(), Duration::from_millis(200)) {
+        let err = match SledStore::open_waiting(dir.path(), Duration::from_millis(200)) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("opened a store another handle holds"),
         };
@@ -1442,7 +1707,7 @@ mod tests {
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
         let started = Instant::now();
-        assert!(ExpertStore::open_waiting(file.join("db"), Duration::from_secs(5)).is_err());
+        assert!(SledStore::open_waiting(file.join("db"), Duration::from_secs(5)).is_err());
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

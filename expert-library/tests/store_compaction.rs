@@ -12,8 +12,9 @@ use std::sync::Arc;
 use common::BagOfWords;
 use roe_expert_library::index::IndexConfig;
 use roe_expert_library::library::{ExpertLibrary, LibraryConfig, NewExpert, OpenReport};
+use roe_expert_library::library_store::{LibraryStore, SnapshotItem};
 use roe_expert_library::retrieval::{Query, RouteOptions};
-use roe_expert_library::store::{store_disk_bytes, CompactFaults, ExpertStore};
+use roe_expert_library::store::{store_disk_bytes, CompactFaults, SledStore};
 use roe_expert_library::{Instance, PeftAdapter};
 
 fn asset(kind: &str) -> PeftAdapter {
@@ -133,11 +134,16 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 /// Every point id in the store, checked unique.
 fn point_ids(dir: &Path) -> Vec<u64> {
-    let store = ExpertStore::open(dir).unwrap();
-    let ids: Vec<u64> = store
-        .all_instances()
-        .map(|si| si.unwrap().point_id)
-        .collect();
+    let store = SledStore::open(dir).unwrap();
+    let mut ids: Vec<u64> = Vec::new();
+    store
+        .snapshot(&mut |item| {
+            if let SnapshotItem::Instance(si) = item {
+                ids.push(si.point_id);
+            }
+            Ok(())
+        })
+        .unwrap();
     let unique: HashSet<u64> = ids.iter().copied().collect();
     assert_eq!(unique.len(), ids.len(), "point ids collide: {ids:?}");
     ids
@@ -476,11 +482,9 @@ fn a_failed_copy_leaves_the_store_unchanged() {
         ..CompactFaults::default()
     };
     // Opening does not fail: the partial copy is removed, the old store stays.
-    assert!(
-        ExpertStore::compact_with_faults(tmp.path(), 1 << 20, faults)
-            .unwrap()
-            .is_none()
-    );
+    assert!(SledStore::compact_with_faults(tmp.path(), 1 << 20, faults)
+        .unwrap()
+        .is_none());
     assert!(
         leftovers(tmp.path()).is_empty(),
         "{:?}",
@@ -513,7 +517,7 @@ fn a_compaction_crashed_at_any_step_recovers_at_open() {
             crash_before_step: Some(step),
             ..CompactFaults::default()
         };
-        let crashed = match ExpertStore::compact_with_faults(&dir, 1 << 20, faults) {
+        let crashed = match SledStore::compact_with_faults(&dir, 1 << 20, faults) {
             Err(e) => {
                 assert!(e.to_string().contains("simulated crash"), "{e}");
                 eprintln!("crash before step {step}: {e}; left {:?}", leftovers(&dir));

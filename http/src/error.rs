@@ -149,6 +149,12 @@ impl From<ServingError> for ApiError {
                 Some("model_not_found"),
             ),
             ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "invalid_request_error", None),
+            // A compare-and-set that lost: 412, as an HTTP If-Match that does not match.
+            ErrorKind::Aborted => (
+                StatusCode::PRECONDITION_FAILED,
+                "invalid_request_error",
+                Some("version_mismatch"),
+            ),
             ErrorKind::FailedPrecondition => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -189,6 +195,7 @@ impl From<tonic::Status> for ApiError {
             Code::InvalidArgument | Code::OutOfRange => ErrorKind::InvalidArgument,
             Code::NotFound => ErrorKind::NotFound,
             Code::AlreadyExists => ErrorKind::AlreadyExists,
+            Code::Aborted => ErrorKind::Aborted,
             Code::FailedPrecondition => ErrorKind::FailedPrecondition,
             Code::ResourceExhausted => ErrorKind::ResourceExhausted,
             Code::Unavailable => ErrorKind::Unavailable,

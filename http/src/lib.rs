@@ -7,6 +7,11 @@
 //! meet the same checks (the core validates), the same API keys and the same bound on
 //! requests in flight as gRPC. One module maps errors to responses ([`error`]). With the
 //! server's `--tls-cert` it is served over TLS ([`tls`]).
+//!
+//! Read-your-writes across replicas: a request with the header `roe-min-library-seq: N` (a
+//! `library_seq` a gRPC write returned, on any replica) is served once this replica has
+//! applied seq N, after a wait of at most `--min-seq-wait-ms` (503 past it); roe's own
+//! endpoints also take `minLibrarySeq` in their body, as the gRPC messages do.
 
 pub mod completions;
 pub mod error;
@@ -18,7 +23,7 @@ pub mod roe_api;
 pub mod tls;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -55,6 +60,9 @@ pub struct HttpState {
     pub limit: Option<(usize, Arc<Semaphore>)>,
     pub metrics: Option<PrometheusHandle>,
     pub started_unix: u64,
+    /// How long a read waits for this replica to apply its `roe-min-library-seq` before 503
+    /// (`--min-seq-wait-ms`; default 2 s).
+    pub min_seq_wait: Duration,
 }
 
 impl HttpState {
@@ -81,7 +89,16 @@ impl HttpState {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            min_seq_wait: roe_services::consistency::DEFAULT_MIN_SEQ_WAIT,
         }
+    }
+
+    /// Waits until this replica's library has applied seq `min` (0: no wait), at most
+    /// [`Self::min_seq_wait`]; 503 naming both seqs after that.
+    pub async fn wait_for_seq(&self, min: u64) -> ApiResult<()> {
+        roe_services::consistency::wait_for_seq(&self.library, min, self.min_seq_wait)
+            .await
+            .map_err(ApiError::from)
     }
 
     fn unavailable() -> ApiError {
@@ -294,19 +311,79 @@ impl http_body::Body for PermitBody {
     }
 }
 
-/// `GET /health`: 200 while the encoder and the backbone's queues run.
+/// The request header naming the library seq a read must see.
+pub const MIN_LIBRARY_SEQ_HEADER: &str = "roe-min-library-seq";
+
+/// The seq a request's `roe-min-library-seq` header names (0 without one); 400 naming the
+/// header when it is not a whole number.
+pub fn min_library_seq(headers: &axum::http::HeaderMap) -> ApiResult<u64> {
+    let Some(value) = headers.get(MIN_LIBRARY_SEQ_HEADER) else {
+        return Ok(0);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                MIN_LIBRARY_SEQ_HEADER,
+                "not a library seq; send the library_seq a write returned, a whole number \
+                 (0: no wait)",
+            )
+        })
+}
+
+/// Serves a request with `roe-min-library-seq` once this replica has applied that seq (at
+/// most `--min-seq-wait-ms`, else 503 naming both seqs). The public endpoints ignore it.
+async fn wait_for_min_seq(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    if PUBLIC_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let waited = match min_library_seq(req.headers()) {
+        Ok(min) => state.wait_for_seq(min).await,
+        Err(e) => Err(e),
+    };
+    match waited {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /health`: 200 while the encoder and the backbone's queues run, else 503; the JSON
+/// body says which, and where this replica stands against the library's store. A store that
+/// cannot be reached keeps it 200 (the replica answers from what it holds; status
+/// `degraded`, the error in `library.last_error`).
 async fn health(State(state): State<HttpState>) -> Response {
     let encoder = state.library.encoder().is_healthy();
-    let backbone = state.inference.as_ref().is_none_or(|i| i.is_healthy());
-    if encoder && backbone {
-        (StatusCode::OK, "ok\n").into_response()
+    let backbone = state.inference.as_ref().map(|i| i.is_healthy());
+    let r = state.library.replication();
+    let up = encoder && backbone.unwrap_or(true);
+    let status = match (up, &r.last_error) {
+        (false, _) => "unavailable",
+        (true, Some(_)) => "degraded",
+        (true, None) => "ok",
+    };
+    let body = serde_json::json!({
+        "status": status,
+        "encoder": encoder,
+        // null: no backbone loaded (roe serve --no-inference).
+        "backbone": backbone,
+        "library": {
+            "store": r.store,
+            "shared": r.shared,
+            "applied_seq": r.applied_seq,
+            "head_seq": r.head_seq,
+            "lag": r.lag(),
+            "seconds_since_caught_up": r.since_caught_up.map(|d| d.as_secs_f64()),
+            "last_error": r.last_error,
+        },
+    });
+    let code = if up {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("encoder up: {encoder}, backbone up: {backbone}\n"),
-        )
-            .into_response()
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -341,6 +418,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/health", get(health))
         .fallback(not_found)
+        // Innermost: only requests with a key and a place among those in flight wait.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            wait_for_min_seq,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit))
         .layer(axum::middleware::from_fn(refuse_oversized))
         .layer(axum::middleware::from_fn_with_state(

@@ -12,6 +12,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use metrics::{describe_gauge, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use roe_serving::metrics::{request_done, Transport};
 
@@ -42,6 +43,7 @@ pub fn install() -> Option<PrometheusHandle> {
                     roe_serving::metrics::describe();
                     roe_expert_library::metrics::describe();
                     roe_encoder::metrics::describe();
+                    describe_replication();
                     Some(handle)
                 }
                 Ok(Err(e)) | Err(e) => {
@@ -63,6 +65,7 @@ pub async fn render(State(state): State<HttpState>) -> Response {
             .into_response();
     };
     roe_expert_library::metrics::record_sizes(&state.library);
+    record_replication(&state.library);
     roe_serving::metrics::record_process();
     handle.run_upkeep();
     (
@@ -70,6 +73,46 @@ pub async fn render(State(state): State<HttpState>) -> Response {
         handle.render(),
     )
         .into_response()
+}
+
+pub const LIBRARY_APPLIED_SEQ: &str = "roe_library_applied_seq";
+pub const LIBRARY_HEAD_SEQ: &str = "roe_library_head_seq";
+pub const LIBRARY_LAG: &str = "roe_library_lag";
+pub const LIBRARY_SECONDS_SINCE_CAUGHT_UP: &str = "roe_library_seconds_since_caught_up";
+
+fn describe_replication() {
+    describe_gauge!(
+        LIBRARY_APPLIED_SEQ,
+        "The library change log's seq this replica has applied (every write up to it is \
+         served here)"
+    );
+    describe_gauge!(
+        LIBRARY_HEAD_SEQ,
+        "The shared store's head seq when this replica last read its log"
+    );
+    describe_gauge!(
+        LIBRARY_LAG,
+        "Library changes this replica knows of and has not applied (head - applied)"
+    );
+    describe_gauge!(
+        LIBRARY_SECONDS_SINCE_CAUGHT_UP,
+        "Seconds since this replica last read the shared store's log (0 for a store no other \
+         replica writes; +Inf before the first read)"
+    );
+}
+
+/// Sets the replication gauges from `library` (at scrape time, as the size gauges).
+pub fn record_replication(library: &roe_expert_library::ExpertLibrary) {
+    let r = library.replication();
+    gauge!(LIBRARY_APPLIED_SEQ).set(r.applied_seq as f64);
+    gauge!(LIBRARY_HEAD_SEQ).set(r.head_seq as f64);
+    gauge!(LIBRARY_LAG).set(r.lag() as f64);
+    let since = match (r.shared, r.since_caught_up) {
+        (false, _) => 0.0,
+        (true, Some(d)) => d.as_secs_f64(),
+        (true, None) => f64::INFINITY,
+    };
+    gauge!(LIBRARY_SECONDS_SINCE_CAUGHT_UP).set(since);
 }
 
 /// Counts each request by its route (the matched pattern, never the client's path) and

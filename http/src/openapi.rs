@@ -97,7 +97,8 @@ fn openai_ref(name: &str) -> Value {
 
 /// One operation: a JSON body of schema `request` (if any) answered by `response`. It needs
 /// an API key when the server has keys (every operation but the public `/health` and
-/// `/metrics`, which are described without one).
+/// `/metrics`, which are described without one). Every such operation reads, and takes the
+/// `roe-min-library-seq` header.
 fn operation(summary: &str, request: Option<Value>, response: Value, sse: bool) -> Value {
     let mut content = Map::new();
     content.insert("application/json".into(), json!({ "schema": response }));
@@ -111,8 +112,17 @@ fn operation(summary: &str, request: Option<Value>, response: Value, sse: bool) 
     let mut op = json!({
         "summary": summary,
         "security": [{"bearer": []}],
+        "parameters": [{
+            "name": crate::MIN_LIBRARY_SEQ_HEADER,
+            "in": "header",
+            "required": false,
+            "description": "Read-your-writes across replicas: the library_seq a write returned (on any replica). The request is served once this replica has applied it, after a wait of at most --min-seq-wait-ms (default 2 s); 503 naming both seqs past that, 400 when it is not a whole number. 0 or absent: no wait.",
+            "schema": {"type": "integer", "minimum": 0},
+        }],
         "responses": {
             "200": { "description": "OK", "content": content },
+            "503": { "description": "This replica has not applied the roe-min-library-seq in time (or no backbone is loaded)",
+                "content": {"application/json": {"schema": openai_ref("Error")}} },
             "default": { "description": "An error",
                 "content": {"application/json": {"schema": openai_ref("Error")}} }
         }
@@ -129,13 +139,17 @@ fn operation(summary: &str, request: Option<Value>, response: Value, sse: bool) 
 /// `op` for a path ending in `{id}`: the expert id (or model name), declared as the path
 /// parameter OpenAPI requires for every template in a path.
 fn with_id(mut op: Value, description: &str) -> Value {
-    op["parameters"] = json!([{
+    let id = json!({
         "name": "id",
         "in": "path",
         "required": true,
         "description": description,
         "schema": {"type": "string"},
-    }]);
+    });
+    match op["parameters"].as_array_mut() {
+        Some(parameters) => parameters.insert(0, id),
+        None => op["parameters"] = json!([id]),
+    }
     op
 }
 
@@ -154,6 +168,21 @@ fn document() -> Value {
             "message": {"type": "string"}, "type": {"type": "string"},
             "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}),
     );
+    schemas.insert(
+        "Health".into(),
+        json!({"type": "object", "properties": {
+            "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},
+            "encoder": {"type": "boolean"},
+            "backbone": {"type": ["boolean", "null"], "description": "null: no backbone loaded"},
+            "library": {"type": "object", "description": "Where this replica stands against the library's store", "properties": {
+                "store": {"type": "string", "description": "sled or postgresql"},
+                "shared": {"type": "boolean", "description": "Whether other replicas write to the store"},
+                "applied_seq": {"type": "integer", "description": "The change log's seq this replica has applied"},
+                "head_seq": {"type": "integer", "description": "The store's head seq when last read"},
+                "lag": {"type": "integer", "description": "head_seq - applied_seq"},
+                "seconds_since_caught_up": {"type": ["number", "null"], "description": "Since the log was last read; null for an unshared store or before the first read"},
+                "last_error": {"type": ["string", "null"], "description": "The last error reading the log while the store stays unreachable"}}}}}),
+    );
     let roe = |m: &str| proto_ref(&format!("{PACKAGE}.{m}"));
     // Ids may hold `/` (`org/task`): the routes take the rest of the path, so a client sends
     // them as they are (or with `%2F`).
@@ -171,7 +200,9 @@ fn document() -> Value {
         "/v1/roe/experts": {"get": operation("roe.v1.ExpertLibrary/ListExperts (query: page_size, page_token)", None, roe("ListExpertsResponse"), false)},
         "/v1/roe/experts/{id}": {"get": with_id(operation("roe.v1.ExpertLibrary/GetExpert (query: include_instances)", None, roe("GetExpertResponse"), false), EXPERT_ID)},
         "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [], "responses": {"200": {"description": "OK"}}}},
-        "/health": {"get": {"summary": "200 while the encoder and the backbone's queues run, else 503", "security": [], "responses": {"200": {"description": "OK"}}}},
+        "/health": {"get": {"summary": "200 while the encoder and the backbone's queues run, else 503 (a library store that cannot be reached keeps it 200: status degraded)", "security": [], "responses": {
+            "200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}},
+            "503": {"description": "A worker is down", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}}}},
     });
     json!({
         "openapi": "3.1.0",

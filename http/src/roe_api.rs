@@ -11,6 +11,9 @@
 //! | `POST /v1/roe/answer` | `roe.v1.Answerer/Answer` |
 //! | `GET /v1/roe/experts` | `roe.v1.ExpertLibrary/ListExperts` (query: `page_size`, `page_token`) |
 //! | `GET /v1/roe/experts/{id}` | `roe.v1.ExpertLibrary/GetExpert` (query: `include_instances`) |
+//!
+//! A body's `minLibrarySeq` waits as the `roe-min-library-seq` header does (see
+//! [`crate::HttpState::wait_for_seq`]); the GET endpoints take the header.
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
@@ -36,6 +39,7 @@ pub async fn route(
 ) -> ApiResult<Json<proto::RouteResponse>> {
     let overrides = route_overrides(req.options, "options")?;
     let queries: Vec<RouteQuery> = req.queries.into_iter().map(query_from_proto).collect();
+    state.wait_for_seq(req.min_library_seq).await?;
     let result = state.router.route(queries, overrides).await?;
     Ok(Json(route_result_to_proto(result)))
 }
@@ -45,6 +49,7 @@ pub async fn score(
     ApiJson(req): ApiJson<proto::ScoreRequest>,
 ) -> ApiResult<Json<proto::ScoreResponse>> {
     let choices = req.choices.clone();
+    state.wait_for_seq(req.min_library_seq).await?;
     let out = state
         .inference()?
         .score(ScoreRequest {
@@ -61,6 +66,7 @@ pub async fn score_ensemble(
     State(state): State<HttpState>,
     ApiJson(req): ApiJson<proto::ScoreEnsembleRequest>,
 ) -> ApiResult<Json<proto::ScoreEnsembleResponse>> {
+    state.wait_for_seq(req.min_library_seq).await?;
     let out = state
         .inference()?
         .score_ensemble(EnsembleRequest {
@@ -87,7 +93,9 @@ pub async fn answer(
     State(state): State<HttpState>,
     ApiJson(req): ApiJson<proto::AnswerRequest>,
 ) -> ApiResult<Json<proto::AnswerResponse>> {
+    let min_library_seq = req.min_library_seq;
     let req = answer_request(req)?;
+    state.wait_for_seq(min_library_seq).await?;
     let answered = state.answerer()?.answer(req).await?;
     Ok(Json(answered_to_proto(answered)))
 }

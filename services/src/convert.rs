@@ -5,7 +5,7 @@ use roe_backbone::{FinishReason, ScoreOutput};
 use roe_expert_library::expert::{
     AdapterSummary, ExpertKind, ExpertMeta, Instance, PeftAdapter, TextFormat,
 };
-use roe_expert_library::library::NewExpert;
+use roe_expert_library::library::{NewExpert, WriteOptions};
 use roe_expert_library::merge::{MergeRequest, PromptMergeMode};
 use roe_expert_library::retrieval::{
     Aggregation, EvidenceHit, ExpertScore, Query, RouteResult, Strategy,
@@ -550,6 +550,11 @@ pub fn new_expert(req: proto::RegisterExpertRequest) -> Result<(NewExpert, bool)
         },
         req.new_version,
     ))
+}
+
+/// A write's `expected_version` as the library's compare-and-set (unset: no check).
+pub fn write_options(expected_version: Option<u64>) -> WriteOptions {
+    WriteOptions { expected_version }
 }
 
 /// A MergeExperts request as the library's [`MergeRequest`]: weights on every source or on

@@ -1,6 +1,8 @@
 //! `roe.v1.Inference`: the gRPC handler over the serving core's [`Inference`] (Score,
 //! ScoreEnsemble, Generate). Messages are converted in [`crate::convert`], errors mapped in
-//! [`crate::status`]; batching, caching and checks live in `roe-serving`.
+//! [`crate::status`]; batching, caching and checks live in `roe-serving`. A request's
+//! `min_library_seq` is honoured as [`crate::consistency`] says: waited for in this process's
+//! library, or passed on to the library process that serves the experts.
 
 use std::sync::Arc;
 
@@ -11,17 +13,25 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use crate::consistency::Consistency;
 use crate::convert::{finish_name, generate_options, score_response};
 use crate::proto::{self, inference_server::Inference as Api};
 use crate::status::serving_status;
 
 pub struct InferenceService {
     inference: Arc<BackboneInference>,
+    /// How reads of experts honour `min_library_seq`.
+    consistency: Consistency,
 }
 
 impl InferenceService {
-    pub fn new(inference: Arc<BackboneInference>) -> Self {
-        Self { inference }
+    /// The service over `inference`, whose experts come from the library `consistency`
+    /// describes.
+    pub fn new(inference: Arc<BackboneInference>, consistency: Consistency) -> Self {
+        Self {
+            inference,
+            consistency,
+        }
     }
 }
 
@@ -31,18 +41,21 @@ impl Api for InferenceService {
         &self,
         request: Request<proto::ScoreRequest>,
     ) -> Result<Response<proto::ScoreResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let choices = req.choices.clone();
+        let scoring = self.inference.score(ScoreRequest {
+            expert_id: req.expert_id.clone(),
+            input: req.input,
+            choices: req.choices,
+            truncate: req.truncate,
+        });
         let out = self
-            .inference
-            .score(ScoreRequest {
-                expert_id: req.expert_id.clone(),
-                input: req.input,
-                choices: req.choices,
-                truncate: req.truncate,
+            .consistency
+            .read(req.min_library_seq, &metadata, async {
+                scoring.await.map_err(serving_status)
             })
-            .await
-            .map_err(serving_status)?;
+            .await?;
         Ok(Response::new(score_response(req.expert_id, &choices, &out)))
     }
 
@@ -50,17 +63,20 @@ impl Api for InferenceService {
         &self,
         request: Request<proto::ScoreEnsembleRequest>,
     ) -> Result<Response<proto::ScoreEnsembleResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        let scoring = self.inference.score_ensemble(EnsembleRequest {
+            expert_ids: req.expert_ids.clone(),
+            input: req.input,
+            choices: req.choices.clone(),
+            truncate: req.truncate,
+        });
         let out = self
-            .inference
-            .score_ensemble(EnsembleRequest {
-                expert_ids: req.expert_ids.clone(),
-                input: req.input,
-                choices: req.choices.clone(),
-                truncate: req.truncate,
+            .consistency
+            .read(req.min_library_seq, &metadata, async {
+                scoring.await.map_err(serving_status)
             })
-            .await
-            .map_err(serving_status)?;
+            .await?;
         Ok(Response::new(proto::ScoreEnsembleResponse {
             members: req
                 .expert_ids
@@ -82,20 +98,24 @@ impl Api for InferenceService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let options = generate_options(&req);
+        let min_library_seq = req.min_library_seq;
         // The prompt runs before the answer, so that its errors become the status.
+        let starting = self.inference.start_generation(GenerateRequest {
+            expert_id: req.expert_id,
+            input: req.input,
+            format: PromptFormat::Canonical,
+            options,
+            truncate: req.truncate,
+        });
         let Started { tokens, usage } = self
-            .inference
-            .start_generation(GenerateRequest {
-                expert_id: req.expert_id,
-                input: req.input,
-                format: PromptFormat::Canonical,
-                options,
-                truncate: req.truncate,
+            .consistency
+            .read(min_library_seq, &metadata, async {
+                starting.await.map_err(serving_status)
             })
-            .await
-            .map_err(serving_status)?;
+            .await?;
         let mut first = Some(usage);
         let stream = UnboundedReceiverStream::new(tokens).map(move |token| {
             let usage = first.take().unwrap_or_default();

@@ -2,11 +2,13 @@
 //! api layer: one handler file per service ([`library_service`], [`router_service`],
 //! [`inference_service`], [`answer_service`], [`training_service`]) over the expert library and the serving core
 //! (`roe-serving`); every proto conversion in [`convert`]; every error-to-status mapping in
-//! [`status`]; the clients of another roe process in [`remote`]; server assembly per role,
-//! with health following the workers, in [`server`].
+//! [`status`]; the clients of another roe process in [`remote`]; reads as of a library seq
+//! (`min_library_seq`, read-your-writes across replicas) in [`consistency`]; server assembly
+//! per role, with health following the workers, in [`server`].
 
 pub mod answer_service;
 pub mod auth;
+pub mod consistency;
 pub mod convert;
 pub mod inference_service;
 pub mod library_service;

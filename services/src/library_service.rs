@@ -10,8 +10,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::consistency::{self, Consistency};
 use crate::convert::{
     expert_to_proto, instance_from_proto, instance_to_proto, merge_request, new_expert,
+    write_options,
 };
 use crate::proto::{self, expert_library_server::ExpertLibrary as Api};
 use crate::server::MAX_MESSAGE_BYTES;
@@ -270,11 +272,23 @@ pub struct LibraryService {
     library: Arc<ExpertLibrary>,
     /// Registrations in progress: each holds its adapter in memory until it is stored.
     uploads: Uploads,
+    /// How reads wait for their `min_library_seq`.
+    consistency: Consistency,
 }
 
 impl LibraryService {
     pub fn new(library: Arc<ExpertLibrary>, uploads: &UploadLimits) -> Self {
+        Self::with_min_seq_wait(library, uploads, consistency::DEFAULT_MIN_SEQ_WAIT)
+    }
+
+    /// [`Self::new`] whose reads wait at most `min_seq_wait` for their `min_library_seq`.
+    pub fn with_min_seq_wait(
+        library: Arc<ExpertLibrary>,
+        uploads: &UploadLimits,
+        min_seq_wait: Duration,
+    ) -> Self {
         Self {
+            consistency: Consistency::local(library.clone(), min_seq_wait),
             library,
             uploads: Uploads::new(uploads),
         }
@@ -305,11 +319,19 @@ impl LibraryService {
         &self,
         new: NewExpert,
         new_version: bool,
+        expected_version: Option<u64>,
     ) -> Result<proto::RegisterExpertResponse, Status> {
         let library = self.library.clone();
-        let meta = blocking(move || library.register(new, new_version).map_err(status)).await?;
+        let options = write_options(expected_version);
+        let done = blocking(move || {
+            library
+                .register_with(new, new_version, None, options)
+                .map_err(status)
+        })
+        .await?;
         Ok(proto::RegisterExpertResponse {
-            expert: Some(expert_to_proto(&meta)),
+            expert: Some(expert_to_proto(&done.value)),
+            library_seq: done.library_seq,
         })
     }
 }
@@ -325,13 +347,16 @@ impl Api for LibraryService {
         // --max-concurrent-requests); the budget bounds what checking and storing it holds,
         // so that a burst of small registrations queues instead of being refused.
         let bytes = registration_bytes(&request);
+        let expected_version = request.expected_version;
         let (new, new_version) = new_expert(request)?;
         self.library
             .check_adapter_bytes(new.adapter.safetensors.len())
             .map_err(status)?;
         let mut share = Share::default();
         self.uploads.reserve(&mut share, bytes).await?;
-        Ok(Response::new(self.register(new, new_version).await?))
+        Ok(Response::new(
+            self.register(new, new_version, expected_version).await?,
+        ))
     }
 
     async fn register_expert_stream(
@@ -419,16 +444,21 @@ impl Api for LibraryService {
             }
         }
         header.adapter = Some(adapter);
+        let expected_version = header.expected_version;
         let (new, new_version) = new_expert(header)?;
-        Ok(Response::new(self.register(new, new_version).await?))
+        Ok(Response::new(
+            self.register(new, new_version, expected_version).await?,
+        ))
     }
 
     async fn get_expert(
         &self,
         request: Request<proto::GetExpertRequest>,
     ) -> Result<Response<proto::GetExpertResponse>, Status> {
+        let deadline = consistency::deadline(request.metadata());
         let req = request.into_inner();
         named(&req.id)?;
+        self.consistency.wait(req.min_library_seq, deadline).await?;
         let library = self.library.clone();
         blocking(move || {
             let meta = library.get(&req.id).map_err(status)?;
@@ -459,7 +489,9 @@ impl Api for LibraryService {
         &self,
         request: Request<proto::ListExpertsRequest>,
     ) -> Result<Response<proto::ListExpertsResponse>, Status> {
+        let deadline = consistency::deadline(request.metadata());
         let req = request.into_inner();
+        self.consistency.wait(req.min_library_seq, deadline).await?;
         // 0 means the default; the library checks the rest (1..=1000, as the proto says).
         let size = if req.page_size == 0 {
             100
@@ -488,12 +520,14 @@ impl Api for LibraryService {
         &self,
         request: Request<proto::DeleteExpertRequest>,
     ) -> Result<Response<proto::DeleteExpertResponse>, Status> {
-        let id = request.into_inner().id;
-        named(&id)?;
+        let req = request.into_inner();
+        named(&req.id)?;
         let library = self.library.clone();
-        let meta = blocking(move || library.delete(&id).map_err(status)).await?;
+        let options = write_options(req.expected_version);
+        let done = blocking(move || library.delete_with(&req.id, options).map_err(status)).await?;
         Ok(Response::new(proto::DeleteExpertResponse {
-            expert: Some(expert_to_proto(&meta)),
+            expert: Some(expert_to_proto(&done.value)),
+            library_seq: done.library_seq,
         }))
     }
 
@@ -501,11 +535,14 @@ impl Api for LibraryService {
         &self,
         request: Request<proto::MergeExpertsRequest>,
     ) -> Result<Response<proto::MergeExpertsResponse>, Status> {
-        let req = merge_request(request.into_inner())?;
+        let request = request.into_inner();
+        let options = write_options(request.expected_version);
+        let req = merge_request(request)?;
         let library = self.library.clone();
-        let meta = blocking(move || library.merge(req).map_err(status)).await?;
+        let done = blocking(move || library.merge_with(req, options).map_err(status)).await?;
         Ok(Response::new(proto::MergeExpertsResponse {
-            expert: Some(expert_to_proto(&meta)),
+            expert: Some(expert_to_proto(&done.value)),
+            library_seq: done.library_seq,
         }))
     }
 
@@ -516,17 +553,20 @@ impl Api for LibraryService {
         let req = request.into_inner();
         named(&req.id)?;
         let library = self.library.clone();
-        let meta = blocking(move || {
+        let options = write_options(req.expected_version);
+        let done = blocking(move || {
             library
-                .add_instances(
+                .add_instances_with(
                     &req.id,
                     req.instances.into_iter().map(instance_from_proto).collect(),
+                    options,
                 )
                 .map_err(status)
         })
         .await?;
         Ok(Response::new(proto::AddInstancesResponse {
-            expert: Some(expert_to_proto(&meta)),
+            expert: Some(expert_to_proto(&done.value)),
+            library_seq: done.library_seq,
         }))
     }
 }

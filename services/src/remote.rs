@@ -2,7 +2,9 @@
 //! ([`RemoteExpertSource`]) and the router ([`RemoteRouter`]) of a `roe serve --role router`.
 //! Every call has a deadline: an unreachable peer is UNAVAILABLE (after at most the connect
 //! timeout), a peer that does not answer in time is DEADLINE_EXCEEDED, and the deadline travels
-//! to the peer (grpc-timeout) so that it stops working for a caller that has given up.
+//! to the peer (grpc-timeout) so that it stops working for a caller that has given up. The
+//! `min_library_seq` of the request a call serves travels with it
+//! ([`crate::consistency::forwarded`]): the peer waits for the seq.
 
 use std::time::Duration;
 
@@ -143,6 +145,8 @@ impl RemoteExpertSource {
             id: id.to_string(),
             include_instances: false,
             include_adapter,
+            // The request this read serves waits for its seq in the library process.
+            min_library_seq: crate::consistency::forwarded(),
         };
         // Clones share the channel; the generated client needs `&mut self` per call.
         let mut client = self.client.clone();
@@ -220,6 +224,7 @@ impl RouteService for RemoteRouter {
         let message = proto::RouteRequest {
             queries: queries.into_iter().map(query_to_proto).collect(),
             options: Some(route_overrides_to_proto(&options)),
+            min_library_seq: crate::consistency::forwarded(),
         };
         let mut client = self.client.clone();
         let reply = call(

@@ -19,6 +19,7 @@ use tonic_health::ServingStatus;
 
 use crate::answer_service::AnswerService;
 use crate::auth::AuthLayer;
+use crate::consistency::{Consistency, DEFAULT_MIN_SEQ_WAIT};
 use crate::inference_service::InferenceService;
 use crate::library_service::{LibraryService, UploadLimits};
 use crate::load_shed::ConcurrencyLimitLayer;
@@ -37,7 +38,6 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// How often health is brought in line with the workers.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
-#[derive(Default)]
 pub struct ServeOptions {
     pub route_defaults: RouteOptions,
     /// The serving core behind `roe.v1.Inference` (None: not served, nor is
@@ -60,6 +60,27 @@ pub struct ServeOptions {
     pub uploads: UploadLimits,
     /// Serve over TLS with this identity (None: plaintext).
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// How long a read waits for this replica to apply its `min_library_seq` before
+    /// UNAVAILABLE (`--min-seq-wait-ms`; default [`DEFAULT_MIN_SEQ_WAIT`], 2 s). Bounded by
+    /// the call's deadline too. Not used by [`serve_inference`]: the library process waits.
+    pub min_seq_wait: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            route_defaults: RouteOptions::default(),
+            inference: None,
+            fallback_expert: String::new(),
+            route_client: None,
+            training: None,
+            auth: AuthLayer::default(),
+            concurrency: ConcurrencyLimitLayer::default(),
+            uploads: UploadLimits::default(),
+            tls: None,
+            min_seq_wait: DEFAULT_MIN_SEQ_WAIT,
+        }
+    }
 }
 
 /// A server builder, over TLS when `tls` is given.
@@ -83,8 +104,11 @@ fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
         .expect("the embedded descriptor sets are valid")
 }
 
-fn inference_api(inference: Arc<BackboneInference>) -> InferenceServer<InferenceService> {
-    InferenceServer::new(InferenceService::new(inference))
+fn inference_api(
+    inference: Arc<BackboneInference>,
+    consistency: Consistency,
+) -> InferenceServer<InferenceService> {
+    InferenceServer::new(InferenceService::new(inference, consistency))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -94,9 +118,10 @@ fn answer_api(
     inference: Arc<BackboneInference>,
     router: Arc<dyn RouteService>,
     fallback_expert: String,
+    consistency: Consistency,
 ) -> AnswererServer<AnswerService> {
     let answerer = BackboneAnswerer::new(inference, router, fallback_expert);
-    AnswererServer::new(AnswerService::new(Arc::new(answerer)))
+    AnswererServer::new(AnswerService::new(Arc::new(answerer), consistency))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -194,13 +219,18 @@ pub async fn serve(
         answerer: options.inference.is_some(),
     })
     .await;
-    let library_api =
-        ExpertLibraryServer::new(LibraryService::new(library.clone(), &options.uploads))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router_api = RouterServer::new(RouterService::new(
+    let consistency = Consistency::local(library.clone(), options.min_seq_wait);
+    let library_api = ExpertLibraryServer::new(LibraryService::with_min_seq_wait(
+        library.clone(),
+        &options.uploads,
+        options.min_seq_wait,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router_api = RouterServer::new(RouterService::with_min_seq_wait(
         library.clone(),
         options.route_defaults.clone(),
+        options.min_seq_wait,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let answer = options.inference.clone().map(|inference| {
@@ -210,7 +240,12 @@ pub async fn serve(
                 options.route_defaults.clone(),
             ))
         });
-        answer_api(inference, router, options.fallback_expert.clone())
+        answer_api(
+            inference,
+            router,
+            options.fallback_expert.clone(),
+            consistency.clone(),
+        )
     });
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving");
@@ -223,7 +258,11 @@ pub async fn serve(
         .add_service(reflection())
         .add_service(library_api)
         .add_service(router_api)
-        .add_optional_service(options.inference.map(inference_api))
+        .add_optional_service(
+            options
+                .inference
+                .map(|inference| inference_api(inference, consistency)),
+        )
         .add_optional_service(answer)
         .add_optional_service(options.training.map(|jobs| {
             TrainingServer::new(TrainingService::new(jobs))
@@ -254,7 +293,9 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
 /// Serves inference only (`roe serve --role inference`): `roe.v1.Inference` over `inference`
 /// (whose experts come from a library served by another process), `roe.v1.Answerer` when
 /// `options.route_client` is set (routing then happens in that other process too), gRPC
-/// health and reflection. `options.inference` and `options.route_defaults` are not used.
+/// health and reflection. `options.inference`, `options.route_defaults` and
+/// `options.min_seq_wait` are not used (a request's `min_library_seq` is passed on to the
+/// library process, which waits for it).
 pub async fn serve_inference(
     listener: TcpListener,
     inference: Arc<BackboneInference>,
@@ -267,9 +308,15 @@ pub async fn serve_inference(
         answerer: options.route_client.is_some(),
     })
     .await;
-    let answer = options
-        .route_client
-        .map(|router| answer_api(inference.clone(), router, options.fallback_expert));
+    // No library here: a request's min_library_seq goes on to the library process.
+    let answer = options.route_client.map(|router| {
+        answer_api(
+            inference.clone(),
+            router,
+            options.fallback_expert,
+            Consistency::remote(),
+        )
+    });
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "roe serving inference only");
     let served = builder(options.tls.clone())?
@@ -279,7 +326,7 @@ pub async fn serve_inference(
         .layer(MessageLimitLayer)
         .add_service(health_service)
         .add_service(reflection())
-        .add_service(inference_api(inference))
+        .add_service(inference_api(inference, Consistency::remote()))
         .add_optional_service(answer)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;

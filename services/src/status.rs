@@ -27,6 +27,19 @@ pub fn library_status(e: LibraryError) -> Status {
     serving_status(ServingError::from(e))
 }
 
+/// A read's wait for its `min_library_seq` that ran out: UNAVAILABLE naming both seqs, logged
+/// as a lagging replica rather than as a store that is down (other errors as
+/// [`library_status`]).
+pub fn min_seq_status(e: LibraryError) -> Status {
+    match e {
+        LibraryError::Unavailable(why) => {
+            tracing::debug!("{why}");
+            Status::unavailable(message(why))
+        }
+        e => library_status(e),
+    }
+}
+
 /// A training error: bad recipes and rows are INVALID_ARGUMENT naming the field.
 pub fn training_status(e: TrainError) -> Status {
     let code = match &e {
@@ -52,6 +65,7 @@ pub fn serving_status(e: ServingError) -> Status {
         ErrorKind::AlreadyExists => Code::AlreadyExists,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
         ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::Aborted => Code::Aborted,
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
         ErrorKind::Cancelled => Code::Cancelled,
@@ -69,7 +83,8 @@ pub fn remote_error(what: &str, s: Status) -> ServingError {
         Code::AlreadyExists => ErrorKind::AlreadyExists,
         Code::FailedPrecondition => ErrorKind::FailedPrecondition,
         Code::ResourceExhausted => ErrorKind::ResourceExhausted,
-        Code::Unavailable | Code::Aborted => ErrorKind::Unavailable,
+        Code::Aborted => ErrorKind::Aborted,
+        Code::Unavailable => ErrorKind::Unavailable,
         Code::Cancelled => ErrorKind::Cancelled,
         Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
         _ => ErrorKind::Internal,
@@ -79,6 +94,7 @@ pub fn remote_error(what: &str, s: Status) -> ServingError {
         ErrorKind::InvalidArgument
         | ErrorKind::NotFound
         | ErrorKind::AlreadyExists
+        | ErrorKind::Aborted
         | ErrorKind::ResourceExhausted => s.message().to_string(),
         _ => format!("{what}: {}", s.message()),
     };
@@ -119,5 +135,14 @@ mod tests {
         let back = remote_error("the library", Status::unavailable("connection refused"));
         assert_eq!(back.kind, ErrorKind::Unavailable);
         assert_eq!(back.message, "the library: connection refused");
+        let late = min_seq_status(LibraryError::Unavailable(
+            "min_library_seq: this replica has applied the library up to seq 3".into(),
+        ));
+        assert_eq!(late.code(), Code::Unavailable);
+        assert!(late.message().starts_with("min_library_seq: "), "{late:?}");
+        assert_eq!(
+            min_seq_status(LibraryError::Empty).code(),
+            Code::FailedPrecondition
+        );
     }
 }

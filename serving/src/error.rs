@@ -24,6 +24,9 @@ pub enum ErrorKind {
     ContextLengthExceeded,
     /// The request is larger than a limit allows.
     ResourceExhausted,
+    /// A write's expected version (compare-and-set) was not the stored one: the caller's to
+    /// read again and decide.
+    Aborted,
     /// A part of the service is not reachable or has stopped (a remote library, a worker).
     Unavailable,
     /// A remote part did not answer in time.
@@ -112,6 +115,11 @@ impl From<LibraryError> for ServingError {
                 ErrorKind::FailedPrecondition
             }
             LibraryError::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            LibraryError::Aborted { .. } => ErrorKind::Aborted,
+            LibraryError::Unavailable(_) => {
+                tracing::warn!(error = %e, "the library's store is unavailable");
+                ErrorKind::Unavailable
+            }
             _ if e.is_disk_full() => {
                 tracing::error!(error = %e, "the disk is full: a write was refused");
                 return Self::new(

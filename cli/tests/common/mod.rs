@@ -31,6 +31,7 @@ pub fn register_request(
         .join(kind)
         .join(task.name());
     proto::RegisterExpertRequest {
+        expected_version: Default::default(),
         id: id.into(),
         name: id.into(),
         description: String::new(),
