@@ -42,7 +42,7 @@ use roe_expert_library::embedding::Encoder;
 use roe_expert_library::persist::dump_bytes;
 use roe_expert_library::store::SledStore;
 use roe_expert_library::Instance;
-use roe_library_pg::{redact, PgConfig, PgStore};
+use roe_library_pg::{redact, with_dbname, PgConfig, PgStore};
 use roe_services::proto::{
     self, expert_library_client::ExpertLibraryClient, router_client::RouterClient,
 };
@@ -309,38 +309,6 @@ fn ratio(a: f64, b: f64) -> f64 {
     } else {
         f64::NAN
     }
-}
-
-/// `url` naming database `db` instead of its own: the path of a `postgres://` URL (any
-/// `dbname=` parameter dropped, the others kept), or `dbname=` appended to a libpq key/value
-/// string (the last setting wins). The same rule as `roe_library_pg::testing`.
-pub(crate) fn with_dbname(url: &str, db: &str) -> String {
-    let Some(body) = ["postgres://", "postgresql://"]
-        .iter()
-        .find(|p| url.starts_with(*p))
-        .map(|p| p.len())
-    else {
-        return format!("{url} dbname={db}");
-    };
-    let (scheme, rest) = url.split_at(body);
-    // The host starts after the credentials, which tokio-postgres ends at the first `@`.
-    let host_at = rest.find('@').map_or(0, |i| i + 1);
-    let path_at = rest[host_at..]
-        .find(['/', '?'])
-        .map_or(rest.len(), |i| host_at + i);
-    let query = rest[path_at..].find('?').map(|i| &rest[path_at + i + 1..]);
-    let mut out = format!("{scheme}{}/{db}", &rest[..path_at]);
-    if let Some(query) = query {
-        let params: Vec<&str> = query
-            .split('&')
-            .filter(|p| !p.is_empty() && !p.starts_with("dbname="))
-            .collect();
-        if !params.is_empty() {
-            out.push('?');
-            out.push_str(&params.join("&"));
-        }
-    }
-    out
 }
 
 /// The UTC calendar date (`YYYY-MM-DD`) of a Unix time (Howard Hinnant's days-to-civil).
@@ -1961,27 +1929,6 @@ pub fn markdown(r: &ReplicasReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dbnames_are_replaced() {
-        assert_eq!(
-            with_dbname("postgres://postgres@127.0.0.1:5432/postgres", "roe_bench_1"),
-            "postgres://postgres@127.0.0.1:5432/roe_bench_1"
-        );
-        assert_eq!(
-            with_dbname("postgres://u:p@h:1/postgres?sslmode=disable&dbname=x", "t1"),
-            "postgres://u:p@h:1/t1?sslmode=disable"
-        );
-        assert_eq!(with_dbname("postgresql://h", "t1"), "postgresql://h/t1");
-        assert_eq!(
-            with_dbname("postgres://h?connect_timeout=3", "t1"),
-            "postgres://h/t1?connect_timeout=3"
-        );
-        assert_eq!(
-            with_dbname("host=/tmp port=5 user=postgres", "t1"),
-            "host=/tmp port=5 user=postgres dbname=t1"
-        );
-    }
 
     #[test]
     fn dates_are_utc_calendar_days() {

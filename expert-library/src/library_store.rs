@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{LibraryError, Result};
 use crate::expert::{ExpertMeta, PeftAdapter};
 use crate::store::StoredInstance;
 
@@ -26,6 +26,31 @@ pub enum Expect {
     Any,
     /// The expert must be at exactly this version: another is ABORTED, none NOT_FOUND.
     Version(u64),
+}
+
+impl Expect {
+    /// The compare-and-set check of a write to expert `id` against the version stored now
+    /// (`None`: no such expert), done by every store inside the write's transaction.
+    pub fn check(self, id: &str, stored: Option<u64>) -> Result<()> {
+        match (self, stored) {
+            (Expect::Absent, Some(version)) => Err(LibraryError::AlreadyExists {
+                id: id.to_string(),
+                version,
+            }),
+            (Expect::Present | Expect::Version(_), None) => Err(LibraryError::NotFound {
+                what: "expert",
+                id: id.to_string(),
+            }),
+            (Expect::Version(expected), Some(actual)) if actual != expected => {
+                Err(LibraryError::Aborted {
+                    id: id.to_string(),
+                    expected,
+                    actual,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The library-wide quotas a write must stay within, checked inside the write's transaction
@@ -193,4 +218,37 @@ pub trait LibraryStore: Send + Sync {
     /// The instances `change` added that are still stored (a later change may have removed
     /// them; it removes them from the index too).
     fn instances_of_change(&self, change: &Change) -> Result<Vec<StoredInstance>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expectations_are_checked_against_the_stored_version() {
+        assert!(Expect::Absent.check("a", None).is_ok());
+        assert!(Expect::Any.check("a", None).is_ok());
+        assert!(matches!(
+            Expect::Absent.check("a", Some(2)),
+            Err(LibraryError::AlreadyExists { version: 2, .. })
+        ));
+        assert!(matches!(
+            Expect::Present.check("a", None),
+            Err(LibraryError::NotFound { .. })
+        ));
+        assert!(matches!(
+            Expect::Version(1).check("a", None),
+            Err(LibraryError::NotFound { .. })
+        ));
+        assert!(matches!(
+            Expect::Version(2).check("a", Some(3)),
+            Err(LibraryError::Aborted {
+                expected: 2,
+                actual: 3,
+                ..
+            })
+        ));
+        assert!(Expect::Version(3).check("a", Some(3)).is_ok());
+        assert!(Expect::Present.check("a", Some(3)).is_ok());
+    }
 }

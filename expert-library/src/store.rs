@@ -454,26 +454,6 @@ fn decode_u64(v: &[u8], what: &str) -> Result<u64> {
     })?))
 }
 
-/// The compare-and-set check of a write, against the expert's stored metadata.
-pub(crate) fn check_expect(id: &str, stored: Option<&ExpertMeta>, expect: Expect) -> Result<()> {
-    match (expect, stored) {
-        (Expect::Absent, Some(old)) => Err(LibraryError::AlreadyExists {
-            id: id.to_string(),
-            version: old.version,
-        }),
-        (Expect::Present | Expect::Version(_), None) => Err(LibraryError::NotFound {
-            what: "expert",
-            id: id.to_string(),
-        }),
-        (Expect::Version(v), Some(old)) if old.version != v => Err(LibraryError::Aborted {
-            id: id.to_string(),
-            expected: v,
-            actual: old.version,
-        }),
-        _ => Ok(()),
-    }
-}
-
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<LibraryError>>;
 
 fn tx_abort<T>(e: LibraryError) -> TxResult<T> {
@@ -696,7 +676,8 @@ impl LibraryStore for SledStore {
         };
         let committed = (&self.experts, &self.adapters, &self.instances, &self.log)
             .transaction(|(experts, adapters, inst, log)| {
-                if let Err(e) = check_expect(&meta.id, tx_meta(experts, &meta.id)?.as_ref(), expect)
+                if let Err(e) =
+                    expect.check(&meta.id, tx_meta(experts, &meta.id)?.map(|m| m.version))
                 {
                     return tx_abort(e);
                 }
@@ -758,7 +739,8 @@ impl LibraryStore for SledStore {
         };
         let seq = (&self.experts, &self.instances, &self.log)
             .transaction(|(experts, inst, log)| {
-                if let Err(e) = check_expect(&meta.id, tx_meta(experts, &meta.id)?.as_ref(), expect)
+                if let Err(e) =
+                    expect.check(&meta.id, tx_meta(experts, &meta.id)?.map(|m| m.version))
                 {
                     return tx_abort(e);
                 }
@@ -808,7 +790,7 @@ impl LibraryStore for SledStore {
         };
         let seq = (&self.experts, &self.adapters, &self.instances, &self.log)
             .transaction(|(experts, adapters, inst, log)| {
-                if let Err(e) = check_expect(id, tx_meta(experts, id)?.as_ref(), expect) {
+                if let Err(e) = expect.check(id, tx_meta(experts, id)?.map(|m| m.version)) {
                     return tx_abort(e);
                 }
                 for k in &keys {

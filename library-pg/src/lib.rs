@@ -38,6 +38,6 @@ mod store;
 pub mod testing;
 mod write;
 
-pub use error::redact;
+pub use error::{redact, with_dbname};
 pub use migrate::{MigrationReport, SCHEMA_VERSION};
 pub use store::{PgConfig, PgStore};

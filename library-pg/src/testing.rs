@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use postgres::{Client, NoTls};
 
-use crate::error::{describe, redact, url_body};
+use crate::error::{describe, redact, with_dbname};
 use crate::store::{PgConfig, PgStore};
 
 /// The variable naming the test server.
@@ -190,35 +190,6 @@ fn connect_admin(url: &str) -> Client {
     })
 }
 
-/// `url` naming database `db` instead of its own: the path of a `postgres://` URL
-/// (any `dbname=` parameter dropped), or a `dbname=` appended to a key/value string (the
-/// last setting wins).
-fn with_dbname(url: &str, db: &str) -> String {
-    let Some(body) = url_body(url) else {
-        return format!("{url} dbname={db}");
-    };
-    let (scheme, rest) = url.split_at(body);
-    // Where the host starts: after the credentials, which tokio-postgres ends at the first
-    // `@`.
-    let host_at = rest.find('@').map_or(0, |i| i + 1);
-    let path_at = rest[host_at..]
-        .find(['/', '?'])
-        .map_or(rest.len(), |i| host_at + i);
-    let query = rest[path_at..].find('?').map(|i| &rest[path_at + i + 1..]);
-    let mut out = format!("{scheme}{}/{db}", &rest[..path_at]);
-    if let Some(query) = query {
-        let params: Vec<&str> = query
-            .split('&')
-            .filter(|p| !p.is_empty() && !p.starts_with("dbname="))
-            .collect();
-        if !params.is_empty() {
-            out.push('?');
-            out.push_str(&params.join("&"));
-        }
-    }
-    out
-}
-
 /// Enough randomness for a name: std's per-process random hasher keys, with the time.
 fn random() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -227,30 +198,4 @@ fn random() -> u64 {
         .map_or(0, |d| d.as_nanos());
     h.write_u128(nanos);
     h.finish()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dbnames_are_replaced() {
-        assert_eq!(
-            with_dbname("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
-            "postgres://postgres@127.0.0.1:5432/t1"
-        );
-        assert_eq!(
-            with_dbname("postgres://u:p@h:1/postgres?sslmode=disable&dbname=x", "t1"),
-            "postgres://u:p@h:1/t1?sslmode=disable"
-        );
-        assert_eq!(with_dbname("postgresql://h", "t1"), "postgresql://h/t1");
-        assert_eq!(
-            with_dbname("postgres://h?connect_timeout=3", "t1"),
-            "postgres://h/t1?connect_timeout=3"
-        );
-        assert_eq!(
-            with_dbname("host=/tmp port=5 user=postgres", "t1"),
-            "host=/tmp port=5 user=postgres dbname=t1"
-        );
-    }
 }

@@ -51,7 +51,7 @@ pub(crate) fn put(
     let seq = next_seq(&mut tx)?;
     let seq_i64 = to_i64(seq, "seq")?;
     let current = lock_expert(&mut tx, id)?;
-    check_expect(id, current.as_ref().map(|c| c.version), expect)?;
+    expect.check(id, current.as_ref().map(|c| c.version))?;
     charge(&mut tx, id, current.as_ref(), quota)?;
     // Every adapter this expert's versions hold now: those no version references after
     // this write are removed at its end.
@@ -134,7 +134,7 @@ pub(crate) fn append(
         Expect::Any | Expect::Absent => Expect::Present,
         e => e,
     };
-    check_expect(id, current.as_ref().map(|c| c.version), expect)?;
+    expect.check(id, current.as_ref().map(|c| c.version))?;
     let Some(current) = current else {
         return Err(not_found(id).into());
     };
@@ -206,7 +206,7 @@ pub(crate) fn delete(
         Expect::Absent => Expect::Any,
         e => e,
     };
-    check_expect(id, Some(current.version), expect)?;
+    expect.check(id, Some(current.version))?;
     let removed_points = remove_instances(&mut tx, id)?;
     tx.execute("DELETE FROM experts WHERE id = $1", &[&id])?;
     let held: Vec<Vec<u8>> = tx
@@ -265,23 +265,6 @@ fn lock_expert(tx: &mut Transaction<'_>, id: &str) -> TxResult<Option<Current>> 
         version: to_u64(get::<i64>(&row, 0, "an expert's version")?, "version")?,
         stored_bytes: to_u64(get::<i64>(&row, 1, "an expert's bytes")?, "stored bytes")?,
     }))
-}
-
-/// The compare-and-set check, against the stored version (the sled store's `check_expect`).
-fn check_expect(id: &str, stored: Option<u64>, expect: Expect) -> Result<(), LibraryError> {
-    match (expect, stored) {
-        (Expect::Absent, Some(version)) => Err(LibraryError::AlreadyExists {
-            id: id.to_string(),
-            version,
-        }),
-        (Expect::Present | Expect::Version(_), None) => Err(not_found(id)),
-        (Expect::Version(v), Some(actual)) if actual != v => Err(LibraryError::Aborted {
-            id: id.to_string(),
-            expected: v,
-            actual,
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// Checks the library-wide quotas for the expert holding `quota.expert_bytes` after this
@@ -487,37 +470,4 @@ fn missing_row(table: &str) -> Failure {
     Failure::Lib(LibraryError::Storage(format!(
         "the library's database has no {table} row: it was not set up by roe's migrations"
     )))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expectations_match_sled() {
-        assert!(check_expect("a", None, Expect::Absent).is_ok());
-        assert!(check_expect("a", None, Expect::Any).is_ok());
-        assert!(matches!(
-            check_expect("a", Some(2), Expect::Absent),
-            Err(LibraryError::AlreadyExists { version: 2, .. })
-        ));
-        assert!(matches!(
-            check_expect("a", None, Expect::Present),
-            Err(LibraryError::NotFound { .. })
-        ));
-        assert!(matches!(
-            check_expect("a", None, Expect::Version(1)),
-            Err(LibraryError::NotFound { .. })
-        ));
-        assert!(matches!(
-            check_expect("a", Some(3), Expect::Version(2)),
-            Err(LibraryError::Aborted {
-                expected: 2,
-                actual: 3,
-                ..
-            })
-        ));
-        assert!(check_expect("a", Some(3), Expect::Version(3)).is_ok());
-        assert!(check_expect("a", Some(3), Expect::Present).is_ok());
-    }
 }
